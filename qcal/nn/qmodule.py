@@ -1,0 +1,229 @@
+"""QModuleMixin: the state of a quantized module and its three modes; math delegated to primitives.
+
+Modes
+-----
+* fake-quant (default after ``quantize``): weights are float Parameters, fake-quantized in
+  every forward (straight-through gradients reach them), so ordinary training loops do QAT.
+* observing: inside ``qcal.Calibration`` the input observer records activations and updates
+  the static input scale.
+* frozen (after ``freeze``): integer weights (int4/int2 packed) and scales only; the float
+  weight is dropped and the forward runs through a kernel from :mod:`qcal.kernels`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..granularity import block_size_for
+from ..observers import get_observer
+from ..primitives import check_float, choose_qparams, dequantize, fake_quantize, pack, quantize, unpack
+from ..spec import ActivationSpec, WeightSpec
+
+__all__ = ["QModuleMixin"]
+
+
+class QModuleMixin:
+    """Mixed into a float module class (``QLinear(nn.Linear, QModuleMixin)``)."""
+
+    frozen: bool = False
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_module(cls, module: nn.Module, name: str, weight_spec: WeightSpec | None,
+                    act_spec: ActivationSpec | None) -> QModuleMixin:
+        """A quantized twin of ``module`` sharing its Parameter objects; ``module`` is not modified."""
+        q = cls.__new__(cls)
+        q.__dict__.update(module.__dict__)
+        for d in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+            q.__dict__[d] = type(module.__dict__[d])(module.__dict__[d])
+        q._setup_quant(name, weight_spec, act_spec)
+        return q
+
+    def _setup_quant(self, name: str, weight_spec: WeightSpec | None, act_spec: ActivationSpec | None) -> None:
+        if weight_spec is None and act_spec is None:
+            raise ValueError(f"{name}: nothing to quantize (weights and activations are both None)")
+        self.qcal_name = name
+        self.weight_spec = weight_spec
+        self.act_spec = act_spec
+        self.frozen = False
+        self.weight_shape = tuple(self.weight.shape)
+        check_float(self.weight, f"{name}.weight")
+        if weight_spec is not None:
+            if weight_spec.qtype.packed_per_byte > 1 and self.weight_2d().shape[-1] % weight_spec.qtype.packed_per_byte:
+                raise ValueError(f"{name}: {weight_spec.qtype} packing needs the input size to be a multiple of "
+                                 f"{weight_spec.qtype.packed_per_byte}, got {self.weight_2d().shape[-1]}")
+            block_size_for(weight_spec.granularity, tuple(self.weight_2d().shape), f"{name} (weight)")
+        # weight qparams; None means "derived from the current weight at every forward"
+        self.register_buffer("weight_scale", None)
+        self.register_buffer("weight_zero_point", None)
+        self.register_buffer("input_scale", None)
+        self.register_buffer("input_zero_point", None)
+        if act_spec is not None and not act_spec.dynamic:
+            obs_cls = get_observer(act_spec.observer)
+            self.input_observer = obs_cls(act_spec.qtype, None, act_spec.symmetric, name=f"{name} (input)")
+        if weight_spec is not None and weight_spec.observer != "minmax":
+            self.fix_weight_qparams()
+
+    # ---------------------------------------------------------------- weights
+    def weight_2d(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as the ``(out_features, -1)`` matrix the quantization is defined on."""
+        w = self.weight if w is None else w
+        return w.reshape(w.shape[0], -1)
+
+    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fixed weight (scale, zero_point) if set, else min/max of the current weight."""
+        if self.weight_scale is not None:
+            return self.weight_scale, self.weight_zero_point
+        spec = self.weight_spec
+        return choose_qparams(self.weight_2d().detach(), spec.qtype, spec.granularity, spec.symmetric,
+                              name=f"{self.qcal_name} (weight)")
+
+    @torch.no_grad()
+    def fix_weight_qparams(self, scale: torch.Tensor | None = None,
+                           zero_point: torch.Tensor | None = None) -> None:
+        """Fix the weight qparams: given ones, or from the spec's observer on the current weight."""
+        spec = self.weight_spec
+        if scale is None:
+            obs = get_observer(spec.observer)(spec.qtype, spec.granularity, spec.symmetric, momentum=None,
+                                              name=f"{self.qcal_name} (weight)")
+            obs(self.weight_2d().detach())
+            scale, zero_point = obs.calculate_qparams(self.weight.dtype)
+        self.weight_scale = scale.detach().clone()
+        self.weight_zero_point = None if zero_point is None else zero_point.detach().clone()
+
+    def qweight_fake(self) -> torch.Tensor:
+        """Fake-quantized weight (float, straight-through gradients), in the weight's shape."""
+        if self.weight_spec is None:
+            return self.weight
+        s, zp = self.weight_qparams()
+        w = fake_quantize(self.weight_2d(), s, zp, self.weight_spec.qtype, name=f"{self.qcal_name} (weight)")
+        return w.reshape(self.weight_shape)
+
+    def int_weight(self) -> torch.Tensor:
+        """The integer (or float8) weight codes as an unpacked ``(out, -1)`` tensor."""
+        qt = self.weight_spec.qtype
+        if self.frozen:
+            return unpack(self.qweight, qt)
+        s, zp = self.weight_qparams()
+        return quantize(self.weight_2d().detach(), s, zp, qt, name=f"{self.qcal_name} (weight)")
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Float weight reconstructed from the frozen codes (or the fake-quant weight)."""
+        if not self.frozen:
+            w = self.qweight_fake().detach()
+            return w if dtype is None else w.to(dtype)
+        if self.weight_spec is None:
+            return self.__dict__["_parameters"]["weight"]
+        dtype = dtype or self.weight_scale.dtype
+        w = dequantize(self.int_weight(), self.weight_scale, self.weight_zero_point, dtype)
+        return w.reshape(self.weight_shape)
+
+    # ---------------------------------------------------------------- activations
+    def observe_input(self, x: torch.Tensor, momentum: float | None = None) -> bool:
+        """Record a calibration input and refresh the static input scale. False if not applicable."""
+        if self.act_spec is None or self.act_spec.dynamic:
+            return False
+        x2 = x.reshape(-1, x.shape[-1])
+        self.input_observer(x2, momentum)
+        s, zp = self.input_observer.calculate_qparams(x.dtype)
+        self.input_scale, self.input_zero_point = s, zp
+        return True
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize the input activation according to the activation spec."""
+        spec = self.act_spec
+        if spec is None:
+            return x
+        x2 = x.reshape(-1, x.shape[-1])
+        if spec.dynamic:
+            s, zp = choose_qparams(x2.detach(), spec.qtype, spec.granularity(self._per_token_ok),
+                                   spec.symmetric, scale_dtype=torch.float32, name=f"{self.qcal_name} (input)")
+        else:
+            if self.input_scale is None:
+                raise RuntimeError(
+                    f"{self.qcal_name}: static activation quantization was never calibrated; run forward "
+                    f"passes inside `with qcal.Calibration():` first, or quantize with dynamic=True"
+                )
+            s, zp = self.input_scale, self.input_zero_point
+        return fake_quantize(x2, s, zp, spec.qtype, name=f"{self.qcal_name} (input)").reshape(x.shape)
+
+    @property
+    def calibrated(self) -> bool:
+        """True unless static activation quantization still lacks its scale."""
+        return self.act_spec is None or self.act_spec.dynamic or self.input_scale is not None
+
+    # ---------------------------------------------------------------- freeze
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Replace the float weight by integer codes and fixed scales; choose a kernel."""
+        if self.frozen:
+            return
+        if not self.calibrated:
+            raise RuntimeError(
+                f"{self.qcal_name}: cannot freeze, static activation quantization was never calibrated "
+                f"(run `with qcal.Calibration(): model(samples)` before freeze)"
+            )
+        if self.weight_spec is not None:
+            s, zp = self.weight_qparams()
+            s = s.detach().clone()
+            zp = None if zp is None else zp.detach().clone()
+            q = quantize(self.weight_2d().detach(), s, zp, self.weight_spec.qtype, name=f"{self.qcal_name} (weight)")
+            self._parameters.pop("weight")
+            if "weight_scale" in self._parameters:
+                self._parameters.pop("weight_scale")
+            if "weight_zero_point" in self._parameters:
+                self._parameters.pop("weight_zero_point")
+            self.register_buffer("qweight", pack(q, self.weight_spec.qtype))
+            self.register_buffer("weight_scale", s)
+            self.register_buffer("weight_zero_point", zp)
+        if "input_observer" in self._modules:
+            del self._modules["input_observer"]
+        self.frozen = True
+        self.select_kernel()
+
+    def select_kernel(self) -> None:
+        """(Re)choose the frozen forward kernel for the current device and scheme."""
+        from ..kernels import select_kernel
+
+        self.kernel = select_kernel(self)
+
+    def frozen_forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference frozen forward: fake-quantized input, dequantized weight, float op."""
+        x = self.quantize_input(x)
+        return self.float_forward(x, self.dequantized_weight(x.dtype))
+
+    # ---------------------------------------------------------------- forward
+    def float_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            return self.kernel(self, x)
+        return self.float_forward(self.quantize_input(x), self.qweight_fake())
+
+    def __getattr__(self, name: str):
+        if name == "weight" and self.__dict__.get("frozen") and self.weight_spec is not None:
+            return self.dequantized_weight()
+        return super().__getattr__(name)
+
+    def qcal_config(self) -> dict:
+        """What the manifest records for this module."""
+        return {
+            "type": type(self).__name__,
+            "weights": None if self.weight_spec is None else self.weight_spec.to_dict(),
+            "activations": None if self.act_spec is None else self.act_spec.to_dict(),
+            "frozen": self.frozen,
+            "weight_shape": list(self.weight_shape),
+        }
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        w = "none" if self.weight_spec is None else (
+            f"{self.weight_spec.qtype}/{type(self.weight_spec.granularity).__name__}"
+            + (f"({self.weight_spec.group_size})" if self.weight_spec.group_size else ""))
+        a = "none" if self.act_spec is None else (
+            f"{self.act_spec.qtype}/{'dynamic' if self.act_spec.dynamic else 'static'}")
+        state = f"frozen[{self.kernel.name}]" if self.frozen else "fake-quant"
+        return f"{base}, weights={w}, activations={a}, {state}"
+

@@ -1,0 +1,255 @@
+"""Quantization math as pure functions. No module state lives here.
+
+Conventions
+-----------
+* A scale (and zero-point) has the same rank as the tensor it quantizes; its shape is the
+  tensor's shape divided by the block size, so the block size is implied by the two shapes.
+* Integer affine mapping: ``q = clamp(round(x / s + zp), qmin, qmax)`` and ``x ~ (q - zp) * s``.
+  ``zp`` is ``None`` for symmetric schemes (0 exact). Asymmetric schemes keep ``zp`` unrounded
+  ("float zero-point", as GGUF Q4_1 and tinygemm do), so the range ``[min, max]`` maps exactly
+  onto ``[qmin, qmax]``.
+* Math runs in float32; results are cast back to the requested dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .granularity import Granularity, block_size_for
+from .qtypes import qtype
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "check_float",
+    "block_view",
+    "block_minmax",
+    "choose_qparams_from_minmax",
+    "choose_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "round_ste",
+    "grad_scale",
+    "pack",
+    "unpack",
+    "packed_shape",
+]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(x: torch.Tensor, name: str = "tensor") -> None:
+    """Raise TypeError (naming ``name``) unless ``x`` is a floating point tensor the math supports."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; qcal quantizes float16, bfloat16, float32 or float64 tensors"
+        )
+
+
+def _block_size(x_shape: torch.Size, s_shape: torch.Size, name: str) -> tuple[int, ...]:
+    if len(s_shape) != len(x_shape):
+        raise ValueError(f"{name}: scale rank {len(s_shape)} differs from tensor rank {len(x_shape)}")
+    out = []
+    for n, g in zip(x_shape, s_shape, strict=True):
+        if g == 0 or n % g != 0:
+            raise ValueError(f"{name}: scale shape {tuple(s_shape)} does not tile tensor shape {tuple(x_shape)}")
+        out.append(n // g)
+    return tuple(out)
+
+
+def block_view(x: torch.Tensor, block_size: tuple[int, ...]) -> torch.Tensor:
+    """View ``x`` as ``(n0, b0, n1, b1, ...)``: blocks along the odd dimensions."""
+    shape: list[int] = []
+    for n, b in zip(x.shape, block_size, strict=True):
+        shape += [n // b, b]
+    return x.reshape(shape)
+
+
+def _expand(scale: torch.Tensor) -> torch.Tensor:
+    """Give a grid-shaped scale singleton block dims so it broadcasts against ``block_view``."""
+    shape: list[int] = []
+    for g in scale.shape:
+        shape += [g, 1]
+    return scale.reshape(shape)
+
+
+def block_minmax(x: torch.Tensor, block_size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block minimum and maximum, shaped like the grid of blocks (same rank as ``x``)."""
+    v = block_view(x, block_size)
+    dims = tuple(range(1, v.dim(), 2))
+    return torch.amin(v, dim=dims), torch.amax(v, dim=dims)
+
+
+def choose_qparams_from_minmax(
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    qt: qtype,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero-point (None when symmetric) from per-block ranges.
+
+    A constant block gets the scale ``|c|`` (1 when ``c == 0``) so it reconstructs exactly;
+    scales never reach zero.
+    """
+    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+        raise ValueError("cannot choose quantization parameters: the observed values contain NaN or Inf")
+    mn = min_val.float()
+    mx = max_val.float()
+    constant = mn == mx
+    const_scale = torch.where(mx.abs() > 0, mx.abs(), torch.ones_like(mx))
+    if symmetric:
+        amax = torch.maximum(mn.abs(), mx.abs())
+        qmax = qt.qmax if qt.is_floating_point else float(qt.qmax)
+        scale = amax / qmax
+        zero_point = None
+    else:
+        if qt.is_floating_point:
+            raise ValueError(f"{qt} supports symmetric quantization only")
+        scale = (mx - mn) / float(qt.qmax - qt.qmin)
+        zero_point = torch.where(constant, torch.zeros_like(mn), qt.qmin - mn / torch.where(
+            constant, torch.ones_like(scale), scale))
+    scale = torch.where(constant, const_scale, scale)
+    tiny = torch.finfo(scale_dtype).tiny
+    scale = scale.clamp(min=tiny).to(scale_dtype)
+    if zero_point is not None:
+        # recompute with the rounded scale so that min maps exactly to qmin
+        zero_point = torch.where(constant, torch.zeros_like(mn), qt.qmin - mn / scale.float())
+        zero_point = zero_point.to(scale_dtype)
+    return scale, zero_point
+
+
+def choose_qparams(
+    x: torch.Tensor,
+    qt: qtype,
+    granularity: Granularity,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype | None = None,
+    name: str = "tensor",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min/max quantization parameters of ``x`` at ``granularity``."""
+    check_float(x, name)
+    bs = block_size_for(granularity, tuple(x.shape), name)
+    mn, mx = block_minmax(x.detach(), bs)
+    try:
+        return choose_qparams_from_minmax(mn, mx, qt, symmetric, scale_dtype or x.dtype)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest even in the forward pass, identity in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by ``factor`` (LSQ's step-size gradient scale)."""
+    return (x - x * factor).detach() + x * factor
+
+
+def _to_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, name: str):
+    bs = _block_size(x.shape, scale.shape, name)
+    v = block_view(x.float(), bs) / _expand(scale.float())
+    zp = None if zero_point is None else _expand(zero_point.float())
+    return v, zp
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qt: qtype,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """Quantize ``x`` to ``qt`` (int8 storage for integer types, float8 for float types), unpacked."""
+    check_float(x, name)
+    v, zp = _to_grid(x.detach(), scale, zero_point, name)
+    if qt.is_floating_point:
+        q = v.clamp(qt.qmin, qt.qmax).to(qt.dtype)
+    else:
+        if zp is not None:
+            v = v + zp
+        q = torch.round(v).clamp(qt.qmin, qt.qmax).to(torch.int8)
+    return q.reshape(x.shape)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``(q - zp) * s`` computed in float32, returned as ``dtype``."""
+    bs = _block_size(q.shape, scale.shape, name)
+    v = block_view(q.float(), bs)
+    if zero_point is not None:
+        v = v - _expand(zero_point.float())
+    return (v * _expand(scale.float())).reshape(q.shape).to(dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qt: qtype,
+    name: str = "tensor",
+) -> torch.Tensor:
+    """Quantize then dequantize with a straight-through estimator.
+
+    Gradients reach ``x`` (zero where it was clipped) and, when ``scale`` requires grad,
+    the scale (the LSQ gradient falls out of the same expression). Numerically equal to
+    ``dequantize(quantize(x))``.
+    """
+    check_float(x, name)
+    bs = _block_size(x.shape, scale.shape, name)
+    s = _expand(scale.float())
+    v = block_view(x.float(), bs) / s
+    if qt.is_floating_point:
+        c = v.clamp(qt.qmin, qt.qmax)
+        q = c + (c.to(qt.dtype).float() - c).detach()
+        out = q * s
+    else:
+        zp = None if zero_point is None else _expand(zero_point.float())
+        if zp is not None:
+            v = v + zp
+        q = torch.clamp(round_ste(v), qt.qmin, qt.qmax)
+        if zp is not None:
+            q = q - zp
+        out = q * s
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def packed_shape(shape: tuple[int, ...], qt: qtype) -> tuple[int, ...]:
+    """Shape of the packed storage of a tensor of ``shape``."""
+    per = qt.packed_per_byte
+    return tuple(shape[:-1]) + (shape[-1] // per,)
+
+
+def pack(q: torch.Tensor, qt: qtype) -> torch.Tensor:
+    """Pack int4 two per byte / int2 four per byte along the last dim (low bits first); others as-is."""
+    per = qt.packed_per_byte
+    if per == 1:
+        return q
+    if q.shape[-1] % per != 0:
+        raise ValueError(f"cannot pack {qt}: last dimension {q.shape[-1]} is not a multiple of {per}")
+    u = (q.to(torch.int16) - int(qt.qmin)).to(torch.uint8)
+    u = u.reshape(*q.shape[:-1], q.shape[-1] // per, per)
+    out = torch.zeros(u.shape[:-1], dtype=torch.uint8, device=q.device)
+    for i in range(per):
+        out |= u[..., i] << (qt.bits * i)
+    return out
+
+
+def unpack(p: torch.Tensor, qt: qtype) -> torch.Tensor:
+    """Inverse of :func:`pack`, returning int8 values in ``[qmin, qmax]``."""
+    per = qt.packed_per_byte
+    if per == 1:
+        return p
+    mask = (1 << qt.bits) - 1
+    parts = [((p >> (qt.bits * i)) & mask) for i in range(per)]
+    u = torch.stack(parts, dim=-1).reshape(*p.shape[:-1], p.shape[-1] * per)
+    return (u.to(torch.int16) + int(qt.qmin)).to(torch.int8)
+

@@ -1,0 +1,165 @@
+"""``quantize`` (swap float modules for quantized twins) and ``freeze`` (materialise integers)."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .granularity import PerAxis, PerGroup
+from .nn import QMODULE_FOR, QModuleMixin
+from .observers import get_observer
+from .qtypes import get_qtype, qtype
+from .spec import ActivationSpec, WeightSpec
+
+__all__ = ["quantize", "freeze", "quantized_modules", "set_module", "match_names"]
+
+SUPPORTED_WEIGHT_BITS = (2, 3, 4, 8)
+_GLOB = set("*?[")
+
+
+def _patterns(value: str | Iterable[str] | None, argument: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    out = list(value)
+    if not all(isinstance(p, str) for p in out):
+        raise TypeError(f"{argument} must be a module-name glob or a list of them, got {value!r}")
+    return out
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
+
+
+def match_names(model: nn.Module, include=None, exclude=None) -> list[tuple[str, nn.Module]]:
+    """Named submodules selected by ``include``/``exclude`` globs (all when include is None)."""
+    inc = _patterns(include, "include")
+    exc = _patterns(exclude, "exclude") or []
+    return [(n, m) for n, m in model.named_modules() if n
+            and (inc is None or _matches(n, inc)) and not _matches(n, exc)]
+
+
+def quantized_modules(model: nn.Module) -> Iterator[tuple[str, QModuleMixin]]:
+    """``(name, module)`` for every qcal quantized module in ``model``."""
+    for n, m in model.named_modules():
+        if isinstance(m, QModuleMixin):
+            yield n, m
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _weight_spec(weights, group_size, symmetric, weight_observer) -> WeightSpec | None:
+    if weights is None:
+        if group_size is not None:
+            raise ValueError("group_size given but weights=None")
+        return None
+    qt: qtype = get_qtype(weights, "weights")
+    if not qt.is_floating_point and qt.bits not in SUPPORTED_WEIGHT_BITS:
+        raise TypeError(f"weights={qt} is not supported")
+    if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
+        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+    sym = (qt.bits == 8) if symmetric is None else bool(symmetric)
+    if qt.is_floating_point and not sym:
+        raise ValueError(f"weights={qt} supports symmetric quantization only")
+    get_observer(weight_observer)
+    gran = PerGroup(group_size) if group_size else PerAxis(0)
+    return WeightSpec(qt, gran, sym, weight_observer if isinstance(weight_observer, str) else "minmax")
+
+
+def _act_spec(activations, dynamic, act_symmetric, observer) -> ActivationSpec | None:
+    if activations is None:
+        return None
+    qt = get_qtype(activations, "activations")
+    if qt.bits != 8:
+        raise TypeError(f"activations={qt} is not supported: use qint8, qfloat8_e4m3fn or qfloat8_e5m2")
+    if qt.is_floating_point and not act_symmetric:
+        raise ValueError(f"activations={qt} supports symmetric quantization only")
+    get_observer(observer)
+    return ActivationSpec(qt, bool(dynamic), bool(act_symmetric), observer)
+
+
+def quantize(
+    model: nn.Module,
+    weights: qtype | str | None = None,
+    activations: qtype | str | None = None,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    group_size: int | None = None,
+    symmetric: bool | None = None,
+    dynamic: bool = False,
+    act_symmetric: bool = True,
+    observer: str = "moving_average",
+    weight_observer: str = "minmax",
+) -> nn.Module:
+    """Swap every selected ``nn.Linear``/``nn.Conv2d`` for its quantized twin, in place.
+
+    Args:
+        model: the float model.
+        weights: weight qtype (``qint2/3/4/8``, ``qfloat8*``) or None.
+        activations: input-activation qtype (``qint8``, ``qfloat8*``) or None.
+        include / exclude: module-name globs (or lists); ``"lm_head"`` also matches ``*.lm_head``.
+        group_size: per-group weight scales along the input dim; None = per output channel.
+        symmetric: symmetric weights; default True for 8-bit types, False (asymmetric) below.
+        dynamic: activation scales computed per token at run time (no calibration needed);
+            False = static per-tensor scales from ``Calibration``.
+        act_symmetric: symmetric activation quantization.
+        observer: activation observer name (``moving_average``, ``minmax``, ``percentile``, ``mse``).
+        weight_observer: ``minmax`` (qparams follow the weights, as QAT needs) or an observer name
+            whose clipping is computed once and fixed (``mse``, ``percentile``).
+
+    Every selected module is validated before any is replaced, so on error the model is untouched.
+    Returns the model.
+    """
+    wspec = _weight_spec(weights, group_size, symmetric, weight_observer)
+    aspec = _act_spec(activations, dynamic, act_symmetric, observer)
+    if wspec is None and aspec is None:
+        raise ValueError("quantize: nothing to do, weights and activations are both None")
+    inc = _patterns(include, "include")
+    replacements: list[tuple[str, nn.Module]] = []
+    for name, module in match_names(model, include, exclude):
+        explicit = inc is not None and any(name == p or name.endswith("." + p) for p in inc if not _GLOB & set(p))
+        if isinstance(module, QModuleMixin):
+            raise ValueError(f"quantize: module {name!r} is already quantized ({type(module).__name__})")
+        qcls = QMODULE_FOR.get(type(module))
+        if qcls is None:
+            if explicit:
+                raise TypeError(f"quantize: module {name!r} of type {type(module).__name__} is not supported; "
+                                f"supported: {[c.__name__ for c in QMODULE_FOR]}")
+            continue
+        if any(name.startswith(n + ".") for n, _ in replacements):
+            continue
+        replacements.append((name, qcls.from_module(module, name, wspec, aspec)))
+    if not replacements:
+        warnings.warn("quantize: no module matched; nothing was quantized", stacklevel=2)
+    for name, q in replacements:
+        set_module(model, name, q)
+    return model
+
+
+@torch.no_grad()
+def freeze(model: nn.Module) -> nn.Module:
+    """Replace the float weights of every quantized module by integer codes (in place).
+
+    Raises before changing anything if a module with static activations was never calibrated.
+    """
+    mods = list(quantized_modules(model))
+    for _, m in mods:
+        if not m.calibrated:
+            raise RuntimeError(
+                f"freeze: module {m.qcal_name!r} has static activation quantization that was never "
+                f"calibrated; run `with qcal.Calibration(): model(samples)` first"
+            )
+    for _, m in mods:
+        m.freeze()
+    return model

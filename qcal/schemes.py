@@ -1,0 +1,169 @@
+"""Named quantization schemes shared by the library and the eval harness.
+
+``apply_scheme(model, "int4wo-64")`` quantizes a float (fp32) model in place, freezes it and
+casts it to the scheme's compute dtype. Names are matched against registered patterns;
+``available_schemes()`` lists them. Algorithms register their own schemes on import.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .calibration import Calibration
+from .qtypes import qint4, qint8
+from .quantize import freeze, quantize
+
+__all__ = ["SchemeContext", "register_scheme", "available_schemes", "apply_scheme", "describe_scheme"]
+
+
+@dataclass
+class SchemeContext:
+    """What a scheme may need beyond the model."""
+
+    quantize_lm_head: bool = False
+    calib: Callable[[], list[torch.Tensor]] | None = None
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def exclude(self) -> list[str] | None:
+        return None if self.quantize_lm_head else ["lm_head"]
+
+    def calibration_inputs(self, scheme: str) -> list[torch.Tensor]:
+        if self.calib is None:
+            raise ValueError(f"scheme {scheme!r} needs calibration data: pass calib=<callable returning input_ids>")
+        return self.calib()
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    pattern: str
+    regex: re.Pattern
+    fn: Callable[[nn.Module, re.Match, SchemeContext], nn.Module]
+    description: str
+
+
+_SCHEMES: list[_Scheme] = []
+
+
+def register_scheme(pattern: str, description: str):
+    """Register ``fn(model, match, ctx) -> model`` for names matching ``pattern``.
+
+    ``<g>`` in the pattern stands for a group size (digits).
+    """
+    regex = re.compile("^" + re.escape(pattern).replace(re.escape("<g>"), r"(?P<g>\d+)") + "$")
+
+    def deco(fn):
+        _SCHEMES.append(_Scheme(pattern, regex, fn, description))
+        return fn
+
+    return deco
+
+
+def _load_algorithms() -> None:
+    import importlib
+
+    for mod in ("qcal.algorithms",):
+        try:
+            importlib.import_module(mod)
+        except ImportError:  # pragma: no cover - algorithms are optional at this layer
+            pass
+
+
+def available_schemes() -> list[str]:
+    """Registered scheme patterns (``<g>`` = group size)."""
+    _load_algorithms()
+    return [s.pattern for s in _SCHEMES]
+
+
+def describe_scheme(name: str) -> str:
+    """One-line description of a scheme name."""
+    return _find(name)[0].description
+
+
+def _find(name: str) -> tuple[_Scheme, re.Match]:
+    _load_algorithms()
+    for s in _SCHEMES:
+        m = s.regex.match(name)
+        if m:
+            return s, m
+    raise ValueError(f"unknown scheme {name!r}; available: {', '.join(s.pattern for s in _SCHEMES)}")
+
+
+def apply_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False,
+                 calib: Callable[[], list[torch.Tensor]] | None = None) -> nn.Module:
+    """Quantize the float ``model`` in place with scheme ``name``, freeze it and cast it to the
+    scheme's compute dtype. Returns the model."""
+    scheme, match = _find(name)
+    return scheme.fn(model, match, SchemeContext(quantize_lm_head, calib))
+
+
+def _group(match: re.Match) -> int:
+    return int(match.group("g"))
+
+
+def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    freeze(model)
+    return model.to(dtype)
+
+
+def calibrate(model: nn.Module, inputs: list[torch.Tensor], momentum: float | None = 0.9) -> None:
+    """Run ``inputs`` (input_ids tensors) through ``model`` inside ``Calibration``."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    with Calibration(momentum=momentum):
+        for ids in tqdm(inputs, desc="calibrating", leave=False):
+            model(ids.to(device))
+
+
+@register_scheme("fp32", "float32, unquantized")
+def _fp32(model, match, ctx):
+    return model.float()
+
+
+@register_scheme("bf16", "bfloat16, unquantized (the baseline)")
+def _bf16(model, match, ctx):
+    return model.to(torch.bfloat16)
+
+
+@register_scheme("int8wo", "int8 weight-only, per output channel, symmetric (A16W8)")
+def _int8wo(model, match, ctx):
+    quantize(model, weights=qint8, exclude=ctx.exclude)
+    return _finish(model, ctx.dtype)
+
+
+@register_scheme("int8dq", "int8 dynamic per-token activations x int8 per-channel weights (A8W8 dynamic)")
+def _int8dq(model, match, ctx):
+    quantize(model, weights=qint8, activations=qint8, dynamic=True, exclude=ctx.exclude)
+    return _finish(model, ctx.dtype)
+
+
+@register_scheme("int4wo-<g>", "int4 weight-only, asymmetric groups of <g> along the input dim (A16W4)")
+def _int4wo(model, match, ctx):
+    quantize(model, weights=qint4, group_size=_group(match), symmetric=False, exclude=ctx.exclude)
+    return _finish(model, ctx.dtype)
+
+
+@register_scheme("int4wo-pc", "int4 weight-only, asymmetric, per output channel")
+def _int4wo_pc(model, match, ctx):
+    quantize(model, weights=qint4, symmetric=False, exclude=ctx.exclude)
+    return _finish(model, ctx.dtype)
+
+
+@register_scheme("8da4w-<g>", "int8 dynamic per-token activations x int4 symmetric groups of <g> (ExecuTorch)")
+def _8da4w(model, match, ctx):
+    quantize(model, weights=qint4, group_size=_group(match), symmetric=True, activations=qint8, dynamic=True,
+             exclude=ctx.exclude)
+    return _finish(model, ctx.dtype)
+
+
+@register_scheme("w8a8-static", "int8 static per-tensor activations (calibrated) x int8 per-channel weights")
+def _w8a8_static(model, match, ctx):
+    quantize(model, weights=qint8, activations=qint8, exclude=ctx.exclude)
+    calibrate(model, ctx.calibration_inputs(match.string))
+    return _finish(model, ctx.dtype)
