@@ -8,11 +8,12 @@ from .nn import QConv2d, QLinear, QModuleMixin
 from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
 from .qtypes import qfloat8, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint3, qint4, qint8, qtype
 from .quantize import freeze, quantize, quantized_modules
+from .serialization import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "freeze", "Calibration", "quantized_modules",
+    "quantize", "freeze", "Calibration", "quantized_modules", "save", "load",
     "qtype", "qint2", "qint3", "qint4", "qint8", "qfloat8", "qfloat8_e4m3fn", "qfloat8_e5m2",
     "PerTensor", "PerAxis", "PerChannel", "PerGroup", "PerToken",
     "QLinear", "QConv2d", "QModuleMixin",

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .nn import QMODULE_FOR, QModuleMixin
+from .observers import Observer
 from .primitives import packed_shape
 from .quantize import quantized_modules, set_module
 from .spec import ActivationSpec, WeightSpec
@@ -185,15 +186,15 @@ def load(model: nn.Module, path: str | os.PathLike, device: str | torch.device =
         t = tensors[aliases.get(full, full)]
         if attr in mod._parameters or attr in mod._buffers:
             cur = mod._parameters.get(attr, mod._buffers.get(attr))
-            fixed_shape = not isinstance(mod, QModuleMixin) or attr in ("weight", "bias", "qweight")
+            fixed_shape = not isinstance(mod, (QModuleMixin, Observer)) or attr in ("weight", "bias", "qweight")
             if cur is not None and fixed_shape and tuple(cur.shape) != tuple(t.shape):
                 raise ValueError(f"qcal.load: tensor {full!r} has shape {tuple(t.shape)} in the checkpoint but "
                                  f"{tuple(cur.shape)} in the model (another architecture?)")
-        elif not (isinstance(mod, QModuleMixin) or type(mod).__module__.startswith("qcal.observers")):
+        elif not isinstance(mod, (QModuleMixin, Observer)):
             raise ValueError(f"qcal.load: tensor {full!r} has no place in the model (another architecture?)")
         slots[full] = (mod, attr)
     provided = set(names)
-    for name, (t, _) in _all_tensors(model).items():
+    for name in _all_tensors(model):
         if name in provided or any(name.startswith(s + ".") for s in shells):
             continue
         raise ValueError(f"qcal.load: tensor {name!r} of the model is missing from the checkpoint")

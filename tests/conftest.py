@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny models built from configs, never from the hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def make_tiny_llama(seed: int = 0, vocab: int = 256, hidden: int = 64, layers: int = 2, tie: bool = True):
+    """A 2-layer Llama with random weights (a few MB)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def token_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (2, 32), generator=g)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
