@@ -223,18 +223,22 @@ def fake_quantize(
 
 
 def packed_shape(shape: tuple[int, ...], qt: qtype) -> tuple[int, ...]:
-    """Shape of the packed storage of a tensor of ``shape``."""
+    """Shape of the packed storage of a tensor of ``shape`` (last dim rounded up to whole bytes)."""
     per = qt.packed_per_byte
-    return tuple(shape[:-1]) + (shape[-1] // per,)
+    return tuple(shape[:-1]) + (-(-shape[-1] // per),)
 
 
 def pack(q: torch.Tensor, qt: qtype) -> torch.Tensor:
-    """Pack int4 two per byte / int2 four per byte along the last dim (low bits first); others as-is."""
+    """Pack int4 two per byte / int2 four per byte along the last dim (low bits first); others as-is.
+
+    A last dim that is not a multiple of the values per byte is padded (pass ``n`` to :func:`unpack`).
+    """
     per = qt.packed_per_byte
     if per == 1:
         return q
-    if q.shape[-1] % per != 0:
-        raise ValueError(f"cannot pack {qt}: last dimension {q.shape[-1]} is not a multiple of {per}")
+    pad = -q.shape[-1] % per
+    if pad:
+        q = torch.nn.functional.pad(q, (0, pad))
     u = (q.to(torch.int16) - int(qt.qmin)).to(torch.uint8)
     u = u.reshape(*q.shape[:-1], q.shape[-1] // per, per)
     out = torch.zeros(u.shape[:-1], dtype=torch.uint8, device=q.device)
@@ -243,13 +247,15 @@ def pack(q: torch.Tensor, qt: qtype) -> torch.Tensor:
     return out
 
 
-def unpack(p: torch.Tensor, qt: qtype) -> torch.Tensor:
-    """Inverse of :func:`pack`, returning int8 values in ``[qmin, qmax]``."""
+def unpack(p: torch.Tensor, qt: qtype, n: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack`, returning int8 values in ``[qmin, qmax]``; ``n`` trims padding."""
     per = qt.packed_per_byte
     if per == 1:
         return p
     mask = (1 << qt.bits) - 1
     parts = [((p >> (qt.bits * i)) & mask) for i in range(per)]
     u = torch.stack(parts, dim=-1).reshape(*p.shape[:-1], p.shape[-1] * per)
+    if n is not None:
+        u = u[..., :n]
     return (u.to(torch.int16) + int(qt.qmin)).to(torch.int8)
 

@@ -36,3 +36,11 @@ def token_batch():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||."""
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Frozen modules use the reference (dequantize, then float op) kernel: exact parity checks."""
+    import qcal.kernels
+
+    monkeypatch.setattr(qcal.kernels, "KERNELS", [])

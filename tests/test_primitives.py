@@ -89,9 +89,12 @@ def test_pack_roundtrip(seed, rows, cols, qt):
     assert torch.equal(unpack(p, qt), q)
 
 
-def test_pack_rejects_odd_width():
-    with pytest.raises(ValueError, match="multiple of 2"):
-        pack(torch.zeros(2, 3, dtype=torch.int8), qint4)
+@pytest.mark.parametrize("qt,n", [(qint4, 27), (qint2, 27), (qint2, 5)])
+def test_pack_odd_width_pads(qt, n):
+    q = torch.randint(int(qt.qmin), int(qt.qmax) + 1, (3, n), dtype=torch.int8)
+    p = pack(q, qt)
+    assert p.shape == (3, -(-n // qt.packed_per_byte))
+    assert torch.equal(unpack(p, qt, n), q)
 
 
 @pytest.mark.parametrize("qt", [qfloat8_e4m3fn, qfloat8_e5m2])

@@ -100,7 +100,7 @@ def test_states_fake_quant_trains_then_freezes(tiny_llama, token_batch):
     assert q.qweight.shape == (q.out_features, q.in_features // 2)
 
 
-def test_fake_quant_and_frozen_parity(tiny_llama, token_batch):
+def test_fake_quant_and_frozen_parity(tiny_llama, token_batch, reference_kernels):
     qcal.quantize(tiny_llama, weights=qint4, group_size=32, activations=qint8, dynamic=True, exclude="lm_head")
     with torch.no_grad():
         fq = tiny_llama(token_batch).logits
@@ -110,7 +110,7 @@ def test_fake_quant_and_frozen_parity(tiny_llama, token_batch):
 
 
 @pytest.mark.parametrize("weights,group,ratio", [(qint4, 64, 0.3), (qint8, None, 0.55)])
-def test_frozen_bytes(weights, group, ratio):
+def test_frozen_bytes(weights, group, ratio, reference_kernels):
     lin = nn.Sequential(nn.Linear(576, 1536, bias=False)).to(torch.bfloat16)
     bf16_bytes = lin[0].weight.numel() * 2
     qcal.quantize(lin, weights=weights, group_size=group)
@@ -127,7 +127,7 @@ def test_include_exclude_globs(tiny_llama):
     assert kinds["lm_head"] == "Linear"
 
 
-def test_sequential_with_conv2d():
+def test_sequential_with_conv2d(reference_kernels):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(),
                         nn.Linear(8 * 6 * 6, 10)).eval()

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..granularity import block_size_for
 from ..observers import get_observer
-from ..primitives import check_float, choose_qparams, dequantize, fake_quantize, pack, quantize, unpack
+from ..primitives import check_float, choose_qparams, dequantize, fake_quantize, grad_scale, pack, quantize, unpack
 from ..spec import ActivationSpec, WeightSpec
 
 __all__ = ["QModuleMixin"]
@@ -48,11 +48,9 @@ class QModuleMixin:
         self.act_spec = act_spec
         self.frozen = False
         self.weight_shape = tuple(self.weight.shape)
+        self.weight_2d_cols = self.weight[0].numel()
         check_float(self.weight, f"{name}.weight")
         if weight_spec is not None:
-            if weight_spec.qtype.packed_per_byte > 1 and self.weight_2d().shape[-1] % weight_spec.qtype.packed_per_byte:
-                raise ValueError(f"{name}: {weight_spec.qtype} packing needs the input size to be a multiple of "
-                                 f"{weight_spec.qtype.packed_per_byte}, got {self.weight_2d().shape[-1]}")
             block_size_for(weight_spec.granularity, tuple(self.weight_2d().shape), f"{name} (weight)")
         # weight qparams; None means "derived from the current weight at every forward"
         self.register_buffer("weight_scale", None)
@@ -74,7 +72,7 @@ class QModuleMixin:
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fixed weight (scale, zero_point) if set, else min/max of the current weight."""
         if self.weight_scale is not None:
-            return self.weight_scale, self.weight_zero_point
+            return _learnable(self.weight_scale, getattr(self, "lsq_weight_grad", 1.0)), self.weight_zero_point
         spec = self.weight_spec
         return choose_qparams(self.weight_2d().detach(), spec.qtype, spec.granularity, spec.symmetric,
                               name=f"{self.qcal_name} (weight)")
@@ -104,7 +102,7 @@ class QModuleMixin:
         """The integer (or float8) weight codes as an unpacked ``(out, -1)`` tensor."""
         qt = self.weight_spec.qtype
         if self.frozen:
-            return unpack(self.qweight, qt)
+            return unpack(self.qweight, qt, self.weight_2d_cols)
         s, zp = self.weight_qparams()
         return quantize(self.weight_2d().detach(), s, zp, qt, name=f"{self.qcal_name} (weight)")
 
@@ -127,7 +125,12 @@ class QModuleMixin:
         x2 = x.reshape(-1, x.shape[-1])
         self.input_observer(x2, momentum)
         s, zp = self.input_observer.calculate_qparams(x.dtype)
-        self.input_scale, self.input_zero_point = s, zp
+        if isinstance(self.input_scale, nn.Parameter):
+            with torch.no_grad():
+                self.input_scale.copy_(s)
+        else:
+            self.input_scale = s
+        self.input_zero_point = zp
         return True
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +148,7 @@ class QModuleMixin:
                     f"{self.qcal_name}: static activation quantization was never calibrated; run forward "
                     f"passes inside `with qcal.Calibration():` first, or quantize with dynamic=True"
                 )
-            s, zp = self.input_scale, self.input_zero_point
+            s, zp = _learnable(self.input_scale, getattr(self, "lsq_input_grad", 1.0)), self.input_zero_point
         return fake_quantize(x2, s, zp, spec.qtype, name=f"{self.qcal_name} (input)").reshape(x.shape)
 
     @property
@@ -227,3 +230,10 @@ class QModuleMixin:
         state = f"frozen[{self.kernel.name}]" if self.frozen else "fake-quant"
         return f"{base}, weights={w}, activations={a}, {state}"
 
+
+
+def _learnable(scale: torch.Tensor, factor: float) -> torch.Tensor:
+    """A trainable (Parameter) scale gets LSQ's gradient scaling and stays positive; buffers pass through."""
+    if isinstance(scale, nn.Parameter):
+        return grad_scale(scale, factor).clamp(min=torch.finfo(scale.dtype).tiny)
+    return scale

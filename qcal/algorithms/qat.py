@@ -1,0 +1,140 @@
+"""Quantization-aware training helpers.
+
+qcal modules already fake-quantize in every forward with straight-through gradients, so QAT is
+an ordinary training loop on a quantized model. This module adds what a loop needs around it:
+
+* :func:`learnable_scales`: turn the scales into Parameters (LSQ, with its gradient scaling);
+* :class:`ObserverSchedule`: observe ranges for the first N steps, then fix them;
+* the torchao-style two-step quantizers ``prepare`` -> train -> ``convert``, whose ``convert``
+  gives the same frozen modules as post-training quantization.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..calibration import Calibration
+from ..qtypes import qint4, qint8
+from ..quantize import freeze, quantize, quantized_modules
+
+__all__ = [
+    "learnable_scales",
+    "ObserverSchedule",
+    "Int8DynActInt4WeightQATQuantizer",
+    "Int4WeightOnlyQATQuantizer",
+]
+
+
+@torch.no_grad()
+def learnable_scales(model: nn.Module, weights: bool = True, activations: bool = True) -> list[nn.Parameter]:
+    """Make weight (and static input) scales trainable, LSQ-style; returns the new Parameters.
+
+    Weight scales start from the current (observer or GPTQ) values. The gradient reaching a scale
+    is multiplied by ``1 / sqrt(n * qmax)`` (n = elements sharing the scale), as in LSQ, so one
+    learning rate suits weights and scales. Zero-points stay fixed.
+    """
+    made: list[nn.Parameter] = []
+    for name, m in quantized_modules(model):
+        if m.frozen:
+            raise ValueError(f"learnable_scales: module {name!r} is frozen; call before freeze()")
+        if weights and m.weight_spec is not None and not m.weight_spec.qtype.is_floating_point:
+            if m.weight_scale is None:
+                m.fix_weight_qparams()
+            if not isinstance(m.weight_scale, nn.Parameter):
+                m.weight_scale = nn.Parameter(m.weight_scale.detach().clone())
+            per_scale = m.weight_2d().numel() // m.weight_scale.numel()
+            m.lsq_weight_grad = 1.0 / math.sqrt(per_scale * m.weight_spec.qtype.qmax)
+            made.append(m.weight_scale)
+        if activations and m.act_spec is not None and not m.act_spec.dynamic:
+            if m.input_scale is None:
+                raise ValueError(f"learnable_scales: module {name!r} has uncalibrated static activations; "
+                                 f"calibrate first (Calibration or ObserverSchedule)")
+            if not isinstance(m.input_scale, nn.Parameter):
+                m.input_scale = nn.Parameter(m.input_scale.detach().clone())
+            m.lsq_input_grad = 1.0 / math.sqrt(m.in_features * m.act_spec.qtype.qmax)
+            made.append(m.input_scale)
+    return made
+
+
+class ObserverSchedule:
+    """Observe activation ranges (and let weight ranges follow the weights) for the first
+    ``observe_steps`` calls of :meth:`step`, then fix every range.
+
+    Use in a training loop: ``sched = ObserverSchedule(model, 100)`` before the loop, then
+    ``sched.step()`` after each optimizer step. Gradients flow while observing.
+    """
+
+    def __init__(self, model: nn.Module, observe_steps: int, momentum: float | None = 0.9) -> None:
+        if observe_steps < 1:
+            raise ValueError(f"ObserverSchedule: observe_steps must be >= 1, got {observe_steps}")
+        self.model = model
+        self.observe_steps = observe_steps
+        self.steps = 0
+        self._calibration: Calibration | None = Calibration(momentum=momentum, no_grad=False)
+        self._calibration.__enter__()
+
+    @property
+    def observing(self) -> bool:
+        return self._calibration is not None
+
+    def step(self) -> None:
+        """Count one training step; fix the ranges once ``observe_steps`` is reached."""
+        self.steps += 1
+        if self.observing and self.steps >= self.observe_steps:
+            self.fix()
+
+    @torch.no_grad()
+    def fix(self) -> None:
+        """Stop observing and fix weight and activation ranges now."""
+        if self._calibration is not None:
+            self._calibration.__exit__(None, None, None)
+            self._calibration = None
+        for _, m in quantized_modules(self.model):
+            if m.weight_spec is not None and m.weight_scale is None:
+                m.fix_weight_qparams()
+
+
+class _TwoStepQATQuantizer:
+    """prepare (swap in fake-quant modules) -> train -> convert (freeze, same modules as PTQ)."""
+
+    def __init__(self, groupsize: int, precision: torch.dtype, exclude: str | list[str] | None) -> None:
+        self.groupsize = groupsize
+        self.precision = precision
+        self.exclude = exclude
+
+    def _quantize_kwargs(self) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Swap linear layers for fake-quantizing QLinear modules (in place)."""
+        return quantize(model, exclude=self.exclude, group_size=self.groupsize, **self._quantize_kwargs())
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        """Freeze the trained model to integer weights and cast to ``precision``."""
+        freeze(model)
+        return model.to(self.precision)
+
+
+class Int8DynActInt4WeightQATQuantizer(_TwoStepQATQuantizer):
+    """QAT for 8da4w: int8 dynamic per-token activations x int4 symmetric grouped weights."""
+
+    def __init__(self, groupsize: int = 32, precision: torch.dtype = torch.float32,
+                 exclude: str | list[str] | None = "lm_head") -> None:
+        super().__init__(groupsize, precision, exclude)
+
+    def _quantize_kwargs(self) -> dict:
+        return dict(weights=qint4, symmetric=True, activations=qint8, dynamic=True)
+
+
+class Int4WeightOnlyQATQuantizer(_TwoStepQATQuantizer):
+    """QAT for int4 weight-only: asymmetric grouped int4 weights (float zero-point)."""
+
+    def __init__(self, groupsize: int = 64, precision: torch.dtype = torch.bfloat16,
+                 exclude: str | list[str] | None = "lm_head") -> None:
+        super().__init__(groupsize, precision, exclude)
+
+    def _quantize_kwargs(self) -> dict:
+        return dict(weights=qint4, symmetric=False)
