@@ -190,6 +190,28 @@ def dequantize(
     return (v * _expand(scale.float())).reshape(q.shape).to(dtype)
 
 
+class _FakeQuantInt(torch.autograd.Function):
+    """Integer fake-quant with fixed qparams: few passes, in place; straight-through backward."""
+
+    @staticmethod
+    def forward(ctx, v, s, zp, qmin, qmax):
+        q = v / s
+        if zp is not None:
+            q += zp
+        q.round_()
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((q >= qmin) & (q <= qmax))
+        q.clamp_(qmin, qmax)
+        if zp is not None:
+            q -= zp
+        return q.mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None
+
+
 def fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -206,19 +228,19 @@ def fake_quantize(
     check_float(x, name)
     bs = _block_size(x.shape, scale.shape, name)
     s = _expand(scale.float())
-    v = block_view(x.float(), bs) / s
+    xv = block_view(x.float(), bs)
+    zp = None if zero_point is None else _expand(zero_point.float())
     if qt.is_floating_point:
-        c = v.clamp(qt.qmin, qt.qmax)
-        q = c + (c.to(qt.dtype).float() - c).detach()
-        out = q * s
-    else:
-        zp = None if zero_point is None else _expand(zero_point.float())
+        c = (xv / s).clamp(qt.qmin, qt.qmax)
+        out = (c + (c.to(qt.dtype).float() - c).detach()) * s
+    elif s.requires_grad or (zp is not None and zp.requires_grad):
+        v = xv / s
         if zp is not None:
             v = v + zp
         q = torch.clamp(round_ste(v), qt.qmin, qt.qmax)
-        if zp is not None:
-            q = q - zp
-        out = q * s
+        out = (q - zp if zp is not None else q) * s
+    else:
+        out = _FakeQuantInt.apply(xv, s, zp, float(qt.qmin), float(qt.qmax))
     return out.reshape(x.shape).to(x.dtype)
 
 
