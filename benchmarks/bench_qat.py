@@ -54,7 +54,8 @@ def main(argv=None) -> None:
 
     base, _ = load_model(args.model)
     dtype = getattr(torch, args.dtype)
-    batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seqlen), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seqlen), generator=gen)
     float_model = copy.deepcopy(base).to(dtype).train()
     float_step = _stepper(float_model, batch)
     rows = []

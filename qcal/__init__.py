@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from .autoquant import autoquant
 from .calibration import Calibration
+from .explain import explain
 from .granularity import PerAxis, PerChannel, PerGroup, PerTensor, PerToken
 from .nn import QConv2d, QLinear, QModuleMixin
 from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
@@ -13,7 +15,7 @@ from .serialization import load, save
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "freeze", "Calibration", "quantized_modules", "save", "load",
+    "quantize", "freeze", "Calibration", "quantized_modules", "explain", "autoquant", "save", "load",
     "qtype", "qint2", "qint3", "qint4", "qint8", "qfloat8", "qfloat8_e4m3fn", "qfloat8_e5m2",
     "PerTensor", "PerAxis", "PerChannel", "PerGroup", "PerToken",
     "QLinear", "QConv2d", "QModuleMixin",

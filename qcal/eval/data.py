@@ -60,7 +60,8 @@ def load_wikitext(split: Literal["test", "validation"], data_dir: str | os.PathL
 
         rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
     except Exception as error:  # offline, not cached, or datasets missing
-        raise _unavailable(f"WikiText-2 raw {split}", note, '"wikitext", "wikitext-2-raw-v1"', error) from error
+        hub = '"wikitext", "wikitext-2-raw-v1"'
+        raise _unavailable(f"WikiText-2 raw {split}", note, hub, error) from error
     return "\n\n".join(rows)
 
 
@@ -75,7 +76,8 @@ def load_c4_texts(data_dir: str | os.PathLike | None = None) -> list[str]:
 
         ds = datasets.load_dataset("allenai/c4", data_files={"train": C4_SHARD}, split="train")
     except Exception as error:
-        raise _unavailable("C4 en train shard 00000", note, f'"allenai/c4", data_files={C4_SHARD!r}', error) from error
+        hub = f'"allenai/c4", data_files={C4_SHARD!r}'
+        raise _unavailable("C4 en train shard 00000", note, hub, error) from error
     return list(ds["text"])
 
 
@@ -102,9 +104,13 @@ def wikitext_documents(text: str) -> list[str]:
     """Split a WikiText split into articles, as ``EleutherAI/wikitext_document_level`` does.
 
     The rows are turned back into the raw file (blank rows are ``" \\n"``), which is cut before every
-    top-level ``" = Title = "`` heading; each article is its lines joined with ``"\\n"``.
+    top-level ``" = Title = "`` heading; each article is its lines joined with ``"\\n"``. Text not in
+    that joined-rows form is split as it stands.
     """
-    raw = "".join(row if row else " \n" for row in wikitext_rows(text))
+    try:
+        raw = "".join(row if row else " \n" for row in wikitext_rows(text))
+    except ValueError:
+        raw = text
     pages, lines = [], []
     for line in raw.split("\n"):
         heading = line.replace("= = =", "===").replace("= =", "==").strip()

@@ -59,7 +59,7 @@ def resolve_model(spec: str = DEFAULT_MODEL) -> ModelSource:
 
 
 def strip_gguf_quantization(model: torch.nn.Module) -> torch.nn.Module:
-    """Drop the gguf ``quantization_config`` a dequantized GGUF model carries, so it saves as a float model."""
+    """Drop the gguf ``quantization_config`` of a dequantized GGUF model, so it saves as a float model."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         try:
@@ -88,13 +88,13 @@ def _load_gguf_without_accelerate(folder: str, gguf_file: str) -> torch.nn.Modul
     tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise ModelUnavailableError(f"GGUF tensors do not fit the model: missing={missing} unexpected={unexpected}")
+        raise ModelUnavailableError(f"GGUF tensors do not fit: missing={missing} unexpected={unexpected}")
     model.tie_weights()
     return model
 
 
 def load_model(spec: str = DEFAULT_MODEL) -> tuple[torch.nn.Module, object]:
-    """Load ``(model, tokenizer)`` for ``spec``: a float32 causal LM in eval mode, GGUF weights dequantized."""
+    """Load ``(model, tokenizer)`` for ``spec``: a float32 causal LM in eval mode, GGUF dequantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import is_accelerate_available
 
@@ -113,7 +113,8 @@ def load_model(spec: str = DEFAULT_MODEL) -> tuple[torch.nn.Module, object]:
         raise ModelUnavailableError(
             f"cannot load {spec!r} from the Hugging Face hub"
             + (" (HF_HUB_OFFLINE is set and it is not cached)" if offline else " (offline, or no such repo?)")
-            + f": {error}. Pass a local model folder, a .gguf file, or the built-in {DEFAULT_MODEL!r}."
+            + f": {str(error).rstrip('.')}. Pass a local model folder, a .gguf file, "
+            f"or the built-in {DEFAULT_MODEL!r}."
         ) from error
     if source.gguf_file:
         strip_gguf_quantization(model)

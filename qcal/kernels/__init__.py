@@ -6,13 +6,17 @@ module as non-persistent buffers via ``prepare(module)``. The canonical frozen s
 (``qweight``, ``weight_scale``, ``weight_zero_point``) is never replaced, so checkpoints stay
 device independent. ``select_kernel`` returns the first registered kernel that supports the
 module; the reference kernel (dequantize, then the float op) supports everything.
+
+Registered here: CUDA then CPU kernels for int4/int8 weight-only, A8W8 dynamic and 8da4w linear
+layers (:mod:`qcal.kernels.cpu`, :mod:`qcal.kernels.cuda`); each dispatches on the number of
+input rows ``M`` (see its ``dispatch``). ``derived_bytes(module)`` is the memory a kernel adds.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["Kernel", "ReferenceKernel", "KERNELS", "register_kernel", "select_kernel"]
+__all__ = ["Kernel", "ReferenceKernel", "KERNELS", "register_kernel", "select_kernel", "derived_bytes"]
 
 
 class Kernel:
@@ -29,6 +33,11 @@ class Kernel:
     def __call__(self, module, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    @property
+    def dispatch(self) -> str:
+        """What runs for which input shape (shown by ``qcal.explain``)."""
+        return self.name
+
     def __repr__(self) -> str:
         return self.name
 
@@ -37,6 +46,7 @@ class ReferenceKernel(Kernel):
     """Dequantize the weight, fake-quantize the input, run the float op. Exact reference."""
 
     name = "reference"
+    dispatch = "dequant + float op"
 
     def supports(self, module) -> bool:
         return True
@@ -58,7 +68,13 @@ def register_kernel(kernel: Kernel, first: bool = True) -> Kernel:
 
 
 def select_kernel(module) -> Kernel:
-    """First registered kernel that supports ``module``; the reference kernel otherwise."""
+    """First registered kernel that supports ``module`` (prepared); the reference kernel otherwise.
+
+    Derived buffers of a previous choice (names starting with ``_k_``) are dropped first.
+    """
+    for n in [n for n in module._buffers if n.startswith("_k_")]:
+        del module._buffers[n]
+        module._non_persistent_buffers_set.discard(n)
     for k in KERNELS:
         if k.supports(module):
             k.prepare(module)
@@ -67,3 +83,20 @@ def select_kernel(module) -> Kernel:
 
 
 REFERENCE = ReferenceKernel()
+
+
+def derived_bytes(module) -> int:
+    """Bytes of the non-persistent (kernel-derived) buffers of ``module``, not counting submodules."""
+    return sum(b.numel() * b.element_size() for n, b in module._buffers.items()
+               if b is not None and n in module._non_persistent_buffers_set)
+
+
+def _register_builtin() -> None:
+    from .cpu import KERNELS_CPU
+    from .cuda import KERNELS_CUDA
+
+    for k in KERNELS_CUDA + KERNELS_CPU:
+        register_kernel(k, first=False)
+
+
+_register_builtin()
