@@ -78,8 +78,14 @@ def _expand(scale: torch.Tensor) -> torch.Tensor:
 def block_minmax(x: torch.Tensor, block_size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block minimum and maximum, shaped like the grid of blocks (same rank as ``x``)."""
     v = block_view(x, block_size)
-    dims = tuple(range(1, v.dim(), 2))
-    return torch.amin(v, dim=dims), torch.amax(v, dim=dims)
+    grid = v.shape[0::2]
+    dims = tuple(d for d in range(1, v.dim(), 2) if v.shape[d] > 1)
+    if not dims:
+        return v.reshape(grid), v.reshape(grid)
+    if len(dims) == 1:
+        mn, mx = torch.aminmax(v, dim=dims[0], keepdim=True)
+        return mn.reshape(grid), mx.reshape(grid)
+    return torch.amin(v, dim=dims).reshape(grid), torch.amax(v, dim=dims).reshape(grid)
 
 
 def choose_qparams_from_minmax(
@@ -199,9 +205,10 @@ class _FakeQuantInt(torch.autograd.Function):
         if zp is not None:
             q += zp
         q.round_()
+        c = q.clamp(qmin, qmax)
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward((q >= qmin) & (q <= qmax))
-        q.clamp_(qmin, qmax)
+            ctx.save_for_backward(c == q)
+        q = c
         if zp is not None:
             q -= zp
         return q.mul_(s)

@@ -8,8 +8,15 @@ from __future__ import annotations
 from .gptq import GPTQQuantizer, GPTQResult, Int4WeightOnlyGPTQQuantizer, gptq_quantize_weight
 from .inputs import InputRecorder
 from .int8_dyn_act_int4_weight import Int8DynActInt4WeightGPTQQuantizer, Int8DynActInt4WeightQuantizer
+from .smoothquant import (
+    smooth_fq_linear_to_inference,
+    smooth_model,
+    smoothquant_w8a8,
+    swap_linear_with_smooth_fq_linear,
+)
 
 __all__ = [
     "GPTQQuantizer", "GPTQResult", "Int4WeightOnlyGPTQQuantizer", "InputRecorder", "gptq_quantize_weight",
     "Int8DynActInt4WeightQuantizer", "Int8DynActInt4WeightGPTQQuantizer",
+    "smooth_model", "smoothquant_w8a8", "swap_linear_with_smooth_fq_linear", "smooth_fq_linear_to_inference",
 ]
