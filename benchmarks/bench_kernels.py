@@ -1,0 +1,119 @@
+"""Per-op speed of the frozen qcal linear kernels against bf16 ``F.linear``, measured alternately.
+
+    python benchmarks/bench_kernels.py                 # per-op table, SmolLM2-135M shapes, M in {1, 32, 512}
+    python benchmarks/bench_kernels.py --crossover     # small-M vs large-M path per kernel, to set max_small_m
+
+Every round times each candidate back-to-back (bf16 first) on the same input, a few calls each;
+a candidate's time is its fastest round and a ratio is bf16 time / candidate time. Taking the
+fastest of many short interleaved rounds keeps the ratios fair while other processes load the
+cores (their stalls only lengthen some rounds). Weights are random (speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcal.schemes import apply_scheme
+
+SHAPES = [(576, 576, "q/o_proj"), (192, 576, "k/v_proj"), (1536, 576, "gate/up"), (576, 1536, "down"),
+          (49152, 576, "lm_head")]
+SCHEMES = ["int8wo", "int4wo-64", "int8dq", "8da4w-64"]
+
+
+def alternate(fns: dict[str, Callable[[], object]], rounds: int = 30, budget_s: float = 0.004,
+              base: str | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Time ``fns`` round-robin. Returns (fastest-round seconds per call, ratio base time / fn time)."""
+    base = base or next(iter(fns))
+    inner = {}
+    for k, f in fns.items():  # warm up and size the inner loop to ~budget_s
+        f()
+        t0 = time.perf_counter()
+        f()
+        inner[k] = max(1, min(100, int(budget_s / max(time.perf_counter() - t0, 1e-7))))
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[k]):
+                f()
+            best[k] = min(best[k], (time.perf_counter() - t0) / inner[k])
+    return best, {k: best[base] / v for k, v in best.items()}
+
+
+def frozen_linear(n: int, k: int, scheme: str) -> nn.Module:
+    """A frozen bf16 QLinear (k -> n) quantized with ``scheme`` (random weights)."""
+    m = nn.Sequential(nn.Linear(k, n, bias=False))
+    return apply_scheme(m, scheme, quantize_lm_head=True)[0]
+
+
+@torch.no_grad()
+def per_op_table(ms: list[int], schemes: list[str], shapes=SHAPES, rounds: int = 30) -> str:
+    head = "| shape (out x in) | M | bf16 us | " + " | ".join(f"{s} x" for s in schemes) + " | paths |"
+    lines = [head, "|" + "---|" * (4 + len(schemes))]
+    for n, k, label in shapes:
+        mods = {s: frozen_linear(n, k, s) for s in schemes}
+        w = torch.randn(n, k, dtype=torch.bfloat16) / k ** 0.5
+        for m in ms:
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            fns: dict[str, Callable] = {"bf16": lambda x=x, w=w: F.linear(x, w)}
+            fns.update({s: (lambda q=q, x=x: q(x)) for s, q in mods.items()})
+            big = n * m > 10_000_000
+            med, ratio = alternate(fns, rounds=4 if big else rounds)
+            paths = ", ".join(f"{s}:{'small' if m <= q.kernel.max_small_m else 'large'}"
+                              for s, q in mods.items() if q.kernel.max_small_m > 0)
+            lines.append(f"| {n}x{k} {label} | {m} | {med['bf16'] * 1e6:.0f} | "
+                         + " | ".join(f"{ratio[s]:.2f}" for s in schemes) + f" | {paths} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def crossover_table(ms: list[int], schemes: list[str], shapes=SHAPES[:4]) -> str:
+    """For kernels with two paths: ratio small/large path vs bf16 at each M."""
+    lines = ["| scheme | shape | M | bf16 us | small x | large x | faster |", "|---|---|---|---|---|---|---|"]
+    for s in schemes:
+        for n, k, _ in shapes:
+            q = frozen_linear(n, k, s)
+            if q.kernel.max_small_m <= 0:
+                continue
+            w = torch.randn(n, k, dtype=torch.bfloat16) / k ** 0.5
+            for m in ms:
+                x = torch.randn(m, k, dtype=torch.bfloat16)
+                fns = {"bf16": lambda x=x, w=w: F.linear(x, w), "small": lambda x=x, q=q: q.kernel.small(q, x),
+                       "large": lambda x=x, q=q: q.kernel.large(q, x)}
+                med, ratio = alternate(fns, rounds=20)
+                best = "small" if ratio["small"] >= ratio["large"] else "large"
+                lines.append(f"| {s} | {n}x{k} | {m} | {med['bf16'] * 1e6:.0f} | {ratio['small']:.2f} | "
+                             f"{ratio['large']:.2f} | {best} |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--crossover", action="store_true", help="small vs large path per M (sets max_small_m)")
+    ap.add_argument("--m", default=None, help="comma-separated M values")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    schemes = args.schemes.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ratios = bf16 time / qcal time "
+          f"(fastest of interleaved rounds)")
+    if args.crossover:
+        ms = [int(v) for v in (args.m or "1,2,4,8,12,16,24,32,64").split(",")]
+        crossover_table(ms, [s for s in schemes if s != "int8dq"])
+    else:
+        ms = [int(v) for v in (args.m or "1,32,512").split(",")]
+        per_op_table(ms, schemes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Kernel dispatch and parity: every fast path agrees with the reference dequant path.
+
+Tolerances (relative L2 error against ``frozen_forward_reference``, which itself runs in the
+module's float dtype): bf16 models 1e-2 (the fast paths and the reference round differently in
+bf16, ~2^-9 per element); fp32 A8W8 1e-5 (same integers, fp32 rescale); fp32 weight-only 1e-2
+(frozen weight-only modules compute in bf16 on CPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+
+import qcal
+from qcal.explain import module_rows
+from qcal.kernels import KERNELS, REFERENCE, Kernel, derived_bytes, register_kernel, select_kernel
+from qcal.kernels.common import int4_codes_u8, tinygemm_scales_zeros
+from qcal.schemes import apply_scheme
+
+BF16_TOL = 1e-2
+CPU_KERNEL = {"int4wo-64": "cpu_int4wo", "int4wo-32": "cpu_int4wo", "int4wo-pc": "cpu_int4wo",
+              "int8wo": "cpu_int8wo", "int8dq": "cpu_int8dq", "8da4w-64": "cpu_8da4w", "8da4w-32": "cpu_8da4w"}
+
+
+def _frozen(scheme: str, n: int = 96, k: int = 256, bias: bool = True, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return apply_scheme(nn.Sequential(nn.Linear(k, n, bias=bias)), scheme, quantize_lm_head=True)[0]
+
+
+@pytest.mark.parametrize("scheme", sorted(CPU_KERNEL))
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 48])
+def test_cpu_kernel_parity_bf16(scheme, m):
+    q = _frozen(scheme)
+    assert q.kernel.name == CPU_KERNEL[scheme]
+    x = torch.randn(2, m, 256, dtype=torch.bfloat16)
+    y = q(x)
+    ref = q.frozen_forward_reference(x)
+    assert y.shape == ref.shape == (2, m, 96) and y.dtype == torch.bfloat16
+    assert rel_err(y, ref) < BF16_TOL
+
+
+@pytest.mark.parametrize("scheme", sorted(CPU_KERNEL))
+def test_both_paths_agree(scheme):
+    """The small-M and large-M paths of a kernel compute the same thing."""
+    q = _frozen(scheme)
+    x = torch.randn(8, 256, dtype=torch.bfloat16)
+    small, large = q.kernel.small(q, x).float(), q.kernel.large(q, x).float()
+    assert rel_err(small, large) < BF16_TOL
+
+
+@pytest.mark.parametrize("kw,name,tol", [
+    (dict(weights="qint8", activations="qint8", dynamic=True), "cpu_int8dq", 1e-5),
+    (dict(weights="qint8"), "cpu_int8wo", BF16_TOL),
+    (dict(weights="qint4", group_size=64, symmetric=False), "cpu_int4wo", BF16_TOL),
+    (dict(weights="qint4", group_size=32, symmetric=True, activations="qint8", dynamic=True), "cpu_8da4w", BF16_TOL),
+])
+def test_cpu_kernel_parity_fp32_model(kw, name, tol):
+    torch.manual_seed(0)
+    m = qcal.freeze(qcal.quantize(nn.Sequential(nn.Linear(128, 64)), **kw))
+    q = m[0]
+    assert q.kernel.name == name
+    for rows in (1, 40):
+        x = torch.randn(rows, 128)
+        y = q(x)
+        assert y.dtype == torch.float32
+        assert rel_err(y, q.frozen_forward_reference(x)) < tol
+
+
+def test_tinygemm_convention_matches_reference():
+    """tinygemm computes (u - 8) * scale + zero; ours is (q - zp) * s with u = q + 8, so zero = -zp * s."""
+    q = _frozen("int4wo-64", bias=False)
+    w_ref = q.dequantized_weight(torch.float32)
+    sz = tinygemm_scales_zeros(q, 64, torch.float32)  # (K/g, N, 2)
+    u = int4_codes_u8(q.qweight).float().view(96, 4, 64)
+    w = (u - 8) * sz[..., 0].t().unsqueeze(-1) + sz[..., 1].t().unsqueeze(-1)
+    torch.testing.assert_close(w.view(96, 256), w_ref, rtol=1e-5, atol=1e-5)
+    eye = torch.eye(256, dtype=torch.bfloat16)  # the packed op itself reproduces the weight
+    got = q.kernel.small(q, eye[:16]).float()
+    torch.testing.assert_close(got, w_ref.t()[:16], rtol=1e-2, atol=1e-2)
+
+
+def test_per_token_zero_row_and_outliers():
+    q = _frozen("int8dq")
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    x[1] = 0
+    x[2, 7] = 1e4
+    y, ref = q(x), q.frozen_forward_reference(x)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) < BF16_TOL
+
+
+def test_fallback_to_reference_and_derived_bytes():
+    q = _frozen("int4wo-64")
+    assert derived_bytes(q) == 96 * 256 // 2 + (256 // 64) * 96 * 2 * 2  # packed copy + bf16 scales/zeros
+    # odd out_features: tinygemm needs N % 16 == 0 -> reference kernel
+    r = _frozen("int4wo-64", n=40)
+    assert r.kernel is REFERENCE and derived_bytes(r) == 0
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    assert rel_err(r(x), r.frozen_forward_reference(x)) == 0
+    # int8 asymmetric weights are not covered by a fast kernel
+    torch.manual_seed(0)
+    a = qcal.freeze(qcal.quantize(nn.Sequential(nn.Linear(64, 32)), weights="qint8", symmetric=False))[0]
+    assert a.kernel is REFERENCE
+
+
+def test_reselect_drops_stale_derived_buffers_and_state_dict_is_canonical():
+    q = _frozen("int4wo-64")
+    assert "_k_int4pack" in dict(q.named_buffers())
+    assert not any(k.startswith("_k_") for k in q.state_dict())
+    q.weight_spec = q.weight_spec.__class__(qcal.qint4, qcal.PerGroup(64), False)
+    q.act_spec = qcal.spec.ActivationSpec(qcal.qint8, dynamic=True, symmetric=False)  # unsupported -> reference
+    q.select_kernel()
+    assert q.kernel is REFERENCE
+    assert not any(n.startswith("_k_") for n, _ in q.named_buffers())
+
+
+def test_register_kernel_first_wins():
+    class Always(Kernel):
+        name = "always"
+
+        def supports(self, module):
+            return getattr(module, "qcal_name", "") == "0"
+
+        def __call__(self, module, x):
+            return module.frozen_forward_reference(x)
+
+    k = register_kernel(Always())
+    try:
+        q = _frozen("int8wo")
+        assert q.kernel is k and "frozen[always]" in repr(q)
+    finally:
+        KERNELS.remove(k)
+    assert select_kernel(q).name == "cpu_int8wo"
+
+
+def test_explain_table(tiny_llama):
+    apply_scheme(tiny_llama, "int4wo-32", quantize_lm_head=True)
+    out = qcal.explain(tiny_llama, print_table=False)
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["module", "shape", "scheme", "kernel"]
+    assert "model.layers.0.self_attn.q_proj" in out and "cpu_int4wo" in out and "M<=" in out
+    assert lines[-1].startswith("total")
+    rows = module_rows(tiny_llama)
+    assert len(rows) == 2 * 7 + 1 and all(r["kernel"] == "cpu_int4wo" for r in rows)
+    q = next(r for r in rows if r["name"].endswith("q_proj"))
+    assert q["bytes"] == 64 * 64 // 2 + 2 * 2 * 64 * 2  # packed int4 + bf16 scale and zero point (64 x 2)
+    assert q["derived_bytes"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scheme,name", [("int4wo-64", "cuda_int4wo"), ("int8wo", "cuda_int8wo"),
+                                         ("int8dq", "cuda_int8dq"), ("8da4w-64", "cuda_8da4w")])
+@pytest.mark.parametrize("m", [1, 17, 128])
+def test_cuda_kernel_parity(scheme, name, m):
+    q = _frozen(scheme, n=128, k=256).cuda()
+    x = torch.randn(m, 256, dtype=torch.bfloat16, device="cuda")
+    y = q(x)
+    assert q.kernel.name == name
+    assert rel_err(y, q.frozen_forward_reference(x)) < BF16_TOL
