@@ -1,0 +1,292 @@
+"""Sequential (block-by-block) calibration: give each linear the Gram matrix of its real inputs.
+
+The pipeline behind GPTQ, in the spirit of the reference ``llama.py``:
+
+1. run the model on the calibration batches until the first decoder block, and keep that
+   block's inputs (hidden states plus the keyword arguments the model passes to every block);
+2. for each block in turn: record ``XᵀX / n`` of each target linear's input, hand it to
+   ``solve`` (which rewrites the linear's weight), then run the block once more to produce the
+   next block's inputs from the now-quantized block.
+
+With ``true_sequential`` a linear is solved from inputs produced by the already-solved linears
+before it (q/k/v first, then o_proj, then gate/up, then down_proj); linears that read the same
+tensor form one stage. When all samples fit in one batch, each linear is solved inside its own
+forward pre-hook the moment its complete input arrives, so one forward per block suffices;
+with several batches, each stage costs a forward over the batches that stops after the stage.
+
+Only one block's activations and Gram matrices exist at a time.
+
+Which blocks: a model with a ``config`` (Hugging Face) is walked along its decoder blocks, the
+``nn.ModuleList`` of ``config.num_hidden_layers`` modules holding the most parameters (or the
+list named by ``blocks=``). Any other ``nn.Module`` is treated as a single block and run on the
+inputs as given (a tensor is the one positional argument, a tuple the positional arguments, a
+dict the keyword arguments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["find_blocks", "run_sequential", "gram"]
+
+Solve = Callable[[str, nn.Module, torch.Tensor], float]
+State = tuple[tuple, dict[str, Any]]  # (args, kwargs) of one block call
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``XᵀX`` (float32) of the rows of ``x`` viewed as ``(-1, features)``."""
+    x2 = x.detach().reshape(-1, x.shape[-1]).float()
+    return x2.T @ x2
+
+
+def find_blocks(model: nn.Module, name: str | None = None) -> tuple[str, nn.ModuleList] | None:
+    """``(name, blocks)``: the decoder blocks of a Hugging Face model, or None for a plain module."""
+    if name is not None:
+        blocks = model.get_submodule(name)
+        if not isinstance(blocks, nn.ModuleList):
+            raise TypeError(f"blocks={name!r} is a {type(blocks).__name__}, not an nn.ModuleList")
+        return name, blocks
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if n_layers is None:
+        return None
+    best = None
+    for mname, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n_layers:
+            size = sum(p.numel() for p in m.parameters())
+            if best is None or size > best[0]:
+                best = (size, mname, m)
+    return None if best is None else (best[1], best[2])
+
+
+def _batches(inputs: Sequence, batch_size: int | None) -> list:
+    """Concatenate consecutive same-shaped tensors into batches of at most ``batch_size`` samples."""
+    out: list = []
+    group: list[torch.Tensor] = []
+
+    def flush():
+        if group:
+            out.append(torch.cat(group) if len(group) > 1 else group[0])
+            group.clear()
+
+    for x in inputs:
+        if not isinstance(x, torch.Tensor):
+            flush()
+            out.append(x)
+            continue
+        x = x if x.dim() > 1 else x.unsqueeze(0)
+        full = batch_size is not None and sum(g.shape[0] for g in group) + x.shape[0] > batch_size
+        if group and (x.shape[1:] != group[0].shape[1:] or full):
+            flush()
+        group.append(x)
+    flush()
+    return out
+
+
+def _call(module: nn.Module, x, **extra):
+    if isinstance(x, dict):
+        return module(**x, **extra)
+    if isinstance(x, (tuple, list)):
+        return module(*x, **extra)
+    return module(x, **extra)
+
+
+def _capture(model: nn.Module, first_block: nn.Module, batches: list) -> list[State]:
+    """Inputs of ``first_block`` for every batch (the model stops right there)."""
+    states: list[State] = []
+
+    def hook(module, args, kwargs):
+        states.append((tuple(args), dict(kwargs)))
+        raise _Stop
+
+    extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                _call(model, b, **extra)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return states
+
+
+def _hidden(state: State) -> torch.Tensor:
+    args, kwargs = state
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(state: State, h: torch.Tensor) -> State:
+    args, kwargs = state
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def _run(block: nn.Module, state: State):
+    out = block(*state[0], **state[1])
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _GramMemo:
+    """Gram matrix of the last input seen, so linears reading the same tensor share one matmul."""
+
+    def __init__(self) -> None:
+        self.key = None
+        self.value = None
+        self.ref = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)
+        if key != self.key:
+            self.key, self.value, self.ref = key, gram(x), x  # ref keeps the address from being reused
+        return self.value
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _solve_online(block, state: State, layers: dict[str, nn.Module], solve: Solve,
+                  errors: dict[str, float]) -> torch.Tensor:
+    """One forward over the single batch; each linear is solved in its pre-hook, then runs quantized."""
+    memo = _GramMemo()
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0]
+            if name not in errors:  # first call of this linear in the block
+                n = x.numel() // x.shape[-1]
+                errors[name] = solve(name, module, memo(x) / n)
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        return _run(block, state)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _StageRecorder:
+    """Forward pre-hooks for one pass: accumulate ``XᵀX`` of the current stage's linears.
+
+    With ``true_sequential`` the stage is the first pending linear to run plus those reading the
+    same tensor; the pass stops as soon as a linear outside the stage runs. Otherwise every
+    pending linear belongs to the stage and the pass runs to the end.
+    """
+
+    def __init__(self, pending: dict[str, nn.Module], true_sequential: bool) -> None:
+        self.stage: list[str] = [] if true_sequential else list(pending)
+        self.fixed = not true_sequential  # stage membership known
+        self.first: torch.Tensor | None = None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.memo = _GramMemo()
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in pending.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            if not self.fixed:
+                if self.first is None or _same_tensor(x, self.first):
+                    self.first = x
+                    self.stage.append(name)
+                else:
+                    self.fixed = True
+            if name not in self.stage:
+                raise _Stop
+            g = self.memo(x)
+            self.sums[name] = g.clone() if name not in self.sums else self.sums[name].add_(g)
+            self.tokens[name] = self.tokens.get(name, 0) + x.numel() // x.shape[-1]
+        return hook
+
+    def run(self, block: nn.Module, states: list[State]) -> None:
+        try:
+            for state in states:
+                try:
+                    _run(block, state)
+                except _Stop:
+                    pass
+                self.fixed, self.first = True, None
+        finally:
+            for h in self.handles:
+                h.remove()
+
+
+def _solve_staged(block, states: list[State], layers: dict[str, nn.Module], solve: Solve,
+                  true_sequential: bool, errors: dict[str, float]) -> None:
+    """Stage by stage: a forward over all batches accumulates the stage's Gram matrices, then solve."""
+    pending = dict(layers)
+    while pending:
+        rec = _StageRecorder(pending, true_sequential)
+        rec.run(block, states)
+        if not rec.stage:  # the remaining linears never ran: nothing to solve them from
+            return
+        for name in rec.stage:
+            if name in rec.sums:
+                errors[name] = solve(name, pending[name], rec.sums.pop(name) / rec.tokens[name])
+            pending.pop(name)
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    inputs: Sequence,
+    select: Callable[[nn.Module], dict[str, nn.Module]],
+    solve: Solve,
+    *,
+    true_sequential: bool = True,
+    batch_size: int | None = None,
+    blocks: str | None = None,
+    progress: bool = True,
+    desc: str = "sequential",
+) -> dict[str, float]:
+    """Walk ``model`` block by block; ``solve(name, linear, XᵀX/n)`` each linear ``select(block)`` returns.
+
+    ``inputs``: token-id tensors for a Hugging Face model (``(1, seqlen)`` or ``(b, seqlen)``),
+    else whatever the module takes. ``batch_size=None`` runs all same-shaped samples as one
+    batch (fastest; memory grows with the sample count); an int bounds the batch.
+    Returns ``{full linear name: solve's return value}``.
+    """
+    from tqdm.auto import tqdm
+
+    found = find_blocks(model, blocks)
+    batches = _batches(inputs, batch_size)
+    if not batches:
+        raise ValueError(f"{desc}: no calibration inputs")
+    if found is None:
+        prefix, block_list = "", [model]
+        states: list[State] = [((b,), {}) if isinstance(b, torch.Tensor) else
+                               ((tuple(b), {}) if isinstance(b, (tuple, list)) else ((), dict(b)))
+                               for b in batches]
+    else:
+        prefix, block_list = found[0] + ".", list(found[1])
+        states = _capture(model, block_list[0], batches)
+        if not states:
+            raise RuntimeError(f"{desc}: the model never called its first block {prefix}0")
+    results: dict[str, float] = {}
+    bar = tqdm(block_list, desc=desc, disable=not progress, leave=False)
+    for i, block in enumerate(bar):
+        layers = select(block)
+        errors: dict[str, float] = {}
+        if true_sequential and len(states) == 1:
+            states = [_with_hidden(states[0], _solve_online(block, states[0], layers, solve, errors))]
+        else:
+            if layers:
+                _solve_staged(block, states, layers, solve, true_sequential, errors)
+            states = [_with_hidden(s, _run(block, s)) for s in states]
+        block_name = prefix + str(i) if found is not None else ""
+        for name, err in errors.items():
+            results[f"{block_name}.{name}".strip(".")] = err
+        if errors:
+            bar.set_postfix_str(" ".join(f"{n.rpartition('.')[2]}={e:.3g}" for n, e in errors.items()))
+    return results
