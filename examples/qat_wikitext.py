@@ -85,10 +85,11 @@ def main(argv=None) -> dict:
     student = quantizer.prepare(copy.deepcopy(float_model))
     t0 = time.perf_counter()
     if args.init == "gptq":
-        from qcal.algorithms.gptq import apply_gptq_to_prepared  # registered by the GPTQ module
+        from qcal.algorithms.gptq import GPTQQuantizer
 
-        calib = calibration_windows(tok, "c4", 128, 512, args.seed, args.data_dir)
-        apply_gptq_to_prepared(student, calib)
+        # GPTQ keeps the prepared modules' weight specs and fixes their qparams: QAT starts from it
+        calib = calibration_windows(tok, "wikitext-valid", 128, 512, args.seed, args.data_dir)
+        GPTQQuantizer(groupsize=quantizer.groupsize, act_order=True, static_groups=True).quantize(student, calib)
     ptq_s = time.perf_counter() - t0
     ptq_ppl = _frozen_ppl(student, quantizer, test_ids, args)
 

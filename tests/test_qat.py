@@ -166,3 +166,24 @@ def test_learnable_scales_refuses_frozen():
     freeze(lin)
     with pytest.raises(ValueError, match="module '0' is frozen"):
         learnable_scales(lin)
+
+
+def test_qat_from_gptq_weights(reference_kernels):
+    from qcal.algorithms.gptq import GPTQQuantizer
+
+    base = make_tiny_llama()
+    q = Int8DynActInt4WeightQATQuantizer(groupsize=16)
+    model = q.prepare(copy.deepcopy(base))
+    GPTQQuantizer(groupsize=16, act_order=True, static_groups=True, progress=False).quantize(
+        model, [_ids(i, n=1) for i in range(8)])
+    lin = model.model.layers[0].mlp.gate_proj
+    gptq_scale = lin.weight_scale.clone()
+    gptq_err = _err(model, base)
+    _distill(model, base, steps=10)
+    assert torch.equal(lin.weight_scale, gptq_scale)  # the GPTQ grid is kept while training
+    assert _err(model, base) < gptq_err * 1.05
+    ids = _ids(4)
+    with torch.no_grad():
+        fq = model(ids).logits
+        fr = q.convert(model)(ids).logits
+    assert torch.allclose(fr, fq, rtol=0, atol=1e-5)
