@@ -1,0 +1,58 @@
+"""Token perplexity, GPTQ/torchao protocol: non-overlapping windows over the once-tokenized text."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def window_count(n_tokens: int, seqlen: int, limit: int | None = None) -> int:
+    """Number of full ``seqlen`` windows in ``n_tokens`` tokens, capped at ``limit``."""
+    n = n_tokens // seqlen
+    return n if limit is None else min(n, limit)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (cpu for a parameterless module)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@torch.no_grad()
+def window_nlls(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    seqlen: int = 2048,
+    limit: int | None = None,
+    progress: bool = False,
+) -> list[float]:
+    """Mean next-token NLL (nats) of each window ``input_ids[i*seqlen:(i+1)*seqlen]``; logits in float32."""
+    ids = input_ids.reshape(-1)
+    n = window_count(ids.numel(), seqlen, limit)
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    device = model_device(model)
+    windows = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        windows = tqdm(windows, desc=f"perplexity ({seqlen}-token windows)", unit="win")
+    nlls = []
+    for i in windows:
+        window = ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
+        logits = model(window, use_cache=False).logits[0, :-1].float()
+        nlls.append(F.cross_entropy(logits, window[0, 1:]).item())
+    return nlls
+
+
+def token_perplexity(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    seqlen: int = 2048,
+    limit: int | None = None,
+    progress: bool = False,
+) -> float:
+    """exp of the mean NLL over the first ``limit`` (default: all) non-overlapping windows of ``seqlen``."""
+    nlls = window_nlls(model, input_ids, seqlen, limit, progress)
+    return math.exp(sum(nlls) / len(nlls))
