@@ -12,13 +12,13 @@ cores (their stalls only lengthen some rounds). Weights are random (speed does n
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcal.autoquant import fastest_round
 from qcal.schemes import apply_scheme
 
 SHAPES = [(576, 576, "q/o_proj"), (192, 576, "k/v_proj"), (1536, 576, "gate/up"), (576, 1536, "down"),
@@ -30,19 +30,7 @@ def alternate(fns: dict[str, Callable[[], object]], rounds: int = 30, budget_s: 
               base: str | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Time ``fns`` round-robin. Returns (fastest-round seconds per call, ratio base time / fn time)."""
     base = base or next(iter(fns))
-    inner = {}
-    for k, f in fns.items():  # warm up and size the inner loop to ~budget_s
-        f()
-        t0 = time.perf_counter()
-        f()
-        inner[k] = max(1, min(100, int(budget_s / max(time.perf_counter() - t0, 1e-7))))
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner[k]):
-                f()
-            best[k] = min(best[k], (time.perf_counter() - t0) / inner[k])
+    best = fastest_round(fns, rounds, budget_s, max_inner=100)
     return best, {k: best[base] / v for k, v in best.items()}
 
 

@@ -42,13 +42,15 @@ class AutoQuantChoice:
         return self.times["none"] / self.times[self.chosen]
 
 
-def _fastest_round(fns: dict[str, Callable[[], object]], rounds: int, budget_s: float = 0.003) -> dict[str, float]:
+def fastest_round(fns: dict[str, Callable[[], object]], rounds: int, budget_s: float = 0.003,
+                  max_inner: int = 50) -> dict[str, float]:
+    """Time ``fns`` round-robin; fastest per-call seconds of each over ``rounds`` rounds."""
     inner = {}
     for k, f in fns.items():
         f()
         t0 = time.perf_counter()
         f()
-        inner[k] = max(1, min(50, int(budget_s / max(time.perf_counter() - t0, 1e-7))))
+        inner[k] = max(1, min(max_inner, int(budget_s / max(time.perf_counter() - t0, 1e-7))))
     best = {k: float("inf") for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
@@ -119,7 +121,7 @@ def autoquant(model: nn.Module, example_inputs, max_rel_error: float = 0.05,
         if key not in timing:
             fns = {"none": lambda layer=layer, x=x: layer(x)}
             fns.update({c: (lambda q=q, x=x: q(x)) for c, q in twins.items()})
-            timing[key] = _fastest_round(fns, rounds)
+            timing[key] = fastest_round(fns, rounds)
         times = timing[key]
         errors = {"none": 0.0} | {c: _rel_err(q(x), ref) for c, q in twins.items()}
         ok = [c for c in ["none", *twins] if errors[c] <= max_rel_error and c in times]
