@@ -65,13 +65,8 @@ def register_scheme(pattern: str, description: str):
 
 
 def _load_algorithms() -> None:
-    import importlib
-
-    for mod in ("qcal.algorithms",):
-        try:
-            importlib.import_module(mod)
-        except ImportError:  # pragma: no cover - algorithms are optional at this layer
-            pass
+    """Import qcal.algorithms so its schemes register (an import error there must surface, not hide them)."""
+    import qcal.algorithms  # noqa: F401
 
 
 def available_schemes() -> list[str]:
