@@ -46,6 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train only the quantized linear weights (default) or every parameter")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--bf16-ppl", type=float, default=None,
+                   help="bf16 perplexity of the same eval setting from an earlier run (skips measuring it again)")
+    p.add_argument("--ptq-ppl", type=float, default=None,
+                   help="PTQ perplexity of the same scheme and eval setting from an earlier run, e.g. the eval "
+                   "harness (skips measuring it again; only with --init rtn)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="write the loss curve to this PNG")
@@ -81,7 +86,7 @@ def main(argv=None) -> dict:
     test_ids = tokenize(tok, load_wikitext("test", args.data_dir))
     quantizer = _quantizer(args.scheme)
 
-    bf16_ppl = _ppl(copy.deepcopy(float_model).to(torch.bfloat16), test_ids, args)
+    bf16_ppl = args.bf16_ppl or _ppl(copy.deepcopy(float_model).to(torch.bfloat16), test_ids, args)
     student = quantizer.prepare(copy.deepcopy(float_model))
     t0 = time.perf_counter()
     if args.init == "gptq":
@@ -91,7 +96,9 @@ def main(argv=None) -> dict:
         calib = calibration_windows(tok, "wikitext-valid", 128, 512, args.seed, args.data_dir)
         GPTQQuantizer(groupsize=quantizer.groupsize, act_order=True, static_groups=True).quantize(student, calib)
     ptq_s = time.perf_counter() - t0
-    ptq_ppl = _frozen_ppl(student, quantizer, test_ids, args)
+    if args.ptq_ppl is not None and args.init != "rtn":
+        raise ValueError("--ptq-ppl is only for --init rtn (GPTQ weights must be evaluated in this run)")
+    ptq_ppl = args.ptq_ppl or _frozen_ppl(student, quantizer, test_ids, args)
 
     train = calibration_windows(tok, args.train_data, args.steps * args.batch, args.seqlen, args.seed + 1,
                                 args.data_dir)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .calibration import Calibration
-from .qtypes import qint4, qint8
+from .qtypes import qint3, qint4, qint8
 from .quantize import freeze, quantize
 
 __all__ = ["SchemeContext", "register_scheme", "available_schemes", "apply_scheme", "describe_scheme"]
@@ -141,6 +141,13 @@ def _int8dq(model, match, ctx):
 @register_scheme("int4wo-<g>", "int4 weight-only, asymmetric groups of <g> along the input dim (A16W4)")
 def _int4wo(model, match, ctx):
     quantize(model, weights=qint4, group_size=_group(match), symmetric=False, exclude=ctx.exclude)
+    return _finish(model, ctx.dtype)
+
+
+@register_scheme("int3wo-<g>", "int3 weight-only, asymmetric groups of <g> (reference kernel; the RTN baseline of "
+                 "gptq-int3-<g>)")
+def _int3wo(model, match, ctx):
+    quantize(model, weights=qint3, group_size=_group(match), symmetric=False, exclude=ctx.exclude)
     return _finish(model, ctx.dtype)
 
 

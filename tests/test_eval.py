@@ -366,6 +366,19 @@ def test_measure_speed_alternates_models():
     assert all(r.prefill_tok_s > 0 and r.decode_tok_s > 0 for r in out.values())
 
 
+def test_measure_speed_times_static_cache_generators():
+    from qcal.eval.static_decode import StaticCacheGenerator
+
+    calls: list[int] = []
+    m = _tiny_llama(64, seed=0)
+    m.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    gen = StaticCacheGenerator(m, max_cache_len=12, compile=False)
+    out = speed.measure_speed({"bf16": m, "bf16+static": gen}, vocab_size=64, prefill_len=8, new_tokens=3,
+                              repeats=1, warmup=0)
+    assert calls == [8, 1, 1, 1] * 2  # the generator runs the same prefill + decode steps
+    assert all(r.prefill_tok_s > 0 and r.decode_tok_s > 0 for r in out.values())
+
+
 def test_peak_memory_sees_a_large_allocation():
     with speed.PeakMemory("cpu") as peak:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched

@@ -64,8 +64,8 @@ class Int8DynActInt4WeightGPTQQuantizer(GPTQQuantizer):
 
 
 @register_scheme("8da4w-gptq-<g>", "8da4w with GPTQ weights: int8 dynamic per-token activations x int4 "
-                 "symmetric groups of <g> (calibrated)")
+                 "symmetric groups of <g>, act_order with static groups (calibrated)")
 def _8da4w_gptq(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
     quantizer = Int8DynActInt4WeightGPTQQuantizer(groupsize=int(match.group("g")), precision=ctx.dtype,
-                                                  exclude=ctx.exclude)
+                                                  exclude=ctx.exclude, act_order=True, static_groups=True)
     return quantizer.quantize(model, ctx.calibration_inputs(match.string))

@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize lm_head (unties it from the tied embedding); default: every linear "
                    "but lm_head")
     p.add_argument("--compile", action="store_true",
-                   help="wrap each model in torch.compile before evaluating (first calls compile; new "
-                   "shapes recompile)")
+                   help="torch.compile each model: perplexity through torch.compile(model); speed through a "
+                   "static KV cache and one fullgraph-compiled forward (prefill and decode graphs compile "
+                   "in the warm-up round); bf16 is compiled the same way")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and speed prompts")

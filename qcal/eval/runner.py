@@ -14,6 +14,7 @@ from .lmeval import lm_eval_wikitext
 from .perplexity import token_perplexity
 from .report import SchemeResult
 from .speed import PeakMemory, measure_speed, model_bytes, time_generation, timed
+from .static_decode import StaticCacheGenerator
 
 METRICS = ("ppl", "word_ppl", "speed")
 BASELINE = "bf16"
@@ -100,7 +101,7 @@ def evaluate_schemes(
         result.peak_mem_bytes = peak.bytes
         results.append(result)
         if "speed" in cfg.metrics:
-            runnable[scheme] = runner
+            runnable[scheme] = _speed_runner(quantized, cfg)
         del quantized, runner
         gc.collect()
     if "speed" in cfg.metrics:
@@ -128,6 +129,13 @@ def _evaluate_quality(
         time_generation(model, torch.zeros(1, cfg.prefill_len, dtype=torch.long), 0)
 
 
+def _speed_runner(model: torch.nn.Module, cfg: EvalConfig):
+    """What the speed rounds time: the eager model, or with ``compile`` a static-cache compiled generator."""
+    if not cfg.compile:
+        return model
+    return StaticCacheGenerator(model, cfg.prefill_len + cfg.new_tokens)
+
+
 def _add_speed(
     model: torch.nn.Module, results: list[SchemeResult], runnable: dict[str, torch.nn.Module], cfg: EvalConfig
 ) -> None:
@@ -135,7 +143,7 @@ def _add_speed(
     models = dict(runnable)
     if BASELINE not in models:
         baseline, _ = quantized_copy(model, BASELINE, cfg, None)
-        models = {BASELINE: torch.compile(baseline) if cfg.compile else baseline} | models
+        models = {BASELINE: _speed_runner(baseline, cfg)} | models
     speeds = measure_speed(
         models, vocab_size=model.get_input_embeddings().num_embeddings, prefill_len=cfg.prefill_len,
         new_tokens=cfg.new_tokens, repeats=cfg.repeats, warmup=cfg.warmup, seed=cfg.seed,

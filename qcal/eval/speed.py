@@ -122,7 +122,12 @@ def _cache_of(out: object) -> object:
 
 @torch.no_grad()
 def time_generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """Seconds for one prefill forward of ``prompt`` (1, n) and for ``new_tokens`` greedy KV-cache steps."""
+    """Seconds for one prefill forward of ``prompt`` (1, n) and for ``new_tokens`` greedy KV-cache steps.
+
+    ``model`` may also be an object with its own ``time_generation`` (e.g. :class:`StaticCacheGenerator`).
+    """
+    if hasattr(model, "time_generation"):
+        return model.time_generation(prompt, new_tokens)
     device = model_device(model)
     prompt = prompt.to(device)
     params = _forward_params(model)

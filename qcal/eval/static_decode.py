@@ -1,0 +1,93 @@
+"""Greedy generation with a static KV cache and one ``torch.compile``'d forward (the ``--compile`` speed path).
+
+A dynamic cache grows every step, so a compiled model would see a new shape (and recompile, or run
+with dynamic shapes) at every token. A ``transformers.StaticCache`` has a fixed size: the prefill
+and every decode step then run two fixed-shape graphs, compiled once with ``fullgraph=True`` (a
+graph break is an error, not a silent slowdown).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+
+__all__ = ["StaticCacheGenerator"]
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class StaticCacheGenerator:
+    """Times greedy generation of a Hugging Face causal LM through a static cache.
+
+    ``compile=True`` wraps the forward in ``torch.compile(fullgraph=True, dynamic=False)``; the
+    first prompt/decode shapes compile (untimed warm-up is the caller's job).
+    """
+
+    def __init__(self, model: torch.nn.Module, max_cache_len: int, *, compile: bool = True, **compile_kwargs) -> None:
+        from transformers import StaticCache
+
+        self.model = model
+        self.max_cache_len = max_cache_len
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self._allocate_cache()
+        cache_kw = _cache_kwarg(model)
+
+        def forward(ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            out = model(ids, use_cache=True, cache_position=position, logits_to_keep=1, **{cache_kw: self.cache})
+            return out.logits
+
+        if compile:  # every generator adds two graphs (prefill, decode) under the same code object
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.forward = (torch.compile(forward, fullgraph=True, dynamic=False, **compile_kwargs) if compile
+                        else forward)
+
+    def _allocate_cache(self) -> None:
+        """Allocate the cache now: a lazily allocated cache would make the first graph differ from the rest."""
+        cfg = self.model.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        emb = self.model.get_input_embeddings().weight
+        self.cache.early_initialization(1, heads, head_dim, emb.dtype, emb.device)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy continuation of ``prompt`` (1, n): the ``new_tokens`` generated ids, (1, new_tokens)."""
+        return self.time_generation(prompt, new_tokens, _keep=True)[2]
+
+    @torch.no_grad()
+    def time_generation(self, prompt: torch.Tensor, new_tokens: int, _keep: bool = False):
+        """``(prefill seconds, decode seconds)`` for one prefill of ``prompt`` and ``new_tokens`` steps."""
+        prompt = prompt.to(next(self.model.parameters()).device)
+        n = prompt.shape[1]
+        if n + new_tokens > self.max_cache_len:
+            raise ValueError(f"prompt ({n}) + new_tokens ({new_tokens}) exceed the static cache "
+                             f"(max_cache_len={self.max_cache_len})")
+        device = prompt.device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.cache.reset()
+        # one fresh tensor per step (views of one arange would differ in storage offset, a recompile each)
+        positions = [torch.tensor([p], device=device) for p in range(n, n + new_tokens)]
+        sync()
+        start = time.perf_counter()
+        token = self.forward(prompt, torch.arange(n, device=device))[:, -1:].argmax(-1)
+        sync()
+        prefill = time.perf_counter() - start
+        tokens = []
+        start = time.perf_counter()
+        for i in range(new_tokens):
+            if _keep:
+                tokens.append(token)
+            token = self.forward(token, positions[i])[:, -1:].argmax(-1)
+        sync()
+        decode = time.perf_counter() - start
+        if _keep:
+            return prefill, decode, torch.cat(tokens, dim=1) if tokens else prompt[:, :0]
+        return prefill, decode
