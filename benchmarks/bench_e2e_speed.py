@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also time every scheme torch.compile'd (fullgraph) with a static KV cache; ratios stay "
                     "against the eager bf16 model")
+    ap.add_argument("--compile-attn", default="eager",
+                    help="Hugging Face attention inside the compiled generator (default eager; 'sdpa' for SDPA)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = load_smollm2()
@@ -53,7 +55,8 @@ def main() -> None:
         models[s] = apply_scheme(copy.deepcopy(base), s, quantize_lm_head=True)
     if args.compile:
         for s in list(models):
-            models[s + "+compile"] = StaticCacheGenerator(models[s], args.prefill + args.decode + 1)
+            models[s + "+compile"] = StaticCacheGenerator(models[s], args.prefill + args.decode + 1,
+                                                          attn_implementation=args.compile_attn)
     del base
     prompt = torch.randint(0, 49152, (1, args.prefill), generator=torch.Generator().manual_seed(0))
     best = {s: [float("inf"), float("inf")] for s in models}

@@ -49,6 +49,7 @@ def test_static_cache_generator_matches_dynamic_cache_greedy():
     for _ in range(2):  # the cache is reset between runs
         assert torch.equal(gen.generate(prompt, 6), torch.cat(ref, dim=1))
     assert counters["stats"]["unique_graphs"] == 2  # one prefill graph, one decode graph: no per-step recompiles
+    assert model.config._attn_implementation == "sdpa"  # switched for the generator's calls only
     prefill_s, decode_s = gen.time_generation(prompt, 6)
     assert prefill_s > 0 and decode_s > 0
     with pytest.raises(ValueError, match="max_cache_len"):
