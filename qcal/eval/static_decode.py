@@ -8,20 +8,13 @@ graph break is an error, not a silent slowdown).
 
 from __future__ import annotations
 
-import inspect
 import time
 
 import torch
 
+from .speed import _forward_params
+
 __all__ = ["StaticCacheGenerator"]
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    return "cache" if "cache" in params else "past_key_values"
 
 
 class StaticCacheGenerator:
@@ -44,7 +37,7 @@ class StaticCacheGenerator:
         self.max_cache_len = max_cache_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         self._allocate_cache()
-        cache_kw = _cache_kwarg(model)
+        cache_kw = "cache" if "cache" in _forward_params(model) else "past_key_values"
 
         def forward(ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
             out = model(ids, use_cache=True, cache_position=position, logits_to_keep=1, **{cache_kw: self.cache})
