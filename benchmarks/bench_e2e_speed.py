@@ -11,6 +11,7 @@ stalls caused by other processes do not bias the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 
@@ -18,6 +19,7 @@ import torch
 
 from qcal.eval.speed import time_generation
 from qcal.eval.static_decode import StaticCacheGenerator
+from qcal.kernels import native
 from qcal.schemes import apply_scheme
 
 
@@ -37,7 +39,8 @@ def run_once(model, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--schemes", default="bf16,int8wo,int4wo-64,int8dq,8da4w-64")
+    ap.add_argument("--schemes", default="bf16,int8wo,int4wo-64,int8dq,8da4w-64",
+                    help="comma-separated; <scheme>:torch = with qcal's native int4 kernel disabled (tinygemm)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=16)
@@ -52,7 +55,9 @@ def main() -> None:
     base = load_smollm2()
     models = {}
     for s in args.schemes.split(","):
-        models[s] = apply_scheme(copy.deepcopy(base), s, quantize_lm_head=True)
+        name, _, variant = s.partition(":")
+        with native.disabled() if variant == "torch" else contextlib.nullcontext():
+            models[s] = apply_scheme(copy.deepcopy(base), name, quantize_lm_head=True)
     if args.compile:
         for s in list(models):
             models[s + "+compile"] = StaticCacheGenerator(models[s], args.prefill + args.decode + 1,
@@ -67,7 +72,8 @@ def main() -> None:
                 best[s] = [min(best[s][0], p), min(best[s][1], d)]
     bp, bd = best["bf16"]
     print(f"SmolLM2-135M, batch 1, {torch.get_num_threads()} threads, prefill {args.prefill} tokens, "
-          f"decode {args.decode} steps, fastest of {args.rounds} alternating rounds")
+          f"decode {args.decode} steps, fastest of {args.rounds} alternating rounds; native int4 kernel: "
+          f"{native.native_status()}")
     print("| scheme | prefill ms | prefill x bf16 | decode ms/token | decode x bf16 |")
     print("|---|---|---|---|---|")
     for s, (p, d) in best.items():

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py                 # per-op table, SmolLM2-135M shapes, M in {1, 32, 512}
     python benchmarks/bench_kernels.py --crossover     # small-M vs large-M path per kernel, to set max_small_m
+    python benchmarks/bench_kernels.py --cold          # M=1 through 30 copies of the layers: weights from DRAM
 
 Every round times each candidate back-to-back (bf16 first) on the same input, a few calls each;
 a candidate's time is its fastest round and a ratio is bf16 time / candidate time. Taking the
@@ -12,6 +13,8 @@ cores (their stalls only lengthen some rounds). Weights are random (speed does n
 from __future__ import annotations
 
 import argparse
+import contextlib
+import time
 from collections.abc import Callable
 
 import torch
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcal.autoquant import fastest_round
+from qcal.kernels import native
 from qcal.schemes import apply_scheme
 
 SHAPES = [(576, 576, "q/o_proj"), (192, 576, "k/v_proj"), (1536, 576, "gate/up"), (576, 1536, "down"),
@@ -35,9 +39,14 @@ def alternate(fns: dict[str, Callable[[], object]], rounds: int = 30, budget_s: 
 
 
 def frozen_linear(n: int, k: int, scheme: str) -> nn.Module:
-    """A frozen bf16 QLinear (k -> n) quantized with ``scheme`` (random weights)."""
+    """A frozen bf16 QLinear (k -> n) quantized with ``scheme`` (random weights).
+
+    ``<scheme>:torch`` freezes with qcal's native kernel disabled (PyTorch's ops, e.g. tinygemm).
+    """
     m = nn.Sequential(nn.Linear(k, n, bias=False))
-    return apply_scheme(m, scheme, quantize_lm_head=True)[0]
+    name, _, variant = scheme.partition(":")
+    with native.disabled() if variant == "torch" else contextlib.nullcontext():
+        return apply_scheme(m, name, quantize_lm_head=True)[0]
 
 
 @torch.no_grad()
@@ -83,19 +92,58 @@ def crossover_table(ms: list[int], schemes: list[str], shapes=SHAPES[:4]) -> str
     return "\n".join(lines)
 
 
+LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
+
+
+@torch.no_grad()
+def cold_table(schemes: list[str], layers: int = 30, passes: int = 8) -> str:
+    """M=1 through ``layers`` copies of a Llama block's seven linears, as a decode step streams them.
+
+    In a model each weight is read once per token, from DRAM rather than cache; a scheme's time is
+    its fastest pass over all layers. MB counts what a call reads: the derived kernel layout where
+    one exists, else the canonical buffers (bf16: the weight).
+    """
+    from qcal.kernels import derived_bytes
+
+    lines = ["| scheme | ms per pass | us per call | MB read | GB/s |", "|---|---|---|---|---|"]
+    xs = {k: torch.randn(1, k, dtype=torch.bfloat16) for k in (576, 1536)}
+    for scheme in ["bf16"] + [s for s in schemes if s != "bf16"]:
+        if scheme == "bf16":
+            mods = [nn.Linear(k, n, bias=False).to(torch.bfloat16) for _ in range(layers) for n, k in LAYER]
+            nbytes = sum(m.weight.numel() * 2 for m in mods)
+        else:
+            mods = [frozen_linear(n, k, scheme) for _ in range(layers) for n, k in LAYER]
+            nbytes = sum(derived_bytes(m) or sum(b.numel() * b.element_size() for b in m.buffers()) for m in mods)
+        best = float("inf")
+        for _ in range(passes):
+            start = time.perf_counter()
+            for m in mods:
+                m(xs[m.in_features])
+            best = min(best, time.perf_counter() - start)
+        lines.append(f"| {scheme} | {best * 1e3:.2f} | {best / len(mods) * 1e6:.1f} | {nbytes / 1e6:.0f} | "
+                     f"{nbytes / best / 1e9:.1f} |")
+        print(lines[-1], flush=True)
+        del mods
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--crossover", action="store_true", help="small vs large path per M (sets max_small_m)")
+    ap.add_argument("--cold", action="store_true", help="M=1 through 30 copies of the layer shapes (DRAM-bound)")
     ap.add_argument("--m", default=None, help="comma-separated M values")
-    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--schemes", default=",".join(SCHEMES),
+                    help="comma-separated; <scheme>:torch = with qcal's native kernel disabled")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     schemes = args.schemes.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ratios = bf16 time / qcal time "
-          f"(fastest of interleaved rounds)")
-    if args.crossover:
+          f"(fastest of interleaved rounds); native int4 kernel: {native.native_status()}")
+    if args.cold:
+        cold_table(schemes)
+    elif args.crossover:
         ms = [int(v) for v in (args.m or "1,2,4,8,12,16,24,32,64").split(",")]
         crossover_table(ms, [s for s in schemes if s != "int8dq"])
     else:

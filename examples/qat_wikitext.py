@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import qcal
-from qcal.algorithms.qat import Int4WeightOnlyQATQuantizer, Int8DynActInt4WeightQATQuantizer, learnable_scales
+from qcal.algorithms.qat import (
+    Int4WeightOnlyQATQuantizer,
+    Int8DynActInt4WeightQATQuantizer,
+    learnable_scales,
+    residual_latent_weights,
+)
 from qcal.eval.data import calibration_windows, load_wikitext, tokenize
 from qcal.eval.models import load_model
 from qcal.eval.perplexity import token_perplexity
@@ -40,7 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seqlen", type=int, default=256, help="training sequence length")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
-    p.add_argument("--lsq", action="store_true", help="also learn the weight scales (LSQ)")
+    p.add_argument("--lsq", action="store_true", help="also learn the weight scales (LSQ); with --init gptq the "
+                   "weights sit exactly on the grid, and small weight steps alone change no integer code")
+    p.add_argument("--lsq-lr", type=float, default=None, help="learning rate of the LSQ scales (default: --lr); "
+                   "Adam moves every scale by about this much per step, whatever its gradient's size")
+    p.add_argument("--gptq-latent", choices=["residual", "grid"], default="residual",
+                   help="with --init gptq: where the trainable float weights start inside their GPTQ rounding "
+                   "cell: 'grid' = on the grid point (small steps then change no code), 'residual' (default) = "
+                   "moved toward the float weight, up to just inside the cell (0.499 step): the same codes")
+    p.add_argument("--init-cache", default=None, help="with --init gptq: load the GPTQ weights from this file if "
+                   "it exists, else save them there (GPTQ is deterministic for a given --seed)")
     p.add_argument("--loss", choices=["kd", "ce"], default="kd", help="distillation from the float model, or CE")
     p.add_argument("--trainable", choices=["linear", "all"], default="linear",
                    help="train only the quantized linear weights (default) or every parameter")
@@ -50,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bf16 perplexity of the same eval setting from an earlier run (skips measuring it again)")
     p.add_argument("--ptq-ppl", type=float, default=None,
                    help="PTQ perplexity of the same scheme and eval setting from an earlier run, e.g. the eval "
-                   "harness (skips measuring it again; only with --init rtn)")
+                   "harness (skips measuring it again; with --init gptq only together with an existing --init-cache)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="write the loss curve to this PNG")
@@ -89,24 +103,37 @@ def main(argv=None) -> dict:
     bf16_ppl = args.bf16_ppl or _ppl(copy.deepcopy(float_model).to(torch.bfloat16), test_ids, args)
     student = quantizer.prepare(copy.deepcopy(float_model))
     t0 = time.perf_counter()
-    if args.init == "gptq":
+    cached = args.init == "gptq" and args.init_cache is not None and os.path.exists(args.init_cache)
+    if args.ptq_ppl is not None and args.init == "gptq" and not cached:
+        raise ValueError("--ptq-ppl with --init gptq needs an existing --init-cache (the weights it was measured on)")
+    if cached:
+        for _, m in qcal.quantized_modules(student):
+            m.fix_weight_qparams()  # create the qparam buffers the cached state fills
+        student.load_state_dict(torch.load(args.init_cache, weights_only=True))
+        print(f"GPTQ weights loaded from {args.init_cache}")
+    elif args.init == "gptq":
         from qcal.algorithms.gptq import GPTQQuantizer
 
         # GPTQ keeps the prepared modules' weight specs and fixes their qparams: QAT starts from it
         calib = calibration_windows(tok, "wikitext-valid", 128, 512, args.seed, args.data_dir)
         GPTQQuantizer(groupsize=quantizer.groupsize, act_order=True, static_groups=True).quantize(student, calib)
+        if args.init_cache:
+            torch.save(student.state_dict(), args.init_cache)
+    if args.init == "gptq" and args.gptq_latent == "residual":
+        residual_latent_weights(student, float_model)
     ptq_s = time.perf_counter() - t0
-    if args.ptq_ppl is not None and args.init != "rtn":
-        raise ValueError("--ptq-ppl is only for --init rtn (GPTQ weights must be evaluated in this run)")
     ptq_ppl = args.ptq_ppl or _frozen_ppl(student, quantizer, test_ids, args)
 
     train = calibration_windows(tok, args.train_data, args.steps * args.batch, args.seqlen, args.seed + 1,
                                 args.data_dir)
     params = ([m.weight for _, m in qcal.quantized_modules(student)] if args.trainable == "linear"
               else [p for p in student.parameters() if p.requires_grad])
+    groups = [{"params": params}]
     if args.lsq:
-        params += learnable_scales(student)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+        scales = learnable_scales(student)
+        groups.append({"params": scales, "lr": args.lsq_lr or args.lr})
+        params = params + scales
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10)
                                               * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     teacher = float_model if args.loss == "kd" else None
@@ -135,7 +162,9 @@ def main(argv=None) -> dict:
     gap_ptq = ptq_ppl - bf16_ppl
     result = {
         "scheme": args.scheme, "init": args.init, "steps": args.steps, "batch": args.batch, "seqlen": args.seqlen,
-        "lr": args.lr, "lsq": args.lsq, "loss": args.loss, "eval_seqlen": args.eval_seqlen,
+        "lr": args.lr, "lsq": args.lsq, "lsq_lr": args.lsq_lr, "init_cache": cached, "loss": args.loss,
+        "gptq_latent": args.gptq_latent if args.init == "gptq" else None,
+        "eval_seqlen": args.eval_seqlen,
         "eval_limit": args.eval_limit, "bf16_ppl": bf16_ppl, "ptq_ppl": ptq_ppl, "qat_ppl": qat_ppl,
         "gap_recovered": (ptq_ppl - qat_ppl) / gap_ptq if gap_ptq > 0 else None,
         "ptq_s": ptq_s, "train_s": train_s, "losses": losses,

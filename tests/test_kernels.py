@@ -15,7 +15,7 @@ from torch import nn
 
 import qcal
 from qcal.explain import module_rows
-from qcal.kernels import KERNELS, REFERENCE, Kernel, derived_bytes, register_kernel, select_kernel
+from qcal.kernels import KERNELS, REFERENCE, Kernel, derived_bytes, native, register_kernel, select_kernel
 from qcal.kernels.common import int4_codes_u8, tinygemm_scales_zeros
 from qcal.schemes import apply_scheme
 
@@ -24,16 +24,32 @@ CPU_KERNEL = {"int4wo-64": "cpu_int4wo", "int4wo-32": "cpu_int4wo", "int4wo-pc":
               "int8wo": "cpu_int8wo", "int8dq": "cpu_int8dq", "8da4w-64": "cpu_8da4w", "8da4w-32": "cpu_8da4w"}
 
 
+@pytest.fixture
+def no_native(monkeypatch):
+    """Run with qcal's native kernel unavailable: PyTorch's ops (tinygemm) are chosen."""
+    monkeypatch.setattr(native, "_disabled", True)
+
+
+def _expected(scheme: str, use_native: bool) -> str:
+    name = CPU_KERNEL[scheme]
+    return name + "_native" if use_native and "4" in scheme.split("-")[0] else name
+
+
 def _frozen(scheme: str, n: int = 96, k: int = 256, bias: bool = True, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return apply_scheme(nn.Sequential(nn.Linear(k, n, bias=bias)), scheme, quantize_lm_head=True)[0]
 
 
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch-ops"])
 @pytest.mark.parametrize("scheme", sorted(CPU_KERNEL))
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 48])
-def test_cpu_kernel_parity_bf16(scheme, m):
+def test_cpu_kernel_parity_bf16(scheme, m, use_native, monkeypatch):
+    if use_native and not native.available():
+        pytest.skip(f"native kernel {native.native_status()}")
+    if not use_native:
+        monkeypatch.setattr(native, "_disabled", True)
     q = _frozen(scheme)
-    assert q.kernel.name == CPU_KERNEL[scheme]
+    assert q.kernel.name == _expected(scheme, use_native)
     x = torch.randn(2, m, 256, dtype=torch.bfloat16)
     y = q(x)
     ref = q.frozen_forward_reference(x)
@@ -60,7 +76,7 @@ def test_cpu_kernel_parity_fp32_model(kw, name, tol):
     torch.manual_seed(0)
     m = qcal.freeze(qcal.quantize(nn.Sequential(nn.Linear(128, 64)), **kw))
     q = m[0]
-    assert q.kernel.name == name
+    assert q.kernel.name == name + ("_native" if kw["weights"] == "qint4" and native.available() else "")
     for rows in (1, 40):
         x = torch.randn(rows, 128)
         y = q(x)
@@ -68,7 +84,7 @@ def test_cpu_kernel_parity_fp32_model(kw, name, tol):
         assert rel_err(y, q.frozen_forward_reference(x)) < tol
 
 
-def test_tinygemm_convention_matches_reference():
+def test_tinygemm_convention_matches_reference(no_native):
     """tinygemm computes (u - 8) * scale + zero; ours is (q - zp) * s with u = q + 8, so zero = -zp * s."""
     q = _frozen("int4wo-64", bias=False)
     w_ref = q.dequantized_weight(torch.float32)
@@ -107,7 +123,7 @@ def test_fallback_to_reference_and_derived_bytes():
 
 def test_reselect_drops_stale_derived_buffers_and_state_dict_is_canonical():
     q = _frozen("int4wo-64")
-    assert "_k_int4pack" in dict(q.named_buffers())
+    assert {"_k_int4pack", "_k_n4w"} & set(dict(q.named_buffers()))
     assert not any(k.startswith("_k_") for k in q.state_dict())
     q.weight_spec = q.weight_spec.__class__(qcal.qint4, qcal.PerGroup(64), False)
     q.act_spec = qcal.spec.ActivationSpec(qcal.qint8, dynamic=True, symmetric=False)  # unsupported -> reference
@@ -143,7 +159,7 @@ def test_explain_table(tiny_llama):
     assert "model.layers.0.self_attn.q_proj" in out and "cpu_int4wo" in out and "M<=" in out
     assert lines[-1].startswith("total")
     rows = module_rows(tiny_llama)
-    assert len(rows) == 2 * 7 + 1 and all(r["kernel"] == "cpu_int4wo" for r in rows)
+    assert len(rows) == 2 * 7 + 1 and all(r["kernel"].startswith("cpu_int4wo") for r in rows)
     q = next(r for r in rows if r["name"].endswith("q_proj"))
     assert q["bytes"] == 64 * 64 // 2 + 2 * 2 * 64 * 2  # packed int4 + bf16 scale and zero point (64 x 2)
     assert q["derived_bytes"] > 0

@@ -15,6 +15,7 @@ from qcal.algorithms.qat import (
     Int8DynActInt4WeightQATQuantizer,
     ObserverSchedule,
     learnable_scales,
+    residual_latent_weights,
 )
 from qcal.schemes import apply_scheme
 
@@ -187,3 +188,47 @@ def test_qat_from_gptq_weights(reference_kernels):
         fq = model(ids).logits
         fr = q.convert(model)(ids).logits
     assert torch.allclose(fr, fq, rtol=0, atol=1e-5)
+
+
+def test_qat_from_gptq_weights_on_grid_trap_and_the_ways_out(reference_kernels):
+    """GPTQ leaves every weight exactly on its grid: weight steps smaller than half a step change no
+    integer code (the frozen model is bit-identical). Learned scales, or residual latent weights
+    (same codes, weights at the cell boundary toward their float values), let training change the
+    model; either way convert() reproduces the fake-quant forward."""
+    from qcal.algorithms.gptq import GPTQQuantizer
+
+    base = make_tiny_llama()
+    q = Int4WeightOnlyQATQuantizer(groupsize=16, precision=torch.float32)
+    model = q.prepare(copy.deepcopy(base))
+    GPTQQuantizer(groupsize=16, act_order=True, static_groups=True, progress=False).quantize(
+        model, [_ids(i, n=1) for i in range(8)])
+    ids = _ids(4)
+    with torch.no_grad():
+        before = q.convert(copy.deepcopy(model))(ids).logits
+    weights_only = copy.deepcopy(model)
+    _distill(weights_only, base, steps=5, lr=1e-5,
+             params=[m.weight for _, m in qcal.quantized_modules(weights_only)])
+    with torch.no_grad():
+        assert torch.equal(q.convert(copy.deepcopy(weights_only))(ids).logits, before)
+    scaled = copy.deepcopy(model)
+    _distill(scaled, base, steps=5, lr=1e-5, params=learnable_scales(scaled))
+    with torch.no_grad():
+        fq = scaled(ids).logits
+        fr = q.convert(scaled)(ids).logits
+    assert not torch.equal(fr, before)
+    assert torch.allclose(fr, fq, rtol=0, atol=1e-5)
+
+    # residual latent weights: the same codes (bit-identical model), and now small steps change codes
+    assert residual_latent_weights(model, base) == 14
+    with torch.no_grad():
+        assert torch.equal(q.convert(copy.deepcopy(model))(ids).logits, before)
+    _distill(model, base, steps=5, lr=1e-5, params=[m.weight for _, m in qcal.quantized_modules(model)])
+    with torch.no_grad():
+        fq = model(ids).logits
+        fr = q.convert(copy.deepcopy(model))(ids).logits
+    assert not torch.equal(fr, before)
+    assert torch.allclose(fr, fq, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="margin"):
+        residual_latent_weights(model, base, margin=0.5)
+    with pytest.raises(ValueError, match="fixed weight qparams"):
+        residual_latent_weights(q.convert(model), base)

@@ -5,6 +5,7 @@ an ordinary training loop on a quantized model. This module adds what a loop nee
 
 * :func:`learnable_scales`: turn the scales into Parameters (LSQ, with its gradient scaling);
 * :class:`ObserverSchedule`: observe ranges for the first N steps, then fix them;
+* :func:`residual_latent_weights`: start QAT from PTQ (GPTQ) weights without being stuck on the grid;
 * the torchao-style two-step quantizers ``prepare`` -> train -> ``convert``, whose ``convert``
   gives the same frozen modules as post-training quantization.
 """
@@ -22,6 +23,7 @@ from ..quantize import freeze, quantize, quantized_modules
 
 __all__ = [
     "learnable_scales",
+    "residual_latent_weights",
     "ObserverSchedule",
     "Int8DynActInt4WeightQATQuantizer",
     "Int4WeightOnlyQATQuantizer",
@@ -57,6 +59,44 @@ def learnable_scales(model: nn.Module, weights: bool = True, activations: bool =
             m.lsq_input_grad = 1.0 / math.sqrt(m.in_features * m.act_spec.qtype.qmax)
             made.append(m.input_scale)
     return made
+
+
+@torch.no_grad()
+def residual_latent_weights(model: nn.Module, float_model: nn.Module, margin: float = 0.499) -> int:
+    """Move each fake-quant weight toward its float original, at most ``margin`` step from its grid point.
+
+    GPTQ (or any PTQ that writes dequantized weights back) leaves every float weight exactly on a grid
+    point; QAT's steps are far smaller than the half step needed to change a code, so training from
+    there changes nothing. Clamping the original weight into the rounding cell keeps every integer
+    code (the quantized model is unchanged, which is checked) while putting the weights that PTQ moved
+    right at the boundary toward where they came from, as round-to-nearest weights are. Needs fixed
+    weight qparams (as GPTQ leaves them). Returns the number of modules updated.
+    """
+    if not 0 <= margin < 0.5:
+        raise ValueError(f"residual_latent_weights: margin must be in [0, 0.5), got {margin}")
+    done = 0
+    for name, m in quantized_modules(model):
+        if m.weight_spec is None or m.weight_spec.qtype.is_floating_point:
+            continue
+        if m.frozen or m.weight_scale is None:
+            raise ValueError(f"residual_latent_weights: module {name!r} needs fixed weight qparams and float "
+                             f"weights (run PTQ such as GPTQ on the prepared model, before freeze)")
+        src = float_model.get_submodule(name).weight
+        w = m.weight_2d()
+        if src.numel() != w.numel():
+            raise ValueError(f"residual_latent_weights: {name!r} has {w.numel()} weights, the float model's "
+                             f"{src.numel()}")
+        before, original = m.qweight_fake().detach().clone(), w.detach().clone()
+        step = m.weight_scale.detach().float().repeat_interleave(w.shape[1] // m.weight_scale.shape[1], dim=1)
+        delta = src.detach().reshape(w.shape).float() - w.float()
+        bound = margin * step
+        w.copy_((w.float() + torch.maximum(torch.minimum(delta, bound), -bound)).to(w.dtype))
+        if not torch.equal(m.qweight_fake(), before):
+            w.copy_(original)  # nothing left half-modified
+            raise RuntimeError(f"residual_latent_weights: {name!r}: moving the weights changed their codes "
+                               f"(margin {margin} too close to 0.5 for this dtype)")
+        done += 1
+    return done
 
 
 class ObserverSchedule:

@@ -9,7 +9,9 @@ module; the reference kernel (dequantize, then the float op) supports everything
 
 Registered here: CUDA then CPU kernels for int4/int8 weight-only, A8W8 dynamic and 8da4w linear
 layers (:mod:`qcal.kernels.cpu`, :mod:`qcal.kernels.cuda`); each dispatches on the number of
-input rows ``M`` (see its ``dispatch``). ``derived_bytes(module)`` is the memory a kernel adds.
+input rows ``M`` (see its ``dispatch``). On AVX512-BF16 CPUs the int4 kernels use qcal's own
+small-M kernel (:mod:`qcal.kernels.native`, C source in ``csrc/``) ahead of PyTorch's tinygemm op.
+``derived_bytes(module)`` is the memory a kernel adds.
 """
 
 from __future__ import annotations

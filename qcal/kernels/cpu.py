@@ -3,8 +3,10 @@
 Small ``M`` (decode) runs the packed weight-only ops (tinygemm int4, ``_weight_int8pack_mm``) in
 bf16 -- they are 10-100x slower with fp32 inputs -- and large ``M`` (prefill) dequantizes the
 weight once and runs a bf16 GEMM. Dynamic int8 activations always take ``torch._int_mm`` (the
-int8 GEMM stays faster than bf16 at every ``M`` on AVX512-VNNI). ``max_small_m`` crossovers were
-measured with ``benchmarks/bench_kernels.py`` on 2 AVX512 cores (torch 2.13).
+int8 GEMM stays faster than bf16 at every ``M`` on AVX512-VNNI). On AVX512-BF16 CPUs the int4 kernels
+(weight-only and 8da4w) run qcal's native kernel (:mod:`qcal.kernels.native`) for small ``M`` instead
+of tinygemm. ``max_small_m`` crossovers were measured with ``benchmarks/bench_kernels.py`` on 2 AVX512
+cores (torch 2.13).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..qtypes import qint4, qint8
+from . import native
 from .common import (
     LinearKernel,
     dequant_int4,
@@ -23,7 +26,8 @@ from .common import (
     tinygemm_scales_zeros,
 )
 
-__all__ = ["Int4WeightOnly", "Int8WeightOnly", "Int8DynamicInt8", "Int8DynamicInt4"]
+__all__ = ["Int4WeightOnly", "Int8WeightOnly", "Int8DynamicInt8", "Int8DynamicInt4", "Int4WeightOnlyNative",
+           "Int8DynamicInt4Native"]
 
 
 def _weight_only(module) -> bool:
@@ -145,4 +149,78 @@ class Int8DynamicInt4(_Int4Packed):
         return F.linear(xq.to(torch.bfloat16), dequant_int4(module, torch.bfloat16)) * xs
 
 
-KERNELS_CPU = [Int4WeightOnly(), Int8WeightOnly(), Int8DynamicInt8(), Int8DynamicInt4()]
+class _Int4Native:
+    """qcal's AVX512-BF16 small-M int4 kernel (:mod:`qcal.kernels.native`) on derived ``_k_n4w``/``_k_n4sz``."""
+
+    small_path = "qcal avx512-bf16 int4 mm"
+    quantize_rows = False  # 8da4w: the kernel quantizes the rows itself (eager path)
+
+    def supports_native(self, module) -> bool:
+        """Shapes the kernel takes, with tinygemm's group sizes (others keep the exact reference path)."""
+        n, k = module.qweight.shape[0], module.qweight.shape[1] * 2
+        groups = module.weight_scale.shape[1]
+        return (module.weight_spec.qtype == qint4 and (groups == 1 or k // groups in (32, 64, 128, 256))
+                and native.supports_shape(n, k, k // groups) and native.available())
+
+    @torch.no_grad()
+    def prepare(self, module) -> None:
+        s, zp = module.weight_scale, module.weight_zero_point
+        module._k_group = module.qweight.shape[1] * 2 // s.shape[1]
+        module._k_has_zero = zp is not None
+        set_derived(module, "_k_n4w", native.pack_int4(int4_codes_u8(module.qweight)))
+        set_derived(module, "_k_n4sz", native.pack_scales(s, None if zp is None else zp.float() * s.float()))
+
+    def native_mm(self, module, xb: torch.Tensor) -> torch.Tensor:
+        return native.int4_mm_small(xb, module._k_n4w, module._k_n4sz, module._k_has_zero, module._k_group)
+
+    def __call__(self, module, x):
+        y = self.native_fast(module, x)
+        return super().__call__(module, x) if y is None else y
+
+    def native_fast(self, module, x: torch.Tensor) -> torch.Tensor | None:
+        """Eager bf16 decode without the generic plumbing (~10 us less per call); None where it does not apply."""
+        if x.dtype is not torch.bfloat16 or not x.is_cpu or torch.compiler.is_compiling():
+            return None
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > self.max_small_m or not x2.is_contiguous():
+            return None
+        b, d = module._buffers, module.__dict__
+        y = native.mm_unchecked(x2, b["_k_n4w"], b["_k_n4sz"], d["_k_has_zero"], d["_k_group"], self.quantize_rows)
+        bias = module._parameters.get("bias")
+        if bias is not None:
+            y = (y + bias).to(torch.bfloat16)
+        return y.view(*shape[:-1], y.shape[-1])
+
+
+class Int4WeightOnlyNative(_Int4Native, Int4WeightOnly):
+    """A16W4 on AVX512-BF16 CPUs: qcal's native kernel for small M, dequant+GEMM above."""
+
+    name = "cpu_int4wo_native"
+    max_small_m = 128  # beats dequant+GEMM up to M=256 on the model's layer shapes (bench_kernels --crossover)
+
+    def supports_linear(self, module) -> bool:
+        return _weight_only(module) and self.supports_native(module)
+
+    def small(self, module, x2):
+        return self.native_mm(module, x2)
+
+
+class Int8DynamicInt4Native(_Int4Native, Int8DynamicInt4):
+    """8da4w on AVX512-BF16 CPUs: per-token int8 codes through the native kernel (exact integer sums)."""
+
+    name = "cpu_8da4w_native"
+    max_small_m = 64  # measured up to 64 (bench_kernels --crossover)
+    small_path = "per-token quant + qcal avx512-bf16 int4 mm"
+    quantize_rows = True
+
+    def supports_linear(self, module) -> bool:
+        return _dynamic_int8_sym(module) and module.weight_zero_point is None and self.supports_native(module)
+
+    def small(self, module, x2):
+        xq, xs = quantize_per_token(x2)
+        return self.native_mm(module, xq.to(torch.bfloat16)) * xs
+
+
+KERNELS_CPU = [Int4WeightOnlyNative(), Int8DynamicInt4Native(), Int4WeightOnly(), Int8WeightOnly(),
+               Int8DynamicInt8(), Int8DynamicInt4()]

@@ -1,0 +1,263 @@
+"""qcal's own CPU kernel: small-M int4 x bf16 matmul for AVX512-BF16 CPUs, built on first use.
+
+PyTorch's CPU int4 op (tinygemm ``_weight_int4pack_mm_for_cpu``) unpacks nibbles to fp32 and runs
+fp32 FMAs; ``csrc/int4_small_m.c`` turns a nibble into a bf16 with one bit operation and multiplies
+32 weights per ``vdpbf16ps``: 1.4-2.1x tinygemm at decode shapes with cached weights, on par when
+the weights stream from DRAM as in a model, and 1.9-2.3x for 8da4w, whose per-row int8 quantization
+it fuses (``benchmarks/bench_kernels.py``, BENCHMARKS.md).
+
+The C source is compiled once per source/compiler/torch version with the system C compiler (``$CC``,
+else ``gcc``/``cc``) into ``$QCAL_CACHE_DIR`` (default ``~/.cache/qcal``) and loaded with ctypes; its
+OpenMP runtime is the one PyTorch already loaded, so it follows ``torch.set_num_threads``. Nothing
+is required: without a compiler or an AVX512-BF16 CPU, or with ``QCAL_NATIVE=0``, :func:`available`
+is False and the kernels fall back to PyTorch's ops (``native_status()`` says why).
+Under ``torch.compile`` the kernel is the operator ``torch.ops.qcal.int4_mm_small``, registered in C++
+(``csrc/int4_op.cpp``, built against PyTorch's headers with ``$CXX``/``g++``) so that a compiled decode
+step pays ~3 us per call; where that build fails, the same operator is registered from Python (~10 us).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "native_status", "disabled", "pack_int4", "pack_scales", "int4_mm_small", "supports_shape"]
+
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCE = _CSRC / "int4_small_m.c"
+_OP_SOURCE = _CSRC / "int4_op.cpp"
+_CFLAGS = ["-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC"]
+_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+MAX_GROUPS = 1024  # as in the C source
+
+_lib: ctypes.CDLL | None = None
+_status: str | None = None
+_disabled = False
+_LIBRARY: torch.library.Library | None = None  # the Python-registered operator, where C++ could not be built
+
+
+def _cpu_supported() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return _CPU_FLAGS <= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe and probe())
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QCAL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "qcal")
+    return Path(root) / "native"
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.strip()[-500:]}")
+
+
+def _torch_flags() -> tuple[list[str], list[str]]:
+    """Compile and link flags for a C++ file using PyTorch's headers and libraries."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    cflags = [f"-I{p}" for p in include_paths()] + [
+        "-O2", "-std=c++17", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    libs = library_paths()
+    ldflags = [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs] + ["-lc10", "-ltorch_cpu"]
+    return cflags, ldflags
+
+
+def _build(cc: str, cxx: str | None) -> Path:
+    """The shared library: the C kernel, plus the C++ operator when ``cxx`` is given. Cached by content."""
+    versions = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    parts = [_SOURCE.read_text(), versions, " ".join(_CFLAGS)]
+    if cxx:
+        versions = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        parts += [_OP_SOURCE.read_text(), versions, torch.__version__]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"qcal_int4{'_op' if cxx else ''}-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        obj, tmp_out = Path(tmp) / "int4_small_m.o", Path(tmp) / out.name
+        _run([cc, *_CFLAGS, "-c", str(_SOURCE), "-o", str(obj)])
+        if cxx:
+            cflags, ldflags = _torch_flags()
+            _run([cxx, *cflags, "-shared", str(_OP_SOURCE), str(obj), "-o", str(tmp_out), "-fopenmp", "-lm",
+                  *ldflags])
+        else:
+            _run([cc, "-shared", "-fopenmp", str(obj), "-o", str(tmp_out), "-lm"])
+        os.replace(tmp_out, out)  # atomic: concurrent builders never load a half-written file
+    return out
+
+
+def _register_python_op() -> None:
+    """Fallback when the C++ operator could not be built: the same op with a Python CPU kernel."""
+    global _LIBRARY
+    _LIBRARY = torch.library.Library("qcal", "FRAGMENT")
+    _LIBRARY.define("int4_mm_small(Tensor x, Tensor w, Tensor sz, bool has_zero, int group_size) -> Tensor")
+    _LIBRARY.impl("int4_mm_small", lambda x, w, sz, has_zero, group_size: _call(x, w, sz, has_zero, group_size),
+                  "CPU")
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("qcal::int4_mm_small")
+    def _(x, w, sz, has_zero, group_size):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _status
+    if _status is not None:
+        return _lib
+    if os.environ.get("QCAL_NATIVE", "1") == "0":
+        _status = "disabled (QCAL_NATIVE=0)"
+        return None
+    if not _cpu_supported():
+        _status = "unavailable: the CPU lacks AVX512-BF16"
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        _status = "unavailable: no C compiler (set CC)"
+        return None
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    path, op = None, False
+    if cxx and os.environ.get("QCAL_NATIVE_OP", "1") != "0":
+        try:  # the C++ operator is a speed-up for compiled graphs only: its failure is not an error
+            path = _build(cc, cxx)
+            torch.ops.load_library(str(path))
+            op = True
+        except (OSError, RuntimeError, subprocess.SubprocessError, ImportError):
+            path = None
+    try:
+        path = path or _build(cc, None)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _status = f"unavailable: build failed ({e})"
+        warnings.warn(f"qcal: native int4 kernel not built, using PyTorch's ops: {e}", RuntimeWarning, stacklevel=3)
+        return None
+    for fn in (lib.qcal_int4_mm_small, lib.qcal_int4_mm_small_q8):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    if not op:
+        _register_python_op()
+    _register_fake()
+    _lib = lib
+    _status = f"available (AVX512-BF16; {'C++' if op else 'Python'} operator for torch.compile)"
+    return _lib
+
+
+def available() -> bool:
+    """True when the native kernel is built and loadable on this machine (and not :func:`disabled`)."""
+    return not _disabled and _load() is not None
+
+
+def native_status() -> str:
+    """Why the native kernel is or is not used."""
+    _load()
+    return "disabled (qcal.kernels.native.disabled)" if _disabled else (_status or "unknown")
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block :func:`available` is False, so modules frozen there choose PyTorch's ops instead
+    (to compare the two); modules that already chose the native kernel keep it."""
+    global _disabled
+    saved, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = saved
+
+
+def supports_shape(n: int, k: int, group_size: int) -> bool:
+    """Shapes the kernel handles: ``n % 16 == 0``, ``k % 8 == 0``, groups of a multiple of 8 dividing ``k``."""
+    return n % 16 == 0 and k % 8 == 0 and group_size % 8 == 0 and k % group_size == 0 and \
+        k // group_size <= MAX_GROUPS
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes ``(N, K)`` (uint8, 0..15) -> the kernel's layout, ``(N, K/2)`` uint8.
+
+    Blocks of 16 rows; per block, octets of 8 columns as 32 16-bit words, nibble ``q`` of word ``j``
+    holding ``codes[row j // 2, 8 o + 2 q + j % 2]``.
+    """
+    n, k = codes.shape
+    b = codes.view(n // 16, 16, k // 8, 4, 2).to(torch.int32).permute(0, 2, 1, 4, 3)  # [blk, oct, row, e, q]
+    words = b[..., 0] | (b[..., 1] << 4) | (b[..., 2] << 8) | (b[..., 3] << 12)
+    return words.to(torch.uint16).contiguous().view(torch.uint8).reshape(n, k // 2)
+
+
+def pack_scales(scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """Per-group ``scale`` and ``offset`` ``(N, G)`` (``w = (u - 8) * scale - offset``) -> ``(N/16, G, 2, 16)``.
+
+    The values are bf16, stored as their int16 bit patterns so that ``model.to(dtype)`` leaves them alone.
+    """
+    n, g = scale.shape
+    off = torch.zeros_like(scale) if offset is None else offset
+    sz = torch.stack((scale.float().view(n // 16, 16, g), off.float().view(n // 16, 16, g)), dim=2)
+    return sz.permute(0, 3, 2, 1).to(torch.bfloat16).contiguous().view(torch.int16)
+
+
+def mm_unchecked(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: bool, group_size: int,
+                 quantize_rows: bool = False) -> torch.Tensor:
+    """:func:`int4_mm_small` without argument checks, for eager callers that guarantee a contiguous bf16
+    CPU ``x`` and a supported shape (the frozen-module kernels): eager decode is per-call overhead bound.
+
+    ``quantize_rows``: 8da4w in one call -- each row of ``x`` is quantized to symmetric int8 (as
+    :func:`qcal.kernels.common.quantize_per_token`), multiplied exactly, rescaled, then rounded to bf16.
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty((m, n), dtype=torch.bfloat16)
+    fn = _lib.qcal_int4_mm_small_q8 if quantize_rows else _lib.qcal_int4_mm_small
+    rc = fn(x.data_ptr(), w.data_ptr(), sz.data_ptr(), has_zero, y.data_ptr(), m, n, k, group_size,
+            torch.get_num_threads())
+    if rc:
+        raise (MemoryError if rc == -2 else ValueError)(f"qcal native int4 kernel failed (code {rc})")
+    return y
+
+
+def _call(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: bool, group_size: int) -> torch.Tensor:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"qcal native int4 kernel {native_status()}")
+    m, k = x.shape
+    n = w.shape[0]
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise TypeError(f"int4_mm_small: x must be bf16 on CPU, got {x.dtype} on {x.device}")
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = lib.qcal_int4_mm_small(x.data_ptr(), w.data_ptr(), sz.data_ptr(), int(has_zero), y.data_ptr(),
+                                m, n, k, group_size, torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"int4_mm_small: unsupported shape (M={m}, N={n}, K={k}, group_size={group_size})")
+    return y
+
+
+def int4_mm_small(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: bool,
+                  group_size: int) -> torch.Tensor:
+    """``x (M, K) bf16 @ W^T`` for a weight packed by :func:`pack_int4` / :func:`pack_scales`; ``(M, N)`` bf16.
+
+    Eager calls go straight to the C function (a few microseconds less per call than the
+    dispatcher); traced calls use the custom op ``qcal::int4_mm_small``.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.qcal.int4_mm_small(x, w, sz, has_zero, group_size)
+    return _call(x, w, sz, has_zero, group_size)

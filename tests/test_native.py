@@ -1,0 +1,176 @@
+"""qcal's native AVX512-BF16 int4 kernel: exact integer results, layout, shapes, fallback, torch.compile.
+
+With integer activations, unit scales and integer offsets every product and sum in the kernel is an
+exact fp32 integer, so its output must equal the exact integer matmul rounded once to bf16.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+
+from qcal.kernels import native
+from qcal.kernels.common import int4_codes_u8
+from qcal.schemes import apply_scheme
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel {native.native_status()}")
+
+
+def _exact_case(m: int, n: int, k: int, gs: int, with_offset: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    x = torch.randint(-127, 128, (m, k), generator=g).to(torch.bfloat16)
+    scale = torch.ones(n, k // gs)
+    offset = torch.randint(-3, 4, (n, k // gs), generator=g).float() if with_offset else None
+    w = (u.long() - 8).view(n, k // gs, gs)
+    if offset is not None:
+        w = w - offset.long().unsqueeze(-1)
+    exact = (x.long() @ w.view(n, k).t()).float().to(torch.bfloat16)
+    return x, native.pack_int4(u), native.pack_scales(scale, offset), exact
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("n,k,gs", [(16, 64, 64), (48, 256, 32), (96, 200, 40), (64, 576, 576)])
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_exact_on_integers(m, n, k, gs, with_offset):
+    x, w, sz, exact = _exact_case(m, n, k, gs, with_offset)
+    y = native.int4_mm_small(x, w, sz, with_offset, gs)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert torch.equal(y, exact)
+
+
+def test_threads_do_not_change_the_result():
+    x, w, sz, exact = _exact_case(3, 96, 256, 64, True, seed=1)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(native.int4_mm_small(x, w, sz, True, 64))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], exact) and torch.equal(outs[1], exact)
+
+
+def test_pack_matches_the_documented_layout():
+    u = torch.randint(0, 16, (32, 16), dtype=torch.uint8)
+    p = native.pack_int4(u).view(torch.int16).view(2, 2, 32)  # [block, octet, word]
+    for blk, o, j, q in [(0, 0, 0, 0), (1, 1, 31, 3), (0, 1, 6, 2), (1, 0, 17, 1)]:
+        word = int(p[blk, o, j]) & 0xFFFF
+        assert (word >> (4 * q)) & 15 == u[16 * blk + j // 2, 8 * o + 2 * q + j % 2]
+
+
+def test_unsupported_shapes_are_refused():
+    assert not native.supports_shape(40, 64, 64)  # rows not a multiple of 16
+    assert not native.supports_shape(16, 60, 60)  # K not a multiple of 8
+    assert not native.supports_shape(16, 64, 48)  # group does not divide K
+    x, w, sz, _ = _exact_case(1, 16, 64, 64, False)
+    with pytest.raises(ValueError, match="unsupported shape"):
+        native.int4_mm_small(x, w, sz, False, 48)
+    with pytest.raises(TypeError, match="bf16"):
+        native.int4_mm_small(x.float(), w, sz, False, 64)
+
+
+def test_disabled_and_failed_builds_fall_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("QCAL_NATIVE", "0")
+    assert not native.available() and "QCAL_NATIVE=0" in native.native_status()
+    q = apply_scheme(nn.Sequential(nn.Linear(64, 32)), "int4wo-32", quantize_lm_head=True)[0]
+    assert q.kernel.name == "cpu_int4wo"
+
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.delenv("QCAL_NATIVE")
+    monkeypatch.setenv("QCAL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not native.available()
+    assert "build failed" in native.native_status()
+    assert any("native int4 kernel not built" in str(w.message) for w in caught)
+
+
+def test_frozen_module_native_vs_reference_and_compiled():
+    torch.manual_seed(0)
+    q = apply_scheme(nn.Sequential(nn.Linear(256, 96)), "int4wo-64", quantize_lm_head=True)[0]
+    assert q.kernel.name == "cpu_int4wo_native"
+    codes = int4_codes_u8(q.qweight)
+    assert torch.equal(q._k_n4w, native.pack_int4(codes))
+    x = torch.randn(1, 3, 256, dtype=torch.bfloat16)
+    eager = q(x)
+    assert rel_err(eager, q.frozen_forward_reference(x)) < 1e-2
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(q)(x)
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(q, fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+
+
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_fused_per_token_quantization_is_exact(m):
+    """8da4w in one call: the same int8 codes and scales as quantize_per_token, exact integer sums, one rounding."""
+    from qcal.kernels.common import quantize_per_token
+
+    g = torch.Generator().manual_seed(m)
+    n, k, gs = 48, 256, 64
+    u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16)
+    x[0, :5] = 0
+    codes, xs = quantize_per_token(x)
+    exact = (codes.long() @ (u.long() - 8).t()).float()
+    y = native.mm_unchecked(x, native.pack_int4(u), native.pack_scales(torch.ones(n, k // gs), None), False, gs,
+                            quantize_rows=True)
+    assert torch.equal(y, (exact * xs).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_8da4w_eager_fast_path_compiled_and_reference_agree(bias):
+    torch.manual_seed(0)
+    q = apply_scheme(nn.Sequential(nn.Linear(256, 96, bias=bias)), "8da4w-64", quantize_lm_head=True)[0]
+    q = q.to(torch.bfloat16)
+    assert q.kernel.name == "cpu_8da4w_native"
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    eager, generic = q(x), q.kernel.small(q, x) + (q.bias if bias else 0)  # small() leaves the bias out
+    ref = q.frozen_forward_reference(x)
+    assert eager.dtype == torch.bfloat16 and rel_err(eager, ref) < 1e-2 and rel_err(generic.float(), ref) < 1e-2
+    torch._dynamo.reset()
+    assert rel_err(torch.compile(q, fullgraph=True)(x), eager) < 1e-2
+
+
+def test_python_operator_fallback_in_a_fresh_process(tmp_path):
+    """Without the C++ operator (QCAL_NATIVE_OP=0) the op is registered from Python; compiled graphs still work."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from qcal.kernels import native\n"
+        "from qcal.schemes import apply_scheme\n"
+        "assert 'Python operator' in native.native_status(), native.native_status()\n"
+        "torch.manual_seed(0)\n"
+        "q = apply_scheme(nn.Sequential(nn.Linear(64, 32)), 'int4wo-32', quantize_lm_head=True)[0]\n"
+        "x = torch.randn(1, 64, dtype=torch.bfloat16)\n"
+        "assert torch.equal(torch.compile(q, fullgraph=True)(x), q(x))\n"
+    )
+    env = dict(os.environ, QCAL_NATIVE_OP="0", QCAL_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_dtype_casts_leave_the_packed_scales_alone():
+    """model.to(dtype) casts floating buffers: the packed bf16 scales are stored as int16 bit patterns."""
+    torch.manual_seed(0)
+    q = apply_scheme(nn.Sequential(nn.Linear(256, 96)), "int4wo-64", quantize_lm_head=True)[0]
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    before = q(x)
+    q.float()
+    assert q._k_n4sz.dtype == torch.int16 and q.kernel.name == "cpu_int4wo_native"
+    assert rel_err(q(x.float()), q.frozen_forward_reference(x.float())) < 1e-2
+    q.to(torch.bfloat16)
+    assert torch.equal(q(x), before)
