@@ -11,7 +11,6 @@ stalls caused by other processes do not bias the ratios.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib.util
 
@@ -56,7 +55,7 @@ def main() -> None:
     models = {}
     for s in args.schemes.split(","):
         name, _, variant = s.partition(":")
-        with native.disabled() if variant == "torch" else contextlib.nullcontext():
+        with native.disabled(variant == "torch"):
             models[s] = apply_scheme(copy.deepcopy(base), name, quantize_lm_head=True)
     if args.compile:
         for s in list(models):

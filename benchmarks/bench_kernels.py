@@ -13,7 +13,6 @@ cores (their stalls only lengthen some rounds). Weights are random (speed does n
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -45,7 +44,7 @@ def frozen_linear(n: int, k: int, scheme: str) -> nn.Module:
     """
     m = nn.Sequential(nn.Linear(k, n, bias=False))
     name, _, variant = scheme.partition(":")
-    with native.disabled() if variant == "torch" else contextlib.nullcontext():
+    with native.disabled(variant == "torch"):
         return apply_scheme(m, name, quantize_lm_head=True)[0]
 
 

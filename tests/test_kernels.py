@@ -43,11 +43,11 @@ def _frozen(scheme: str, n: int = 96, k: int = 256, bias: bool = True, seed: int
 @pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch-ops"])
 @pytest.mark.parametrize("scheme", sorted(CPU_KERNEL))
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 48])
-def test_cpu_kernel_parity_bf16(scheme, m, use_native, monkeypatch):
+def test_cpu_kernel_parity_bf16(scheme, m, use_native, request):
     if use_native and not native.available():
         pytest.skip(f"native kernel {native.native_status()}")
     if not use_native:
-        monkeypatch.setattr(native, "_disabled", True)
+        request.getfixturevalue("no_native")
     q = _frozen(scheme)
     assert q.kernel.name == _expected(scheme, use_native)
     x = torch.randn(2, m, 256, dtype=torch.bfloat16)

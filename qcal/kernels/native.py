@@ -175,11 +175,11 @@ def native_status() -> str:
 
 
 @contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Within the block :func:`available` is False, so modules frozen there choose PyTorch's ops instead
-    (to compare the two); modules that already chose the native kernel keep it."""
+def disabled(when: bool = True) -> Iterator[None]:
+    """Within the block :func:`available` is False (if ``when``), so modules frozen there choose PyTorch's
+    ops instead (to compare the two); modules that already chose the native kernel keep it."""
     global _disabled
-    saved, _disabled = _disabled, True
+    saved, _disabled = _disabled, _disabled or when
     try:
         yield
     finally:
@@ -235,20 +235,16 @@ def mm_unchecked(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: b
 
 
 def _call(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: bool, group_size: int) -> torch.Tensor:
-    lib = _load()
-    if lib is None:
+    """:func:`mm_unchecked` behind the checks a public entry point needs."""
+    if _load() is None:
         raise RuntimeError(f"qcal native int4 kernel {native_status()}")
-    m, k = x.shape
-    n = w.shape[0]
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
-        raise TypeError(f"int4_mm_small: x must be bf16 on CPU, got {x.dtype} on {x.device}")
-    x = x.contiguous()
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = lib.qcal_int4_mm_small(x.data_ptr(), w.data_ptr(), sz.data_ptr(), int(has_zero), y.data_ptr(),
-                                m, n, k, group_size, torch.get_num_threads())
-    if rc != 0:
-        raise ValueError(f"int4_mm_small: unsupported shape (M={m}, N={n}, K={k}, group_size={group_size})")
-    return y
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2:
+        raise TypeError(f"int4_mm_small: x must be a 2-D bf16 CPU tensor, got {x.dtype} {tuple(x.shape)} on "
+                        f"{x.device}")
+    if not supports_shape(w.shape[0], x.shape[1], group_size):
+        raise ValueError(f"int4_mm_small: unsupported shape (M={x.shape[0]}, N={w.shape[0]}, K={x.shape[1]}, "
+                         f"group_size={group_size})")
+    return mm_unchecked(x.contiguous(), w, sz, has_zero, group_size)
 
 
 def int4_mm_small(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: bool,
