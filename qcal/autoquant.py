@@ -21,7 +21,7 @@ from torch import nn
 from .quantize import match_names, set_module
 from .schemes import apply_scheme
 
-__all__ = ["autoquant", "AutoQuantChoice", "DEFAULT_CANDIDATES"]
+__all__ = ["autoquant", "AutoQuantChoice", "DEFAULT_CANDIDATES", "fastest_round", "device_sync"]
 
 DEFAULT_CANDIDATES = ("int8wo", "int4wo-64", "int4wo-32", "int8dq", "8da4w-64", "8da4w-32")
 
@@ -42,21 +42,38 @@ class AutoQuantChoice:
         return self.times["none"] / self.times[self.chosen]
 
 
+def device_sync(device: torch.device | str) -> Callable[[], None]:
+    """A function that waits for ``device``'s queued work (a no-op on CPU): timers must call it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def fastest_round(fns: dict[str, Callable[[], object]], rounds: int, budget_s: float = 0.003,
-                  max_inner: int = 50) -> dict[str, float]:
-    """Time ``fns`` round-robin; fastest per-call seconds of each over ``rounds`` rounds."""
+                  max_inner: int = 50, sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Time ``fns`` round-robin; fastest per-call seconds of each over ``rounds`` rounds.
+
+    ``sync`` (see :func:`device_sync`) runs before and after each timed stretch, so asynchronous
+    devices are timed by the work they did, not by how fast it was queued.
+    """
+    sync = sync or (lambda: None)
     inner = {}
     for k, f in fns.items():
         f()
+        sync()
         t0 = time.perf_counter()
         f()
+        sync()
         inner[k] = max(1, min(max_inner, int(budget_s / max(time.perf_counter() - t0, 1e-7))))
     best = {k: float("inf") for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
+            sync()
             t0 = time.perf_counter()
             for _ in range(inner[k]):
                 f()
+            sync()
             best[k] = min(best[k], (time.perf_counter() - t0) / inner[k])
     return best
 
@@ -121,7 +138,7 @@ def autoquant(model: nn.Module, example_inputs, max_rel_error: float = 0.05,
         if key not in timing:
             fns = {"none": lambda layer=layer, x=x: layer(x)}
             fns.update({c: (lambda q=q, x=x: q(x)) for c, q in twins.items()})
-            timing[key] = fastest_round(fns, rounds)
+            timing[key] = fastest_round(fns, rounds, sync=device_sync(x.device))
         times = timing[key]
         errors = {"none": 0.0} | {c: _rel_err(q(x), ref) for c, q in twins.items()}
         ok = [c for c in ["none", *twins] if errors[c] <= max_rel_error and c in times]

@@ -22,6 +22,18 @@ def make_tiny_llama(seed: int = 0, vocab: int = 256, hidden: int = 64, layers: i
     return LlamaForCausalLM(cfg).eval()
 
 
+@torch.no_grad()
+def greedy_reference(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` greedy tokens from ``model`` in eager mode with its dynamic KV cache, (1, steps)."""
+    out = model(prompt, use_cache=True)
+    ref, token = [], out.logits[:, -1:].argmax(-1)
+    for _ in range(steps):
+        ref.append(token)
+        out = model(token, use_cache=True, past_key_values=out.past_key_values)
+        token = out.logits[:, -1:].argmax(-1)
+    return torch.cat(ref, dim=1)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

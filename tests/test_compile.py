@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama, rel_err
+from conftest import greedy_reference, make_tiny_llama, rel_err
 
 from qcal.schemes import apply_scheme
 
@@ -35,19 +35,13 @@ def test_static_cache_generator_matches_dynamic_cache_greedy():
 
     model = apply_scheme(make_tiny_llama(), "int4wo-32", quantize_lm_head=True)
     prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():  # reference: dynamic-cache greedy decoding, eager
-        out = model(prompt, use_cache=True)
-        ref, token = [], out.logits[:, -1:].argmax(-1)
-        for _ in range(6):
-            ref.append(token)
-            out = model(token, use_cache=True, past_key_values=out.past_key_values)
-            token = out.logits[:, -1:].argmax(-1)
+    ref = greedy_reference(model, prompt, 6)  # dynamic-cache greedy decoding, eager
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
     gen = StaticCacheGenerator(model, max_cache_len=20, backend="eager")
     for _ in range(2):  # the cache is reset between runs
-        assert torch.equal(gen.generate(prompt, 6), torch.cat(ref, dim=1))
+        assert torch.equal(gen.generate(prompt, 6), ref)
     assert counters["stats"]["unique_graphs"] == 2  # one prefill graph, one decode graph: no per-step recompiles
     assert model.config._attn_implementation == "sdpa"  # switched for the generator's calls only
     prefill_s, decode_s = gen.time_generation(prompt, 6)

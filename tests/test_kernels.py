@@ -165,10 +165,33 @@ def test_explain_table(tiny_llama):
     assert q["derived_bytes"] > 0
 
 
+@pytest.mark.parametrize("scheme", ["int4wo-64", "int8dq", "8da4w-64"])
+def test_cast_after_freeze_rederives_the_kernel_layout(scheme):
+    """A frozen model cast (or moved) computes what a freshly loaded checkpoint in that state computes.
+
+    apply_scheme freezes, then casts the model to bf16: the derived layout (e.g. tinygemm's
+    ``-zp * s`` offsets) must come from the cast scales, not from the float32 ones at freeze.
+    """
+    from conftest import make_tiny_llama
+
+    model = apply_scheme(make_tiny_llama(hidden=128), scheme, quantize_lm_head=True)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(ids).logits
+        for _, m in qcal.quantized_modules(model):
+            m.select_kernel()  # what qcal.load does
+        assert torch.equal(model(ids).logits, logits)
+        model.float()
+        assert all(m.weight_scale.dtype == torch.float32 for _, m in qcal.quantized_modules(model))
+        assert rel_err(model(ids).logits, logits) < 2e-2  # the whole model in fp32 vs bf16
+        model.to(torch.bfloat16)
+        assert torch.equal(model(ids).logits, logits)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("scheme,name", [("int4wo-64", "cuda_int4wo"), ("int8wo", "cuda_int8wo"),
                                          ("int8dq", "cuda_int8dq"), ("8da4w-64", "cuda_8da4w")])
-@pytest.mark.parametrize("m", [1, 17, 128])
+@pytest.mark.parametrize("m", [1, 17, 128, 300])
 def test_cuda_kernel_parity(scheme, name, m):
     q = _frozen(scheme, n=128, k=256).cuda()
     x = torch.randn(m, 256, dtype=torch.bfloat16, device="cuda")

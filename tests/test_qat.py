@@ -26,8 +26,9 @@ def _ids(seed=0, n=4, t=32):
 
 def _distill(student, teacher, steps, lr=3e-5, params=None):
     opt = torch.optim.Adam(student.parameters() if params is None else params, lr=lr)
+    device = next(student.parameters()).device
     for i in range(steps):
-        ids = _ids(100 + i)
+        ids = _ids(100 + i).to(device)
         with torch.no_grad():
             target = teacher(ids).logits
         loss = F.mse_loss(student(ids).logits, target)

@@ -150,8 +150,8 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
     h[dead, dead] = 1
     w[:, dead] = 0
 
-    scale = torch.empty(rows, cols // g)
-    zero = None if symmetric else torch.empty(rows, cols // g)
+    scale = torch.empty(rows, cols // g, device=w.device)
+    zero = None if symmetric else torch.empty(rows, cols // g, device=w.device)
     static = static_groups or act_order or group_size is None
     if static:
         for j in range(cols // g):
@@ -164,7 +164,7 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
     if act_order:  # columns with the largest input energy first
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    order = perm if perm is not None else torch.arange(cols)
+    order = perm if perm is not None else torch.arange(cols, device=w.device)
     group_of = (order // g).tolist()
 
     hinv, damping = _hessian_inverse_cholesky(h, percdamp)

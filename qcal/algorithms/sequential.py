@@ -66,20 +66,46 @@ def find_blocks(model: nn.Module, name: str | None = None) -> tuple[str, nn.Modu
     return None if best is None else (best[1], best[2])
 
 
-def _batches(inputs: Sequence, batch_size: int | None) -> list:
-    """Concatenate consecutive same-shaped tensors into batches of at most ``batch_size`` samples."""
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter (None for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return None if param is None else param.device
+
+
+def to_device(x, device: torch.device | None):
+    """``x`` (a tensor, or a tuple/list/dict holding tensors) with its tensors on ``device``.
+
+    Calibration inputs are usually recorded on the CPU; the algorithms move them to the model.
+    """
+    if device is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+def _batches(inputs: Sequence, batch_size: int | None, device: torch.device | None = None) -> list:
+    """Concatenate consecutive same-shaped tensors into batches of at most ``batch_size`` samples.
+
+    Batches are moved to ``device`` (the model's): calibration inputs recorded on the CPU can
+    drive a model on a GPU.
+    """
     out: list = []
     group: list[torch.Tensor] = []
 
     def flush():
         if group:
-            out.append(torch.cat(group) if len(group) > 1 else group[0])
+            out.append(to_device(torch.cat(group) if len(group) > 1 else group[0], device))
             group.clear()
 
     for x in inputs:
         if not isinstance(x, torch.Tensor):
             flush()
-            out.append(x)
+            out.append(to_device(x, device))
             continue
         x = x if x.dim() > 1 else x.unsqueeze(0)
         full = batch_size is not None and sum(g.shape[0] for g in group) + x.shape[0] > batch_size
@@ -260,7 +286,7 @@ def run_sequential(
     from tqdm.auto import tqdm
 
     found = find_blocks(model, blocks)
-    batches = _batches(inputs, batch_size)
+    batches = _batches(inputs, batch_size, model_device(model))
     if not batches:
         raise ValueError(f"{desc}: no calibration inputs")
     if found is None:

@@ -31,6 +31,7 @@ from ..observers import MinMaxObserver
 from ..qtypes import qint8
 from ..quantize import freeze, match_names, quantize
 from ..schemes import SchemeContext, calibrate, register_scheme
+from .sequential import model_device, to_device
 
 __all__ = ["ActivationStats", "smoothing_scale", "smooth", "smooth_model", "smoothquant_w8a8",
            "swap_linear_with_smooth_fq_linear", "smooth_fq_linear_to_inference"]
@@ -116,25 +117,27 @@ def smoothing_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha
 def _channel_map(model: nn.Module, parent: str, producer: nn.Linear, consumer: nn.Linear) -> torch.Tensor | None:
     """For each consumer input channel, the producer output channel that feeds it (None: unknown)."""
     n_in = consumer.in_features
+    device = consumer.weight.device
     if producer.out_features == n_in:
-        return torch.arange(n_in)
+        return torch.arange(n_in, device=device)
     attn = model.get_submodule(parent) if parent else model
     head_dim, groups = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", None)
     if not head_dim or not groups or n_in != producer.out_features * groups:
         return None
-    c = torch.arange(n_in)
+    c = torch.arange(n_in, device=device)
     return (c // head_dim // groups) * head_dim + c % head_dim
 
 
 def _reduce(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.zeros(size).scatter_reduce(0, index, values.float(), "amax", include_self=False)
+    return torch.zeros(size, device=values.device).scatter_reduce(0, index, values.float(), "amax", include_self=False)
 
 
 @torch.no_grad()
 def _probe_equal(module: nn.Module, before: nn.Module, dim: int, rel: float = 1e-4, strict: bool = True) -> bool:
     """Do ``module`` and ``before`` agree on a random input? Modules that cannot run on a bare
     tensor (attention needs its position embeddings) count as agreeing unless ``strict``."""
-    x = torch.randn(2, 3, dim, generator=torch.Generator().manual_seed(0)).to(next(module.parameters()).dtype)
+    p = next(module.parameters())
+    x = torch.randn(2, 3, dim, generator=torch.Generator().manual_seed(0)).to(device=p.device, dtype=p.dtype)
     try:
         a, b = module(x), before(x)
     except Exception:  # noqa: BLE001 - any failure means "cannot probe"
@@ -232,9 +235,10 @@ def smooth_model(model: nn.Module, inputs: Sequence[torch.Tensor], alpha: float 
                  exclude: str | Iterable[str] | None = "lm_head") -> dict[str, torch.Tensor]:
     """Calibrate on ``inputs`` (model inputs, e.g. token-id tensors) and fold the smoothing in place."""
     stats = ActivationStats(model, include, exclude)
+    device = model_device(model)
     with stats:
         for x in inputs:
-            model(x)
+            model(to_device(x, device))
     return smooth(model, stats, alpha)
 
 

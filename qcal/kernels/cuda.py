@@ -2,7 +2,11 @@
 
 Same dispatch as :mod:`qcal.kernels.cpu`; only the packing and the ops differ. ``_int_mm`` on
 CUDA needs ``M > 16`` and ``K``, ``N`` multiples of 8, so small inputs are zero-padded to 32 rows.
-Untested without a GPU (tests skip); crossovers are torchao's defaults, not measured here.
+Crossovers measured on an H100 (torch 2.11, ``benchmarks/bench_kernels.py --device cuda --crossover``,
+SmolLM2-135M's layer shapes): at these sizes every call is launch-bound, so the path with fewer
+kernel launches wins -- tinygemm for int4 weight-only at every M measured (up to 2048), for 8da4w up
+to M=512 (dequantize + GEMM at 2048), dequantize + GEMM for int8 weight-only (``_weight_int8pack_mm``
+was 1.4x slower at M=1). Tests in ``tests/test_cuda.py`` run where a GPU is.
 """
 
 from __future__ import annotations
@@ -38,13 +42,13 @@ class _CudaInt4:
 
 class CudaInt4WeightOnly(_CudaInt4, Int4WeightOnly):
     name = "cuda_int4wo"
-    max_small_m = 64
+    max_small_m = 4096
 
 
 class CudaInt8WeightOnly(Int8WeightOnly):
     name = "cuda_int8wo"
     device_type = "cuda"
-    max_small_m = 16
+    max_small_m = 0  # dequant + GEMM at every M (measured)
 
     def supports_linear(self, module) -> bool:
         return super().supports_linear(module) and hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -73,7 +77,7 @@ class CudaInt8DynamicInt8(Int8DynamicInt8):
 
 class CudaInt8DynamicInt4(_CudaInt4, Int8DynamicInt4):
     name = "cuda_8da4w"
-    max_small_m = 64
+    max_small_m = 512
 
 
 KERNELS_CUDA = [CudaInt4WeightOnly(), CudaInt8WeightOnly(), CudaInt8DynamicInt8(), CudaInt8DynamicInt4()]

@@ -191,6 +191,18 @@ class QModuleMixin:
 
         self.kernel = select_kernel(self)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``/``.cuda()``/``.half()``...: a frozen module derives its kernel layout afresh.
+
+        Derived layouts are functions of the canonical state on the current device and dtype, so a
+        moved or cast model computes exactly what a checkpoint loaded in that state computes.
+        """
+        out = super()._apply(fn, recurse)
+        if self.__dict__.get("frozen") and getattr(self, "qweight", None) is not None and \
+                self.qweight.device.type != "meta":
+            self.select_kernel()
+        return out
+
     def frozen_forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Reference frozen forward: fake-quantized input, dequantized weight, float op."""
         x = self.quantize_input(x)
