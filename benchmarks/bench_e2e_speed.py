@@ -20,6 +20,7 @@ import torch
 from qcal.eval.speed import time_generation
 from qcal.eval.static_decode import StaticCacheGenerator
 from qcal.kernels import native
+from qcal.kernels.attention import set_attention
 from qcal.schemes import apply_scheme
 
 
@@ -59,8 +60,11 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also time every scheme torch.compile'd (fullgraph) with a static KV cache; ratios stay "
                     "against the eager bf16 model")
-    ap.add_argument("--compile-attn", default="eager",
-                    help="Hugging Face attention inside the compiled generator (default eager; 'sdpa' for SDPA)")
+    ap.add_argument("--compile-attn", default="auto",
+                    help="Hugging Face attention inside the compiled generator (default auto: qcal's decode kernel "
+                    "where it runs, else eager)")
+    ap.add_argument("--attention", default="model",
+                    help="attention of the eager models, bf16 too: model (their own, default), qcal, sdpa, eager")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode for --compile (e.g. reduce-overhead: CUDA graphs on a GPU)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -74,6 +78,8 @@ def main() -> None:
         name, _, variant = s.partition(":")
         with native.disabled(variant == "torch"):
             models[s] = apply_scheme(copy.deepcopy(base), name, quantize_lm_head=True)
+        if args.attention != "model":
+            set_attention(models[s], args.attention)
     if args.compile:
         for s in list(models):
             models[s + "+compile"] = StaticCacheGenerator(models[s], args.prefill + args.decode + 1,
@@ -93,8 +99,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     weights = " (random weights)" if args.random_weights else ""
     print(f"SmolLM2-135M{weights}, batch 1, {where}, prefill {args.prefill} tokens, "
-          f"decode {args.decode} steps, fastest of {args.rounds} alternating rounds; native int4 kernel: "
-          f"{native.native_status()}")
+          f"decode {args.decode} steps, fastest of {args.rounds} alternating rounds; eager attention: "
+          f"{args.attention}; native kernels: {native.native_status()}")
     print("| scheme | prefill ms | prefill x bf16 | decode ms/token | decode x bf16 |")
     print("|---|---|---|---|---|")
     for s, (p, d) in best.items():

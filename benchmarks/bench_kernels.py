@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py                 # per-op table, SmolLM2-135M shapes, M in {1, 32, 512}
     python benchmarks/bench_kernels.py --crossover     # small-M vs large-M path per kernel, to set max_small_m
     python benchmarks/bench_kernels.py --cold          # M=1 through 30 copies of the layers: weights from DRAM
+                                                       # (<scheme>:noprefetch: without the next-call prefetch)
     python benchmarks/bench_kernels.py --device cuda   # per-op and crossover tables on a GPU
 
 Every round times each candidate back-to-back (bf16 first) on the same input, a few calls each;
@@ -48,6 +49,7 @@ def frozen_linear(n: int, k: int, scheme: str) -> nn.Module:
     """
     m = nn.Sequential(nn.Linear(k, n, bias=False, device=DEVICE))
     name, _, variant = scheme.partition(":")
+    variant = "" if variant == "noprefetch" else variant
     with native.disabled(variant == "torch"):
         return apply_scheme(m, name, quantize_lm_head=True)[0]
 
@@ -117,6 +119,7 @@ def cold_table(schemes: list[str], layers: int = 30, passes: int = 8) -> str:
         else:
             mods = [frozen_linear(n, k, scheme) for _ in range(layers) for n, k in LAYER]
             nbytes = sum(derived_bytes(m) or sum(b.numel() * b.element_size() for b in m.buffers()) for m in mods)
+        native.set_prefetch(not scheme.endswith(":noprefetch"))
         best = float("inf")
         for _ in range(passes):
             start = time.perf_counter()
@@ -127,6 +130,7 @@ def cold_table(schemes: list[str], layers: int = 30, passes: int = 8) -> str:
                      f"{nbytes / best / 1e9:.1f} |")
         print(lines[-1], flush=True)
         del mods
+    native.set_prefetch(True)
     return "\n".join(lines)
 
 

@@ -415,6 +415,9 @@ def test_cli_end_to_end(model, tokenizer, data_dir, tmp_path, capsys):
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "token ppl" in stdout and "int8wo" in stdout
+    from qcal.kernels import native
+
+    assert ("attention qcal (all models)" if native.available() else "attention model's own (all models)") in stdout
     records = json.loads(out_json.read_text())
     assert [r["scheme"] for r in records] == ["fp32", "int8wo"]
     ids = data.tokenize(tokenizer, data.load_wikitext("test", data_dir))
@@ -425,6 +428,16 @@ def test_cli_end_to_end(model, tokenizer, data_dir, tmp_path, capsys):
         assert all(r[k] is not None for k in JSON_KEYS if k != "peak_mem_bytes")
         assert r["prefill_ratio"] > 0 and r["decode_ratio"] > 0
     assert out_png.stat().st_size > 0
+
+
+def test_speed_runner_sets_the_attention_of_every_timed_model(model):
+    from qcal.eval.runner import EvalConfig, _speed_runner
+
+    assert _speed_runner(model, EvalConfig()) is model and model.config._attn_implementation == "sdpa"
+    assert _speed_runner(model, EvalConfig(attention="eager")).config._attn_implementation == "eager"
+    gen = _speed_runner(model, EvalConfig(attention="sdpa", compile=True, prefill_len=8, new_tokens=2))
+    assert gen.attn_implementation == "sdpa" and gen.max_cache_len == 10
+    model.config._attn_implementation = "sdpa"
 
 
 def test_cli_rejects_unknown_scheme_and_metric(capsys):
@@ -439,7 +452,7 @@ def test_help_mentions_every_flag(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     flags = ("--task --model --quant --metrics --seqlen --limit --prefill-len --new-tokens "
-             "--quantize-lm-head --compile --device --threads --seed --calib --calib-samples "
+             "--quantize-lm-head --compile --attention --device --threads --seed --calib --calib-samples "
              "--calib-seqlen --data-dir --json --plot")
     for flag in flags.split():
         assert flag in text

@@ -56,6 +56,24 @@ def test_threads_do_not_change_the_result():
     assert torch.equal(outs[0], exact) and torch.equal(outs[1], exact)
 
 
+def test_next_call_prefetch_changes_nothing_but_timing():
+    """A chain of calls (as a decode step makes) with the learned prefetch on, then off: same exact results,
+    also when a weight of the chain is freed (its stale table entry is only a hint)."""
+    cases = [_exact_case(m, n, k, gs, True, seed=s) for s, (m, n, k, gs) in
+             enumerate([(1, 96, 256, 64), (1, 512, 128, 32), (2, 48, 200, 40), (1, 16, 64, 64)])]
+    try:
+        for on in (True, False, True):
+            native.set_prefetch(on)
+            for _ in range(3):  # the first round teaches the table the order
+                for x, w, sz, exact in cases:
+                    assert torch.equal(native.int4_mm_small(x, w, sz, True, w.shape[1] * 2 // sz.shape[1]), exact)
+        del cases[1]  # its buffer may be freed and reused: the entry pointing at it stays harmless
+        for x, w, sz, exact in cases * 2:
+            assert torch.equal(native.int4_mm_small(x, w, sz, True, w.shape[1] * 2 // sz.shape[1]), exact)
+    finally:
+        native.set_prefetch(True)
+
+
 def test_pack_matches_the_documented_layout():
     u = torch.randint(0, 16, (32, 16), dtype=torch.uint8)
     p = native.pack_int4(u).view(torch.int16).view(2, 2, 32)  # [block, octet, word]

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile each model: perplexity through torch.compile(model); speed through a "
                    "static KV cache and one fullgraph-compiled forward (prefill and decode graphs compile "
                    "in the warm-up round); bf16 is compiled the same way")
+    p.add_argument("--attention", default="auto", choices=["auto", "model", "qcal", "sdpa", "eager"],
+                   help="attention of every timed model, the bf16 baseline too: auto (qcal's one-query decode "
+                   "kernel where it runs, else the model's own), model (the model's own), qcal, sdpa or eager; with "
+                   "--compile, auto is qcal's kernel or eager (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and speed prompts")
@@ -111,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _attention(name: str, device: str) -> str | None:
+    """The attention the speed rounds use (None: each model's own); ``auto``: qcal's kernel on a CPU that runs it."""
+    if name == "model":
+        return None
+    if name == "auto":
+        import torch
+
+        from qcal.kernels.attention import NAME, available
+
+        return NAME if torch.device(device).type == "cpu" and available() else None
+    return name
+
+
 def _summary(args: argparse.Namespace, threads: int) -> str:
     parts = [f"model {args.model}", f"task {args.task}", f"device {args.device}, {threads} threads"]
     if "ppl" in args.metrics:
@@ -119,8 +136,9 @@ def _summary(args: argparse.Namespace, threads: int) -> str:
     if "word_ppl" in args.metrics:
         parts.append(f"word ppl: {'all' if args.doc_limit is None else args.doc_limit} articles")
     if "speed" in args.metrics:
+        attention = _attention(args.attention, args.device) or "model's own"
         parts.append(f"speed: prefill {args.prefill_len}, decode {args.new_tokens} tokens, "
-                     f"median of {args.repeats}")
+                     f"median of {args.repeats}, attention {attention} (all models)")
     if args.compile:
         parts.append("torch.compile")
     return " | ".join(parts)
@@ -156,6 +174,7 @@ def run(args: argparse.Namespace) -> list[SchemeResult]:
         max_length=args.max_length, batch_size=args.batch_size, prefill_len=args.prefill_len,
         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
         quantize_lm_head=args.quantize_lm_head, compile=args.compile, seed=args.seed,
+        attention=_attention(args.attention, args.device),
         progress=not args.no_progress,
     )
     results = evaluate_schemes(model, tokenizer, args.quant, cfg, input_ids=input_ids, docs=docs, calib=calib)

@@ -36,6 +36,7 @@ class EvalConfig:
     warmup: int = 1
     quantize_lm_head: bool = False
     compile: bool = False
+    attention: str | None = None
     seed: int = 0
     progress: bool = True
 
@@ -130,10 +131,19 @@ def _evaluate_quality(
 
 
 def _speed_runner(model: torch.nn.Module, cfg: EvalConfig):
-    """What the speed rounds time: the eager model, or with ``compile`` a static-cache compiled generator."""
-    if not cfg.compile:
-        return model
-    return StaticCacheGenerator(model, cfg.prefill_len + cfg.new_tokens)
+    """What the speed rounds time: the eager model, or with ``compile`` a static-cache compiled generator.
+
+    ``cfg.attention`` (a Hugging Face attention name, ``"qcal"`` or ``"auto"``; None = the model's own,
+    and the generator's default when compiled) is set on every timed model, the bf16 baseline too.
+    """
+    if cfg.compile:
+        return StaticCacheGenerator(model, cfg.prefill_len + cfg.new_tokens,
+                                    **({} if cfg.attention is None else {"attn_implementation": cfg.attention}))
+    if cfg.attention is not None:
+        from qcal.kernels.attention import set_attention
+
+        set_attention(model, cfg.attention)
+    return model
 
 
 def _add_speed(

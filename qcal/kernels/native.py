@@ -1,4 +1,4 @@
-"""qcal's own CPU kernel: small-M int4 x bf16 matmul for AVX512-BF16 CPUs, built on first use.
+"""qcal's own CPU kernels for AVX512-BF16 CPUs, built on first use: small-M int4 x bf16 matmul, decode attention.
 
 PyTorch's CPU int4 op (tinygemm ``_weight_int4pack_mm_for_cpu``) unpacks nibbles to fp32 and runs
 fp32 FMAs; ``csrc/int4_small_m.c`` turns a nibble into a bf16 with one bit operation and multiplies
@@ -12,8 +12,11 @@ OpenMP runtime is the one PyTorch already loaded, so it follows ``torch.set_num_
 is required: without a compiler or an AVX512-BF16 CPU, or with ``QCAL_NATIVE=0``, :func:`available`
 is False and the kernels fall back to PyTorch's ops (``native_status()`` says why).
 Under ``torch.compile`` the kernel is the operator ``torch.ops.qcal.int4_mm_small``, registered in C++
-(``csrc/int4_op.cpp``, built against PyTorch's headers with ``$CXX``/``g++``) so that a compiled decode
+(``csrc/ops.cpp``, built against PyTorch's headers with ``$CXX``/``g++``) so that a compiled decode
 step pays ~3 us per call; where that build fails, the same operator is registered from Python (~10 us).
+
+``csrc/decode_attention.c`` is one-query attention over a bf16 KV cache (``qcal::decode_attention``,
+used by :mod:`qcal.kernels.attention`): grouped-query heads share each read of the cache.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "native_status", "disabled", "pack_int4", "pack_scales", "int4_mm_small", "supports_shape"]
+__all__ = ["available", "native_status", "disabled", "pack_int4", "pack_scales", "int4_mm_small", "supports_shape",
+           "decode_attention", "attention_supported", "set_prefetch"]
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCE = _CSRC / "int4_small_m.c"
-_OP_SOURCE = _CSRC / "int4_op.cpp"
+_SOURCES = (_CSRC / "int4_small_m.c", _CSRC / "decode_attention.c")
+_OP_SOURCE = _CSRC / "ops.cpp"
 _CFLAGS = ["-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC"]
 _CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 MAX_GROUPS = 1024  # as in the C source
@@ -84,24 +88,25 @@ def _torch_flags() -> tuple[list[str], list[str]]:
 def _build(cc: str, cxx: str | None) -> Path:
     """The shared library: the C kernel, plus the C++ operator when ``cxx`` is given. Cached by content."""
     versions = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    parts = [_SOURCE.read_text(), versions, " ".join(_CFLAGS)]
+    parts = [*(src.read_text() for src in _SOURCES), versions, " ".join(_CFLAGS)]
     if cxx:
         versions = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
         parts += [_OP_SOURCE.read_text(), versions, torch.__version__]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"qcal_int4{'_op' if cxx else ''}-{key}.so"
+    out = _cache_dir() / f"qcal_native{'_op' if cxx else ''}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        obj, tmp_out = Path(tmp) / "int4_small_m.o", Path(tmp) / out.name
-        _run([cc, *_CFLAGS, "-c", str(_SOURCE), "-o", str(obj)])
+        tmp_out = Path(tmp) / out.name
+        objs = [str(Path(tmp) / (src.stem + ".o")) for src in _SOURCES]
+        for src, obj in zip(_SOURCES, objs, strict=True):
+            _run([cc, *_CFLAGS, "-c", str(src), "-o", obj])
         if cxx:
             cflags, ldflags = _torch_flags()
-            _run([cxx, *cflags, "-shared", str(_OP_SOURCE), str(obj), "-o", str(tmp_out), "-fopenmp", "-lm",
-                  *ldflags])
+            _run([cxx, *cflags, "-shared", str(_OP_SOURCE), *objs, "-o", str(tmp_out), "-fopenmp", "-lm", *ldflags])
         else:
-            _run([cc, "-shared", "-fopenmp", str(obj), "-o", str(tmp_out), "-lm"])
+            _run([cc, "-shared", "-fopenmp", *objs, "-o", str(tmp_out), "-lm"])
         os.replace(tmp_out, out)  # atomic: concurrent builders never load a half-written file
     return out
 
@@ -113,12 +118,18 @@ def _register_python_op() -> None:
     _LIBRARY.define("int4_mm_small(Tensor x, Tensor w, Tensor sz, bool has_zero, int group_size) -> Tensor")
     _LIBRARY.impl("int4_mm_small", lambda x, w, sz, has_zero, group_size: _call(x, w, sz, has_zero, group_size),
                   "CPU")
+    _LIBRARY.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+    _LIBRARY.impl("decode_attention", _attention_ctypes, "CPU")
 
 
 def _register_fake() -> None:
     @torch.library.register_fake("qcal::int4_mm_small")
     def _(x, w, sz, has_zero, group_size):
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("qcal::decode_attention")
+    def _(q, k, v, mask, scale):
+        return q.new_empty(1, 1, q.shape[1], q.shape[3])
 
 
 def _load() -> ctypes.CDLL | None:
@@ -155,6 +166,10 @@ def _load() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         fn.restype = ctypes.c_int
+    lib.qcal_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
+    lib.qcal_decode_attention.restype = ctypes.c_int
+    lib.qcal_set_prefetch.argtypes = [ctypes.c_int]
+    lib.qcal_set_prefetch(int(os.environ.get("QCAL_PREFETCH", "1") != "0"))
     if not op:
         _register_python_op()
     _register_fake()
@@ -184,6 +199,16 @@ def disabled(when: bool = True) -> Iterator[None]:
         yield
     finally:
         _disabled = saved
+
+
+def set_prefetch(on: bool) -> None:
+    """Turn the int4 kernel's next-call weight prefetch on or off (default on; ``QCAL_PREFETCH=0``: off).
+
+    The kernel learns the order in which int4 weights are called (a decode step repeats it every
+    token) and, while one call computes, pulls the next call's weight into each thread's L2.
+    """
+    if _load() is not None:
+        _lib.qcal_set_prefetch(int(on))
 
 
 def supports_shape(n: int, k: int, group_size: int) -> bool:
@@ -257,3 +282,40 @@ def int4_mm_small(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: 
     if torch.compiler.is_compiling():
         return torch.ops.qcal.int4_mm_small(x, w, sz, has_zero, group_size)
     return _call(x, w, sz, has_zero, group_size)
+
+
+def attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether :func:`decode_attention` takes these inputs (one query, batch 1, bf16 on the CPU)."""
+    return (q.dim() == 4 and k.dim() == 4 and q.shape[0] == 1 and q.shape[2] == 1 and k.shape == v.shape
+            and k.shape[0] == 1 and k.shape[3] == q.shape[3] and q.shape[3] % 16 == 0 and q.shape[3] <= 256
+            and q.shape[1] % k.shape[1] == 0 and q.shape[1] // k.shape[1] <= 16
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"
+            and k.stride(3) == 1 and v.stride(3) == 1
+            and (mask is None or (mask.dtype == torch.bool and mask.numel() == k.shape[2]))
+            and available())
+
+
+def _attention_ctypes(q, k, v, mask, scale):
+    """The Python-registered ``qcal::decode_attention`` (where the C++ operator could not be built)."""
+    qc = q.contiguous()
+    m = None if mask is None else mask.reshape(-1).contiguous()
+    out = torch.empty((1, 1, q.shape[1], q.shape[3]), dtype=torch.bfloat16)
+    rc = _lib.qcal_decode_attention(qc.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
+                                    out.data_ptr(), q.shape[1], k.shape[1], k.shape[2], q.shape[3], k.stride(1),
+                                    k.stride(2), v.stride(1), v.stride(2), float(scale), torch.get_num_threads())
+    if rc:
+        raise (MemoryError if rc == -2 else ValueError)(f"qcal decode attention failed (code {rc})")
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """``softmax(scale q K^T + mask) V`` for one query position: ``q (1, H, 1, D)``, ``k``/``v``
+    ``(1, H_kv, L, D)`` (bf16, grouped heads allowed), ``mask`` a bool tensor of ``L`` entries (True = attend)
+    or None; returns ``(1, 1, H, D)`` bf16 (Hugging Face's attention-output layout). See
+    :func:`attention_supported`.
+    """
+    if not attention_supported(q, k, v, mask):
+        raise ValueError(f"decode_attention: unsupported inputs q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, "
+                         f"mask {None if mask is None else (tuple(mask.shape), mask.dtype)} ({native_status()})")
+    return torch.ops.qcal.decode_attention(q, k, v, mask, scale)

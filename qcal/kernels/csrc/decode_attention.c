@@ -1,0 +1,161 @@
+// One-query attention over a bf16 KV cache (a decode step), AVX512: out = softmax(scale q K^T + mask) V.
+//
+// Grouped-query attention without copying the cache: the G = hq / hkv query heads that share a KV head
+// are processed together, so every key and value row is read once. Work items are (KV head, slice of
+// positions); each keeps an online softmax (running max, sum, fp32 accumulator) over blocks of
+// positions, and the slices are merged at the end. Masked positions (mask[j] == 0) contribute exactly
+// nothing; a query that sees no position gets zeros. Accumulation is fp32, the output is rounded once
+// to bf16.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define QCAL_ATTN_MAX_G 16
+#define QCAL_ATTN_MAX_D 256
+#define QCAL_ATTN_BLOCK 128
+
+static inline __m512 load_bf16(const uint16_t *p) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// e^x for x <= 0: 2^(x log2 e), degree-6 Taylor polynomial of 2^f on [-0.5, 0.5] (relative error ~2e-7).
+static inline __m512 exp_nonpos(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// One work item: KV head g's G query heads over positions [j0, j1). Leaves the running max m[r],
+// sum l[r] and unnormalised accumulator acc[r * D ...] for each query head r.
+static inline __attribute__((always_inline)) void attend_slice(
+    const uint16_t *q, const uint16_t *kh, const uint16_t *vh, const uint8_t *mask, int64_t j0, int64_t j1,
+    int64_t k_rs, int64_t v_rs, const int64_t G, const int64_t D, float scale, float *m, float *l, float *acc) {
+    const int64_t T = D / 16;
+    for (int64_t r = 0; r < G; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        for (int64_t t = 0; t < T; t++) _mm512_storeu_ps(acc + r * D + 16 * t, _mm512_setzero_ps());
+    }
+    float s[QCAL_ATTN_MAX_G][QCAL_ATTN_BLOCK] __attribute__((aligned(64)));
+    for (int64_t b0 = j0; b0 < j1; b0 += QCAL_ATTN_BLOCK) {
+        const int64_t nb = (j1 - b0) < QCAL_ATTN_BLOCK ? (j1 - b0) : QCAL_ATTN_BLOCK;
+        int any = 0;
+        for (int64_t i = 0; i < nb && !any; i++) any = !mask || mask[b0 + i];
+        if (!any) continue;
+        for (int64_t r = 0; r < G; r++) {  // scores of head r: the block's keys stay in L1 across heads
+            __m512 qr[QCAL_ATTN_MAX_D / 16];
+            for (int64_t t = 0; t < T; t++) qr[t] = _mm512_mul_ps(load_bf16(q + r * D + 16 * t), _mm512_set1_ps(scale));
+            float *sr = s[r];
+            for (int64_t i = 0; i < nb; i++) {
+                const int64_t j = b0 + i;
+                if (mask && !mask[j]) {
+                    sr[i] = -INFINITY;
+                    continue;
+                }
+                const uint16_t *kr = kh + j * k_rs;
+                __m512 d = _mm512_mul_ps(qr[0], load_bf16(kr));
+                for (int64_t t = 1; t < T; t++) d = _mm512_fmadd_ps(qr[t], load_bf16(kr + 16 * t), d);
+                sr[i] = _mm512_reduce_add_ps(d);
+            }
+            float bmax = -INFINITY;
+            for (int64_t i = 0; i < nb; i++) bmax = sr[i] > bmax ? sr[i] : bmax;
+            __m512 a[QCAL_ATTN_MAX_D / 16];
+            for (int64_t t = 0; t < T; t++) a[t] = _mm512_loadu_ps(acc + r * D + 16 * t);
+            if (bmax > m[r]) {  // rescale what was accumulated under the old max
+                const float c = m[r] == -INFINITY ? 0.0f : expf(m[r] - bmax);
+                l[r] *= c;
+                for (int64_t t = 0; t < T; t++) a[t] = _mm512_mul_ps(a[t], _mm512_set1_ps(c));
+                m[r] = bmax;
+            }
+            __m512 sum = _mm512_setzero_ps();
+            const __m512 vm = _mm512_set1_ps(m[r]);
+            for (int64_t i = 0; i < nb; i += 16) {
+                const __mmask16 tail = (nb - i) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - i)) - 1);
+                __m512 x = _mm512_maskz_loadu_ps(tail, sr + i);
+                const __mmask16 live = _mm512_mask_cmp_ps_mask(tail, x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+                __m512 p = _mm512_maskz_mov_ps(live, exp_nonpos(_mm512_sub_ps(x, vm)));
+                _mm512_mask_storeu_ps(sr + i, tail, p);
+                sum = _mm512_add_ps(sum, p);
+            }
+            l[r] += _mm512_reduce_add_ps(sum);
+            for (int64_t i = 0; i < nb; i++) {  // accumulate p V in registers
+                if (sr[i] == 0.0f) continue;
+                const __m512 p = _mm512_set1_ps(sr[i]);
+                const uint16_t *vr = vh + (b0 + i) * v_rs;
+                for (int64_t t = 0; t < T; t++) a[t] = _mm512_fmadd_ps(p, load_bf16(vr + 16 * t), a[t]);
+            }
+            for (int64_t t = 0; t < T; t++) _mm512_storeu_ps(acc + r * D + 16 * t, a[t]);
+        }
+    }
+}
+
+// q (hq, D) bf16 contiguous; head h of k / v starts at k + h * k_hs, position j at + j * k_rs (elements);
+// mask: L bytes (0 = masked) or NULL; out (hq, D) bf16. Returns 0, or -1 on an unsupported shape, -2 on
+// allocation failure.
+int qcal_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
+                          uint16_t *out, int64_t hq, int64_t hkv, int64_t L, int64_t D, int64_t k_hs, int64_t k_rs,
+                          int64_t v_hs, int64_t v_rs, float scale, int nthreads) {
+    if (hkv <= 0 || hq % hkv || hq / hkv > QCAL_ATTN_MAX_G || D % 16 || D <= 0 || D > QCAL_ATTN_MAX_D || L < 0)
+        return -1;
+    const int64_t G = hq / hkv;
+    if (nthreads < 1) nthreads = 1;
+    int64_t slices = 1;  // split positions until the threads get equal shares (not below 64 positions a slice)
+    while (slices < 64 && (hkv * slices) % nthreads && hkv * slices < 8 * nthreads && L / (slices + 1) >= 64)
+        slices++;
+    const int64_t items = hkv * slices;
+    float *ml = (float *)malloc(sizeof(float) * items * G * (2 + D));
+    if (!ml) return -2;
+    float *accs = ml + items * G * 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t it = 0; it < items; it++) {
+        const int64_t g = it / slices, c = it % slices;
+        const int64_t j0 = L * c / slices, j1 = L * (c + 1) / slices;
+        float *m = ml + it * G * 2, *l = m + G, *acc = accs + it * G * D;
+        if (D == 64)
+            attend_slice(q + g * G * D, k + g * k_hs, v + g * v_hs, mask, j0, j1, k_rs, v_rs, G, 64, scale, m, l,
+                         acc);
+        else
+            attend_slice(q + g * G * D, k + g * k_hs, v + g * v_hs, mask, j0, j1, k_rs, v_rs, G, D, scale, m, l,
+                         acc);
+    }
+    for (int64_t g = 0; g < hkv; g++) {
+        for (int64_t r = 0; r < G; r++) {
+            float mx = -INFINITY;
+            for (int64_t c = 0; c < slices; c++) {
+                const float mc = ml[(g * slices + c) * G * 2 + r];
+                mx = mc > mx ? mc : mx;
+            }
+            float total = 0.0f;
+            float w[64];
+            const int64_t ns = slices < 64 ? slices : 64;
+            for (int64_t c = 0; c < ns; c++) {
+                const float *mc = ml + (g * slices + c) * G * 2;
+                w[c] = mc[r] == -INFINITY ? 0.0f : expf(mc[r] - mx);
+                total += w[c] * mc[G + r];
+            }
+            const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+            uint16_t *o = out + (g * G + r) * D;
+            for (int64_t t = 0; t < D / 16; t++) {
+                __m512 y = _mm512_setzero_ps();
+                for (int64_t c = 0; c < ns; c++)
+                    y = _mm512_fmadd_ps(_mm512_set1_ps(w[c]),
+                                        _mm512_loadu_ps(accs + ((g * slices + c) * G + r) * D + 16 * t), y);
+                y = _mm512_mul_ps(y, _mm512_set1_ps(inv));
+                _mm256_storeu_si256((__m256i *)(o + 16 * t), (__m256i)_mm512_cvtneps_pbh(y));
+            }
+        }
+    }
+    free(ml);
+    return 0;
+}
