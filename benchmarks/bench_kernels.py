@@ -105,8 +105,8 @@ def cold_table(schemes: list[str], layers: int = 30, passes: int = 8) -> str:
     """M=1 through ``layers`` copies of a Llama block's seven linears, as a decode step streams them.
 
     In a model each weight is read once per token, from DRAM rather than cache; a scheme's time is
-    its fastest pass over all layers. MB counts what a call reads: the derived kernel layout where
-    one exists, else the canonical buffers (bf16: the weight).
+    its fastest pass over all layers. MB counts what a call reads: the derived kernel layout or the
+    canonical buffers, whichever is larger (bf16: the weight).
     """
     from qcal.kernels import derived_bytes
 
@@ -118,7 +118,9 @@ def cold_table(schemes: list[str], layers: int = 30, passes: int = 8) -> str:
             nbytes = sum(m.weight.numel() * 2 for m in mods)
         else:
             mods = [frozen_linear(n, k, scheme) for _ in range(layers) for n, k in LAYER]
-            nbytes = sum(derived_bytes(m) or sum(b.numel() * b.element_size() for b in m.buffers()) for m in mods)
+            # a kernel reads either its derived layout (int4) or the canonical buffers in place (int8)
+            nbytes = sum(max(derived_bytes(m), sum(b.numel() * b.element_size() for n, b in m.named_buffers()
+                                                   if not n.startswith("_k_"))) for m in mods)
         native.set_prefetch(not scheme.endswith(":noprefetch"))
         best = float("inf")
         for _ in range(passes):
@@ -158,7 +160,7 @@ def main() -> None:
         cold_table(schemes)
     elif args.crossover:
         ms = [int(v) for v in (args.m or "1,2,4,8,12,16,24,32,64").split(",")]
-        crossover_table(ms, [s for s in schemes if s != "int8dq"])
+        crossover_table(ms, schemes)
     else:
         ms = [int(v) for v in (args.m or "1,32,512").split(",")]
         per_op_table(ms, schemes)

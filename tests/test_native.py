@@ -192,3 +192,99 @@ def test_dtype_casts_leave_the_packed_scales_alone():
     assert rel_err(q(x.float()), q.frozen_forward_reference(x.float())) < 1e-2
     q.to(torch.bfloat16)
     assert torch.equal(q(x), before)
+
+
+# ---------------------------------------------------------------- the A8W8 (int8 x int8) kernel
+
+
+def _int8_case(m: int, n: int, k: int, seed: int = 0):
+    from qcal.kernels.common import quantize_per_token
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    ws = (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)
+    xq, xs = quantize_per_token(x)
+    exact = (xq.long() @ w.long().t()).float()  # the int32 sums, exact
+    return x, w, ws, (exact * xs).mul_(ws.view(1, -1)).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("n,k", [(16, 4), (5, 70), (48, 576), (1536, 576), (578, 1536)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_kernel_equals_quantize_per_token_and_int_mm(m, n, k, threads):
+    x, w, ws, want = _int8_case(m, n, k)
+    wsum = native.int8_row_sums(w)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(native.int8_mm_q8(x, w, wsum, ws.float()), want)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_int8_kernel_refuses_bad_input():
+    x, w, ws, _ = _int8_case(2, 48, 64)
+    wsum = native.int8_row_sums(w)
+    with pytest.raises(TypeError, match="int8_mm_q8"):
+        native.int8_mm_q8(x.float(), w, wsum, ws.float())
+    with pytest.raises(TypeError, match="int8_mm_q8"):
+        native.int8_mm_q8(x[:, :62], w, wsum, ws.float())
+    with pytest.raises(ValueError, match="unsupported shape"):
+        native.int8_mm_q8(x, w.t().contiguous().t(), wsum, ws.float())  # a non-contiguous weight
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("scheme", ["int8dq", "int8wo"])
+def test_int8_modules_eager_compiled_and_reference_agree(scheme, bias):
+    torch.manual_seed(0)
+    q = apply_scheme(nn.Sequential(nn.Linear(576, 192, bias=bias)), scheme, quantize_lm_head=True)[0]
+    assert q.kernel.name == f"cpu_{scheme}_native"
+    x = torch.randn(1, 3, 576, dtype=torch.bfloat16)
+    eager = q(x)
+    assert rel_err(eager, q.frozen_forward_reference(x)) < 1e-2
+    torch._dynamo.reset()
+    assert rel_err(torch.compile(q, fullgraph=True)(x), eager) < 1e-2
+    q.to(torch.float32).to(torch.bfloat16)  # casts leave the float32 scales (int32 bit patterns) intact
+    assert torch.equal(q(x), eager)
+
+
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("gs", [32, 64, 576])
+def test_native_dequant_int4_is_the_weight_rounded_once(zero, gs):
+    from qcal.kernels.common import dequant_int4
+
+    torch.manual_seed(0)
+    scheme = f"int4wo-{gs}" if gs != 576 else "int4wo-pc"
+    q = apply_scheme(nn.Sequential(nn.Linear(576, 48, bias=False)), scheme, quantize_lm_head=True)[0]
+    if not zero:
+        q.weight_zero_point = None
+    exact = q.dequantized_weight(torch.float32)  # (q - zp) * s in fp32
+    got = native.dequant_int4(q.qweight, q.weight_scale, q.weight_zero_point)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, exact.to(torch.bfloat16))
+    assert torch.equal(dequant_int4(q, torch.bfloat16), got)  # the large-M path uses it
+    assert native.dequant_int4(q.qweight[:, :8], q.weight_scale[:, :1], None) is None  # groups of 16: not ours
+
+
+# ---------------------------------------------------------------- the int8 weight-only kernel
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k", [(16, 32), (5, 70), (192, 576), (576, 1536)])
+def test_int8_weight_only_kernel_is_exact_on_integers(m, n, k):
+    """Integer activations and unit scales: every product and fp32 partial sum is an exact integer."""
+    g = torch.Generator().manual_seed(m + n)
+    x = torch.randint(-15, 16, (m, k), generator=g).to(torch.bfloat16)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    exact = (x.long() @ w.long().t()).float().to(torch.bfloat16)
+    assert torch.equal(native.int8wo_mm(x, w, torch.ones(n)), exact)
+    scaled = native.int8wo_mm(x, w, torch.full((n,), 0.5))
+    assert torch.equal(scaled, (exact.float() * 0.5).to(torch.bfloat16))
+
+
+def test_int8wo_kernel_refuses_bad_input():
+    w = torch.randint(-127, 128, (192, 576), dtype=torch.int8)
+    with pytest.raises(TypeError, match="int8wo_mm"):
+        native.int8wo_mm(torch.randn(3, 576), w, torch.ones(192))
+    with pytest.raises(ValueError, match="contiguous int8"):
+        native.int8wo_mm(torch.randn(3, 576, dtype=torch.bfloat16), w.t().contiguous().t(), torch.ones(192))

@@ -51,7 +51,15 @@ def int4_codes_u8(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def dequant_int4(module, dtype: torch.dtype) -> torch.Tensor:
-    """The float weight ``(u - 8 - zp) * s`` of a frozen int4 linear, in ``dtype`` (fewest passes)."""
+    """The float weight ``(u - 8 - zp) * s`` of a frozen int4 linear, in ``dtype`` (fewest passes).
+
+    bf16 on an AVX512-BF16 CPU: qcal's one-pass native kernel (fp32 math, one rounding)."""
+    if dtype == torch.bfloat16:
+        from . import native
+
+        w = native.dequant_int4(module.qweight, module.weight_scale, module.weight_zero_point)
+        if w is not None:
+            return w
     u = int4_codes_u8(module.qweight)
     n, k = u.shape
     s = module.weight_scale.to(dtype)

@@ -27,7 +27,7 @@ from .common import (
 )
 
 __all__ = ["Int4WeightOnly", "Int8WeightOnly", "Int8DynamicInt8", "Int8DynamicInt4", "Int4WeightOnlyNative",
-           "Int8DynamicInt4Native"]
+           "Int8DynamicInt4Native", "Int8DynamicInt8Native", "Int8WeightOnlyNative"]
 
 
 def _weight_only(module) -> bool:
@@ -149,7 +149,30 @@ class Int8DynamicInt4(_Int4Packed):
         return F.linear(xq.to(torch.bfloat16), dequant_int4(module, torch.bfloat16)) * xs
 
 
-class _Int4Native:
+class _NativeFast:
+    """Eager bf16 small-M calls straight into a native kernel (``fast_mm``), skipping the generic plumbing of
+    :class:`LinearKernel` (~10 us less per call: eager decode is per-call overhead bound)."""
+
+    def __call__(self, module, x):
+        y = self.native_fast(module, x)
+        return super().__call__(module, x) if y is None else y
+
+    def native_fast(self, module, x: torch.Tensor) -> torch.Tensor | None:
+        """The output, or None where the fast path does not apply (dtype, device, M, tracing)."""
+        if x.dtype is not torch.bfloat16 or not x.is_cpu or torch.compiler.is_compiling():
+            return None
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > self.max_small_m or not x2.is_contiguous():
+            return None
+        y = self.fast_mm(module, x2)
+        bias = module._parameters.get("bias")
+        if bias is not None:
+            y = (y + bias).to(torch.bfloat16)
+        return y.view(*shape[:-1], y.shape[-1])
+
+
+class _Int4Native(_NativeFast):
     """qcal's AVX512-BF16 small-M int4 kernel (:mod:`qcal.kernels.native`) on derived ``_k_n4w``/``_k_n4sz``."""
 
     small_path = "qcal avx512-bf16 int4 mm"
@@ -173,24 +196,9 @@ class _Int4Native:
     def native_mm(self, module, xb: torch.Tensor) -> torch.Tensor:
         return native.int4_mm_small(xb, module._k_n4w, module._k_n4sz, module._k_has_zero, module._k_group)
 
-    def __call__(self, module, x):
-        y = self.native_fast(module, x)
-        return super().__call__(module, x) if y is None else y
-
-    def native_fast(self, module, x: torch.Tensor) -> torch.Tensor | None:
-        """Eager bf16 decode without the generic plumbing (~10 us less per call); None where it does not apply."""
-        if x.dtype is not torch.bfloat16 or not x.is_cpu or torch.compiler.is_compiling():
-            return None
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] > self.max_small_m or not x2.is_contiguous():
-            return None
+    def fast_mm(self, module, x2: torch.Tensor) -> torch.Tensor:
         b, d = module._buffers, module.__dict__
-        y = native.mm_unchecked(x2, b["_k_n4w"], b["_k_n4sz"], d["_k_has_zero"], d["_k_group"], self.quantize_rows)
-        bias = module._parameters.get("bias")
-        if bias is not None:
-            y = (y + bias).to(torch.bfloat16)
-        return y.view(*shape[:-1], y.shape[-1])
+        return native.mm_unchecked(x2, b["_k_n4w"], b["_k_n4sz"], d["_k_has_zero"], d["_k_group"], self.quantize_rows)
 
 
 class Int4WeightOnlyNative(_Int4Native, Int4WeightOnly):
@@ -222,5 +230,60 @@ class Int8DynamicInt4Native(_Int4Native, Int8DynamicInt4):
         return self.native_mm(module, xq.to(torch.bfloat16)) * xs
 
 
-KERNELS_CPU = [Int4WeightOnlyNative(), Int8DynamicInt4Native(), Int4WeightOnly(), Int8WeightOnly(),
-               Int8DynamicInt8(), Int8DynamicInt4()]
+class Int8DynamicInt8Native(_NativeFast, Int8DynamicInt8):
+    """A8W8 on AVX512-VNNI CPUs: bf16 rows quantized inside qcal's native int8 kernel (same codes and
+    integer sums as ``quantize_per_token`` + ``_int_mm``, one rounding), for small M; ``_int_mm`` above."""
+
+    name = "cpu_int8dq_native"
+    max_small_m = 32  # beats _int_mm up to M=32 on the layer shapes (bench_kernels --crossover --schemes int8dq)
+    small_path = "qcal avx512-vnni int8 mm, row quantization fused (bf16 inputs)"
+    large_path = "per-token quant + _int_mm + rescale"
+
+    def supports_linear(self, module) -> bool:
+        n, k = module.qweight.shape
+        return (super().supports_linear(module) and module.qweight.is_contiguous() and native.supports_int8_shape(n, k)
+                and native.available())
+
+    @torch.no_grad()
+    def prepare(self, module) -> None:
+        set_derived(module, "_k_i8sum", native.int8_row_sums(module.qweight))  # the kernel reads qweight in place
+        # float32 scales kept as their int32 bit patterns, so that model.to(dtype) leaves them alone
+        set_derived(module, "_k_i8ws", module.weight_scale.reshape(-1).float().contiguous().view(torch.int32))
+
+    def fast_mm(self, module, x2: torch.Tensor) -> torch.Tensor:
+        b = module._buffers
+        return native.mm8_unchecked(x2, b["qweight"], b["_k_i8sum"], b["_k_i8ws"])
+
+    def small(self, module, x2):
+        if x2.dtype != torch.bfloat16:  # fp32 models keep the exact fp32 rescale of the reference
+            return self.large(module, x2)
+        b = module._buffers
+        return native.int8_mm_q8(x2, b["qweight"], b["_k_i8sum"], b["_k_i8ws"].view(torch.float32))
+
+
+class Int8WeightOnlyNative(_NativeFast, Int8WeightOnly):
+    """A16W8 on AVX512-BF16 CPUs: qcal's native kernel reads the int8 weight in place (bf16 activations)."""
+
+    name = "cpu_int8wo_native"
+    max_small_m = 16
+    small_path = "qcal avx512-bf16 int8 mm (weight in place)"
+
+    def supports_linear(self, module) -> bool:
+        return super().supports_linear(module) and module.qweight.is_contiguous() and native.available()
+
+    @torch.no_grad()
+    def prepare(self, module) -> None:
+        # float32 scales kept as their int32 bit patterns, so that model.to(dtype) leaves them alone
+        set_derived(module, "_k_i8ws", module.weight_scale.reshape(-1).float().contiguous().view(torch.int32))
+
+    def fast_mm(self, module, x2: torch.Tensor) -> torch.Tensor:
+        b = module._buffers
+        return native.mm8wo_unchecked(x2, b["qweight"], b["_k_i8ws"])
+
+    def small(self, module, x2):
+        b = module._buffers
+        return native.int8wo_mm(x2, b["qweight"], b["_k_i8ws"].view(torch.float32))
+
+
+KERNELS_CPU = [Int4WeightOnlyNative(), Int8DynamicInt4Native(), Int8DynamicInt8Native(), Int8WeightOnlyNative(),
+               Int4WeightOnly(), Int8WeightOnly(), Int8DynamicInt8(), Int8DynamicInt4()]

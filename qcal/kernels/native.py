@@ -35,13 +35,17 @@ from pathlib import Path
 import torch
 
 __all__ = ["available", "native_status", "disabled", "pack_int4", "pack_scales", "int4_mm_small", "supports_shape",
-           "decode_attention", "attention_supported", "set_prefetch"]
+           "decode_attention", "attention_supported", "set_prefetch", "int8_row_sums", "int8_mm_q8",
+           "supports_int8_shape", "dequant_int4", "int8wo_mm"]
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = (_CSRC / "int4_small_m.c", _CSRC / "decode_attention.c")
+_SOURCES = (_CSRC / "int4_small_m.c", _CSRC / "int8_small_m.c", _CSRC / "decode_attention.c", _CSRC / "prefetch.c",
+            _CSRC / "dequant_int4.c")
+_HEADERS = (_CSRC / "prefetch.h", _CSRC / "rowquant.h")
 _OP_SOURCE = _CSRC / "ops.cpp"
-_CFLAGS = ["-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC"]
-_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+_CFLAGS = ["-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma",
+           "-fopenmp", "-fPIC"]
+_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}
 MAX_GROUPS = 1024  # as in the C source
 
 _lib: ctypes.CDLL | None = None
@@ -88,7 +92,7 @@ def _torch_flags() -> tuple[list[str], list[str]]:
 def _build(cc: str, cxx: str | None) -> Path:
     """The shared library: the C kernel, plus the C++ operator when ``cxx`` is given. Cached by content."""
     versions = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    parts = [*(src.read_text() for src in _SOURCES), versions, " ".join(_CFLAGS)]
+    parts = [*(src.read_text() for src in _SOURCES + _HEADERS), versions, " ".join(_CFLAGS)]
     if cxx:
         versions = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
         parts += [_OP_SOURCE.read_text(), versions, torch.__version__]
@@ -120,6 +124,10 @@ def _register_python_op() -> None:
                   "CPU")
     _LIBRARY.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
     _LIBRARY.impl("decode_attention", _attention_ctypes, "CPU")
+    _LIBRARY.define("int8_mm_q8(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor")
+    _LIBRARY.impl("int8_mm_q8", lambda x, w, wsum, ws: mm8_unchecked(x.contiguous(), w, wsum, ws), "CPU")
+    _LIBRARY.define("int8wo_mm(Tensor x, Tensor w, Tensor ws) -> Tensor")
+    _LIBRARY.impl("int8wo_mm", lambda x, w, ws: mm8wo_unchecked(x.contiguous(), w, ws), "CPU")
 
 
 def _register_fake() -> None:
@@ -130,6 +138,14 @@ def _register_fake() -> None:
     @torch.library.register_fake("qcal::decode_attention")
     def _(q, k, v, mask, scale):
         return q.new_empty(1, 1, q.shape[1], q.shape[3])
+
+    @torch.library.register_fake("qcal::int8_mm_q8")
+    def _(x, w, wsum, ws):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("qcal::int8wo_mm")
+    def _(x, w, ws):
+        return x.new_empty(x.shape[0], w.shape[0])
 
 
 def _load() -> ctypes.CDLL | None:
@@ -168,6 +184,12 @@ def _load() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
     lib.qcal_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
     lib.qcal_decode_attention.restype = ctypes.c_int
+    lib.qcal_int8_mm_small_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.qcal_int8_mm_small_q8.restype = ctypes.c_int
+    lib.qcal_int8wo_mm_small.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.qcal_int8wo_mm_small.restype = ctypes.c_int
+    lib.qcal_dequant_int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.qcal_dequant_int4.restype = ctypes.c_int
     lib.qcal_set_prefetch.argtypes = [ctypes.c_int]
     lib.qcal_set_prefetch(int(os.environ.get("QCAL_PREFETCH", "1") != "0"))
     if not op:
@@ -257,6 +279,89 @@ def mm_unchecked(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: b
     if rc:
         raise (MemoryError if rc == -2 else ValueError)(f"qcal native int4 kernel failed (code {rc})")
     return y
+
+
+def dequant_int4(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor | None:
+    """The bf16 weight ``(u - 8 - zp) * s`` of canonical packed int4 codes ``(N, K/2)`` in one pass, or None
+    where the kernel does not apply (groups not a multiple of 32, not available, tracing): the caller then
+    dequantizes with PyTorch ops."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    gs = k // scale.shape[1]
+    if gs % 32 or torch.compiler.is_compiling() or not available() or qweight.device.type != "cpu":
+        return None
+    s = scale.float().contiguous()
+    zp = None if zero_point is None else zero_point.float().contiguous()
+    w = torch.empty((n, k), dtype=torch.bfloat16)
+    rc = _lib.qcal_dequant_int4(qweight.contiguous().data_ptr(), s.data_ptr(), None if zp is None else zp.data_ptr(),
+                                w.data_ptr(), n, k, gs, torch.get_num_threads())
+    return w if rc == 0 else None
+
+
+def int8_row_sums(qweight: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` int32 row sums of an int8 weight ``(N, K)``, which the A8W8 kernel needs (it reads the weight
+    itself in place)."""
+    return qweight.sum(dim=1, dtype=torch.int32)
+
+
+def supports_int8_shape(n: int, k: int) -> bool:
+    """Shapes the A8W8 kernel handles: any ``n``, ``k > 0``."""
+    return k > 0 and n >= 0
+
+
+def mm8_unchecked(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """A8W8 with the per-row quantization fused: ``x (M, K)`` contiguous bf16, ``w`` the contiguous ``(N, K)``
+    int8 weight, ``wsum`` its :func:`int8_row_sums`, ``ws`` the ``(N,)`` float32 weight scales; ``(M, N)`` bf16.
+    No argument checks."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty((m, n), dtype=torch.bfloat16)
+    rc = _lib.qcal_int8_mm_small_q8(x.data_ptr(), w.data_ptr(), wsum.data_ptr(), ws.data_ptr(), y.data_ptr(), m, n,
+                                    k, torch.get_num_threads())
+    if rc:
+        raise (MemoryError if rc == -2 else ValueError)(f"qcal native int8 kernel failed (code {rc})")
+    return y
+
+
+def int8_mm_q8(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token int8 ``x (M, K) bf16`` times the int8 weight ``w (N, K)`` (see :func:`mm8_unchecked`),
+    rescaled by the row and weight scales: the numbers of ``quantize_per_token`` + ``torch._int_mm``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.qcal.int8_mm_q8(x, w, wsum, ws)
+    if _load() is None:
+        raise RuntimeError(f"qcal native kernels {native_status()}")
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise TypeError(f"int8_mm_q8: x must be a 2-D bf16 CPU tensor with {w.shape[1]} columns, got {x.dtype} "
+                        f"{tuple(x.shape)} on {x.device}")
+    if not supports_int8_shape(w.shape[0], w.shape[1]) or not w.is_contiguous() or w.dtype != torch.int8:
+        raise ValueError(f"int8_mm_q8: unsupported shape (N={w.shape[0]}, K={w.shape[1]})")
+    return mm8_unchecked(x.contiguous(), w, wsum, ws)
+
+
+def mm8wo_unchecked(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """int8 weight-only: ``x (M, K)`` contiguous bf16 times the contiguous ``(N, K)`` int8 weight, scaled by
+    ``ws`` (``(N,)`` float32) in fp32; ``(M, N)`` bf16. No argument checks."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty((m, n), dtype=torch.bfloat16)
+    rc = _lib.qcal_int8wo_mm_small(x.data_ptr(), w.data_ptr(), ws.data_ptr(), y.data_ptr(), m, n, k,
+                                   torch.get_num_threads())
+    if rc:
+        raise ValueError(f"qcal native int8 weight-only kernel failed (code {rc})")
+    return y
+
+
+def int8wo_mm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """``x (M, K) bf16 @ (w * ws)^T`` for an int8 weight ``w (N, K)`` with per-channel scales ``ws``, in fp32."""
+    if torch.compiler.is_compiling():
+        return torch.ops.qcal.int8wo_mm(x, w, ws)
+    if _load() is None:
+        raise RuntimeError(f"qcal native kernels {native_status()}")
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise TypeError(f"int8wo_mm: x must be a 2-D bf16 CPU tensor with {w.shape[1]} columns, got {x.dtype} "
+                        f"{tuple(x.shape)} on {x.device}")
+    if not w.is_contiguous() or w.dtype != torch.int8:
+        raise ValueError("int8wo_mm: w must be a contiguous int8 tensor")
+    return mm8wo_unchecked(x.contiguous(), w, ws)
 
 
 def _call(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: bool, group_size: int) -> torch.Tensor:

@@ -16,6 +16,9 @@
 #include <float.h>
 #include <immintrin.h>
 #include <omp.h>
+
+#include "prefetch.h"
+#include "rowquant.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -82,10 +85,6 @@ AI void tile(const uint16_t *x, int64_t K, const uint8_t *w, int64_t bstride, co
         }
 }
 
-#define TILE(RB, MM)                                                                                          \
-    (has_zero ? tile(xm, K, wp, bstride, szp, 1, X, G, gs, yp, N, rsm, RB, MM)                                \
-              : tile(xm, K, wp, bstride, szp, 0, X, G, gs, yp, N, rsm, RB, MM))
-
 static float bf16_to_float(uint16_t h) {
     uint32_t b = (uint32_t)h << 16;
     float f;
@@ -93,119 +92,58 @@ static float bf16_to_float(uint16_t h) {
     return f;
 }
 
-static uint16_t float_to_bf16(float f) { /* exact for the integer codes it is used on */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    return (uint16_t)(b >> 16);
-}
 
-/* Next-call prefetch. In a decode step the int4 layers run in the same order every token, each
-   streaming its weight from DRAM, and every call starts cold. The library remembers which weight was
-   called after which (a small table keyed by weight address, learned as calls arrive) and, while a call
-   computes, each thread prefetches into its L2 the part of the next call's weight it will compute
-   itself (same static split of the work), up to PF_MAX bytes. The hints never fault: a stale entry
-   (a freed model) costs wasted reads, nothing else. */
-#define PF_SLOTS 1024
-#define PF_MAX (192 * 1024)
 typedef struct {
-    const uint8_t *key; /* the weight this entry follows */
+    const uint16_t *x;
     const uint8_t *w;
     const uint16_t *sz;
-    int64_t units, unit_bytes, sz_unit_bytes;
-} next_call;
-static next_call pf_table[PF_SLOTS];
-static const uint8_t *pf_last;
-static int pf_enabled = 1;
+    int has_zero;
+    uint16_t *y;
+    int64_t N, K, G, gs, bstride, blocks;
+    const float *X, *rowscale;
+} int4_ctx;
 
-void qcal_set_prefetch(int on) { pf_enabled = on; }
-
-static size_t pf_slot(const void *p) { return ((uintptr_t)p >> 6) * 2654435761u % PF_SLOTS; }
-
-/* Thread t's share of n units among T threads (the split every call uses). */
-AI void share(int64_t n, int t, int T, int64_t *lo, int64_t *hi) {
-    *lo = n * t / T;
-    *hi = n * (t + 1) / T;
-}
-
-static void prefetch_range(const uint8_t *p, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(p + o), _MM_HINT_T1);
+static void int4_unit(const void *c, int64_t m0, int mb, int64_t p) {
+    const int4_ctx *a = c;
+    const int64_t blk = 2 * p, K = a->K, G = a->G;
+    const uint16_t *xm = a->x + m0 * K;
+    const uint8_t *wp = a->w + blk * a->bstride;
+    const uint16_t *szp = a->sz + blk * G * 32;
+    uint16_t *yp = a->y + m0 * a->N + blk * 16;
+    const float *X = a->X + m0 * G, *rsm = a->rowscale ? a->rowscale + m0 : NULL;
+    const int rb = blk + 1 < a->blocks ? 2 : 1;
+#define TILE(RB, MM)                                                                                           \
+    (a->has_zero ? tile(xm, K, wp, a->bstride, szp, 1, X, G, a->gs, yp, a->N, rsm, RB, MM)                      \
+                 : tile(xm, K, wp, a->bstride, szp, 0, X, G, a->gs, yp, a->N, rsm, RB, MM))
+    switch (rb * 4 + mb) {
+    case 5: TILE(1, 1); break;
+    case 6: TILE(1, 2); break;
+    case 7: TILE(1, 3); break;
+    case 8: TILE(1, 4); break;
+    case 9: TILE(2, 1); break;
+    case 10: TILE(2, 2); break;
+    case 11: TILE(2, 3); break;
+    default: TILE(2, 4); break;
+    }
+#undef TILE
 }
 
 static int mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_zero, uint16_t *y, int64_t M,
               int64_t N, int64_t K, int64_t gs, int nthreads, const float *rowscale) {
     const int64_t G = K / gs, bstride = 16 * K / 2, blocks = N / 16;
     const int64_t units = (blocks + 1) / 2; /* pairs of blocks; the last one may be single */
-    next_call next = {0};
-    if (pf_enabled) {
-        if (pf_last && pf_last != w) {
-            next_call *e = &pf_table[pf_slot(pf_last)];
-            e->w = w;
-            e->sz = sz;
-            e->units = units;
-            e->unit_bytes = 2 * bstride;
-            e->sz_unit_bytes = 2 * G * 32 * 2;
-            e->key = pf_last;
+    float *X = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1) * (size_t)G); /* group sums of each input row */
+    if (!X) return -2;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            float acc = 0.f;
+            for (int64_t k = g * gs; k < (g + 1) * gs; k++) acc += bf16_to_float(x[m * K + k]);
+            X[m * G + g] = acc;
         }
-        pf_last = w;
-        next = pf_table[pf_slot(w)];
-        if (next.key != w) next.w = NULL;
-    }
-    if (nthreads < 1) nthreads = 1;
-    float X[4 * MAX_GROUPS];
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mb = M - m0 < 4 ? (int)(M - m0) : 4;
-        const uint16_t *xm = x + m0 * K;
-        const float *rsm = rowscale ? rowscale + m0 : NULL;
-        for (int m = 0; m < mb; m++)
-            for (int64_t g = 0; g < G; g++) {
-                float a = 0.f;
-                for (int64_t k = g * gs; k < (g + 1) * gs; k++) a += bf16_to_float(xm[m * K + k]);
-                X[m * G + g] = a;
-            }
-        const int last_rows = m0 + 4 >= M;
-        #pragma omp parallel num_threads(nthreads)
-        {
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        int64_t lo, hi, nlo = 0, nhi = 0, pf_per_unit = 0, pf_done = 0;
-        share(units, t, T, &lo, &hi);
-        const uint8_t *pf_base = NULL;
-        if (next.w && last_rows && hi > lo) { /* my part of the next call's weight, spread over my units */
-            share(next.units, t, T, &nlo, &nhi);
-            int64_t bytes = (nhi - nlo) * next.unit_bytes;
-            if (bytes > PF_MAX) bytes = PF_MAX;
-            pf_base = next.w + nlo * next.unit_bytes;
-            pf_per_unit = (bytes / (hi - lo) + 63) & ~(int64_t)63;
-            pf_done = bytes;
-            prefetch_range((const uint8_t *)(next.sz + nlo * next.sz_unit_bytes / 2),
-                           (nhi - nlo) * next.sz_unit_bytes < 16384 ? (nhi - nlo) * next.sz_unit_bytes : 16384);
-        }
-        for (int64_t p = lo; p < hi; p++) {
-            if (pf_base) {
-                const int64_t off = (p - lo) * pf_per_unit;
-                if (off < pf_done) prefetch_range(pf_base + off, off + pf_per_unit > pf_done ? pf_done - off : pf_per_unit);
-            }
-            const int64_t blk = 2 * p;
-            const uint8_t *wp = w + blk * bstride;
-            const uint16_t *szp = sz + blk * G * 32;
-            uint16_t *yp = y + m0 * N + blk * 16;
-            if (blk + 1 < blocks) {
-                switch (mb) {
-                case 1: TILE(2, 1); break;
-                case 2: TILE(2, 2); break;
-                case 3: TILE(2, 3); break;
-                default: TILE(2, 4); break;
-                }
-            } else {
-                switch (mb) {
-                case 1: TILE(1, 1); break;
-                case 2: TILE(1, 2); break;
-                case 3: TILE(1, 3); break;
-                default: TILE(1, 4); break;
-                }
-            }
-        }
-        }
-    }
+    const qcal_next_call next = qcal_pf_step(w, units, 2 * bstride, sz, 2 * G * 32 * 2);
+    const int4_ctx ctx = {x, w, sz, has_zero, y, N, K, G, gs, bstride, blocks, X, rowscale};
+    qcal_run_units(M, units, nthreads, &next, &ctx, int4_unit);
+    free(X);
     return 0;
 }
 
@@ -234,11 +172,11 @@ int qcal_int4_mm_small_q8(const uint16_t *x, const uint8_t *w, const uint16_t *s
         return -2;
     }
     for (int64_t m = 0; m < M; m++) {
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(bf16_to_float(x[m * K + k])));
-        const float s = FLT_MIN + amax / 127.f;
+        const float s = qcal_row_scale(x + m * K, K);
         scale[m] = s;
-        for (int64_t k = 0; k < K; k++) codes[m * K + k] = float_to_bf16(nearbyintf(bf16_to_float(x[m * K + k]) / s));
+        for (int64_t k = 0; k < K; k += 16) /* integer codes: exact in bf16 */
+            _mm256_mask_storeu_epi16(codes + m * K + k, qcal_tail16(K - k),
+                                     (__m256i)_mm512_cvtneps_pbh(qcal_codes16(x + m * K, k, K, s)));
     }
     int rc = mm(codes, w, sz, has_zero, y, M, N, K, gs, nthreads, scale);
     free(codes);

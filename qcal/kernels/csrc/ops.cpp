@@ -1,6 +1,6 @@
-// qcal's C kernels as C++ operators (qcal::int4_mm_small, qcal::decode_attention), so compiled graphs
-// call them through the dispatcher (about 3 us a call) rather than a Python-registered op (about 10 us).
-// Built with int4_small_m.c and decode_attention.c.
+// qcal's C kernels as C++ operators (int4_mm_small, int8_mm_q8, int8wo_mm, decode_attention), so
+// compiled graphs call them through the dispatcher (about 3 us a call) rather than a Python-registered op
+// (about 10 us). Built with the C sources beside it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -62,12 +62,60 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, con
     return out;
 }
 
+extern "C" int qcal_int8_mm_small_q8(const uint16_t *, const int8_t *, const int32_t *, const float *, uint16_t *,
+                                     int64_t, int64_t, int64_t, int);
+
+static at::Tensor int8_mm_q8(const at::Tensor &x, const at::Tensor &w, const at::Tensor &wsum, const at::Tensor &ws) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+                "qcal::int8_mm_q8: x must be a 2-D bf16 CPU tensor");
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == x.size(1) && w.is_contiguous(),
+                "qcal::int8_mm_q8: w must be the contiguous (N, K) int8 weight");
+    TORCH_CHECK(wsum.scalar_type() == at::kInt && ws.scalar_type() == at::kFloat && wsum.numel() == w.size(0) &&
+                    ws.numel() == w.size(0) && wsum.is_contiguous() && ws.is_contiguous(),
+                "qcal::int8_mm_q8: bad weight sums or scales");
+    at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+    int rc = qcal_int8_mm_small_q8(reinterpret_cast<const uint16_t *>(xc.const_data_ptr()),
+                                   reinterpret_cast<const int8_t *>(w.const_data_ptr()),
+                                   reinterpret_cast<const int32_t *>(wsum.const_data_ptr()),
+                                   reinterpret_cast<const float *>(ws.const_data_ptr()),
+                                   reinterpret_cast<uint16_t *>(y.mutable_data_ptr()), x.size(0), w.size(0), x.size(1),
+                                   at::get_num_threads());
+    TORCH_CHECK(rc == 0, "qcal::int8_mm_q8: unsupported shape or out of memory");
+    return y;
+}
+
+extern "C" int qcal_int8wo_mm_small(const uint16_t *, const int8_t *, const float *, uint16_t *, int64_t, int64_t,
+                                    int64_t, int);
+
+static at::Tensor int8wo_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+                "qcal::int8wo_mm: x must be a 2-D bf16 CPU tensor");
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == x.size(1) && w.is_contiguous(),
+                "qcal::int8wo_mm: w must be the contiguous (N, K) int8 weight");
+    TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.numel() == w.size(0) && ws.is_contiguous(),
+                "qcal::int8wo_mm: bad weight scales");
+    at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+    int rc = qcal_int8wo_mm_small(reinterpret_cast<const uint16_t *>(xc.const_data_ptr()),
+                                  reinterpret_cast<const int8_t *>(w.const_data_ptr()),
+                                  reinterpret_cast<const float *>(ws.const_data_ptr()),
+                                  reinterpret_cast<uint16_t *>(y.mutable_data_ptr()), x.size(0), w.size(0), x.size(1),
+                                  at::get_num_threads());
+    TORCH_CHECK(rc == 0, "qcal::int8wo_mm: unsupported shape");
+    return y;
+}
+
 TORCH_LIBRARY(qcal, m) {
     m.def("int4_mm_small(Tensor x, Tensor w, Tensor sz, bool has_zero, int group_size) -> Tensor");
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+    m.def("int8_mm_q8(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor");
+    m.def("int8wo_mm(Tensor x, Tensor w, Tensor ws) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qcal, CPU, m) {
     m.impl("int4_mm_small", &int4_mm_small);
     m.impl("decode_attention", &decode_attention);
+    m.impl("int8_mm_q8", &int8_mm_q8);
+    m.impl("int8wo_mm", &int8wo_mm);
 }

@@ -1,0 +1,177 @@
+/* qcal: small-M A8W8 matmul with fused per-row activation quantization (dynamic int8 x int8), AVX512-VNNI.
+
+   y[m, n] = xs[m] * ws[n] * sum_k q[m, k] w[n, k],   q = rint(x / xs),   xs = FLT_MIN + amax_k |x[m, k]| / 127
+   (fp32, half to even: qcal.kernels.common.quantize_per_token), so the integer sums are exact (int32) and
+   the result is rounded once to bf16 -- the numbers of per-token quantize + torch._int_mm + rescale.
+
+   The weight is read in its canonical (N, K) row-major int8 layout (no second copy): 64 columns of a row
+   per load, one vpdpbusd per (row, input row) adding 4-column partial sums in 16 lanes, one horizontal sum
+   per output at the end. vpdpbusd multiplies unsigned by signed bytes: the activations enter as q + 128
+   and 128 * sum_k w[n, k] (wsum, precomputed) is subtracted. */
+
+#include <float.h>
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "prefetch.h"
+#include "rowquant.h"
+
+#define AI static inline __attribute__((always_inline))
+
+static uint16_t to_bf16(float f) { /* round to nearest even (finite inputs) */
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+}
+
+/* RB weight rows (1..4) x MM input rows (1..4). */
+AI void tile8(const uint8_t *xq, int64_t K, const int8_t *w, const int32_t *wsum, const float *ws, const float *xs,
+              uint16_t *y, int64_t ldy, int RB, int MM) {
+    __m512i acc[4][4];
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < MM; m++) acc[r][m] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 live = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        __m512i wv[4];
+        for (int r = 0; r < RB; r++) wv[r] = _mm512_maskz_loadu_epi8(live, w + r * K + k);
+        for (int m = 0; m < MM; m++) {
+            const __m512i xv = _mm512_maskz_loadu_epi8(live, xq + m * K + k);
+            for (int r = 0; r < RB; r++) acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], xv, wv[r]);
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < MM; m++) {
+            const int32_t sum = _mm512_reduce_add_epi32(acc[r][m]) - 128 * wsum[r];
+            y[m * ldy + r] = to_bf16((float)sum * xs[m] * ws[r]);
+        }
+}
+
+
+#define ROWS_X_INPUTS(TILE)                                                                                       \
+    switch (rb * 4 + mb) {                                                                                         \
+    case 5: TILE(1, 1); break;                                                                                     \
+    case 6: TILE(1, 2); break;                                                                                     \
+    case 7: TILE(1, 3); break;                                                                                     \
+    case 8: TILE(1, 4); break;                                                                                     \
+    case 9: TILE(2, 1); break;                                                                                     \
+    case 10: TILE(2, 2); break;                                                                                    \
+    case 11: TILE(2, 3); break;                                                                                    \
+    case 12: TILE(2, 4); break;                                                                                    \
+    case 13: TILE(3, 1); break;                                                                                    \
+    case 14: TILE(3, 2); break;                                                                                    \
+    case 15: TILE(3, 3); break;                                                                                    \
+    case 16: TILE(3, 4); break;                                                                                    \
+    case 17: TILE(4, 1); break;                                                                                    \
+    case 18: TILE(4, 2); break;                                                                                    \
+    case 19: TILE(4, 3); break;                                                                                    \
+    default: TILE(4, 4); break;                                                                                    \
+    }
+
+typedef struct {
+    const uint8_t *xq;
+    const int8_t *w;
+    const int32_t *wsum;
+    const float *ws, *xs;
+    uint16_t *y;
+    int64_t N, K;
+} a8w8_ctx;
+
+static void a8w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
+    const a8w8_ctx *a = c;
+    const int64_t n0 = 4 * p, N = a->N, K = a->K;
+    const int rb = N - n0 < 4 ? (int)(N - n0) : 4;
+#define T8(RB, MM) \
+    tile8(a->xq + m0 * K, K, a->w + n0 * K, a->wsum + n0, a->ws + n0, a->xs + m0, a->y + m0 * N + n0, N, RB, MM)
+    ROWS_X_INPUTS(T8)
+#undef T8
+}
+
+/* x (M, K) bf16; w (N, K) int8 row-major; wsum (N) int32; ws (N) fp32; y (M, N) bf16. Returns 0, -1 for
+   unsupported arguments (nothing written), -2 on allocation failure. */
+int qcal_int8_mm_small_q8(const uint16_t *x, const int8_t *w, const int32_t *wsum, const float *ws, uint16_t *y,
+                          int64_t M, int64_t N, int64_t K, int nthreads) {
+    if (K <= 0 || N < 0 || M < 0) return -1;
+    const int64_t units = (N + 3) / 4; /* groups of 4 output rows */
+    uint8_t *xq = malloc((size_t)(M * K) + 64);
+    float *xs = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
+    if (!xq || !xs) {
+        free(xq);
+        free(xs);
+        return -2;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        const float s = qcal_row_scale(x + m * K, K);
+        xs[m] = s;
+        for (int64_t k = 0; k < K; k += 16) {
+            const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(qcal_codes16(x + m * K, k, K, s)),
+                                               _mm512_set1_epi32(128));
+            _mm_mask_storeu_epi8(xq + m * K + k, qcal_tail16(K - k), _mm512_cvtepi32_epi8(u));
+        }
+    }
+    const qcal_next_call next = qcal_pf_step((const uint8_t *)w, units, 4 * K, NULL, 0);
+    const a8w8_ctx ctx = {xq, w, wsum, ws, xs, y, N, K};
+    qcal_run_units(M, units, nthreads, &next, &ctx, a8w8_unit);
+    free(xq);
+    free(xs);
+    return 0;
+}
+
+/* A16W8 (int8 weight-only): y[m, n] = ws[n] * sum_k x[m, k] w[n, k] with bf16 x, in fp32. The weight is read
+   in place (canonical (N, K) row-major int8): 32 codes of a row become 32 exact bf16 values (int8 fits bf16's
+   8-bit significand) and one vdpbf16ps multiplies them with 32 activations, one horizontal sum per output. */
+AI void tile16(const uint16_t *x, int64_t K, const int8_t *w, const float *ws, uint16_t *y, int64_t ldy, int RB,
+               int MM) {
+    __m512 acc[4][4];
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < MM; m++) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        const int64_t left = K - k;
+        const __mmask16 lo_live = qcal_tail16(left), hi_live = qcal_tail16(left - 16 > 0 ? left - 16 : 0);
+        __m512bh wv[4];
+        for (int r = 0; r < RB; r++) {
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lo_live, w + r * K + k)));
+            const __m512 hi = _mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(hi_live, w + r * K + k + 16)));
+            wv[r] = _mm512_cvtne2ps_pbh(hi, lo);
+        }
+        const __mmask32 xlive = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+        for (int m = 0; m < MM; m++) {
+            const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(xlive, x + m * K + k);
+            for (int r = 0; r < RB; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv, wv[r]);
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < MM; m++) y[m * ldy + r] = to_bf16(_mm512_reduce_add_ps(acc[r][m]) * ws[r]);
+}
+
+typedef struct {
+    const uint16_t *x;
+    const int8_t *w;
+    const float *ws;
+    uint16_t *y;
+    int64_t N, K;
+} a16w8_ctx;
+
+static void a16w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
+    const a16w8_ctx *a = c;
+    const int64_t n0 = 4 * p, N = a->N, K = a->K;
+    const int rb = N - n0 < 4 ? (int)(N - n0) : 4;
+#define T16(RB, MM) tile16(a->x + m0 * K, K, a->w + n0 * K, a->ws + n0, a->y + m0 * N + n0, N, RB, MM)
+    ROWS_X_INPUTS(T16)
+#undef T16
+}
+
+/* x (M, K) bf16; w (N, K) int8 row-major; ws (N) fp32; y (M, N) bf16. Returns 0, or -1 for bad arguments. */
+int qcal_int8wo_mm_small(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *y, int64_t M, int64_t N,
+                         int64_t K, int nthreads) {
+    if (K <= 0 || N < 0 || M < 0) return -1;
+    const int64_t units = (N + 3) / 4;
+    const qcal_next_call next = qcal_pf_step((const uint8_t *)w, units, 4 * K, NULL, 0);
+    const a16w8_ctx ctx = {x, w, ws, y, N, K};
+    qcal_run_units(M, units, nthreads, &next, &ctx, a16w8_unit);
+    return 0;
+}
