@@ -3,7 +3,7 @@
     python benchmarks/bench_kernels.py                 # per-op table, SmolLM2-135M shapes, M in {1, 32, 512}
     python benchmarks/bench_kernels.py --crossover     # small-M vs large-M path per kernel, to set max_small_m
     python benchmarks/bench_kernels.py --cold          # M=1 through 30 copies of the layers: weights from DRAM
-                                                       # (<scheme>:noprefetch: without the next-call prefetch)
+                                                       # (<scheme>:prefetch: with the next-call prefetch)
     python benchmarks/bench_kernels.py --device cuda   # per-op and crossover tables on a GPU
 
 Every round times each candidate back-to-back (bf16 first) on the same input, a few calls each;
@@ -49,7 +49,7 @@ def frozen_linear(n: int, k: int, scheme: str) -> nn.Module:
     """
     m = nn.Sequential(nn.Linear(k, n, bias=False, device=DEVICE))
     name, _, variant = scheme.partition(":")
-    variant = "" if variant == "noprefetch" else variant
+    variant = "" if variant == "prefetch" else variant
     with native.disabled(variant == "torch"):
         return apply_scheme(m, name, quantize_lm_head=True)[0]
 
@@ -121,7 +121,7 @@ def cold_table(schemes: list[str], layers: int = 30, passes: int = 8) -> str:
             # a kernel reads either its derived layout (int4) or the canonical buffers in place (int8)
             nbytes = sum(max(derived_bytes(m), sum(b.numel() * b.element_size() for n, b in m.named_buffers()
                                                    if not n.startswith("_k_"))) for m in mods)
-        native.set_prefetch(not scheme.endswith(":noprefetch"))
+        native.set_prefetch(scheme.endswith(":prefetch"))
         best = float("inf")
         for _ in range(passes):
             start = time.perf_counter()
@@ -132,7 +132,7 @@ def cold_table(schemes: list[str], layers: int = 30, passes: int = 8) -> str:
                      f"{nbytes / best / 1e9:.1f} |")
         print(lines[-1], flush=True)
         del mods
-    native.set_prefetch(True)
+    native.set_prefetch(False)
     return "\n".join(lines)
 
 

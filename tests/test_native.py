@@ -71,7 +71,7 @@ def test_next_call_prefetch_changes_nothing_but_timing():
         for x, w, sz, exact in cases * 2:
             assert torch.equal(native.int4_mm_small(x, w, sz, True, w.shape[1] * 2 // sz.shape[1]), exact)
     finally:
-        native.set_prefetch(True)
+        native.set_prefetch(False)
 
 
 def test_pack_matches_the_documented_layout():

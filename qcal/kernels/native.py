@@ -191,7 +191,7 @@ def _load() -> ctypes.CDLL | None:
     lib.qcal_dequant_int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qcal_dequant_int4.restype = ctypes.c_int
     lib.qcal_set_prefetch.argtypes = [ctypes.c_int]
-    lib.qcal_set_prefetch(int(os.environ.get("QCAL_PREFETCH", "1") != "0"))
+    lib.qcal_set_prefetch(int(os.environ.get("QCAL_PREFETCH", "0") == "1"))
     if not op:
         _register_python_op()
     _register_fake()
@@ -224,10 +224,12 @@ def disabled(when: bool = True) -> Iterator[None]:
 
 
 def set_prefetch(on: bool) -> None:
-    """Turn the int4 kernel's next-call weight prefetch on or off (default on; ``QCAL_PREFETCH=0``: off).
+    """Turn the matmul kernels' next-call weight prefetch on or off (default off; ``QCAL_PREFETCH=1``: on).
 
-    The kernel learns the order in which int4 weights are called (a decode step repeats it every
-    token) and, while one call computes, pulls the next call's weight into each thread's L2.
+    The kernels learn the order in which weights are called (a decode step repeats it every token)
+    and, while one call computes, pull the next call's weight into each thread's L2. On the 2-core
+    development machine it made no difference above the run-to-run noise (BENCHMARKS.md), so it is
+    off unless asked for.
     """
     if _load() is not None:
         _lib.qcal_set_prefetch(int(on))

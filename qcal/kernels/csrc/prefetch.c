@@ -5,7 +5,7 @@
 
 static qcal_next_call pf_table[PF_SLOTS];
 static const uint8_t *pf_last;
-static int pf_enabled = 1;
+static int pf_enabled = 0; /* qcal.kernels.native.set_prefetch / QCAL_PREFETCH=1 */
 
 void qcal_set_prefetch(int on) { pf_enabled = on; }
 
