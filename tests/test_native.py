@@ -140,8 +140,10 @@ def test_fused_per_token_quantization_is_exact(m):
     x[0, :5] = 0
     codes, xs = quantize_per_token(x)
     exact = (codes.long() @ (u.long() - 8).t()).float()
-    y = native.mm_unchecked(x, native.pack_int4(u), native.pack_scales(torch.ones(n, k // gs), None), False, gs,
-                            quantize_rows=True)
+    packed = native.pack_int4_vnni(u)
+    # layout: block 0, octet 1, row 3, byte 2 holds columns 8 + 2 (low nibble) and 8 + 6 (high nibble)
+    assert packed.view(n // 16, k // 8, 16, 4)[0, 1, 3, 2] == u[3, 10] | (u[3, 14] << 4)
+    y = native.int4_mm_q8(x, packed, native.pack_scales(torch.ones(n, k // gs), None), gs)
     assert torch.equal(y, (exact * xs).to(torch.bfloat16))
 
 

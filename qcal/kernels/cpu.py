@@ -176,7 +176,6 @@ class _Int4Native(_NativeFast):
     """qcal's AVX512-BF16 small-M int4 kernel (:mod:`qcal.kernels.native`) on derived ``_k_n4w``/``_k_n4sz``."""
 
     small_path = "qcal avx512-bf16 int4 mm"
-    quantize_rows = False  # 8da4w: the kernel quantizes the rows itself (eager path)
 
     def supports_native(self, module) -> bool:
         """Shapes the kernel takes, with tinygemm's group sizes (others keep the exact reference path)."""
@@ -198,7 +197,7 @@ class _Int4Native(_NativeFast):
 
     def fast_mm(self, module, x2: torch.Tensor) -> torch.Tensor:
         b, d = module._buffers, module.__dict__
-        return native.mm_unchecked(x2, b["_k_n4w"], b["_k_n4sz"], d["_k_has_zero"], d["_k_group"], self.quantize_rows)
+        return native.mm_unchecked(x2, b["_k_n4w"], b["_k_n4sz"], d["_k_has_zero"], d["_k_group"])
 
 
 class Int4WeightOnlyNative(_Int4Native, Int4WeightOnly):
@@ -215,19 +214,32 @@ class Int4WeightOnlyNative(_Int4Native, Int4WeightOnly):
 
 
 class Int8DynamicInt4Native(_Int4Native, Int8DynamicInt4):
-    """8da4w on AVX512-BF16 CPUs: per-token int8 codes through the native kernel (exact integer sums)."""
+    """8da4w on AVX512-VNNI CPUs: bf16 rows quantized inside qcal's native kernel, int8 codes times the 4-bit
+    codes through VNNI (exact integer sums, one rounding); fp32 inputs take the dequantize + GEMM path."""
 
     name = "cpu_8da4w_native"
     max_small_m = 64  # measured up to 64 (bench_kernels --crossover)
-    small_path = "per-token quant + qcal avx512-bf16 int4 mm"
-    quantize_rows = True
+    small_path = "qcal avx512-vnni int8 x int4 mm, row quantization fused (bf16 inputs)"
 
     def supports_linear(self, module) -> bool:
         return _dynamic_int8_sym(module) and module.weight_zero_point is None and self.supports_native(module)
 
+    @torch.no_grad()
+    def prepare(self, module) -> None:
+        s = module.weight_scale
+        module._k_group = module.qweight.shape[1] * 2 // s.shape[1]
+        module._k_has_zero = False
+        set_derived(module, "_k_n4w", native.pack_int4_vnni(int4_codes_u8(module.qweight)))
+        set_derived(module, "_k_n4sz", native.pack_scales(s, None))
+
+    def fast_mm(self, module, x2: torch.Tensor) -> torch.Tensor:
+        b = module._buffers
+        return native.mm4q8_unchecked(x2, b["_k_n4w"], b["_k_n4sz"], module.__dict__["_k_group"])
+
     def small(self, module, x2):
-        xq, xs = quantize_per_token(x2)
-        return self.native_mm(module, xq.to(torch.bfloat16)) * xs
+        if x2.dtype != torch.bfloat16:
+            return self.large(module, x2)
+        return native.int4_mm_q8(x2, module._k_n4w, module._k_n4sz, module._k_group)
 
 
 class Int8DynamicInt8Native(_NativeFast, Int8DynamicInt8):

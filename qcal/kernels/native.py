@@ -36,7 +36,7 @@ import torch
 
 __all__ = ["available", "native_status", "disabled", "pack_int4", "pack_scales", "int4_mm_small", "supports_shape",
            "decode_attention", "attention_supported", "set_prefetch", "int8_row_sums", "int8_mm_q8",
-           "supports_int8_shape", "dequant_int4", "int8wo_mm"]
+           "supports_int8_shape", "dequant_int4", "int8wo_mm", "pack_int4_vnni", "int4_mm_q8"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "int4_small_m.c", _CSRC / "int8_small_m.c", _CSRC / "decode_attention.c", _CSRC / "prefetch.c",
@@ -126,6 +126,8 @@ def _register_python_op() -> None:
     _LIBRARY.impl("decode_attention", _attention_ctypes, "CPU")
     _LIBRARY.define("int8_mm_q8(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor")
     _LIBRARY.impl("int8_mm_q8", lambda x, w, wsum, ws: mm8_unchecked(x.contiguous(), w, wsum, ws), "CPU")
+    _LIBRARY.define("int4_mm_q8(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor")
+    _LIBRARY.impl("int4_mm_q8", lambda x, w, sz, group_size: mm4q8_unchecked(x.contiguous(), w, sz, group_size), "CPU")
     _LIBRARY.define("int8wo_mm(Tensor x, Tensor w, Tensor ws) -> Tensor")
     _LIBRARY.impl("int8wo_mm", lambda x, w, ws: mm8wo_unchecked(x.contiguous(), w, ws), "CPU")
 
@@ -141,6 +143,10 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("qcal::int8_mm_q8")
     def _(x, w, wsum, ws):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("qcal::int4_mm_q8")
+    def _(x, w, sz, group_size):
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("qcal::int8wo_mm")
@@ -178,16 +184,18 @@ def _load() -> ctypes.CDLL | None:
         _status = f"unavailable: build failed ({e})"
         warnings.warn(f"qcal: native int4 kernel not built, using PyTorch's ops: {e}", RuntimeWarning, stacklevel=3)
         return None
-    for fn in (lib.qcal_int4_mm_small, lib.qcal_int4_mm_small_q8):
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-        fn.restype = ctypes.c_int
+    lib.qcal_int4_mm_small.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_int]
+    lib.qcal_int4_mm_small.restype = ctypes.c_int
     lib.qcal_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
     lib.qcal_decode_attention.restype = ctypes.c_int
     lib.qcal_int8_mm_small_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qcal_int8_mm_small_q8.restype = ctypes.c_int
     lib.qcal_int8wo_mm_small.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qcal_int8wo_mm_small.restype = ctypes.c_int
+    lib.qcal_int4_mm_q8_vnni.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    lib.qcal_int4_mm_q8_vnni.restype = ctypes.c_int
     lib.qcal_dequant_int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qcal_dequant_int4.restype = ctypes.c_int
     lib.qcal_set_prefetch.argtypes = [ctypes.c_int]
@@ -253,6 +261,46 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return words.to(torch.uint16).contiguous().view(torch.uint8).reshape(n, k // 2)
 
 
+def pack_int4_vnni(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes ``(N, K)`` -> the 8da4w VNNI kernel's layout, ``(N, K/2)`` uint8.
+
+    Blocks of 16 rows; per block, octets of 8 columns as 64 bytes, row ``r``'s 4 bytes at ``4 r``, byte ``i``
+    holding ``codes[r, 8 o + i] | codes[r, 8 o + 4 + i] << 4``.
+    """
+    n, k = codes.shape
+    b = codes.view(n // 16, 16, k // 8, 2, 4)
+    packed = b[:, :, :, 0] | (b[:, :, :, 1] << 4)  # [blk, row, oct, i]
+    return packed.permute(0, 2, 1, 3).contiguous().view(n, k // 2)
+
+
+def mm4q8_unchecked(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """8da4w in one call through VNNI: ``x (M, K)`` contiguous bf16 rows quantized as
+    :func:`qcal.kernels.common.quantize_per_token`, times ``w`` from :func:`pack_int4_vnni` with symmetric
+    scales from :func:`pack_scales`; ``(M, N)`` bf16. No argument checks."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty((m, n), dtype=torch.bfloat16)
+    rc = _lib.qcal_int4_mm_q8_vnni(x.data_ptr(), w.data_ptr(), sz.data_ptr(), y.data_ptr(), m, n, k, group_size,
+                                   torch.get_num_threads())
+    if rc:
+        raise (MemoryError if rc == -2 else ValueError)(f"qcal native 8da4w kernel failed (code {rc})")
+    return y
+
+
+def int4_mm_q8(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """:func:`mm4q8_unchecked` with checks (eager) or as the operator ``qcal::int4_mm_q8`` (traced)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.qcal.int4_mm_q8(x, w, sz, group_size)
+    if _load() is None:
+        raise RuntimeError(f"qcal native kernels {native_status()}")
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != w.shape[1] * 2:
+        raise TypeError(f"int4_mm_q8: x must be a 2-D bf16 CPU tensor with {w.shape[1] * 2} columns, got {x.dtype} "
+                        f"{tuple(x.shape)} on {x.device}")
+    if not supports_shape(w.shape[0], x.shape[1], group_size):
+        raise ValueError(f"int4_mm_q8: unsupported shape (N={w.shape[0]}, K={x.shape[1]}, group_size={group_size})")
+    return mm4q8_unchecked(x.contiguous(), w, sz, group_size)
+
+
 def pack_scales(scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
     """Per-group ``scale`` and ``offset`` ``(N, G)`` (``w = (u - 8) * scale - offset``) -> ``(N/16, G, 2, 16)``.
 
@@ -264,20 +312,14 @@ def pack_scales(scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tenso
     return sz.permute(0, 3, 2, 1).to(torch.bfloat16).contiguous().view(torch.int16)
 
 
-def mm_unchecked(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: bool, group_size: int,
-                 quantize_rows: bool = False) -> torch.Tensor:
+def mm_unchecked(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: bool, group_size: int) -> torch.Tensor:
     """:func:`int4_mm_small` without argument checks, for eager callers that guarantee a contiguous bf16
-    CPU ``x`` and a supported shape (the frozen-module kernels): eager decode is per-call overhead bound.
-
-    ``quantize_rows``: 8da4w in one call -- each row of ``x`` is quantized to symmetric int8 (as
-    :func:`qcal.kernels.common.quantize_per_token`), multiplied exactly, rescaled, then rounded to bf16.
-    """
+    CPU ``x`` and a supported shape (the frozen-module kernels): eager decode is per-call overhead bound."""
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty((m, n), dtype=torch.bfloat16)
-    fn = _lib.qcal_int4_mm_small_q8 if quantize_rows else _lib.qcal_int4_mm_small
-    rc = fn(x.data_ptr(), w.data_ptr(), sz.data_ptr(), has_zero, y.data_ptr(), m, n, k, group_size,
-            torch.get_num_threads())
+    rc = _lib.qcal_int4_mm_small(x.data_ptr(), w.data_ptr(), sz.data_ptr(), has_zero, y.data_ptr(), m, n, k,
+                                 group_size, torch.get_num_threads())
     if rc:
         raise (MemoryError if rc == -2 else ValueError)(f"qcal native int4 kernel failed (code {rc})")
     return y

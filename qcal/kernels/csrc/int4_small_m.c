@@ -38,7 +38,7 @@ AI __m512 load_bf16x16(const uint16_t *p) {
 
 /* RB blocks of 16 rows (1 or 2) x MM input rows (1..4); two accumulator chains per pair hide latency. */
 AI void tile(const uint16_t *x, int64_t K, const uint8_t *w, int64_t bstride, const uint16_t *sz, int HZ,
-             const float *X, int64_t G, int64_t gs, uint16_t *y, int64_t ldy, const float *rs, int RB, int MM) {
+             const float *X, int64_t G, int64_t gs, uint16_t *y, int64_t ldy, int RB, int MM) {
     __m512 acc[2][4], t0[2][4], t1[2][4];
     for (int b = 0; b < RB; b++)
         for (int m = 0; m < MM; m++) acc[b][m] = _mm512_setzero_ps();
@@ -80,8 +80,7 @@ AI void tile(const uint16_t *x, int64_t K, const uint8_t *w, int64_t bstride, co
     }
     for (int b = 0; b < RB; b++)
         for (int m = 0; m < MM; m++) {
-            __m512 r = rs ? _mm512_mul_ps(acc[b][m], _mm512_set1_ps(rs[m])) : acc[b][m];
-            _mm256_storeu_si256((__m256i *)(y + m * ldy + 16 * b), (__m256i)_mm512_cvtneps_pbh(r));
+            _mm256_storeu_si256((__m256i *)(y + m * ldy + 16 * b), (__m256i)_mm512_cvtneps_pbh(acc[b][m]));
         }
 }
 
@@ -100,7 +99,7 @@ typedef struct {
     int has_zero;
     uint16_t *y;
     int64_t N, K, G, gs, bstride, blocks;
-    const float *X, *rowscale;
+    const float *X;
 } int4_ctx;
 
 static void int4_unit(const void *c, int64_t m0, int mb, int64_t p) {
@@ -110,11 +109,11 @@ static void int4_unit(const void *c, int64_t m0, int mb, int64_t p) {
     const uint8_t *wp = a->w + blk * a->bstride;
     const uint16_t *szp = a->sz + blk * G * 32;
     uint16_t *yp = a->y + m0 * a->N + blk * 16;
-    const float *X = a->X + m0 * G, *rsm = a->rowscale ? a->rowscale + m0 : NULL;
+    const float *X = a->X + m0 * G;
     const int rb = blk + 1 < a->blocks ? 2 : 1;
 #define TILE(RB, MM)                                                                                           \
-    (a->has_zero ? tile(xm, K, wp, a->bstride, szp, 1, X, G, a->gs, yp, a->N, rsm, RB, MM)                      \
-                 : tile(xm, K, wp, a->bstride, szp, 0, X, G, a->gs, yp, a->N, rsm, RB, MM))
+    (a->has_zero ? tile(xm, K, wp, a->bstride, szp, 1, X, G, a->gs, yp, a->N, RB, MM)                      \
+                 : tile(xm, K, wp, a->bstride, szp, 0, X, G, a->gs, yp, a->N, RB, MM))
     switch (rb * 4 + mb) {
     case 5: TILE(1, 1); break;
     case 6: TILE(1, 2); break;
@@ -129,7 +128,7 @@ static void int4_unit(const void *c, int64_t m0, int mb, int64_t p) {
 }
 
 static int mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_zero, uint16_t *y, int64_t M,
-              int64_t N, int64_t K, int64_t gs, int nthreads, const float *rowscale) {
+              int64_t N, int64_t K, int64_t gs, int nthreads) {
     const int64_t G = K / gs, bstride = 16 * K / 2, blocks = N / 16;
     const int64_t units = (blocks + 1) / 2; /* pairs of blocks; the last one may be single */
     float *X = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1) * (size_t)G); /* group sums of each input row */
@@ -141,7 +140,7 @@ static int mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_z
             X[m * G + g] = acc;
         }
     const qcal_next_call next = qcal_pf_step(w, units, 2 * bstride, sz, 2 * G * 32 * 2);
-    const int4_ctx ctx = {x, w, sz, has_zero, y, N, K, G, gs, bstride, blocks, X, rowscale};
+    const int4_ctx ctx = {x, w, sz, has_zero, y, N, K, G, gs, bstride, blocks, X};
     qcal_run_units(M, units, nthreads, &next, &ctx, int4_unit);
     free(X);
     return 0;
@@ -155,31 +154,119 @@ static int bad_args(int64_t M, int64_t N, int64_t K, int64_t gs) {
 int qcal_int4_mm_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_zero, uint16_t *y,
                        int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
     if (bad_args(M, N, K, gs)) return -1;
-    return mm(x, w, sz, has_zero, y, M, N, K, gs, nthreads, NULL);
+    return mm(x, w, sz, has_zero, y, M, N, K, gs, nthreads);
 }
 
-/* 8da4w: each row of x quantized to symmetric int8 (scale = FLT_MIN + amax / 127 in fp32, codes rounded
-   half to even, as qcal.kernels.common.quantize_per_token), the exact integer product computed as above,
-   and rescaled by the row's scale before the one rounding to bf16. Returns 0, -1 (arguments), -2 (memory). */
-int qcal_int4_mm_small_q8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_zero, uint16_t *y,
-                          int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
+/* 8da4w through VNNI: the int8 activation codes multiply the 4-bit codes u directly (vpdpbusd, u unsigned,
+   codes signed: 64 products per instruction, twice vdpbf16ps), so the -8 of the codes is removed with the
+   integer group sums of the codes: y = xs * sum_g s_g * (sum_k q_k u_k - 8 X_g) -- the same exact integers
+   and the same fp32 operations as qcal_int4_mm_small_q8, at half the instructions per weight.
+   Weight layout (qcal.kernels.native.pack_int4_vnni): blocks of 16 rows; per octet o of 8 columns, 64 bytes:
+   row r's 4 bytes at 4 r, byte i = u[r, 8 o + i] | u[r, 8 o + 4 + i] << 4. Scales: as pack_scales. */
+AI void tile_vnni(const int8_t *xq, int64_t K, const uint8_t *w, int64_t bstride, const uint16_t *sz,
+                  const int32_t *X, int64_t G, int64_t gs, const float *xs, uint16_t *y, int64_t ldy, int RB, int MM) {
+    __m512 acc[2][4];
+    for (int b = 0; b < RB; b++)
+        for (int m = 0; m < MM; m++) acc[b][m] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const int64_t opg = gs / 8;
+    for (int64_t g = 0; g < G; g++) {
+        __m512i t[2][4];
+        for (int b = 0; b < RB; b++)
+            for (int m = 0; m < MM; m++) t[b][m] = _mm512_setzero_si512();
+        for (int64_t o = g * opg; o < (g + 1) * opg; o++) {
+            __m512i lo[2], hi[2];
+            for (int b = 0; b < RB; b++) {
+                const __m512i v = _mm512_loadu_si512(w + b * bstride + o * 64);
+                lo[b] = _mm512_and_si512(v, low);
+                hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            for (int m = 0; m < MM; m++) {
+                int32_t qa, qb;
+                memcpy(&qa, xq + m * K + o * 8, 4);
+                memcpy(&qb, xq + m * K + o * 8 + 4, 4);
+                const __m512i xa = _mm512_set1_epi32(qa), xb = _mm512_set1_epi32(qb);
+                for (int b = 0; b < RB; b++)
+                    t[b][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(t[b][m], lo[b], xa), hi[b], xb);
+            }
+        }
+        for (int b = 0; b < RB; b++) {
+            const __m512 sv = load_bf16x16(sz + (b * G + g) * 32);
+            for (int m = 0; m < MM; m++) {
+                const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(t[b][m], _mm512_set1_epi32(8 * X[m * G + g])));
+                acc[b][m] = _mm512_fmadd_ps(d, sv, acc[b][m]);
+            }
+        }
+    }
+    for (int b = 0; b < RB; b++)
+        for (int m = 0; m < MM; m++) {
+            const __m512 r = _mm512_mul_ps(acc[b][m], _mm512_set1_ps(xs[m]));
+            _mm256_storeu_si256((__m256i *)(y + m * ldy + 16 * b), (__m256i)_mm512_cvtneps_pbh(r));
+        }
+}
+
+typedef struct {
+    const int8_t *xq;
+    const uint8_t *w;
+    const uint16_t *sz;
+    const int32_t *X;
+    const float *xs;
+    uint16_t *y;
+    int64_t N, K, G, gs, bstride, blocks;
+} vnni_ctx;
+
+static void vnni_unit(const void *c, int64_t m0, int mb, int64_t p) {
+    const vnni_ctx *a = c;
+    const int64_t blk = 2 * p, K = a->K, G = a->G;
+    const int rb = blk + 1 < a->blocks ? 2 : 1;
+#define TV(RB, MM)                                                                                             \
+    tile_vnni(a->xq + m0 * K, K, a->w + blk * a->bstride, a->bstride, a->sz + blk * G * 32, a->X + m0 * G, G, \
+              a->gs, a->xs + m0, a->y + m0 * a->N + blk * 16, a->N, RB, MM)
+    switch (rb * 4 + mb) {
+    case 5: TV(1, 1); break;
+    case 6: TV(1, 2); break;
+    case 7: TV(1, 3); break;
+    case 8: TV(1, 4); break;
+    case 9: TV(2, 1); break;
+    case 10: TV(2, 2); break;
+    case 11: TV(2, 3); break;
+    default: TV(2, 4); break;
+    }
+#undef TV
+}
+
+/* 8da4w, VNNI: x (M, K) bf16 rows quantized as quantize_per_token; w from pack_int4_vnni, sz from pack_scales
+   (symmetric: the offsets are ignored). Returns 0, -1 (arguments), -2 (memory). */
+int qcal_int4_mm_q8_vnni(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
+                         int64_t K, int64_t gs, int nthreads) {
     if (bad_args(M, N, K, gs)) return -1;
-    uint16_t *codes = malloc((size_t)(M * K) * sizeof(uint16_t) + 64);
-    float *scale = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
-    if (!codes || !scale) {
-        free(codes);
-        free(scale);
+    const int64_t G = K / gs, bstride = 16 * K / 2, blocks = N / 16, units = (blocks + 1) / 2;
+    int8_t *xq = malloc((size_t)(M * K) + 64);
+    float *xs = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
+    int32_t *X = malloc((size_t)(M > 0 ? M : 1) * (size_t)G * sizeof(int32_t));
+    if (!xq || !xs || !X) {
+        free(xq);
+        free(xs);
+        free(X);
         return -2;
     }
     for (int64_t m = 0; m < M; m++) {
         const float s = qcal_row_scale(x + m * K, K);
-        scale[m] = s;
-        for (int64_t k = 0; k < K; k += 16) /* integer codes: exact in bf16 */
-            _mm256_mask_storeu_epi16(codes + m * K + k, qcal_tail16(K - k),
-                                     (__m256i)_mm512_cvtneps_pbh(qcal_codes16(x + m * K, k, K, s)));
+        xs[m] = s;
+        for (int64_t k = 0; k < K; k += 16)
+            _mm_mask_storeu_epi8(xq + m * K + k, qcal_tail16(K - k),
+                                 _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(qcal_codes16(x + m * K, k, K, s))));
+        for (int64_t g = 0; g < G; g++) {
+            int32_t acc = 0;
+            for (int64_t k = g * gs; k < (g + 1) * gs; k++) acc += xq[m * K + k];
+            X[m * G + g] = acc;
+        }
     }
-    int rc = mm(codes, w, sz, has_zero, y, M, N, K, gs, nthreads, scale);
-    free(codes);
-    free(scale);
-    return rc;
+    const qcal_next_call next = qcal_pf_step(w, units, 2 * bstride, sz, 2 * G * 32 * 2);
+    const vnni_ctx ctx = {xq, w, sz, X, xs, y, N, K, G, gs, bstride, blocks};
+    qcal_run_units(M, units, nthreads, &next, &ctx, vnni_unit);
+    free(xq);
+    free(xs);
+    free(X);
+    return 0;
 }

@@ -85,6 +85,26 @@ static at::Tensor int8_mm_q8(const at::Tensor &x, const at::Tensor &w, const at:
     return y;
 }
 
+extern "C" int qcal_int4_mm_q8_vnni(const uint16_t *, const uint8_t *, const uint16_t *, uint16_t *, int64_t, int64_t,
+                                    int64_t, int64_t, int);
+
+static at::Tensor int4_mm_q8(const at::Tensor &x, const at::Tensor &w, const at::Tensor &sz, int64_t group_size) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+                "qcal::int4_mm_q8: x must be a 2-D bf16 CPU tensor");
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) * 2 == x.size(1) && w.is_contiguous(),
+                "qcal::int4_mm_q8: w must be the packed (N, K/2) uint8 weight");
+    TORCH_CHECK(sz.scalar_type() == at::kShort && sz.is_contiguous(), "qcal::int4_mm_q8: bad scales");
+    at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+    int rc = qcal_int4_mm_q8_vnni(reinterpret_cast<const uint16_t *>(xc.const_data_ptr()),
+                                  reinterpret_cast<const uint8_t *>(w.const_data_ptr()),
+                                  reinterpret_cast<const uint16_t *>(sz.const_data_ptr()),
+                                  reinterpret_cast<uint16_t *>(y.mutable_data_ptr()), x.size(0), w.size(0), x.size(1),
+                                  group_size, at::get_num_threads());
+    TORCH_CHECK(rc == 0, "qcal::int4_mm_q8: unsupported shape or out of memory");
+    return y;
+}
+
 extern "C" int qcal_int8wo_mm_small(const uint16_t *, const int8_t *, const float *, uint16_t *, int64_t, int64_t,
                                     int64_t, int);
 
@@ -111,6 +131,7 @@ TORCH_LIBRARY(qcal, m) {
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
     m.def("int8_mm_q8(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor");
     m.def("int8wo_mm(Tensor x, Tensor w, Tensor ws) -> Tensor");
+    m.def("int4_mm_q8(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qcal, CPU, m) {
@@ -118,4 +139,5 @@ TORCH_LIBRARY_IMPL(qcal, CPU, m) {
     m.impl("decode_attention", &decode_attention);
     m.impl("int8_mm_q8", &int8_mm_q8);
     m.impl("int8wo_mm", &int8wo_mm);
+    m.impl("int4_mm_q8", &int4_mm_q8);
 }
