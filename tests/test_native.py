@@ -159,6 +159,8 @@ def test_8da4w_eager_fast_path_compiled_and_reference_agree(bias):
     assert eager.dtype == torch.bfloat16 and rel_err(eager, ref) < 1e-2 and rel_err(generic.float(), ref) < 1e-2
     torch._dynamo.reset()
     assert rel_err(torch.compile(q, fullgraph=True)(x), eager) < 1e-2
+    big = torch.randn(300, 256, dtype=torch.bfloat16)  # prefill-sized: the VNNI kernel runs at every M
+    assert q.kernel.max_small_m >= 300 and rel_err(q(big), q.frozen_forward_reference(big)) < 1e-2
 
 
 def test_python_operator_fallback_in_a_fresh_process(tmp_path):

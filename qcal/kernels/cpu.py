@@ -218,11 +218,15 @@ class Int8DynamicInt4Native(_Int4Native, Int8DynamicInt4):
     codes through VNNI (exact integer sums, one rounding); fp32 inputs take the dequantize + GEMM path."""
 
     name = "cpu_8da4w_native"
-    max_small_m = 64  # measured up to 64 (bench_kernels --crossover)
+    max_small_m = 1 << 30  # ahead of dequant + bf16 GEMM at every M measured, to 2048 (bench_kernels --crossover)
     small_path = "qcal avx512-vnni int8 x int4 mm, row quantization fused (bf16 inputs)"
 
     def supports_linear(self, module) -> bool:
         return _dynamic_int8_sym(module) and module.weight_zero_point is None and self.supports_native(module)
+
+    @property
+    def dispatch(self) -> str:
+        return f"bf16 inputs, any M: {self.small_path} | fp32 inputs: {self.large_path}"
 
     @torch.no_grad()
     def prepare(self, module) -> None:

@@ -75,15 +75,16 @@ typedef void (*qcal_unit_fn)(const void *ctx, int64_t m0, int mb, int64_t unit);
 static inline void qcal_run_units(int64_t M, int64_t units, int nthreads, const qcal_next_call *next,
                                   const void *ctx, qcal_unit_fn fn) {
     if (nthreads < 1) nthreads = 1;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mb = M - m0 < 4 ? (int)(M - m0) : 4;
-        const int last_rows = m0 + 4 >= M;
+    /* one parallel region for all input rows: each thread keeps its units (and so its part of the weight,
+       warm in its cache) and walks the row blocks; the outputs are disjoint, so no barrier is needed */
 #pragma omp parallel num_threads(nthreads)
-        {
-            const int t = omp_get_thread_num(), T = omp_get_num_threads();
-            int64_t lo, hi;
-            qcal_share(units, t, T, &lo, &hi);
-            const qcal_pf_plan plan = last_rows ? qcal_pf_begin(next, t, T, lo, hi) : (qcal_pf_plan){0, 0, 0};
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        int64_t lo, hi;
+        qcal_share(units, t, T, &lo, &hi);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int mb = M - m0 < 4 ? (int)(M - m0) : 4;
+            const qcal_pf_plan plan = m0 + 4 >= M ? qcal_pf_begin(next, t, T, lo, hi) : (qcal_pf_plan){0, 0, 0};
             for (int64_t p = lo; p < hi; p++) {
                 qcal_pf_unit(&plan, p - lo);
                 fn(ctx, m0, mb, p);
