@@ -219,7 +219,7 @@ class Int8DynamicInt4Native(_Int4Native, Int8DynamicInt4):
 
     name = "cpu_8da4w_native"
     max_small_m = 1 << 30  # ahead of dequant + bf16 GEMM at every M measured, to 2048 (bench_kernels --crossover)
-    small_path = "qcal avx512-vnni int8 x int4 mm, row quantization fused (bf16 inputs)"
+    small_path = "qcal avx512-vnni int8 x int4 mm, row quantization fused"
 
     def supports_linear(self, module) -> bool:
         return _dynamic_int8_sym(module) and module.weight_zero_point is None and self.supports_native(module)
