@@ -90,6 +90,8 @@ def test_unsupported_inputs_are_refused_and_the_hf_function_falls_back_to_sdpa()
 def test_resolve_and_set_attention():
     assert resolve("sdpa") == "sdpa"
     assert resolve("auto", fallback="eager") == ("qcal" if native.available() else "eager")
+    assert resolve("auto", fallback="eager", device="cuda") == "eager"  # the kernel is CPU-only
+    assert resolve("auto", fallback=None, device="cuda") is None
     model = make_tiny_llama()
     set_attention(model, "eager")
     assert model.config._attn_implementation == "eager"

@@ -119,13 +119,9 @@ def _attention(name: str, device: str) -> str | None:
     """The attention the speed rounds use (None: each model's own); ``auto``: qcal's kernel on a CPU that runs it."""
     if name == "model":
         return None
-    if name == "auto":
-        import torch
+    from qcal.kernels.attention import resolve
 
-        from qcal.kernels.attention import NAME, available
-
-        return NAME if torch.device(device).type == "cpu" and available() else None
-    return name
+    return resolve(name, fallback=None, device=device)
 
 
 def _summary(args: argparse.Namespace, threads: int) -> str:

@@ -34,13 +34,11 @@ class StaticCacheGenerator:
                  attn_implementation: str | None = "auto", **compile_kwargs) -> None:
         from transformers import StaticCache
 
-        from ..kernels.attention import register, resolve
+        from ..kernels.attention import resolve
 
         self.model = model
         if attn_implementation is not None:
-            attn_implementation = resolve(attn_implementation, fallback="eager")
-            if attn_implementation == "qcal":
-                register()
+            attn_implementation = resolve(attn_implementation, "eager", next(model.parameters()).device)
         self.attn_implementation = attn_implementation
         self.max_cache_len = max_cache_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)

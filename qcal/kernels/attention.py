@@ -62,19 +62,21 @@ def register() -> str:
     return NAME
 
 
-def resolve(name: str, fallback: str = "sdpa") -> str:
-    """``"auto"`` -> ``"qcal"`` where its kernel runs here, else ``fallback``; other names unchanged."""
+def resolve(name: str, fallback: str | None = "sdpa", device: torch.device | str = "cpu") -> str | None:
+    """``"auto"`` -> ``"qcal"`` where its kernel runs (a CPU with the native kernels), else ``fallback``;
+    other names unchanged. ``"qcal"`` is registered with transformers whenever it is the answer."""
     if name == "auto":
-        return NAME if available() else fallback
+        name = NAME if torch.device(device).type == "cpu" and available() else fallback
+    if name == NAME:
+        register()
     return name
 
 
 def set_attention(model: nn.Module, name: str = NAME) -> nn.Module:
     """Switch a Hugging Face model (and its sub-configs) to attention ``name`` (``"qcal"``, ``"sdpa"``,
     ``"eager"``, ``"auto"``...); returns the model."""
-    name = resolve(name)
-    if name == NAME:
-        register()
+    param = next(model.parameters(), None)
+    name = resolve(name, device=param.device if param is not None else "cpu")
     for module in model.modules():
         cfg = getattr(module, "config", None)
         if cfg is not None and hasattr(cfg, "_attn_implementation"):

@@ -176,6 +176,7 @@ class _Int4Native(_NativeFast):
     """qcal's AVX512-BF16 small-M int4 kernel (:mod:`qcal.kernels.native`) on derived ``_k_n4w``/``_k_n4sz``."""
 
     small_path = "qcal avx512-bf16 int4 mm"
+    pack = staticmethod(native.pack_int4)  # the weight layout the kernel reads
 
     def supports_native(self, module) -> bool:
         """Shapes the kernel takes, with tinygemm's group sizes (others keep the exact reference path)."""
@@ -189,7 +190,7 @@ class _Int4Native(_NativeFast):
         s, zp = module.weight_scale, module.weight_zero_point
         module._k_group = module.qweight.shape[1] * 2 // s.shape[1]
         module._k_has_zero = zp is not None
-        set_derived(module, "_k_n4w", native.pack_int4(int4_codes_u8(module.qweight)))
+        set_derived(module, "_k_n4w", self.pack(int4_codes_u8(module.qweight)))
         set_derived(module, "_k_n4sz", native.pack_scales(s, None if zp is None else zp.float() * s.float()))
 
     def native_mm(self, module, xb: torch.Tensor) -> torch.Tensor:
@@ -220,6 +221,7 @@ class Int8DynamicInt4Native(_Int4Native, Int8DynamicInt4):
     name = "cpu_8da4w_native"
     max_small_m = 1 << 30  # ahead of dequant + bf16 GEMM at every M measured, to 2048 (bench_kernels --crossover)
     small_path = "qcal avx512-vnni int8 x int4 mm, row quantization fused"
+    pack = staticmethod(native.pack_int4_vnni)
 
     def supports_linear(self, module) -> bool:
         return _dynamic_int8_sym(module) and module.weight_zero_point is None and self.supports_native(module)
@@ -227,14 +229,6 @@ class Int8DynamicInt4Native(_Int4Native, Int8DynamicInt4):
     @property
     def dispatch(self) -> str:
         return f"bf16 inputs, any M: {self.small_path} | fp32 inputs: {self.large_path}"
-
-    @torch.no_grad()
-    def prepare(self, module) -> None:
-        s = module.weight_scale
-        module._k_group = module.qweight.shape[1] * 2 // s.shape[1]
-        module._k_has_zero = False
-        set_derived(module, "_k_n4w", native.pack_int4_vnni(int4_codes_u8(module.qweight)))
-        set_derived(module, "_k_n4sz", native.pack_scales(s, None))
 
     def fast_mm(self, module, x2: torch.Tensor) -> torch.Tensor:
         b = module._buffers
@@ -246,7 +240,19 @@ class Int8DynamicInt4Native(_Int4Native, Int8DynamicInt4):
         return native.int4_mm_q8(x2, module._k_n4w, module._k_n4sz, module._k_group)
 
 
-class Int8DynamicInt8Native(_NativeFast, Int8DynamicInt8):
+class _Int8Native(_NativeFast):
+    """qcal's native int8 kernels read ``qweight`` in place; they need the weight scales as float32."""
+
+    def supports_linear(self, module) -> bool:
+        return super().supports_linear(module) and module.qweight.is_contiguous() and native.available()
+
+    @torch.no_grad()
+    def prepare(self, module) -> None:
+        # float32 scales kept as their int32 bit patterns, so that model.to(dtype) leaves them alone
+        set_derived(module, "_k_i8ws", module.weight_scale.reshape(-1).float().contiguous().view(torch.int32))
+
+
+class Int8DynamicInt8Native(_Int8Native, Int8DynamicInt8):
     """A8W8 on AVX512-VNNI CPUs: bf16 rows quantized inside qcal's native int8 kernel (same codes and
     integer sums as ``quantize_per_token`` + ``_int_mm``, one rounding), for small M; ``_int_mm`` above."""
 
@@ -255,16 +261,10 @@ class Int8DynamicInt8Native(_NativeFast, Int8DynamicInt8):
     small_path = "qcal avx512-vnni int8 mm, row quantization fused (bf16 inputs)"
     large_path = "per-token quant + _int_mm + rescale"
 
-    def supports_linear(self, module) -> bool:
-        n, k = module.qweight.shape
-        return (super().supports_linear(module) and module.qweight.is_contiguous() and native.supports_int8_shape(n, k)
-                and native.available())
-
     @torch.no_grad()
     def prepare(self, module) -> None:
-        set_derived(module, "_k_i8sum", native.int8_row_sums(module.qweight))  # the kernel reads qweight in place
-        # float32 scales kept as their int32 bit patterns, so that model.to(dtype) leaves them alone
-        set_derived(module, "_k_i8ws", module.weight_scale.reshape(-1).float().contiguous().view(torch.int32))
+        super().prepare(module)
+        set_derived(module, "_k_i8sum", native.int8_row_sums(module.qweight))
 
     def fast_mm(self, module, x2: torch.Tensor) -> torch.Tensor:
         b = module._buffers
@@ -277,20 +277,12 @@ class Int8DynamicInt8Native(_NativeFast, Int8DynamicInt8):
         return native.int8_mm_q8(x2, b["qweight"], b["_k_i8sum"], b["_k_i8ws"].view(torch.float32))
 
 
-class Int8WeightOnlyNative(_NativeFast, Int8WeightOnly):
+class Int8WeightOnlyNative(_Int8Native, Int8WeightOnly):
     """A16W8 on AVX512-BF16 CPUs: qcal's native kernel reads the int8 weight in place (bf16 activations)."""
 
     name = "cpu_int8wo_native"
-    max_small_m = 16
+    max_small_m = 16  # bench_kernels --crossover --schemes int8wo
     small_path = "qcal avx512-bf16 int8 mm (weight in place)"
-
-    def supports_linear(self, module) -> bool:
-        return super().supports_linear(module) and module.qweight.is_contiguous() and native.available()
-
-    @torch.no_grad()
-    def prepare(self, module) -> None:
-        # float32 scales kept as their int32 bit patterns, so that model.to(dtype) leaves them alone
-        set_derived(module, "_k_i8ws", module.weight_scale.reshape(-1).float().contiguous().view(torch.int32))
 
     def fast_mm(self, module, x2: torch.Tensor) -> torch.Tensor:
         b = module._buffers

@@ -1,22 +1,24 @@
-"""qcal's own CPU kernels for AVX512-BF16 CPUs, built on first use: small-M int4 x bf16 matmul, decode attention.
+"""qcal's own CPU kernels for AVX512-BF16/VNNI CPUs, built on first use (sources in ``csrc/``).
 
-PyTorch's CPU int4 op (tinygemm ``_weight_int4pack_mm_for_cpu``) unpacks nibbles to fp32 and runs
-fp32 FMAs; ``csrc/int4_small_m.c`` turns a nibble into a bf16 with one bit operation and multiplies
-32 weights per ``vdpbf16ps``: 1.4-2.1x tinygemm at decode shapes with cached weights, on par when
-the weights stream from DRAM as in a model, and 1.9-2.3x for 8da4w, whose per-row int8 quantization
-it fuses (``benchmarks/bench_kernels.py``, BENCHMARKS.md).
+* ``int4_small_m.c``: int4 x bf16 (a nibble becomes a bf16 with one bit operation, 32 weights per
+  ``vdpbf16ps``; 1.4-2.1x PyTorch's tinygemm at decode shapes with cached weights, on par when the
+  weights stream from DRAM), and 8da4w with the per-row int8 quantization fused and the codes
+  multiplied through VNNI (exact integer sums, any number of rows);
+* ``int8_small_m.c``: A8W8 (row quantization fused, VNNI, the weight read in place: the integers of
+  ``torch._int_mm``) and int8 weight-only (bf16 dot products on the weight in place), small M;
+* ``dequant_int4.c``: one-pass int4 -> bf16 for the prefill path;
+* ``decode_attention.c``: one-query attention over a bf16 KV cache (:mod:`qcal.kernels.attention`).
+Figures: ``benchmarks/bench_kernels.py``, BENCHMARKS.md.
 
 The C source is compiled once per source/compiler/torch version with the system C compiler (``$CC``,
 else ``gcc``/``cc``) into ``$QCAL_CACHE_DIR`` (default ``~/.cache/qcal``) and loaded with ctypes; its
 OpenMP runtime is the one PyTorch already loaded, so it follows ``torch.set_num_threads``. Nothing
 is required: without a compiler or an AVX512-BF16 CPU, or with ``QCAL_NATIVE=0``, :func:`available`
 is False and the kernels fall back to PyTorch's ops (``native_status()`` says why).
-Under ``torch.compile`` the kernel is the operator ``torch.ops.qcal.int4_mm_small``, registered in C++
-(``csrc/ops.cpp``, built against PyTorch's headers with ``$CXX``/``g++``) so that a compiled decode
-step pays ~3 us per call; where that build fails, the same operator is registered from Python (~10 us).
-
-``csrc/decode_attention.c`` is one-query attention over a bf16 KV cache (``qcal::decode_attention``,
-used by :mod:`qcal.kernels.attention`): grouped-query heads share each read of the cache.
+Under ``torch.compile`` the kernels are operators (``torch.ops.qcal.int4_mm_small`` and the rest),
+registered in C++ (``csrc/ops.cpp``, built against PyTorch's headers with ``$CXX``/``g++``) so that a
+compiled decode step pays ~3 us per call; where that build fails, the same operators are registered
+from Python (~10 us).
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ import torch
 
 __all__ = ["available", "native_status", "disabled", "pack_int4", "pack_scales", "int4_mm_small", "supports_shape",
            "decode_attention", "attention_supported", "set_prefetch", "int8_row_sums", "int8_mm_q8",
-           "supports_int8_shape", "dequant_int4", "int8wo_mm", "pack_int4_vnni", "int4_mm_q8"]
+           "dequant_int4", "int8wo_mm", "pack_int4_vnni", "int4_mm_q8"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "int4_small_m.c", _CSRC / "int8_small_m.c", _CSRC / "decode_attention.c", _CSRC / "prefetch.c",
             _CSRC / "dequant_int4.c")
-_HEADERS = (_CSRC / "prefetch.h", _CSRC / "rowquant.h")
+_HEADERS = (_CSRC / "bf16.h", _CSRC / "prefetch.h", _CSRC / "rowquant.h")
 _OP_SOURCE = _CSRC / "ops.cpp"
 _CFLAGS = ["-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma",
            "-fopenmp", "-fPIC"]
@@ -162,7 +164,7 @@ def _load() -> ctypes.CDLL | None:
         _status = "disabled (QCAL_NATIVE=0)"
         return None
     if not _cpu_supported():
-        _status = "unavailable: the CPU lacks AVX512-BF16"
+        _status = "unavailable: the CPU lacks AVX512-BF16 or AVX512-VNNI"
         return None
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
@@ -182,7 +184,8 @@ def _load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status = f"unavailable: build failed ({e})"
-        warnings.warn(f"qcal: native int4 kernel not built, using PyTorch's ops: {e}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"qcal: native int4 kernel not built (nor the other native kernels), using PyTorch's ops: {e}",
+                      RuntimeWarning, stacklevel=3)
         return None
     lib.qcal_int4_mm_small.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -249,6 +252,23 @@ def supports_shape(n: int, k: int, group_size: int) -> bool:
         k // group_size <= MAX_GROUPS
 
 
+def _input(op: str, x: torch.Tensor, k: int) -> torch.Tensor:
+    """The checks every eager entry point makes on its activations (library loaded, 2-D bf16 CPU, ``k``
+    columns); returns them contiguous."""
+    if _load() is None:
+        raise RuntimeError(f"qcal native kernels {native_status()}")
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k:
+        raise TypeError(f"{op}: x must be a 2-D bf16 CPU tensor with {k} columns, got {x.dtype} {tuple(x.shape)} "
+                        f"on {x.device}")
+    return x.contiguous()
+
+
+def _checked(rc: int, what: str) -> None:
+    """Raise for a C kernel's return code (-2: out of memory, else: arguments it refused)."""
+    if rc:
+        raise (MemoryError if rc == -2 else ValueError)(f"qcal native {what} kernel failed (code {rc})")
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Unsigned 4-bit codes ``(N, K)`` (uint8, 0..15) -> the kernel's layout, ``(N, K/2)`` uint8.
 
@@ -280,10 +300,8 @@ def mm4q8_unchecked(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_si
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty((m, n), dtype=torch.bfloat16)
-    rc = _lib.qcal_int4_mm_q8_vnni(x.data_ptr(), w.data_ptr(), sz.data_ptr(), y.data_ptr(), m, n, k, group_size,
-                                   torch.get_num_threads())
-    if rc:
-        raise (MemoryError if rc == -2 else ValueError)(f"qcal native 8da4w kernel failed (code {rc})")
+    _checked(_lib.qcal_int4_mm_q8_vnni(x.data_ptr(), w.data_ptr(), sz.data_ptr(), y.data_ptr(), m, n, k, group_size,
+                                       torch.get_num_threads()), "8da4w")
     return y
 
 
@@ -291,14 +309,10 @@ def int4_mm_q8(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_size: i
     """:func:`mm4q8_unchecked` with checks (eager) or as the operator ``qcal::int4_mm_q8`` (traced)."""
     if torch.compiler.is_compiling():
         return torch.ops.qcal.int4_mm_q8(x, w, sz, group_size)
-    if _load() is None:
-        raise RuntimeError(f"qcal native kernels {native_status()}")
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != w.shape[1] * 2:
-        raise TypeError(f"int4_mm_q8: x must be a 2-D bf16 CPU tensor with {w.shape[1] * 2} columns, got {x.dtype} "
-                        f"{tuple(x.shape)} on {x.device}")
+    x = _input("int4_mm_q8", x, w.shape[1] * 2)
     if not supports_shape(w.shape[0], x.shape[1], group_size):
         raise ValueError(f"int4_mm_q8: unsupported shape (N={w.shape[0]}, K={x.shape[1]}, group_size={group_size})")
-    return mm4q8_unchecked(x.contiguous(), w, sz, group_size)
+    return mm4q8_unchecked(x, w, sz, group_size)
 
 
 def pack_scales(scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
@@ -318,10 +332,8 @@ def mm_unchecked(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: b
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty((m, n), dtype=torch.bfloat16)
-    rc = _lib.qcal_int4_mm_small(x.data_ptr(), w.data_ptr(), sz.data_ptr(), has_zero, y.data_ptr(), m, n, k,
-                                 group_size, torch.get_num_threads())
-    if rc:
-        raise (MemoryError if rc == -2 else ValueError)(f"qcal native int4 kernel failed (code {rc})")
+    _checked(_lib.qcal_int4_mm_small(x.data_ptr(), w.data_ptr(), sz.data_ptr(), has_zero, y.data_ptr(), m, n, k,
+                                     group_size, torch.get_num_threads()), "int4")
     return y
 
 
@@ -347,11 +359,6 @@ def int8_row_sums(qweight: torch.Tensor) -> torch.Tensor:
     return qweight.sum(dim=1, dtype=torch.int32)
 
 
-def supports_int8_shape(n: int, k: int) -> bool:
-    """Shapes the A8W8 kernel handles: any ``n``, ``k > 0``."""
-    return k > 0 and n >= 0
-
-
 def mm8_unchecked(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     """A8W8 with the per-row quantization fused: ``x (M, K)`` contiguous bf16, ``w`` the contiguous ``(N, K)``
     int8 weight, ``wsum`` its :func:`int8_row_sums`, ``ws`` the ``(N,)`` float32 weight scales; ``(M, N)`` bf16.
@@ -359,10 +366,8 @@ def mm8_unchecked(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, ws: torc
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty((m, n), dtype=torch.bfloat16)
-    rc = _lib.qcal_int8_mm_small_q8(x.data_ptr(), w.data_ptr(), wsum.data_ptr(), ws.data_ptr(), y.data_ptr(), m, n,
-                                    k, torch.get_num_threads())
-    if rc:
-        raise (MemoryError if rc == -2 else ValueError)(f"qcal native int8 kernel failed (code {rc})")
+    _checked(_lib.qcal_int8_mm_small_q8(x.data_ptr(), w.data_ptr(), wsum.data_ptr(), ws.data_ptr(), y.data_ptr(), m,
+                                        n, k, torch.get_num_threads()), "A8W8")
     return y
 
 
@@ -371,14 +376,11 @@ def int8_mm_q8(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, ws: torch.T
     rescaled by the row and weight scales: the numbers of ``quantize_per_token`` + ``torch._int_mm``."""
     if torch.compiler.is_compiling():
         return torch.ops.qcal.int8_mm_q8(x, w, wsum, ws)
-    if _load() is None:
-        raise RuntimeError(f"qcal native kernels {native_status()}")
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise TypeError(f"int8_mm_q8: x must be a 2-D bf16 CPU tensor with {w.shape[1]} columns, got {x.dtype} "
-                        f"{tuple(x.shape)} on {x.device}")
-    if not supports_int8_shape(w.shape[0], w.shape[1]) or not w.is_contiguous() or w.dtype != torch.int8:
-        raise ValueError(f"int8_mm_q8: unsupported shape (N={w.shape[0]}, K={w.shape[1]})")
-    return mm8_unchecked(x.contiguous(), w, wsum, ws)
+    x = _input("int8_mm_q8", x, w.shape[1])
+    if not w.is_contiguous() or w.dtype != torch.int8:
+        raise ValueError(f"int8_mm_q8: unsupported shape or layout of w ({tuple(w.shape)}, {w.dtype}; needs a "
+                         f"contiguous int8 tensor)")
+    return mm8_unchecked(x, w, wsum, ws)
 
 
 def mm8wo_unchecked(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
@@ -387,10 +389,8 @@ def mm8wo_unchecked(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty((m, n), dtype=torch.bfloat16)
-    rc = _lib.qcal_int8wo_mm_small(x.data_ptr(), w.data_ptr(), ws.data_ptr(), y.data_ptr(), m, n, k,
-                                   torch.get_num_threads())
-    if rc:
-        raise ValueError(f"qcal native int8 weight-only kernel failed (code {rc})")
+    _checked(_lib.qcal_int8wo_mm_small(x.data_ptr(), w.data_ptr(), ws.data_ptr(), y.data_ptr(), m, n, k,
+                                       torch.get_num_threads()), "int8 weight-only")
     return y
 
 
@@ -398,27 +398,19 @@ def int8wo_mm(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tenso
     """``x (M, K) bf16 @ (w * ws)^T`` for an int8 weight ``w (N, K)`` with per-channel scales ``ws``, in fp32."""
     if torch.compiler.is_compiling():
         return torch.ops.qcal.int8wo_mm(x, w, ws)
-    if _load() is None:
-        raise RuntimeError(f"qcal native kernels {native_status()}")
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise TypeError(f"int8wo_mm: x must be a 2-D bf16 CPU tensor with {w.shape[1]} columns, got {x.dtype} "
-                        f"{tuple(x.shape)} on {x.device}")
+    x = _input("int8wo_mm", x, w.shape[1])
     if not w.is_contiguous() or w.dtype != torch.int8:
         raise ValueError("int8wo_mm: w must be a contiguous int8 tensor")
-    return mm8wo_unchecked(x.contiguous(), w, ws)
+    return mm8wo_unchecked(x, w, ws)
 
 
 def _call(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: bool, group_size: int) -> torch.Tensor:
     """:func:`mm_unchecked` behind the checks a public entry point needs."""
-    if _load() is None:
-        raise RuntimeError(f"qcal native int4 kernel {native_status()}")
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2:
-        raise TypeError(f"int4_mm_small: x must be a 2-D bf16 CPU tensor, got {x.dtype} {tuple(x.shape)} on "
-                        f"{x.device}")
+    x = _input("int4_mm_small", x, w.shape[1] * 2)
     if not supports_shape(w.shape[0], x.shape[1], group_size):
         raise ValueError(f"int4_mm_small: unsupported shape (M={x.shape[0]}, N={w.shape[0]}, K={x.shape[1]}, "
                          f"group_size={group_size})")
-    return mm_unchecked(x.contiguous(), w, sz, has_zero, group_size)
+    return mm_unchecked(x, w, sz, has_zero, group_size)
 
 
 def int4_mm_small(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: bool,
@@ -452,8 +444,7 @@ def _attention_ctypes(q, k, v, mask, scale):
     rc = _lib.qcal_decode_attention(qc.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
                                     out.data_ptr(), q.shape[1], k.shape[1], k.shape[2], q.shape[3], k.stride(1),
                                     k.stride(2), v.stride(1), v.stride(2), float(scale), torch.get_num_threads())
-    if rc:
-        raise (MemoryError if rc == -2 else ValueError)(f"qcal decode attention failed (code {rc})")
+    _checked(rc, "decode attention")
     return out
 
 

@@ -191,15 +191,24 @@ class QModuleMixin:
 
         self.kernel = select_kernel(self)
 
+    def _canonical_state(self) -> tuple | None:
+        """Device and dtypes of the canonical frozen buffers (None when not frozen with quantized weights)."""
+        if not self.__dict__.get("frozen") or getattr(self, "qweight", None) is None:
+            return None
+        return tuple((b.device, b.dtype) for b in (self.qweight, self.weight_scale, self.weight_zero_point)
+                     if b is not None)
+
     def _apply(self, fn, recurse: bool = True):
-        """``.to()``/``.cuda()``/``.half()``...: a frozen module derives its kernel layout afresh.
+        """``.to()``/``.cuda()``/``.half()``...: a frozen module whose canonical buffers changed device or
+        dtype derives its kernel layout afresh.
 
         Derived layouts are functions of the canonical state on the current device and dtype, so a
         moved or cast model computes exactly what a checkpoint loaded in that state computes.
         """
+        before = self._canonical_state()
         out = super()._apply(fn, recurse)
-        if self.__dict__.get("frozen") and getattr(self, "qweight", None) is not None and \
-                self.qweight.device.type != "meta":
+        after = self._canonical_state()
+        if after is not None and after != before and self.qweight.device.type != "meta":
             self.select_kernel()
         return out
 

@@ -11,14 +11,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "bf16.h"
+
 #define QCAL_ATTN_MAX_G 16
 #define QCAL_ATTN_MAX_D 256
 #define QCAL_ATTN_BLOCK 128
 
-static inline __m512 load_bf16(const uint16_t *p) {
-    __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 // e^x for x <= 0: 2^(x log2 e), degree-6 Taylor polynomial of 2^f on [-0.5, 0.5] (relative error ~2e-7).
 static inline __m512 exp_nonpos(__m512 x) {
@@ -55,7 +53,7 @@ static inline __attribute__((always_inline)) void attend_slice(
         if (!any) continue;
         for (int64_t r = 0; r < G; r++) {  // scores of head r: the block's keys stay in L1 across heads
             __m512 qr[QCAL_ATTN_MAX_D / 16];
-            for (int64_t t = 0; t < T; t++) qr[t] = _mm512_mul_ps(load_bf16(q + r * D + 16 * t), _mm512_set1_ps(scale));
+            for (int64_t t = 0; t < T; t++) qr[t] = _mm512_mul_ps(qcal_load_bf16(q + r * D + 16 * t), _mm512_set1_ps(scale));
             float *sr = s[r];
             for (int64_t i = 0; i < nb; i++) {
                 const int64_t j = b0 + i;
@@ -64,8 +62,8 @@ static inline __attribute__((always_inline)) void attend_slice(
                     continue;
                 }
                 const uint16_t *kr = kh + j * k_rs;
-                __m512 d = _mm512_mul_ps(qr[0], load_bf16(kr));
-                for (int64_t t = 1; t < T; t++) d = _mm512_fmadd_ps(qr[t], load_bf16(kr + 16 * t), d);
+                __m512 d = _mm512_mul_ps(qr[0], qcal_load_bf16(kr));
+                for (int64_t t = 1; t < T; t++) d = _mm512_fmadd_ps(qr[t], qcal_load_bf16(kr + 16 * t), d);
                 sr[i] = _mm512_reduce_add_ps(d);
             }
             float bmax = -INFINITY;
@@ -93,7 +91,7 @@ static inline __attribute__((always_inline)) void attend_slice(
                 if (sr[i] == 0.0f) continue;
                 const __m512 p = _mm512_set1_ps(sr[i]);
                 const uint16_t *vr = vh + (b0 + i) * v_rs;
-                for (int64_t t = 0; t < T; t++) a[t] = _mm512_fmadd_ps(p, load_bf16(vr + 16 * t), a[t]);
+                for (int64_t t = 0; t < T; t++) a[t] = _mm512_fmadd_ps(p, qcal_load_bf16(vr + 16 * t), a[t]);
             }
             for (int64_t t = 0; t < T; t++) _mm512_storeu_ps(acc + r * D + 16 * t, a[t]);
         }

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include "bf16.h"
 #include "prefetch.h"
 #include "rowquant.h"
 #include <math.h>
@@ -32,9 +33,6 @@ AI __m512bh nibbles(__m512i v, int q) {
     return (__m512bh)_mm512_ternarylogic_epi32(sh, _mm512_set1_epi16(0x000f), _mm512_set1_epi16(0x4300), 0xEA);
 }
 
-AI __m512 load_bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 
 /* RB blocks of 16 rows (1 or 2) x MM input rows (1..4); two accumulator chains per pair hide latency. */
 AI void tile(const uint16_t *x, int64_t K, const uint8_t *w, int64_t bstride, const uint16_t *sz, int HZ,
@@ -67,13 +65,13 @@ AI void tile(const uint16_t *x, int64_t K, const uint8_t *w, int64_t bstride, co
         }
         for (int b = 0; b < RB; b++) {
             const uint16_t *p = sz + (b * G + g) * 32;
-            __m512 sv = load_bf16x16(p);
+            __m512 sv = qcal_load_bf16(p);
             for (int m = 0; m < MM; m++) {
                 __m512 d = _mm512_sub_ps(_mm512_add_ps(t0[b][m], t1[b][m]), _mm512_set1_ps(136.f * X[m * G + g]));
                 acc[b][m] = _mm512_fmadd_ps(d, sv, acc[b][m]);
             }
             if (HZ) {
-                __m512 zv = load_bf16x16(p + 16);
+                __m512 zv = qcal_load_bf16(p + 16);
                 for (int m = 0; m < MM; m++) acc[b][m] = _mm512_fnmadd_ps(zv, _mm512_set1_ps(X[m * G + g]), acc[b][m]);
             }
         }
@@ -84,12 +82,6 @@ AI void tile(const uint16_t *x, int64_t K, const uint8_t *w, int64_t bstride, co
         }
 }
 
-static float bf16_to_float(uint16_t h) {
-    uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
 
 
 typedef struct {
@@ -136,7 +128,7 @@ static int mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_z
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < G; g++) {
             float acc = 0.f;
-            for (int64_t k = g * gs; k < (g + 1) * gs; k++) acc += bf16_to_float(x[m * K + k]);
+            for (int64_t k = g * gs; k < (g + 1) * gs; k++) acc += qcal_bf16_to_float(x[m * K + k]);
             X[m * G + g] = acc;
         }
     const qcal_next_call next = qcal_pf_step(w, units, 2 * bstride, sz, 2 * G * 32 * 2);
@@ -191,7 +183,7 @@ AI void tile_vnni(const int8_t *xq, int64_t K, const uint8_t *w, int64_t bstride
             }
         }
         for (int b = 0; b < RB; b++) {
-            const __m512 sv = load_bf16x16(sz + (b * G + g) * 32);
+            const __m512 sv = qcal_load_bf16(sz + (b * G + g) * 32);
             for (int m = 0; m < MM; m++) {
                 const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(t[b][m], _mm512_set1_epi32(8 * X[m * G + g])));
                 acc[b][m] = _mm512_fmadd_ps(d, sv, acc[b][m]);
@@ -251,11 +243,7 @@ int qcal_int4_mm_q8_vnni(const uint16_t *x, const uint8_t *w, const uint16_t *sz
         return -2;
     }
     for (int64_t m = 0; m < M; m++) {
-        const float s = qcal_row_scale(x + m * K, K);
-        xs[m] = s;
-        for (int64_t k = 0; k < K; k += 16)
-            _mm_mask_storeu_epi8(xq + m * K + k, qcal_tail16(K - k),
-                                 _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(qcal_codes16(x + m * K, k, K, s))));
+        xs[m] = qcal_quantize_row(x + m * K, K, (uint8_t *)(xq + m * K), 0);
         for (int64_t g = 0; g < G; g++) {
             int32_t acc = 0;
             for (int64_t k = g * gs; k < (g + 1) * gs; k++) acc += xq[m * K + k];

@@ -17,16 +17,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "prefetch.h"
 #include "rowquant.h"
 
 #define AI static inline __attribute__((always_inline))
 
-static uint16_t to_bf16(float f) { /* round to nearest even (finite inputs) */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
-}
 
 /* RB weight rows (1..4) x MM input rows (1..4). */
 AI void tile8(const uint8_t *xq, int64_t K, const int8_t *w, const int32_t *wsum, const float *ws, const float *xs,
@@ -46,7 +42,7 @@ AI void tile8(const uint8_t *xq, int64_t K, const int8_t *w, const int32_t *wsum
     for (int r = 0; r < RB; r++)
         for (int m = 0; m < MM; m++) {
             const int32_t sum = _mm512_reduce_add_epi32(acc[r][m]) - 128 * wsum[r];
-            y[m * ldy + r] = to_bf16((float)sum * xs[m] * ws[r]);
+            y[m * ldy + r] = qcal_float_to_bf16((float)sum * xs[m] * ws[r]);
         }
 }
 
@@ -103,15 +99,7 @@ int qcal_int8_mm_small_q8(const uint16_t *x, const int8_t *w, const int32_t *wsu
         free(xs);
         return -2;
     }
-    for (int64_t m = 0; m < M; m++) {
-        const float s = qcal_row_scale(x + m * K, K);
-        xs[m] = s;
-        for (int64_t k = 0; k < K; k += 16) {
-            const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(qcal_codes16(x + m * K, k, K, s)),
-                                               _mm512_set1_epi32(128));
-            _mm_mask_storeu_epi8(xq + m * K + k, qcal_tail16(K - k), _mm512_cvtepi32_epi8(u));
-        }
-    }
+    for (int64_t m = 0; m < M; m++) xs[m] = qcal_quantize_row(x + m * K, K, xq + m * K, 0x80); /* code + 128 */
     const qcal_next_call next = qcal_pf_step((const uint8_t *)w, units, 4 * K, NULL, 0);
     const a8w8_ctx ctx = {xq, w, wsum, ws, xs, y, N, K};
     qcal_run_units(M, units, nthreads, &next, &ctx, a8w8_unit);
@@ -145,7 +133,7 @@ AI void tile16(const uint16_t *x, int64_t K, const int8_t *w, const float *ws, u
         }
     }
     for (int r = 0; r < RB; r++)
-        for (int m = 0; m < MM; m++) y[m * ldy + r] = to_bf16(_mm512_reduce_add_ps(acc[r][m]) * ws[r]);
+        for (int m = 0; m < MM; m++) y[m * ldy + r] = qcal_float_to_bf16(_mm512_reduce_add_ps(acc[r][m]) * ws[r]);
 }
 
 typedef struct {

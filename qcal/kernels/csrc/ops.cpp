@@ -1,4 +1,4 @@
-// qcal's C kernels as C++ operators (int4_mm_small, int8_mm_q8, int8wo_mm, decode_attention), so
+// qcal's C kernels as C++ operators (int4_mm_small, int4_mm_q8, int8_mm_q8, int8wo_mm, decode_attention), so
 // compiled graphs call them through the dispatcher (about 3 us a call) rather than a Python-registered op
 // (about 10 us). Built with the C sources beside it.
 #include <ATen/Parallel.h>
@@ -8,25 +8,33 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
+
+template <typename T> static const T *in(const at::Tensor &t) { return reinterpret_cast<const T *>(t.const_data_ptr()); }
+static uint16_t *out_bf16(at::Tensor &t) { return reinterpret_cast<uint16_t *>(t.mutable_data_ptr()); }
+
+// The matmul operators' common checks: x (M, K) bf16 on the CPU, w a contiguous (N, K / per_elem) tensor of
+// `wtype`. Returns the contiguous x and the (M, N) bf16 output to fill.
+static std::pair<at::Tensor, at::Tensor> matmul_io(const char *op, const at::Tensor &x, const at::Tensor &w,
+                                                   at::ScalarType wtype, int64_t per_elem) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), op,
+                ": x must be a 2-D bf16 CPU tensor");
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == wtype && w.size(1) * per_elem == x.size(1) && w.is_contiguous(),
+                op, ": w must be the contiguous (N, K", per_elem == 2 ? "/2" : "", ") ", at::toString(wtype),
+                " weight");
+    return {x.contiguous(), at::empty({x.size(0), w.size(0)}, x.options())};
+}
 
 extern "C" int qcal_int4_mm_small(const uint16_t *, const uint8_t *, const uint16_t *, int, uint16_t *, int64_t,
                                   int64_t, int64_t, int64_t, int);
 
 static at::Tensor int4_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &sz, bool has_zero,
                                 int64_t group_size) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
-                "qcal::int4_mm_small: x must be a 2-D bf16 CPU tensor");
-    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) * 2 == x.size(1) && w.is_contiguous(),
-                "qcal::int4_mm_small: w must be the packed (N, K/2) uint8 weight");
+    auto [xc, y] = matmul_io("qcal::int4_mm_small", x, w, at::kByte, 2);
     TORCH_CHECK(sz.scalar_type() == at::kShort && sz.is_contiguous(), "qcal::int4_mm_small: bad scales");
-    at::Tensor xc = x.contiguous();
-    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-    int rc = qcal_int4_mm_small(reinterpret_cast<const uint16_t *>(xc.const_data_ptr()),
-                                reinterpret_cast<const uint8_t *>(w.const_data_ptr()),
-                                reinterpret_cast<const uint16_t *>(sz.const_data_ptr()), has_zero ? 1 : 0,
-                                reinterpret_cast<uint16_t *>(y.mutable_data_ptr()), x.size(0), w.size(0), x.size(1),
-                                group_size, at::get_num_threads());
-    TORCH_CHECK(rc == 0, "qcal::int4_mm_small: unsupported shape");
+    int rc = qcal_int4_mm_small(in<uint16_t>(xc), in<uint8_t>(w), in<uint16_t>(sz), has_zero ? 1 : 0, out_bf16(y),
+                                x.size(0), w.size(0), x.size(1), group_size, at::get_num_threads());
+    TORCH_CHECK(rc == 0, "qcal::int4_mm_small: unsupported shape or out of memory");
     return y;
 }
 
@@ -52,12 +60,10 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, con
     }
     at::Tensor qc = q.contiguous();
     at::Tensor out = at::empty({1, 1, q.size(1), q.size(3)}, q.options());
-    int rc = qcal_decode_attention(
-        reinterpret_cast<const uint16_t *>(qc.const_data_ptr()), reinterpret_cast<const uint16_t *>(k.const_data_ptr()),
-        reinterpret_cast<const uint16_t *>(v.const_data_ptr()),
-        m.defined() ? reinterpret_cast<const uint8_t *>(m.const_data_ptr()) : nullptr,
-        reinterpret_cast<uint16_t *>(out.mutable_data_ptr()), q.size(1), k.size(1), L, q.size(3), k.stride(1),
-        k.stride(2), v.stride(1), v.stride(2), static_cast<float>(scale), at::get_num_threads());
+    int rc = qcal_decode_attention(in<uint16_t>(qc), in<uint16_t>(k), in<uint16_t>(v),
+                                   m.defined() ? in<uint8_t>(m) : nullptr, out_bf16(out), q.size(1), k.size(1), L,
+                                   q.size(3), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+                                   static_cast<float>(scale), at::get_num_threads());
     TORCH_CHECK(rc == 0, "qcal::decode_attention: unsupported shape (heads, head_dim) or out of memory");
     return out;
 }
@@ -66,21 +72,12 @@ extern "C" int qcal_int8_mm_small_q8(const uint16_t *, const int8_t *, const int
                                      int64_t, int64_t, int64_t, int);
 
 static at::Tensor int8_mm_q8(const at::Tensor &x, const at::Tensor &w, const at::Tensor &wsum, const at::Tensor &ws) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
-                "qcal::int8_mm_q8: x must be a 2-D bf16 CPU tensor");
-    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == x.size(1) && w.is_contiguous(),
-                "qcal::int8_mm_q8: w must be the contiguous (N, K) int8 weight");
+    auto [xc, y] = matmul_io("qcal::int8_mm_q8", x, w, at::kChar, 1);
     TORCH_CHECK(wsum.scalar_type() == at::kInt && ws.scalar_type() == at::kFloat && wsum.numel() == w.size(0) &&
                     ws.numel() == w.size(0) && wsum.is_contiguous() && ws.is_contiguous(),
                 "qcal::int8_mm_q8: bad weight sums or scales");
-    at::Tensor xc = x.contiguous();
-    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-    int rc = qcal_int8_mm_small_q8(reinterpret_cast<const uint16_t *>(xc.const_data_ptr()),
-                                   reinterpret_cast<const int8_t *>(w.const_data_ptr()),
-                                   reinterpret_cast<const int32_t *>(wsum.const_data_ptr()),
-                                   reinterpret_cast<const float *>(ws.const_data_ptr()),
-                                   reinterpret_cast<uint16_t *>(y.mutable_data_ptr()), x.size(0), w.size(0), x.size(1),
-                                   at::get_num_threads());
+    int rc = qcal_int8_mm_small_q8(in<uint16_t>(xc), in<int8_t>(w), in<int32_t>(wsum), in<float>(ws), out_bf16(y),
+                                   x.size(0), w.size(0), x.size(1), at::get_num_threads());
     TORCH_CHECK(rc == 0, "qcal::int8_mm_q8: unsupported shape or out of memory");
     return y;
 }
@@ -89,18 +86,10 @@ extern "C" int qcal_int4_mm_q8_vnni(const uint16_t *, const uint8_t *, const uin
                                     int64_t, int64_t, int);
 
 static at::Tensor int4_mm_q8(const at::Tensor &x, const at::Tensor &w, const at::Tensor &sz, int64_t group_size) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
-                "qcal::int4_mm_q8: x must be a 2-D bf16 CPU tensor");
-    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) * 2 == x.size(1) && w.is_contiguous(),
-                "qcal::int4_mm_q8: w must be the packed (N, K/2) uint8 weight");
+    auto [xc, y] = matmul_io("qcal::int4_mm_q8", x, w, at::kByte, 2);
     TORCH_CHECK(sz.scalar_type() == at::kShort && sz.is_contiguous(), "qcal::int4_mm_q8: bad scales");
-    at::Tensor xc = x.contiguous();
-    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-    int rc = qcal_int4_mm_q8_vnni(reinterpret_cast<const uint16_t *>(xc.const_data_ptr()),
-                                  reinterpret_cast<const uint8_t *>(w.const_data_ptr()),
-                                  reinterpret_cast<const uint16_t *>(sz.const_data_ptr()),
-                                  reinterpret_cast<uint16_t *>(y.mutable_data_ptr()), x.size(0), w.size(0), x.size(1),
-                                  group_size, at::get_num_threads());
+    int rc = qcal_int4_mm_q8_vnni(in<uint16_t>(xc), in<uint8_t>(w), in<uint16_t>(sz), out_bf16(y), x.size(0),
+                                  w.size(0), x.size(1), group_size, at::get_num_threads());
     TORCH_CHECK(rc == 0, "qcal::int4_mm_q8: unsupported shape or out of memory");
     return y;
 }
@@ -109,19 +98,11 @@ extern "C" int qcal_int8wo_mm_small(const uint16_t *, const int8_t *, const floa
                                     int64_t, int);
 
 static at::Tensor int8wo_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
-                "qcal::int8wo_mm: x must be a 2-D bf16 CPU tensor");
-    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.size(1) == x.size(1) && w.is_contiguous(),
-                "qcal::int8wo_mm: w must be the contiguous (N, K) int8 weight");
+    auto [xc, y] = matmul_io("qcal::int8wo_mm", x, w, at::kChar, 1);
     TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.numel() == w.size(0) && ws.is_contiguous(),
                 "qcal::int8wo_mm: bad weight scales");
-    at::Tensor xc = x.contiguous();
-    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-    int rc = qcal_int8wo_mm_small(reinterpret_cast<const uint16_t *>(xc.const_data_ptr()),
-                                  reinterpret_cast<const int8_t *>(w.const_data_ptr()),
-                                  reinterpret_cast<const float *>(ws.const_data_ptr()),
-                                  reinterpret_cast<uint16_t *>(y.mutable_data_ptr()), x.size(0), w.size(0), x.size(1),
-                                  at::get_num_threads());
+    int rc = qcal_int8wo_mm_small(in<uint16_t>(xc), in<int8_t>(w), in<float>(ws), out_bf16(y), x.size(0), w.size(0),
+                                  x.size(1), at::get_num_threads());
     TORCH_CHECK(rc == 0, "qcal::int8wo_mm: unsupported shape");
     return y;
 }

@@ -9,28 +9,24 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-static inline __mmask16 qcal_tail16(int64_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-}
+#include "bf16.h"
 
-static inline __m512 qcal_load_bf16_masked(const uint16_t *p, __mmask16 live) {
-    __m256i h = _mm256_maskz_loadu_epi16(live, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* The row's scale; codes (as fp32 integers in [-127, 127]) go to emit(k, 16 codes, mask). */
-static inline float qcal_row_scale(const uint16_t *x, int64_t K) {
+/* Quantize one row of K values into bytes q[0..K) and return its scale. The bytes are the int8 codes XOR
+   `flip`: 0 gives signed codes, 0x80 gives code + 128 as unsigned (for vpdpbusd's unsigned operand). */
+static inline float qcal_quantize_row(const uint16_t *x, int64_t K, uint8_t *q, uint8_t flip) {
     __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16)
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(qcal_load_bf16_masked(x + k, qcal_tail16(K - k))));
+    const float scale = FLT_MIN + _mm512_reduce_max_ps(amax) / 127.f;
+    const __m512 vs = _mm512_set1_ps(scale);
+    const __m128i vf = _mm_set1_epi8((char)flip);
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 live = qcal_tail16(K - k);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(qcal_load_bf16_masked(x + k, live)));
+        const __m512 c = _mm512_roundscale_ps(_mm512_div_ps(qcal_load_bf16_masked(x + k, live), vs),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_mask_storeu_epi8(q + k, live, _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c)), vf));
     }
-    return FLT_MIN + _mm512_reduce_max_ps(amax) / 127.f;
-}
-
-static inline __m512 qcal_codes16(const uint16_t *x, int64_t k, int64_t K, float scale) {
-    const __m512 v = qcal_load_bf16_masked(x + k, qcal_tail16(K - k));
-    return _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(scale)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return scale;
 }
 
 #endif
