@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention of every timed model, the bf16 baseline too: auto (qcal's one-query decode "
                    "kernel where it runs, else the model's own), model (the model's own), qcal, sdpa or eager; with "
                    "--compile, auto is qcal's kernel or eager (default: %(default)s)")
+    p.add_argument("--runtime", default="auto", choices=["auto", "lean", "hf"],
+                   help="what runs the timed generation of every model, the bf16 baseline too: lean (qcal.generation: "
+                   "a flat decode loop with a static KV cache and native elementwise kernels, Llama-family bf16 "
+                   "models on an AVX512-BF16 CPU), hf (the model's own forward with a dynamic cache, attention "
+                   "from --attention), or auto: lean where it runs every timed model and --compile is off, else hf "
+                   "(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and speed prompts")
@@ -108,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", default=None,
                    help="write one JSON record per scheme with keys scheme, token_ppl, word_ppl, "
                    "prefill_tok_s, decode_tok_s, prefill_ratio, decode_ratio, model_bytes, peak_mem_bytes, "
-                   "quantize_s")
+                   "quantize_s, speed_runtime")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="save a model-size vs perplexity scatter plot, one point per scheme")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -124,7 +130,7 @@ def _attention(name: str, device: str) -> str | None:
     return resolve(name, fallback=None, device=device)
 
 
-def _summary(args: argparse.Namespace, threads: int) -> str:
+def _summary(args: argparse.Namespace, threads: int, results: Sequence[SchemeResult] = ()) -> str:
     parts = [f"model {args.model}", f"task {args.task}", f"device {args.device}, {threads} threads"]
     if "ppl" in args.metrics:
         windows = "all" if args.limit is None else f"first {args.limit}"
@@ -132,9 +138,14 @@ def _summary(args: argparse.Namespace, threads: int) -> str:
     if "word_ppl" in args.metrics:
         parts.append(f"word ppl: {'all' if args.doc_limit is None else args.doc_limit} articles")
     if "speed" in args.metrics:
-        attention = _attention(args.attention, args.device) or "model's own"
+        runtime = next((r.speed_runtime for r in results if r.speed_runtime), None)
+        if runtime == "lean":
+            how = "runtime lean (qcal.generation)"
+        else:
+            attention = _attention(args.attention, args.device) or "model's own"
+            how = f"runtime hf, attention {attention}"
         parts.append(f"speed: prefill {args.prefill_len}, decode {args.new_tokens} tokens, "
-                     f"median of {args.repeats}, attention {attention} (all models)")
+                     f"median of {args.repeats}, {how} (all models)")
     if args.compile:
         parts.append("torch.compile")
     return " | ".join(parts)
@@ -170,11 +181,11 @@ def run(args: argparse.Namespace) -> list[SchemeResult]:
         max_length=args.max_length, batch_size=args.batch_size, prefill_len=args.prefill_len,
         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
         quantize_lm_head=args.quantize_lm_head, compile=args.compile, seed=args.seed,
-        attention=_attention(args.attention, args.device),
+        attention=_attention(args.attention, args.device), runtime=args.runtime,
         progress=not args.no_progress,
     )
     results = evaluate_schemes(model, tokenizer, args.quant, cfg, input_ids=input_ids, docs=docs, calib=calib)
-    print("\n" + _summary(args, torch.get_num_threads()))
+    print("\n" + _summary(args, torch.get_num_threads(), results))
     print(format_table(results))
     if args.json:
         write_json(results, args.json)
@@ -194,12 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from .data import DataUnavailableError
     from .models import ModelUnavailableError
-    from .runner import UnknownSchemeError
+    from .runner import RuntimeUnavailableError, UnknownSchemeError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         run(args)
-    except (DataUnavailableError, ModelUnavailableError, UnknownSchemeError) as error:
+    except (DataUnavailableError, ModelUnavailableError, UnknownSchemeError, RuntimeUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

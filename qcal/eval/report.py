@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict, dataclass
 
 JSON_KEYS = ("scheme", "token_ppl", "word_ppl", "prefill_tok_s", "decode_tok_s", "prefill_ratio",
-             "decode_ratio", "model_bytes", "peak_mem_bytes", "quantize_s")
+             "decode_ratio", "model_bytes", "peak_mem_bytes", "quantize_s", "speed_runtime")
 
 
 @dataclass
@@ -25,6 +25,7 @@ class SchemeResult:
     model_bytes: int | None = None
     peak_mem_bytes: int | None = None
     quantize_s: float | None = None
+    speed_runtime: str | None = None  # "lean" or "hf": what ran the timed generation (all models alike)
 
     def record(self) -> dict:
         """The JSON record: exactly :data:`JSON_KEYS`, NaN written as null."""

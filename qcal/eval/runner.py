@@ -37,6 +37,7 @@ class EvalConfig:
     quantize_lm_head: bool = False
     compile: bool = False
     attention: str | None = None
+    runtime: str = "hf"
     seed: int = 0
     progress: bool = True
 
@@ -102,7 +103,7 @@ def evaluate_schemes(
         result.peak_mem_bytes = peak.bytes
         results.append(result)
         if "speed" in cfg.metrics:
-            runnable[scheme] = _speed_runner(quantized, cfg)
+            runnable[scheme] = quantized
         del quantized, runner
         gc.collect()
     if "speed" in cfg.metrics:
@@ -130,12 +131,44 @@ def _evaluate_quality(
         time_generation(model, torch.zeros(1, cfg.prefill_len, dtype=torch.long), 0)
 
 
-def _speed_runner(model: torch.nn.Module, cfg: EvalConfig):
-    """What the speed rounds time: the eager model, or with ``compile`` a static-cache compiled generator.
+RUNTIMES = ("auto", "lean", "hf")
+
+
+class RuntimeUnavailableError(ValueError):
+    """``runtime="lean"`` asked for a model (or with ``compile``) it cannot run."""
+
+
+def choose_runtime(models: Sequence[torch.nn.Module], cfg: EvalConfig) -> str:
+    """The runtime every timed model uses: ``cfg.runtime``, or for ``"auto"`` :class:`qcal.generation.LeanGenerator`
+    (``"lean"``) when it runs all of them (bf16 CPU Llama-family models, no ``compile``), else ``"hf"``.
+    ``"lean"`` asked for a model it cannot run raises :class:`RuntimeUnavailableError` with the reason."""
+    from qcal.generation import unsupported_reason
+
+    if cfg.runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {cfg.runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if cfg.runtime == "hf" or (cfg.runtime == "auto" and cfg.compile):
+        return "hf"
+    if cfg.runtime == "lean" and cfg.compile:
+        raise RuntimeUnavailableError("runtime 'lean' is eager: it cannot be combined with compile")
+    reasons = [r for r in map(unsupported_reason, models) if r is not None]
+    if not reasons:
+        return "lean"
+    if cfg.runtime == "lean":
+        raise RuntimeUnavailableError(f"runtime 'lean' cannot run every timed model: {reasons[0]}")
+    return "hf"
+
+
+def _speed_runner(model: torch.nn.Module, cfg: EvalConfig, runtime: str = "hf"):
+    """What the speed rounds time: with ``runtime="lean"`` a :class:`qcal.generation.LeanGenerator`, else the eager
+    model, or with ``compile`` a static-cache compiled generator.
 
     ``cfg.attention`` (a Hugging Face attention name, ``"qcal"`` or ``"auto"``; None = the model's own,
-    and the generator's default when compiled) is set on every timed model, the bf16 baseline too.
+    and the generator's default when compiled) is set on every Hugging Face-run model, the bf16 baseline too.
     """
+    if runtime == "lean":
+        from qcal.generation import LeanGenerator
+
+        return LeanGenerator(model, cfg.prefill_len + cfg.new_tokens)
     if cfg.compile:
         return StaticCacheGenerator(model, cfg.prefill_len + cfg.new_tokens,
                                     **({} if cfg.attention is None else {"attn_implementation": cfg.attention}))
@@ -149,13 +182,16 @@ def _speed_runner(model: torch.nn.Module, cfg: EvalConfig):
 def _add_speed(
     model: torch.nn.Module, results: list[SchemeResult], runnable: dict[str, torch.nn.Module], cfg: EvalConfig
 ) -> None:
-    """Time all models alternately (adding a bf16 copy when it is not among them) and fill in ratios."""
+    """Time all models alternately (adding a bf16 copy when it is not among them), all through one runtime
+    (:func:`choose_runtime`), and fill in ratios."""
     models = dict(runnable)
     if BASELINE not in models:
         baseline, _ = quantized_copy(model, BASELINE, cfg, None)
-        models = {BASELINE: _speed_runner(baseline, cfg)} | models
+        models = {BASELINE: baseline} | models
+    runtime = choose_runtime(list(models.values()), cfg)
+    runners = {name: _speed_runner(m, cfg, runtime) for name, m in models.items()}
     speeds = measure_speed(
-        models, vocab_size=model.get_input_embeddings().num_embeddings, prefill_len=cfg.prefill_len,
+        runners, vocab_size=model.get_input_embeddings().num_embeddings, prefill_len=cfg.prefill_len,
         new_tokens=cfg.new_tokens, repeats=cfg.repeats, warmup=cfg.warmup, seed=cfg.seed,
     )
     base = speeds[BASELINE]
@@ -164,3 +200,4 @@ def _add_speed(
         result.prefill_tok_s, result.decode_tok_s = speed.prefill_tok_s, speed.decode_tok_s
         result.prefill_ratio = speed.prefill_tok_s / base.prefill_tok_s
         result.decode_ratio = speed.decode_tok_s / base.decode_tok_s
+        result.speed_runtime = runtime

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..generation import greedy_steps
 from .speed import _forward_params
 
 __all__ = ["StaticCacheGenerator"]
@@ -97,14 +98,6 @@ class StaticCacheGenerator:
         token = self.forward(prompt, torch.arange(n, device=device))[:, -1:].argmax(-1)
         sync()
         prefill = time.perf_counter() - start
-        tokens = []
-        start = time.perf_counter()
-        for i in range(new_tokens):
-            if _keep:
-                tokens.append(token)
-            token = self.forward(token, positions[i])[:, -1:].argmax(-1)
-        sync()
-        decode = time.perf_counter() - start
-        if _keep:
-            return prefill, decode, torch.cat(tokens, dim=1) if tokens else prompt[:, :0]
-        return prefill, decode
+        decode, tokens = greedy_steps(lambda i, t: self.forward(t, positions[i])[:, -1:].argmax(-1), token, new_tokens,
+                                      _keep, sync)
+        return (prefill, decode, tokens) if _keep else (prefill, decode)

@@ -7,7 +7,9 @@
 * ``int8_small_m.c``: A8W8 (row quantization fused, VNNI, the weight read in place: the integers of
   ``torch._int_mm``) and int8 weight-only (bf16 dot products on the weight in place), small M;
 * ``dequant_int4.c``: one-pass int4 -> bf16 for the prefill path;
-* ``decode_attention.c``: one-query attention over a bf16 KV cache (:mod:`qcal.kernels.attention`).
+* ``decode_attention.c``: one-query attention over a bf16 KV cache (:mod:`qcal.kernels.attention`);
+* ``decode_ops.c``: a Llama layer's elementwise steps (residual add + RMSNorm, rotary embedding into the
+  KV cache, SiLU x up) with Hugging Face's bf16 rounding, one call each (:mod:`qcal.generation`).
 Figures: ``benchmarks/bench_kernels.py``, BENCHMARKS.md.
 
 The C source is compiled once per source/compiler/torch version with the system C compiler (``$CC``,
@@ -38,12 +40,12 @@ import torch
 
 __all__ = ["available", "native_status", "disabled", "pack_int4", "pack_scales", "int4_mm_small", "supports_shape",
            "decode_attention", "attention_supported", "set_prefetch", "int8_row_sums", "int8_mm_q8",
-           "dequant_int4", "int8wo_mm", "pack_int4_vnni", "int4_mm_q8"]
+           "dequant_int4", "int8wo_mm", "pack_int4_vnni", "int4_mm_q8", "add_rmsnorm", "rope_store", "silu_mul"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "int4_small_m.c", _CSRC / "int8_small_m.c", _CSRC / "decode_attention.c", _CSRC / "prefetch.c",
-            _CSRC / "dequant_int4.c")
-_HEADERS = (_CSRC / "bf16.h", _CSRC / "prefetch.h", _CSRC / "rowquant.h")
+            _CSRC / "dequant_int4.c", _CSRC / "decode_ops.c")
+_HEADERS = (_CSRC / "bf16.h", _CSRC / "prefetch.h", _CSRC / "rowquant.h", _CSRC / "vexp.h")
 _OP_SOURCE = _CSRC / "ops.cpp"
 _CFLAGS = ["-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma",
            "-fopenmp", "-fPIC"]
@@ -201,6 +203,13 @@ def _load() -> ctypes.CDLL | None:
     lib.qcal_int4_mm_q8_vnni.restype = ctypes.c_int
     lib.qcal_dequant_int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qcal_dequant_int4.restype = ctypes.c_int
+    lib.qcal_add_rmsnorm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    lib.qcal_add_rmsnorm.restype = ctypes.c_int
+    lib.qcal_rope_store.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [
+        ctypes.c_void_p] * 2
+    lib.qcal_rope_store.restype = ctypes.c_int
+    lib.qcal_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+    lib.qcal_silu_mul.restype = ctypes.c_int
     lib.qcal_set_prefetch.argtypes = [ctypes.c_int]
     lib.qcal_set_prefetch(int(os.environ.get("QCAL_PREFETCH", "0") == "1"))
     if not op:
@@ -459,3 +468,52 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         raise ValueError(f"decode_attention: unsupported inputs q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, "
                          f"mask {None if mask is None else (tuple(mask.shape), mask.dtype)} ({native_status()})")
     return torch.ops.qcal.decode_attention(q, k, v, mask, scale)
+
+
+def _bf16_rows(op: str, **tensors: torch.Tensor) -> None:
+    if _load() is None:
+        raise RuntimeError(f"qcal native kernels {native_status()}")
+    for name, t in tensors.items():
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+            raise TypeError(f"{op}: {name} must be a contiguous bf16 CPU tensor, got {t.dtype} {tuple(t.shape)} "
+                            f"on {t.device}")
+
+
+def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x += delta`` in place (when given), then ``LlamaRMSNorm`` of the rows of ``x (M, N)`` with ``weight (N,)``,
+    rounded as Hugging Face's bf16 ops; returns ``out`` (allocated when None)."""
+    out = torch.empty_like(x) if out is None else out
+    extra = {} if delta is None else {"delta": delta}
+    _bf16_rows("add_rmsnorm", x=x, weight=weight, out=out, **extra)
+    if x.dim() != 2 or weight.shape != (x.shape[1],) or out.shape != x.shape or (
+            delta is not None and delta.shape != x.shape):
+        raise ValueError(f"add_rmsnorm: shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}, out "
+                         f"{tuple(out.shape)}, delta {None if delta is None else tuple(delta.shape)}")
+    _checked(_lib.qcal_add_rmsnorm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                                   out.data_ptr(), x.shape[0], x.shape[1], float(eps)), "rmsnorm")
+    return out
+
+
+def rope_store(src: torch.Tensor, dst: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
+    """Rotary embedding (Hugging Face's rotate-half form, bf16 rounding) of ``src (M, H, D)`` written to ``dst``
+    (any strides, last dimension contiguous; ``dst`` may be ``src``); ``cos``/``sin`` ``(M, D)``. With ``cos``
+    None: a plain copy."""
+    _bf16_rows("rope_store", src=src, **({} if cos is None else {"cos": cos, "sin": sin}))
+    m, h, d = src.shape
+    if dst.shape != src.shape or dst.dtype != torch.bfloat16 or dst.stride(2) != 1 or (
+            cos is not None and (cos.shape != (m, d) or sin is None or sin.shape != (m, d))):
+        raise ValueError(f"rope_store: shapes src {tuple(src.shape)}, dst {tuple(dst.shape)} (stride "
+                         f"{dst.stride()}), cos {None if cos is None else tuple(cos.shape)}")
+    _checked(_lib.qcal_rope_store(src.data_ptr(), h * d, dst.data_ptr(), dst.stride(0), dst.stride(1), m, h, d,
+                                  None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr()),
+             "rope")
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``gate = silu(gate) * up`` in place, each step rounded to bf16 as in Hugging Face's ``LlamaMLP``."""
+    _bf16_rows("silu_mul", gate=gate, up=up)
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    _checked(_lib.qcal_silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel()), "silu_mul")
+    return gate

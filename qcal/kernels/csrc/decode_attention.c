@@ -12,27 +12,12 @@
 #include <stdlib.h>
 
 #include "bf16.h"
+#include "vexp.h"
 
 #define QCAL_ATTN_MAX_G 16
 #define QCAL_ATTN_MAX_D 256
 #define QCAL_ATTN_BLOCK 128
 
-
-// e^x for x <= 0: 2^(x log2 e), degree-6 Taylor polynomial of 2^f on [-0.5, 0.5] (relative error ~2e-7).
-static inline __m512 exp_nonpos(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 // One work item: KV head g's G query heads over positions [j0, j1). Leaves the running max m[r],
 // sum l[r] and unnormalised accumulator acc[r * D ...] for each query head r.
@@ -82,7 +67,7 @@ static inline __attribute__((always_inline)) void attend_slice(
                 const __mmask16 tail = (nb - i) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - i)) - 1);
                 __m512 x = _mm512_maskz_loadu_ps(tail, sr + i);
                 const __mmask16 live = _mm512_mask_cmp_ps_mask(tail, x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-                __m512 p = _mm512_maskz_mov_ps(live, exp_nonpos(_mm512_sub_ps(x, vm)));
+                __m512 p = _mm512_maskz_mov_ps(live, qcal_exp_nonpos(_mm512_sub_ps(x, vm)));
                 _mm512_mask_storeu_ps(sr + i, tail, p);
                 sum = _mm512_add_ps(sum, p);
             }

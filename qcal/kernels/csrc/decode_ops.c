@@ -1,0 +1,112 @@
+// The elementwise steps of a Llama decoder layer in bf16, one call each (AVX512), with Hugging Face's
+// rounding: every PyTorch op of the reference rounds its result to bf16, and so does each step here.
+//
+// qcal_add_rmsnorm: x += delta (in place, rounded), out = w * bf16(x * rsqrt(mean(x^2) + eps)) (LlamaRMSNorm);
+// qcal_rope_store:  rotary embedding (rotate-half form) of head rows, written to any strided destination
+//                   (the query in place, the key into its cache slot), or a plain strided copy (the value);
+// qcal_silu_mul:    g = bf16(bf16(silu(g)) * u) (LlamaMLP's act_fn(gate) * up).
+// Row lengths need not be multiples of 16. Single-threaded: at decode sizes a thread team costs more than it saves.
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "bf16.h"
+#include "vexp.h"
+
+#define QCAL_ROPE_MAX_D 512
+
+static inline __m512 round_bf16(__m512 v) {  // fp32 -> nearest bf16 -> fp32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+static inline void store_bf16(uint16_t *p, __m512 v, __mmask16 live) {
+    _mm256_mask_storeu_epi16(p, live, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+int qcal_add_rmsnorm(uint16_t *x, const uint16_t *delta, const uint16_t *w, uint16_t *out, int64_t m, int64_t n,
+                     float eps) {
+    if (m < 0 || n <= 0) return -1;
+    for (int64_t r = 0; r < m; r++) {
+        uint16_t *xr = x + r * n;
+        __m512 ss = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 live = qcal_tail16(n - j);
+            __m512 v = qcal_load_bf16_masked(xr + j, live);
+            if (delta) {
+                v = round_bf16(_mm512_add_ps(v, qcal_load_bf16_masked(delta + r * n + j, live)));
+                store_bf16(xr + j, v, live);
+            }
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        const float inv = 1.0f / __builtin_sqrtf(_mm512_reduce_add_ps(ss) / (float)n + eps);
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 live = qcal_tail16(n - j);
+            const __m512 h = round_bf16(_mm512_mul_ps(qcal_load_bf16_masked(xr + j, live), vinv));
+            store_bf16(out + r * n + j, _mm512_mul_ps(h, qcal_load_bf16_masked(w + j, live)), live);
+        }
+    }
+    return 0;
+}
+
+int qcal_rope_store(const uint16_t *src, int64_t src_tok_stride, uint16_t *dst, int64_t dst_tok_stride,
+                    int64_t dst_head_stride, int64_t m, int64_t heads, int64_t d, const uint16_t *cos,
+                    const uint16_t *sin) {
+    if (m < 0 || heads <= 0 || d <= 0 || d % 2 || d > QCAL_ROPE_MAX_D) return -1;
+    const int64_t half = d / 2;
+    float row[QCAL_ROPE_MAX_D] __attribute__((aligned(64)));
+    for (int64_t t = 0; t < m; t++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *s = src + t * src_tok_stride + h * d;
+            uint16_t *o = dst + t * dst_tok_stride + h * dst_head_stride;
+            if (!cos) {
+                for (int64_t j = 0; j < d; j += 16) {
+                    const __mmask16 live = qcal_tail16(d - j);
+                    _mm256_mask_storeu_epi16(o + j, live, _mm256_maskz_loadu_epi16(live, s + j));
+                }
+                continue;
+            }
+            for (int64_t j = 0; j < d; j += 16) {  // read the whole row first: src may be dst
+                const __mmask16 live = qcal_tail16(d - j);
+                _mm512_mask_storeu_ps(row + j, live, qcal_load_bf16_masked(s + j, live));
+            }
+            const uint16_t *c = cos + t * d, *sn = sin + t * d;
+            for (int64_t j = 0; j < d; j += 16) {
+                const __mmask16 live = qcal_tail16(d - j);
+                __m512 rot;  // rotate_half: (-x2, x1)
+                if (j + 16 <= half) {
+                    rot = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(row + half + j));
+                } else if (j >= half) {
+                    rot = _mm512_loadu_ps(row + j - half);
+                } else {  // a block straddling the middle (half not a multiple of 16)
+                    float tmp[16];
+                    for (int64_t i = 0; i < 16; i++) {
+                        const int64_t jj = j + i;
+                        tmp[i] = jj >= d ? 0.0f : (jj < half ? -row[jj + half] : row[jj - half]);
+                    }
+                    rot = _mm512_loadu_ps(tmp);
+                }
+                const __m512 a = round_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, row + j),
+                                                          qcal_load_bf16_masked(c + j, live)));
+                const __m512 b = round_bf16(_mm512_mul_ps(rot, qcal_load_bf16_masked(sn + j, live)));
+                store_bf16(o + j, _mm512_add_ps(a, b), live);
+            }
+        }
+    }
+    return 0;
+}
+
+int qcal_silu_mul(uint16_t *g, const uint16_t *u, int64_t n) {
+    if (n < 0) return -1;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 live = qcal_tail16(n - j);
+        const __m512 x = qcal_load_bf16_masked(g + j, live);
+        // silu(x) = x / (1 + e^-x); with e = e^-|x|: x / (1 + e) for x >= 0, x e / (1 + e) below
+        const __m512 e = qcal_exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+        const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+        const __m512 num = _mm512_mask_mul_ps(x, neg, x, e);
+        const __m512 s = round_bf16(_mm512_div_ps(num, _mm512_add_ps(one, e)));
+        store_bf16(g + j, _mm512_mul_ps(s, qcal_load_bf16_masked(u + j, live)), live);
+    }
+    return 0;
+}
