@@ -2,11 +2,12 @@
 
 Small ``M`` (decode) runs the packed weight-only ops (tinygemm int4, ``_weight_int8pack_mm``) in
 bf16 -- they are 10-100x slower with fp32 inputs -- and large ``M`` (prefill) dequantizes the
-weight once and runs a bf16 GEMM. Dynamic int8 activations always take ``torch._int_mm`` (the
-int8 GEMM stays faster than bf16 at every ``M`` on AVX512-VNNI). On AVX512-BF16 CPUs the int4 kernels
-(weight-only and 8da4w) run qcal's native kernel (:mod:`qcal.kernels.native`) for small ``M`` instead
-of tinygemm. ``max_small_m`` crossovers were measured with ``benchmarks/bench_kernels.py`` on 2 AVX512
-cores (torch 2.13).
+weight once and runs a bf16 GEMM. Dynamic int8 activations take ``torch._int_mm``. On AVX512-BF16/VNNI
+CPUs every scheme runs qcal's native kernels (:mod:`qcal.kernels.native`) instead: small-``M`` kernels
+reading the weight as it streams, and for large ``M`` panel kernels that re-lay a few rows of the
+canonical weight at a time for many input rows (A8W8 1.3-2x bf16 at M >= 16, where ``_int_mm`` falls
+to 0.3-1.3x; weight-only on par with bf16, ahead of dequantize + GEMM). ``max_small_m`` crossovers were
+measured with ``benchmarks/bench_kernels.py --crossover`` on 2 AVX512 cores (torch 2.13).
 """
 
 from __future__ import annotations
@@ -149,6 +150,11 @@ class Int8DynamicInt4(_Int4Packed):
         return F.linear(xq.to(torch.bfloat16), dequant_int4(module, torch.bfloat16)) * xs
 
 
+def _panel_input(x2: torch.Tensor) -> bool:
+    """Whether the large-M native panel kernels take this input (eager bf16 CPU rows)."""
+    return x2.dtype is torch.bfloat16 and x2.is_cpu and not torch.compiler.is_compiling() and native.available()
+
+
 class _NativeFast:
     """Eager bf16 small-M calls straight into a native kernel (``fast_mm``), skipping the generic plumbing of
     :class:`LinearKernel` (~10 us less per call: eager decode is per-call overhead bound)."""
@@ -205,13 +211,22 @@ class Int4WeightOnlyNative(_Int4Native, Int4WeightOnly):
     """A16W4 on AVX512-BF16 CPUs: qcal's native kernel for small M, dequant+GEMM above."""
 
     name = "cpu_int4wo_native"
-    max_small_m = 128  # beats dequant+GEMM up to M=256 on the model's layer shapes (bench_kernels --crossover)
+    max_small_m = 64  # vs the panel kernel: small wins to M=64, panel from 128 (bench_kernels --crossover)
+    large_path = "qcal panel int4 mm (bf16 inputs; else dequant+bf16 mm)"
 
     def supports_linear(self, module) -> bool:
         return _weight_only(module) and self.supports_native(module)
 
     def small(self, module, x2):
         return self.native_mm(module, x2)
+
+    def large(self, module, x2):
+        s, zp = module.weight_scale, module.weight_zero_point
+        n, k = module.qweight.shape[0], module.qweight.shape[1] * 2
+        if _panel_input(x2) and native.panel_supported(n, k, k // s.shape[1]):
+            return native.w4_mm_panel(x2.contiguous(), module.qweight.contiguous(), s.float().contiguous(),
+                                      None if zp is None else zp.float().contiguous(), k // s.shape[1])
+        return super().large(module, x2)
 
 
 class Int8DynamicInt4Native(_Int4Native, Int8DynamicInt4):
@@ -257,9 +272,15 @@ class Int8DynamicInt8Native(_Int8Native, Int8DynamicInt8):
     integer sums as ``quantize_per_token`` + ``_int_mm``, one rounding), for small M; ``_int_mm`` above."""
 
     name = "cpu_int8dq_native"
-    max_small_m = 32  # beats _int_mm up to M=32 on the layer shapes (bench_kernels --crossover --schemes int8dq)
+    max_small_m = 8  # vs the panel kernel: small wins to M=8, panel from 16 (bench_kernels --crossover)
     small_path = "qcal avx512-vnni int8 mm, row quantization fused (bf16 inputs)"
-    large_path = "per-token quant + _int_mm + rescale"
+    large_path = "qcal panel avx512-vnni int8 mm (bf16 inputs; else per-token quant + _int_mm + rescale)"
+
+    def large(self, module, x2):
+        if _panel_input(x2) and native.panel_supported(*module.qweight.shape):
+            b = module._buffers
+            return native.a8w8_mm_panel(x2.contiguous(), b["qweight"], b["_k_i8sum"], b["_k_i8ws"].view(torch.float32))
+        return super().large(module, x2)
 
     @torch.no_grad()
     def prepare(self, module) -> None:
@@ -281,8 +302,15 @@ class Int8WeightOnlyNative(_Int8Native, Int8WeightOnly):
     """A16W8 on AVX512-BF16 CPUs: qcal's native kernel reads the int8 weight in place (bf16 activations)."""
 
     name = "cpu_int8wo_native"
-    max_small_m = 16  # bench_kernels --crossover --schemes int8wo
+    max_small_m = 4  # vs the panel kernel: small wins to M=4, panel from 8 on 3 of 4 shapes (bench_kernels --crossover)
     small_path = "qcal avx512-bf16 int8 mm (weight in place)"
+    large_path = "qcal panel avx512-bf16 int8 mm (bf16 inputs; else dequant+bf16 mm)"
+
+    def large(self, module, x2):
+        if _panel_input(x2) and native.panel_supported(*module.qweight.shape):
+            b = module._buffers
+            return native.w8_mm_panel(x2.contiguous(), b["qweight"], b["_k_i8ws"].view(torch.float32))
+        return super().large(module, x2)
 
     def fast_mm(self, module, x2: torch.Tensor) -> torch.Tensor:
         b = module._buffers

@@ -6,7 +6,9 @@
   multiplied through VNNI (exact integer sums, any number of rows);
 * ``int8_small_m.c``: A8W8 (row quantization fused, VNNI, the weight read in place: the integers of
   ``torch._int_mm``) and int8 weight-only (bf16 dot products on the weight in place), small M;
-* ``dequant_int4.c``: one-pass int4 -> bf16 for the prefill path;
+* ``dequant_int4.c``: one-pass int4 -> bf16 (fp32 inputs' large-M path);
+* ``panel_mm.c``: large-M (prefill) A8W8, int8 and int4 weight-only GEMMs on the canonical weights, each
+  thread re-laying a panel of its rows at a time (no second copy of the weight);
 * ``decode_attention.c``: one-query attention over a bf16 KV cache (:mod:`qcal.kernels.attention`);
 * ``decode_ops.c``: a Llama layer's elementwise steps (residual add + RMSNorm, rotary embedding into the
   KV cache, SiLU x up) with Hugging Face's bf16 rounding, one call each (:mod:`qcal.generation`).
@@ -40,17 +42,35 @@ import torch
 
 __all__ = ["available", "native_status", "disabled", "pack_int4", "pack_scales", "int4_mm_small", "supports_shape",
            "decode_attention", "attention_supported", "set_prefetch", "int8_row_sums", "int8_mm_q8",
-           "dequant_int4", "int8wo_mm", "pack_int4_vnni", "int4_mm_q8", "add_rmsnorm", "rope_store", "silu_mul"]
+           "dequant_int4", "int8wo_mm", "pack_int4_vnni", "int4_mm_q8", "add_rmsnorm", "rope_store", "silu_mul",
+           "a8w8_mm_panel", "w8_mm_panel", "w4_mm_panel", "panel_supported"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "int4_small_m.c", _CSRC / "int8_small_m.c", _CSRC / "decode_attention.c", _CSRC / "prefetch.c",
-            _CSRC / "dequant_int4.c", _CSRC / "decode_ops.c")
-_HEADERS = (_CSRC / "bf16.h", _CSRC / "prefetch.h", _CSRC / "rowquant.h", _CSRC / "vexp.h")
+            _CSRC / "dequant_int4.c", _CSRC / "decode_ops.c", _CSRC / "panel_mm.c")
+_HEADERS = (_CSRC / "bf16.h", _CSRC / "prefetch.h", _CSRC / "rowquant.h", _CSRC / "vexp.h", _CSRC / "tiles.h",
+            _CSRC / "a8w8.h")
 _OP_SOURCE = _CSRC / "ops.cpp"
 _CFLAGS = ["-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma",
            "-fopenmp", "-fPIC"]
 _CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}
 MAX_GROUPS = 1024  # as in the C source
+
+_P, _I, _N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int  # pointer, size, thread count (or flag)
+_SIGNATURES = {  # the C functions' arguments; every one returns an int status (0 = done)
+    "qcal_int4_mm_small": [_P, _P, _P, _N, _P, _I, _I, _I, _I, _N],
+    "qcal_decode_attention": [_P] * 5 + [_I] * 8 + [ctypes.c_float, _N],
+    "qcal_int8_mm_small_q8": [_P] * 5 + [_I] * 3 + [_N],
+    "qcal_int8wo_mm_small": [_P] * 4 + [_I] * 3 + [_N],
+    "qcal_int4_mm_q8_vnni": [_P] * 4 + [_I] * 4 + [_N],
+    "qcal_dequant_int4": [_P] * 4 + [_I] * 3 + [_N],
+    "qcal_a8w8_mm_panel": [_P] * 5 + [_I] * 3 + [_N],
+    "qcal_w8_mm_panel": [_P] * 4 + [_I] * 3 + [_N],
+    "qcal_w4_mm_panel": [_P] * 5 + [_I] * 4 + [_N],
+    "qcal_add_rmsnorm": [_P] * 4 + [_I] * 2 + [ctypes.c_float],
+    "qcal_rope_store": [_P, _I, _P] + [_I] * 5 + [_P] * 2,
+    "qcal_silu_mul": [_P] * 2 + [_I],
+}
 
 _lib: ctypes.CDLL | None = None
 _status: str | None = None
@@ -189,27 +209,9 @@ def _load() -> ctypes.CDLL | None:
         warnings.warn(f"qcal: native int4 kernel not built (nor the other native kernels), using PyTorch's ops: {e}",
                       RuntimeWarning, stacklevel=3)
         return None
-    lib.qcal_int4_mm_small.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                       ctypes.c_int]
-    lib.qcal_int4_mm_small.restype = ctypes.c_int
-    lib.qcal_decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
-    lib.qcal_decode_attention.restype = ctypes.c_int
-    lib.qcal_int8_mm_small_q8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.qcal_int8_mm_small_q8.restype = ctypes.c_int
-    lib.qcal_int8wo_mm_small.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.qcal_int8wo_mm_small.restype = ctypes.c_int
-    lib.qcal_int4_mm_q8_vnni.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-    lib.qcal_int4_mm_q8_vnni.restype = ctypes.c_int
-    lib.qcal_dequant_int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.qcal_dequant_int4.restype = ctypes.c_int
-    lib.qcal_add_rmsnorm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-    lib.qcal_add_rmsnorm.restype = ctypes.c_int
-    lib.qcal_rope_store.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [
-        ctypes.c_void_p] * 2
-    lib.qcal_rope_store.restype = ctypes.c_int
-    lib.qcal_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64]
-    lib.qcal_silu_mul.restype = ctypes.c_int
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
     lib.qcal_set_prefetch.argtypes = [ctypes.c_int]
     lib.qcal_set_prefetch(int(os.environ.get("QCAL_PREFETCH", "0") == "1"))
     if not op:
@@ -272,6 +274,13 @@ def _input(op: str, x: torch.Tensor, k: int) -> torch.Tensor:
     return x.contiguous()
 
 
+def _rows_out(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, torch.Tensor]:
+    """``(M, K, N, y)`` of ``x (M, K)`` times a weight of ``N`` rows: the sizes and the bf16 output to fill."""
+    m, k = x.shape
+    n = w.shape[0]
+    return m, k, n, torch.empty((m, n), dtype=torch.bfloat16)
+
+
 def _checked(rc: int, what: str) -> None:
     """Raise for a C kernel's return code (-2: out of memory, else: arguments it refused)."""
     if rc:
@@ -306,9 +315,7 @@ def mm4q8_unchecked(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, group_si
     """8da4w in one call through VNNI: ``x (M, K)`` contiguous bf16 rows quantized as
     :func:`qcal.kernels.common.quantize_per_token`, times ``w`` from :func:`pack_int4_vnni` with symmetric
     scales from :func:`pack_scales`; ``(M, N)`` bf16. No argument checks."""
-    m, k = x.shape
-    n = w.shape[0]
-    y = torch.empty((m, n), dtype=torch.bfloat16)
+    m, k, n, y = _rows_out(x, w)
     _checked(_lib.qcal_int4_mm_q8_vnni(x.data_ptr(), w.data_ptr(), sz.data_ptr(), y.data_ptr(), m, n, k, group_size,
                                        torch.get_num_threads()), "8da4w")
     return y
@@ -338,9 +345,7 @@ def pack_scales(scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tenso
 def mm_unchecked(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, has_zero: bool, group_size: int) -> torch.Tensor:
     """:func:`int4_mm_small` without argument checks, for eager callers that guarantee a contiguous bf16
     CPU ``x`` and a supported shape (the frozen-module kernels): eager decode is per-call overhead bound."""
-    m, k = x.shape
-    n = w.shape[0]
-    y = torch.empty((m, n), dtype=torch.bfloat16)
+    m, k, n, y = _rows_out(x, w)
     _checked(_lib.qcal_int4_mm_small(x.data_ptr(), w.data_ptr(), sz.data_ptr(), has_zero, y.data_ptr(), m, n, k,
                                      group_size, torch.get_num_threads()), "int4")
     return y
@@ -372,9 +377,7 @@ def mm8_unchecked(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, ws: torc
     """A8W8 with the per-row quantization fused: ``x (M, K)`` contiguous bf16, ``w`` the contiguous ``(N, K)``
     int8 weight, ``wsum`` its :func:`int8_row_sums`, ``ws`` the ``(N,)`` float32 weight scales; ``(M, N)`` bf16.
     No argument checks."""
-    m, k = x.shape
-    n = w.shape[0]
-    y = torch.empty((m, n), dtype=torch.bfloat16)
+    m, k, n, y = _rows_out(x, w)
     _checked(_lib.qcal_int8_mm_small_q8(x.data_ptr(), w.data_ptr(), wsum.data_ptr(), ws.data_ptr(), y.data_ptr(), m,
                                         n, k, torch.get_num_threads()), "A8W8")
     return y
@@ -395,9 +398,7 @@ def int8_mm_q8(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, ws: torch.T
 def mm8wo_unchecked(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     """int8 weight-only: ``x (M, K)`` contiguous bf16 times the contiguous ``(N, K)`` int8 weight, scaled by
     ``ws`` (``(N,)`` float32) in fp32; ``(M, N)`` bf16. No argument checks."""
-    m, k = x.shape
-    n = w.shape[0]
-    y = torch.empty((m, n), dtype=torch.bfloat16)
+    m, k, n, y = _rows_out(x, w)
     _checked(_lib.qcal_int8wo_mm_small(x.data_ptr(), w.data_ptr(), ws.data_ptr(), y.data_ptr(), m, n, k,
                                        torch.get_num_threads()), "int8 weight-only")
     return y
@@ -468,6 +469,58 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         raise ValueError(f"decode_attention: unsupported inputs q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, "
                          f"mask {None if mask is None else (tuple(mask.shape), mask.dtype)} ({native_status()})")
     return torch.ops.qcal.decode_attention(q, k, v, mask, scale)
+
+
+def panel_supported(n: int, k: int, group_size: int | None = None) -> bool:
+    """Shapes the panel (large-M) kernels take: ``n % 16 == 0``, ``k % 4 == 0`` (int4: groups of a multiple of 8
+    dividing ``k``)."""
+    ok = n % 16 == 0 and k % 4 == 0 and 0 < k <= 1 << 26
+    return ok if group_size is None else ok and group_size % 8 == 0 and k % group_size == 0
+
+
+def _panel_args(op: str, x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype,
+                group_size: int | None = None) -> torch.Tensor:
+    """The checks of the panel kernels' entry points (bf16 rows, a contiguous weight of ``dtype``, a shape
+    :func:`panel_supported` takes); returns ``x`` contiguous."""
+    packed = 2 if dtype == torch.uint8 else 1  # int4 codes: two a byte
+    x = _input(op, x, w.shape[1] * packed)
+    if w.dtype != dtype or not w.is_contiguous() or not panel_supported(w.shape[0], x.shape[1], group_size):
+        raise ValueError(f"{op}: unsupported weight {w.dtype} {tuple(w.shape)} (contiguous={w.is_contiguous()}, "
+                         f"group_size={group_size}); needs contiguous {dtype}, rows % 16 == 0, columns % 4 == 0")
+    return x
+
+
+def a8w8_mm_panel(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """:func:`mm8_unchecked`'s numbers for many rows (prefill): ``x (M, K)`` contiguous bf16, ``w (N, K)`` contiguous
+    int8, ``wsum`` its int32 row sums, ``ws (N,)`` float32; ``(M, N)`` bf16. Shapes: :func:`panel_supported`."""
+    x = _panel_args("a8w8_mm_panel", x, w, torch.int8)
+    m, k, n, y = _rows_out(x, w)
+    _checked(_lib.qcal_a8w8_mm_panel(x.data_ptr(), w.data_ptr(), wsum.data_ptr(), ws.data_ptr(), y.data_ptr(), m, n,
+                                     k, torch.get_num_threads()), "A8W8 panel")
+    return y
+
+
+def w8_mm_panel(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """int8 weight-only for many rows: ``x (M, K)`` contiguous bf16 times ``(w * ws)^T`` (``w (N, K)`` contiguous
+    int8, ``ws (N,)`` float32), fp32 sums; ``(M, N)`` bf16."""
+    x = _panel_args("w8_mm_panel", x, w, torch.int8)
+    m, k, n, y = _rows_out(x, w)
+    _checked(_lib.qcal_w8_mm_panel(x.data_ptr(), w.data_ptr(), ws.data_ptr(), y.data_ptr(), m, n, k,
+                                   torch.get_num_threads()), "int8 weight-only panel")
+    return y
+
+
+def w4_mm_panel(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                group_size: int) -> torch.Tensor:
+    """int4 weight-only for many rows: ``x (M, K)`` contiguous bf16 times the weight :func:`dequant_int4` would
+    build from canonical codes ``qweight (N, K/2)`` and float32 ``scale``/``zero_point`` ``(N, K/gs)`` (contiguous),
+    without building it; fp32 sums, ``(M, N)`` bf16."""
+    x = _panel_args("w4_mm_panel", x, qweight, torch.uint8, group_size)
+    m, k, n, y = _rows_out(x, qweight)
+    _checked(_lib.qcal_w4_mm_panel(x.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+                                   None if zero_point is None else zero_point.data_ptr(), y.data_ptr(), m, n, k,
+                                   group_size, torch.get_num_threads()), "int4 weight-only panel")
+    return y
 
 
 def _bf16_rows(op: str, **tensors: torch.Tensor) -> None:

@@ -20,6 +20,8 @@
 #include "bf16.h"
 #include "prefetch.h"
 #include "rowquant.h"
+#include "tiles.h"
+#include "a8w8.h"
 
 #define AI static inline __attribute__((always_inline))
 
@@ -47,42 +49,13 @@ AI void tile8(const uint8_t *xq, int64_t K, const int8_t *w, const int32_t *wsum
 }
 
 
-#define ROWS_X_INPUTS(TILE)                                                                                       \
-    switch (rb * 4 + mb) {                                                                                         \
-    case 5: TILE(1, 1); break;                                                                                     \
-    case 6: TILE(1, 2); break;                                                                                     \
-    case 7: TILE(1, 3); break;                                                                                     \
-    case 8: TILE(1, 4); break;                                                                                     \
-    case 9: TILE(2, 1); break;                                                                                     \
-    case 10: TILE(2, 2); break;                                                                                    \
-    case 11: TILE(2, 3); break;                                                                                    \
-    case 12: TILE(2, 4); break;                                                                                    \
-    case 13: TILE(3, 1); break;                                                                                    \
-    case 14: TILE(3, 2); break;                                                                                    \
-    case 15: TILE(3, 3); break;                                                                                    \
-    case 16: TILE(3, 4); break;                                                                                    \
-    case 17: TILE(4, 1); break;                                                                                    \
-    case 18: TILE(4, 2); break;                                                                                    \
-    case 19: TILE(4, 3); break;                                                                                    \
-    default: TILE(4, 4); break;                                                                                    \
-    }
-
-typedef struct {
-    const uint8_t *xq;
-    const int8_t *w;
-    const int32_t *wsum;
-    const float *ws, *xs;
-    uint16_t *y;
-    int64_t N, K;
-} a8w8_ctx;
-
 static void a8w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
-    const a8w8_ctx *a = c;
+    const qcal_a8w8_args *a = c;
     const int64_t n0 = 4 * p, N = a->N, K = a->K;
     const int rb = N - n0 < 4 ? (int)(N - n0) : 4;
 #define T8(RB, MM) \
     tile8(a->xq + m0 * K, K, a->w + n0 * K, a->wsum + n0, a->ws + n0, a->xs + m0, a->y + m0 * N + n0, N, RB, MM)
-    ROWS_X_INPUTS(T8)
+    QCAL_RB_X_MB(T8)
 #undef T8
 }
 
@@ -92,16 +65,11 @@ int qcal_int8_mm_small_q8(const uint16_t *x, const int8_t *w, const int32_t *wsu
                           int64_t M, int64_t N, int64_t K, int nthreads) {
     if (K <= 0 || N < 0 || M < 0) return -1;
     const int64_t units = (N + 3) / 4; /* groups of 4 output rows */
-    uint8_t *xq = malloc((size_t)(M * K) + 64);
-    float *xs = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
-    if (!xq || !xs) {
-        free(xq);
-        free(xs);
-        return -2;
-    }
-    for (int64_t m = 0; m < M; m++) xs[m] = qcal_quantize_row(x + m * K, K, xq + m * K, 0x80); /* code + 128 */
+    uint8_t *xq;
+    float *xs;
+    if (qcal_a8w8_quantize(x, M, K, nthreads, &xq, &xs)) return -2;
     const qcal_next_call next = qcal_pf_step((const uint8_t *)w, units, 4 * K, NULL, 0);
-    const a8w8_ctx ctx = {xq, w, wsum, ws, xs, y, N, K};
+    const qcal_a8w8_args ctx = {xq, w, wsum, ws, xs, y, N, K};
     qcal_run_units(M, units, nthreads, &next, &ctx, a8w8_unit);
     free(xq);
     free(xs);
@@ -149,7 +117,7 @@ static void a16w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
     const int64_t n0 = 4 * p, N = a->N, K = a->K;
     const int rb = N - n0 < 4 ? (int)(N - n0) : 4;
 #define T16(RB, MM) tile16(a->x + m0 * K, K, a->w + n0 * K, a->ws + n0, a->y + m0 * N + n0, N, RB, MM)
-    ROWS_X_INPUTS(T16)
+    QCAL_RB_X_MB(T16)
 #undef T16
 }
 
