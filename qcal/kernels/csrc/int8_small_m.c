@@ -88,6 +88,8 @@ AI void tile16(const uint16_t *x, int64_t K, const int8_t *w, const float *ws, u
         const int64_t left = K - k;
         const __mmask16 lo_live = qcal_tail16(left), hi_live = qcal_tail16(left - 16 > 0 ? left - 16 : 0);
         __m512bh wv[4];
+        if (!(k & 63))
+            for (int r = 0; r < RB; r++) _mm_prefetch((const char *)(w + r * K + k + QCAL_STREAM_AHEAD), _MM_HINT_T0);
         for (int r = 0; r < RB; r++) {
             const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lo_live, w + r * K + k)));
             const __m512 hi = _mm512_cvtepi32_ps(
