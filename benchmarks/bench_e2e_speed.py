@@ -19,6 +19,7 @@ import torch
 
 from qcal.eval.speed import time_generation
 from qcal.eval.static_decode import StaticCacheGenerator
+from qcal.generation import LeanGenerator
 from qcal.kernels import native
 from qcal.kernels.attention import set_attention
 from qcal.schemes import apply_scheme
@@ -44,7 +45,7 @@ def smollm2_shaped(seed: int = 0) -> torch.nn.Module:
 
 
 def run_once(model, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
-    """(prefill seconds, seconds per decode step); ``model`` is a model or a StaticCacheGenerator."""
+    """(prefill seconds, seconds per decode step); ``model`` is a model or a generator (static-cache, lean)."""
     prefill, decode = time_generation(model, prompt, steps)
     return prefill, decode / steps
 
@@ -60,6 +61,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also time every scheme torch.compile'd (fullgraph) with a static KV cache; ratios stay "
                     "against the eager bf16 model")
+    ap.add_argument("--lean", action="store_true",
+                    help="also time every scheme through qcal.generation.LeanGenerator (eager, no Hugging Face "
+                    "per-layer Python; CPU); ratios stay against the bf16 model as --attention runs it")
     ap.add_argument("--compile-attn", default="auto",
                     help="Hugging Face attention inside the compiled generator (default auto: qcal's decode kernel "
                     "where it runs, else eager)")
@@ -80,8 +84,12 @@ def main() -> None:
             models[s] = apply_scheme(copy.deepcopy(base), name, quantize_lm_head=True)
         if args.attention != "model":
             set_attention(models[s], args.attention)
+    eager = list(models)
+    if args.lean:
+        for s in eager:
+            models[s + "+lean"] = LeanGenerator(models[s], args.prefill + args.decode + 1)
     if args.compile:
-        for s in list(models):
+        for s in eager:
             models[s + "+compile"] = StaticCacheGenerator(models[s], args.prefill + args.decode + 1,
                                                           attn_implementation=args.compile_attn,
                                                           mode=args.compile_mode)

@@ -76,10 +76,10 @@ def tokenizer(data_dir):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def _tiny_llama(vocab: int, seed: int = 0, tie: bool = True, max_pos: int = 1024):
+def _tiny_llama(vocab: int, seed: int = 0, tie: bool = True, max_pos: int = 1024, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
                       tie_word_embeddings=tie)
     torch.manual_seed(seed)
@@ -430,6 +430,24 @@ def test_cli_end_to_end(model, tokenizer, data_dir, tmp_path, capsys):
     assert out_png.stat().st_size > 0
 
 
+def test_cli_times_every_model_with_one_runtime(tokenizer, tmp_path, capsys):
+    from qcal.kernels import native
+
+    folder = tmp_path / "tiny64"  # head_dim 16: a shape the lean runtime takes
+    _tiny_llama(len(tokenizer), hidden=64).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out_json = tmp_path / "r.json"
+    common = ["--model", str(folder), "--metrics", "speed", "--prefill-len", "16", "--new-tokens", "4",
+              "--repeats", "1", "--warmup", "0", "--no-progress"]
+    assert main([*common, "--quant", "bf16,int8dq", "--json", str(out_json)]) == 0
+    stdout = capsys.readouterr().out
+    runtime = "lean" if native.available() else "hf"
+    assert f"runtime {runtime}" in stdout
+    assert [r["speed_runtime"] for r in json.loads(out_json.read_text())] == [runtime, runtime]
+    assert main([*common, "--quant", "fp32", "--runtime", "lean"]) == 2  # fp32: the lean runtime refuses, clearly
+    assert "runtime 'lean' cannot run every timed model" in capsys.readouterr().err
+
+
 def test_speed_runner_sets_the_attention_of_every_timed_model(model):
     from qcal.eval.runner import EvalConfig, _speed_runner
 
@@ -452,7 +470,7 @@ def test_help_mentions_every_flag(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     flags = ("--task --model --quant --metrics --seqlen --limit --prefill-len --new-tokens "
-             "--quantize-lm-head --compile --attention --device --threads --seed --calib --calib-samples "
+             "--quantize-lm-head --compile --attention --runtime --device --threads --seed --calib --calib-samples "
              "--calib-seqlen --data-dir --json --plot")
     for flag in flags.split():
         assert flag in text
