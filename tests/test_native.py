@@ -267,6 +267,8 @@ def test_native_dequant_int4_is_the_weight_rounded_once(zero, gs):
     got = native.dequant_int4(q.qweight, q.weight_scale, q.weight_zero_point)
     assert got.dtype == torch.bfloat16 and torch.equal(got, exact.to(torch.bfloat16))
     assert torch.equal(dequant_int4(q, torch.bfloat16), got)  # the large-M path uses it
+    with native.disabled():  # PyTorch's ops (other CPUs, traced graphs) build the very same weight
+        assert torch.equal(dequant_int4(q, torch.bfloat16), got)
     assert native.dequant_int4(q.qweight[:, :8], q.weight_scale[:, :1], None) is None  # groups of 16: not ours
 
 

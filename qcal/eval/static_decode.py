@@ -9,6 +9,8 @@ graph break is an error, not a silent slowdown).
 from __future__ import annotations
 
 import time
+import types
+from collections.abc import Callable
 
 import torch
 
@@ -18,11 +20,21 @@ from .speed import _forward_params
 __all__ = ["StaticCacheGenerator"]
 
 
+def _own_code(fn: Callable, name: str) -> Callable:
+    """``fn`` with a code object of its own: Dynamo caches graphs per code object, so each generator's cache then
+    holds just its prefill and decode graphs (no recompile limit to raise, and two graphs to tell apart)."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name) if hasattr(fn.__code__, "co_qualname") else \
+        fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
 class StaticCacheGenerator:
     """Times greedy generation of a Hugging Face causal LM through a static cache.
 
     ``compile=True`` wraps the forward in ``torch.compile(fullgraph=True, dynamic=False)``; the
-    first prompt/decode shapes compile (untimed warm-up is the caller's job).
+    first prompt/decode shapes compile (untimed warm-up is the caller's job). After the first complete
+    generation, decode steps run under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: do not
+    change the model's modules or weights between generations of one generator (build a new one).
     ``attn_implementation`` is the Hugging Face attention used inside these calls only (the model
     is left as it was for everything else). The default ``"auto"`` is qcal's decode-attention kernel
     (:mod:`qcal.kernels.attention`, ~20 us per layer and token) where it runs, else ``"eager"``
@@ -50,10 +62,10 @@ class StaticCacheGenerator:
             out = model(ids, use_cache=True, cache_position=position, logits_to_keep=1, **{cache_kw: self.cache})
             return out.logits
 
-        if compile:  # every generator adds two graphs (prefill, decode) under the same code object
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._forward = (torch.compile(forward, fullgraph=True, dynamic=False, **compile_kwargs) if compile
-                         else forward)
+        self.compiled = compile
+        self._warm = False  # both graphs compiled (set after the first complete generation)
+        self._forward = (torch.compile(_own_code(forward, f"qcal_static_step_{id(self):x}"), fullgraph=True,
+                                       dynamic=False, **compile_kwargs) if compile else forward)
 
     def forward(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Logits of the last position; the attention implementation is switched for this call only."""
@@ -98,6 +110,10 @@ class StaticCacheGenerator:
         token = self.forward(prompt, torch.arange(n, device=device))[:, -1:].argmax(-1)
         sync()
         prefill = time.perf_counter() - start
-        decode, tokens = greedy_steps(lambda i, t: self.forward(t, positions[i])[:, -1:].argmax(-1), token, new_tokens,
-                                      _keep, sync)
+        # once warm, a decode step evaluates only the guards that tell this generator's two graphs apart: Dynamo's
+        # full guard set (every parameter of the model) costs ~0.5-1 ms a token on the CPU
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.compiled and self._warm):
+            decode, tokens = greedy_steps(lambda i, t: self.forward(t, positions[i])[:, -1:].argmax(-1), token,
+                                          new_tokens, _keep, sync)
+        self._warm = self._warm or new_tokens > 0
         return (prefill, decode, tokens) if _keep else (prefill, decode)

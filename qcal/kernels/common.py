@@ -51,9 +51,10 @@ def int4_codes_u8(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def dequant_int4(module, dtype: torch.dtype) -> torch.Tensor:
-    """The float weight ``(u - 8 - zp) * s`` of a frozen int4 linear, in ``dtype`` (fewest passes).
+    """The float weight ``(u - 8 - zp) * s`` of a frozen int4 linear, in ``dtype`` (fewest passes), computed in fp32
+    and rounded once for 16-bit dtypes, so that every path (native, PyTorch ops, traced) builds the same weight.
 
-    bf16 on an AVX512-BF16 CPU: qcal's one-pass native kernel (fp32 math, one rounding)."""
+    bf16 on an AVX512-BF16 CPU: qcal's one-pass native kernel."""
     if dtype == torch.bfloat16:
         from . import native
 
@@ -62,13 +63,14 @@ def dequant_int4(module, dtype: torch.dtype) -> torch.Tensor:
             return w
     u = int4_codes_u8(module.qweight)
     n, k = u.shape
-    s = module.weight_scale.to(dtype)
+    math = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # fp32 math, one rounding
+    s = module.weight_scale.to(math)
     groups = s.shape[1]
     u = u.view(n, groups, k // groups)
     zp = module.weight_zero_point
-    # a 0-dim float tensor keeps uint8 - off in ``dtype`` (a Python 8.0 would promote to float32)
-    off = torch.full((), 8.0, dtype=dtype, device=u.device) if zp is None else (zp.to(dtype) + 8.0).unsqueeze(-1)
-    return ((u - off) * s.unsqueeze(-1)).view(n, k)
+    # a 0-dim float tensor keeps uint8 - off in ``math`` (a Python 8.0 would promote to float32)
+    off = torch.full((), 8.0, dtype=math, device=u.device) if zp is None else (zp.to(math) + 8.0).unsqueeze(-1)
+    return ((u - off) * s.unsqueeze(-1)).view(n, k).to(dtype)
 
 
 def tinygemm_group_size(module) -> int | None:
