@@ -60,6 +60,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if head_dim % 16 or head_dim > 256:
         return f"head_dim {head_dim} is not a multiple of 16 up to 256"
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if heads % kv_heads or heads // kv_heads > 16:
+        return f"{heads} query heads over {kv_heads} KV heads (the decode kernel takes groups of up to 16)"
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and t.device.type != "cpu":
             return f"{name} is on {t.device}, not the CPU"
