@@ -101,6 +101,11 @@ def _check(*outputs: torch.Tensor) -> None:
                             f"(contiguous={t.is_contiguous()}); the native steps need contiguous bf16 CPU rows")
 
 
+def _norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float]:
+    """An RMSNorm's weight as the native step reads it (contiguous bf16) and its epsilon."""
+    return norm.weight.detach().to(torch.bfloat16).contiguous(), float(norm.variance_epsilon)
+
+
 class _Layer:
     """One decoder layer's modules and norm weights, read once."""
 
@@ -108,15 +113,14 @@ class _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         self.q, self.k, self.v, self.o = (getattr(attn, p) for p in _PROJ)
         self.gate, self.up, self.down = (getattr(mlp, p) for p in _MLP)
+        self.norm_in, self.norm_post = layer.input_layernorm, layer.post_attention_layernorm
         self.bind()
-        self.w_in = layer.input_layernorm.weight.detach().contiguous()
-        self.w_post = layer.post_attention_layernorm.weight.detach().contiguous()
-        self.eps_in = float(layer.input_layernorm.variance_epsilon)
-        self.eps_post = float(layer.post_attention_layernorm.variance_epsilon)
 
     def bind(self) -> None:
-        """(Re)read the row functions of the projections (after a module's weights or kernel changed)."""
+        """(Re)read the norm weights and the projections' row functions (after weights or kernels changed)."""
         self.row = tuple(_row_fn(m) for m in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down))
+        self.w_in, self.eps_in = _norm_weight(self.norm_in)
+        self.w_post, self.eps_post = _norm_weight(self.norm_post)
 
 
 class LeanGenerator:
@@ -143,8 +147,8 @@ class LeanGenerator:
         self.scale = self.head_dim ** -0.5
         self.embed, self.lm_head = model.get_input_embeddings(), model.lm_head
         self.layers = [_Layer(layer) for layer in inner.layers]
-        self.w_final = inner.norm.weight.detach().contiguous()
-        self.eps_final = float(inner.norm.variance_epsilon)
+        self.final_norm = inner.norm
+        self.w_final, self.eps_final = _norm_weight(inner.norm)
         shape = (len(self.layers), self.kv_heads, max_cache_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=torch.bfloat16)
         self.v_cache = torch.zeros(shape, dtype=torch.bfloat16)
@@ -231,6 +235,7 @@ class LeanGenerator:
         self._verified.clear()
         for layer in self.layers:
             layer.bind()
+        self.w_final, self.eps_final = _norm_weight(self.final_norm)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
