@@ -6,8 +6,9 @@ every step) against ~26 ms for the bf16 matmuls and ~7 ms for int4 ones: the sam
 quantized model's speed-up. :class:`LeanGenerator` runs the same modules (float or frozen quantized
 linears, embeddings, lm_head) through a flat loop with a static bf16 KV cache and one native call for
 each elementwise step (:mod:`qcal.kernels.native`: residual add + RMSNorm, rotary embedding into the
-cache, SiLU x up, one-query attention); the numbers follow Hugging Face's bf16 rounding step by step
-(prefill attention is PyTorch's SDPA, decode attention qcal's kernel, as ``attn_implementation="qcal"``).
+cache, SiLU x up, attention); the elementwise steps follow Hugging Face's bf16 rounding step by step,
+decode attention is qcal's kernel (as ``attn_implementation="qcal"``) and prefill attention qcal's flash-style
+kernel (fp32 softmax, bf16 probabilities; ~2x PyTorch's SDPA on the CPU).
 
     gen = LeanGenerator(model, max_cache_len=1024)      # model: bf16 (quantized or not) on the CPU
     ids = gen.generate(prompt_ids, new_tokens=64)
@@ -216,17 +217,16 @@ class LeanGenerator:
         return self.lm_head(h[-1:])
 
     def _prefill_attention(self, q: torch.Tensor, i: int, start: int, n: int) -> torch.Tensor:
-        """SDPA of ``n`` query positions over the cache's first ``start + n`` positions (causal); (n, heads * D)."""
-        end = start + n
-        qh = q.view(n, self.heads, self.head_dim).transpose(0, 1).unsqueeze(0)
-        k = self.k_cache[i, :, :end].unsqueeze(0)
-        v = self.v_cache[i, :, :end].unsqueeze(0)
-        if start == 0:
-            out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-        else:
-            mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start)
-            out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return out[0].transpose(0, 1).reshape(n, self.heads * self.head_dim)
+        """Causal attention of ``n`` query rows (positions ``start ..``) over layer ``i``'s cache; (n, heads * D)."""
+        hd, heads = self.head_dim, self.heads
+        out = torch.empty((n, heads * hd), dtype=torch.bfloat16)
+        layer = i * self.k_cache.stride(0) * 2
+        rc = native._lib.qcal_prefill_attention(q.data_ptr(), heads * hd, self.k_cache.data_ptr() + layer,
+                                                self.v_cache.data_ptr() + layer, self.k_cache.stride(1), hd,
+                                                out.data_ptr(), heads * hd, n, heads, self.kv_heads, start, hd,
+                                                self.scale, torch.get_num_threads())
+        native._checked(rc, "prefill attention")
+        return out
 
     def reset(self) -> None:
         """Forget the cached positions (the next :meth:`forward` starts a new sequence) and re-read the modules'

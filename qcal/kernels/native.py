@@ -10,6 +10,7 @@
 * ``panel_mm.c``: large-M (prefill) A8W8, int8 and int4 weight-only GEMMs on the canonical weights, each
   thread re-laying a panel of its rows at a time (no second copy of the weight);
 * ``decode_attention.c``: one-query attention over a bf16 KV cache (:mod:`qcal.kernels.attention`);
+* ``prefill_attention.c``: causal attention of many query positions over a bf16 KV cache (flash style);
 * ``decode_ops.c``: a Llama layer's elementwise steps (residual add + RMSNorm, rotary embedding into the
   KV cache, SiLU x up) with Hugging Face's bf16 rounding, one call each (:mod:`qcal.generation`).
 Figures: ``benchmarks/bench_kernels.py``, BENCHMARKS.md.
@@ -43,11 +44,12 @@ import torch
 __all__ = ["available", "native_status", "disabled", "pack_int4", "pack_scales", "int4_mm_small", "supports_shape",
            "decode_attention", "attention_supported", "set_prefetch", "int8_row_sums", "int8_mm_q8",
            "dequant_int4", "int8wo_mm", "pack_int4_vnni", "int4_mm_q8", "add_rmsnorm", "rope_store", "silu_mul",
-           "a8w8_mm_panel", "w8_mm_panel", "w4_mm_panel", "panel_supported"]
+           "a8w8_mm_panel", "w8_mm_panel", "w4_mm_panel", "panel_supported", "prefill_attention"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "int4_small_m.c", _CSRC / "int8_small_m.c", _CSRC / "decode_attention.c", _CSRC / "prefetch.c",
-            _CSRC / "dequant_int4.c", _CSRC / "decode_ops.c", _CSRC / "panel_mm.c")
+            _CSRC / "dequant_int4.c", _CSRC / "decode_ops.c", _CSRC / "panel_mm.c",
+            _CSRC / "prefill_attention.c")
 _HEADERS = (_CSRC / "bf16.h", _CSRC / "prefetch.h", _CSRC / "rowquant.h", _CSRC / "vexp.h", _CSRC / "tiles.h",
             _CSRC / "a8w8.h")
 _OP_SOURCE = _CSRC / "ops.cpp"
@@ -67,6 +69,7 @@ _SIGNATURES = {  # the C functions' arguments; every one returns an int status (
     "qcal_a8w8_mm_panel": [_P] * 5 + [_I] * 3 + [_N],
     "qcal_w8_mm_panel": [_P] * 4 + [_I] * 3 + [_N],
     "qcal_w4_mm_panel": [_P] * 5 + [_I] * 4 + [_N],
+    "qcal_prefill_attention": [_P, _I, _P, _P, _I, _I, _P] + [_I] * 6 + [ctypes.c_float, _N],
     "qcal_add_rmsnorm": [_P] * 4 + [_I] * 2 + [ctypes.c_float],
     "qcal_rope_store": [_P, _I, _P] + [_I] * 5 + [_P] * 2,
     "qcal_silu_mul": [_P] * 2 + [_I],
@@ -521,6 +524,25 @@ def w4_mm_panel(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
                                    None if zero_point is None else zero_point.data_ptr(), y.data_ptr(), m, n, k,
                                    group_size, torch.get_num_threads()), "int4 weight-only panel")
     return y
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Causal attention of ``q (n, H, D)`` (query ``i`` at position ``start + i``) over the first ``start + n``
+    positions of ``k``/``v`` ``(H_kv, >= start + n, D)`` (bf16, any head and position strides, last dimension
+    contiguous; grouped heads allowed); returns ``(n, H, D)`` bf16. fp32 scores and softmax, probabilities
+    rounded to bf16 for the value product (as flash attention does), one rounding of the output."""
+    _bf16_rows("prefill_attention", q=q)
+    n, hq, d = q.shape
+    if (q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.stride() != v.stride() or k.shape[2] != d
+            or k.stride(2) != 1 or k.shape[1] < start + n or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16
+            or hq % k.shape[0] or d % 16 or d > 256 or start < 0):
+        raise ValueError(f"prefill_attention: unsupported q {tuple(q.shape)}, k {tuple(k.shape)} {k.dtype} (strides "
+                         f"{k.stride()}), v {tuple(v.shape)}, start {start}")
+    out = torch.empty_like(q)
+    _checked(_lib.qcal_prefill_attention(q.data_ptr(), hq * d, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+                                         out.data_ptr(), hq * d, n, hq, k.shape[0], start, d, float(scale),
+                                         torch.get_num_threads()), "prefill attention")
+    return out
 
 
 def _bf16_rows(op: str, **tensors: torch.Tensor) -> None:
