@@ -208,7 +208,7 @@ class _Int4Native(_NativeFast):
 
 
 class Int4WeightOnlyNative(_Int4Native, Int4WeightOnly):
-    """A16W4 on AVX512-BF16 CPUs: qcal's native kernel for small M, dequant+GEMM above."""
+    """A16W4 on AVX512-BF16 CPUs: qcal's native kernel for small M, its panel kernel above (bf16 inputs)."""
 
     name = "cpu_int4wo_native"
     max_small_m = 64  # vs the panel kernel: small wins to M=64, panel from 128 (bench_kernels --crossover)
@@ -269,7 +269,8 @@ class _Int8Native(_NativeFast):
 
 class Int8DynamicInt8Native(_Int8Native, Int8DynamicInt8):
     """A8W8 on AVX512-VNNI CPUs: bf16 rows quantized inside qcal's native int8 kernel (same codes and
-    integer sums as ``quantize_per_token`` + ``_int_mm``, one rounding), for small M; ``_int_mm`` above."""
+    integer sums as ``quantize_per_token`` + ``_int_mm``, one rounding), for small M; the panel kernel above (the
+    same integers; ``_int_mm`` for fp32 inputs)."""
 
     name = "cpu_int8dq_native"
     max_small_m = 8  # vs the panel kernel: small wins to M=8, panel from 16 (bench_kernels --crossover)
