@@ -32,9 +32,11 @@ class StaticCacheGenerator:
     """Times greedy generation of a Hugging Face causal LM through a static cache.
 
     ``compile=True`` wraps the forward in ``torch.compile(fullgraph=True, dynamic=False)``; the
-    first prompt/decode shapes compile (untimed warm-up is the caller's job). After the first complete
-    generation, decode steps run under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: do not
-    change the model's modules or weights between generations of one generator (build a new one).
+    first prompt/decode shapes compile (untimed warm-up is the caller's job). Dynamo's guards on the model's
+    modules are dropped (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``) and, after the first complete
+    generation, decode steps run under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: guard
+    evaluation cost 1.5-2 ms a token on the CPU. So do not change the model's modules, or its weights' shapes
+    and dtypes, between generations of one generator (build a new one).
     ``attn_implementation`` is the Hugging Face attention used inside these calls only (the model
     is left as it was for everything else). The default ``"auto"`` is qcal's decode-attention kernel
     (:mod:`qcal.kernels.attention`, ~20 us per layer and token) where it runs, else ``"eager"``
@@ -64,6 +66,13 @@ class StaticCacheGenerator:
 
         self.compiled = compile
         self._warm = False  # both graphs compiled (set after the first complete generation)
+        if compile:
+            options = dict(compile_kwargs.pop("options", None) or {})
+            skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+            if skip is not None and compile_kwargs.get("mode") is None:  # (mode and options exclude each other)
+                options.setdefault("guard_filter_fn", skip)
+            if options:
+                compile_kwargs["options"] = options
         self._forward = (torch.compile(_own_code(forward, f"qcal_static_step_{id(self):x}"), fullgraph=True,
                                        dynamic=False, **compile_kwargs) if compile else forward)
 
