@@ -37,7 +37,7 @@ class EvalConfig:
     quantize_lm_head: bool = False
     compile: bool = False
     attention: str | None = None
-    runtime: str = "hf"
+    runtime: str = "auto"
     seed: int = 0
     progress: bool = True
 
