@@ -14,14 +14,6 @@
 
 #define QCAL_ROPE_MAX_D 512
 
-static inline __m512 round_bf16(__m512 v) {  // fp32 -> nearest bf16 -> fp32
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
-
-static inline void store_bf16(uint16_t *p, __m512 v, __mmask16 live) {
-    _mm256_mask_storeu_epi16(p, live, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
 int qcal_add_rmsnorm(uint16_t *x, const uint16_t *delta, const uint16_t *w, uint16_t *out, int64_t m, int64_t n,
                      float eps) {
     if (m < 0 || n <= 0) return -1;
@@ -32,8 +24,8 @@ int qcal_add_rmsnorm(uint16_t *x, const uint16_t *delta, const uint16_t *w, uint
             const __mmask16 live = qcal_tail16(n - j);
             __m512 v = qcal_load_bf16_masked(xr + j, live);
             if (delta) {
-                v = round_bf16(_mm512_add_ps(v, qcal_load_bf16_masked(delta + r * n + j, live)));
-                store_bf16(xr + j, v, live);
+                v = qcal_round_bf16(_mm512_add_ps(v, qcal_load_bf16_masked(delta + r * n + j, live)));
+                qcal_store_bf16_masked(xr + j, v, live);
             }
             ss = _mm512_fmadd_ps(v, v, ss);
         }
@@ -41,8 +33,8 @@ int qcal_add_rmsnorm(uint16_t *x, const uint16_t *delta, const uint16_t *w, uint
         const __m512 vinv = _mm512_set1_ps(inv);
         for (int64_t j = 0; j < n; j += 16) {
             const __mmask16 live = qcal_tail16(n - j);
-            const __m512 h = round_bf16(_mm512_mul_ps(qcal_load_bf16_masked(xr + j, live), vinv));
-            store_bf16(out + r * n + j, _mm512_mul_ps(h, qcal_load_bf16_masked(w + j, live)), live);
+            const __m512 h = qcal_round_bf16(_mm512_mul_ps(qcal_load_bf16_masked(xr + j, live), vinv));
+            qcal_store_bf16_masked(out + r * n + j, _mm512_mul_ps(h, qcal_load_bf16_masked(w + j, live)), live);
         }
     }
     return 0;
@@ -85,10 +77,10 @@ int qcal_rope_store(const uint16_t *src, int64_t src_tok_stride, uint16_t *dst, 
                     }
                     rot = _mm512_loadu_ps(tmp);
                 }
-                const __m512 a = round_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, row + j),
+                const __m512 a = qcal_round_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, row + j),
                                                           qcal_load_bf16_masked(c + j, live)));
-                const __m512 b = round_bf16(_mm512_mul_ps(rot, qcal_load_bf16_masked(sn + j, live)));
-                store_bf16(o + j, _mm512_add_ps(a, b), live);
+                const __m512 b = qcal_round_bf16(_mm512_mul_ps(rot, qcal_load_bf16_masked(sn + j, live)));
+                qcal_store_bf16_masked(o + j, _mm512_add_ps(a, b), live);
             }
         }
     }
@@ -105,8 +97,8 @@ int qcal_silu_mul(uint16_t *g, const uint16_t *u, int64_t n) {
         const __m512 e = qcal_exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
         const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
         const __m512 num = _mm512_mask_mul_ps(x, neg, x, e);
-        const __m512 s = round_bf16(_mm512_div_ps(num, _mm512_add_ps(one, e)));
-        store_bf16(g + j, _mm512_mul_ps(s, qcal_load_bf16_masked(u + j, live)), live);
+        const __m512 s = qcal_round_bf16(_mm512_div_ps(num, _mm512_add_ps(one, e)));
+        qcal_store_bf16_masked(g + j, _mm512_mul_ps(s, qcal_load_bf16_masked(u + j, live)), live);
     }
     return 0;
 }

@@ -20,6 +20,7 @@
 #include "bf16.h"
 #include "prefetch.h"
 #include "rowquant.h"
+#include "tiles.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -108,16 +109,7 @@ static void int4_unit(const void *c, int64_t m0, int mb, int64_t p) {
 #define TILE(RB, MM)                                                                                           \
     (a->has_zero ? tile(xm, K, wp, a->bstride, szp, 1, X, G, a->gs, yp, a->N, RB, MM)                      \
                  : tile(xm, K, wp, a->bstride, szp, 0, X, G, a->gs, yp, a->N, RB, MM))
-    switch (rb * 4 + mb) {
-    case 5: TILE(1, 1); break;
-    case 6: TILE(1, 2); break;
-    case 7: TILE(1, 3); break;
-    case 8: TILE(1, 4); break;
-    case 9: TILE(2, 1); break;
-    case 10: TILE(2, 2); break;
-    case 11: TILE(2, 3); break;
-    default: TILE(2, 4); break;
-    }
+    QCAL_RB2_X_MB(TILE)
 #undef TILE
 }
 
@@ -218,16 +210,7 @@ static void vnni_unit(const void *c, int64_t m0, int mb, int64_t p) {
 #define TV(RB, MM)                                                                                             \
     tile_vnni(a->xq + m0 * K, K, a->w + blk * a->bstride, a->bstride, a->sz + blk * G * 32, a->X + m0 * G, G, \
               a->gs, a->xs + m0, a->y + m0 * a->N + blk * 16, a->N, RB, MM)
-    switch (rb * 4 + mb) {
-    case 5: TV(1, 1); break;
-    case 6: TV(1, 2); break;
-    case 7: TV(1, 3); break;
-    case 8: TV(1, 4); break;
-    case 9: TV(2, 1); break;
-    case 10: TV(2, 2); break;
-    case 11: TV(2, 3); break;
-    default: TV(2, 4); break;
-    }
+    QCAL_RB2_X_MB(TV)
 #undef TV
 }
 

@@ -94,12 +94,12 @@ static void attend_rows(const pa_ctx *c, int64_t g, int64_t i0, int mb) {
                 const float corr = mx[m] == -INFINITY ? 0.0f : expf(mx[m] - mnew);
                 __m512 sum = _mm512_setzero_ps();
                 for (int64_t j = 0; j < 16 * nch; j += 16) {
-                    const __mmask16 on = (__mmask16)(live - j >= 16 ? 0xFFFF : live - j <= 0 ? 0 : (1u << (live - j)) - 1);
+                    const __mmask16 on = live - j <= 0 ? 0 : qcal_tail16(live - j);
                     const __m512 e = _mm512_maskz_mov_ps(on, qcal_exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s[m] + j),
                                                                                           _mm512_set1_ps(mnew))));
                     const __m256i eb = (__m256i)_mm512_cvtneps_pbh(e);
                     _mm256_storeu_si256((__m256i *)(p[m] + j), eb);
-                    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16)));
+                    sum = _mm512_add_ps(sum, qcal_bf16x16_to_ps(eb));
                 }
                 l[m] = l[m] * corr + _mm512_reduce_add_ps(sum); /* the sum of the bf16 weights P V uses */
                 mx[m] = mnew;
