@@ -14,8 +14,13 @@ from .serialization import load, save
 
 __version__ = "0.1.0"
 
+try:  # register quant_method "qcal" with transformers' quantizer registry
+    from .integrations.transformers import QcalConfig
+except ImportError:  # transformers absent (or too old for its quantizer API): qcal works without it
+    QcalConfig = None  # type: ignore[assignment,misc]
+
 __all__ = [
-    "quantize", "freeze", "Calibration", "quantized_modules", "explain", "autoquant", "save", "load",
+    "quantize", "freeze", "Calibration", "quantized_modules", "explain", "autoquant", "save", "load", "QcalConfig",
     "qtype", "qint2", "qint3", "qint4", "qint8", "qfloat8", "qfloat8_e4m3fn", "qfloat8_e5m2",
     "PerTensor", "PerAxis", "PerChannel", "PerGroup", "PerToken",
     "QLinear", "QConv2d", "QModuleMixin",

@@ -144,7 +144,24 @@ def quantize(
         warnings.warn("quantize: no module matched; nothing was quantized", stacklevel=2)
     for name, q in replacements:
         set_module(model, name, q)
+    attach_to_transformers(model)
     return model
+
+
+def attach_to_transformers(model: nn.Module) -> None:
+    """Let ``save_pretrained`` of a transformers model write a qcal folder (no-op for other models)."""
+    import sys
+
+    if "transformers" in sys.modules and quantized_modules_present(model):
+        try:
+            from .integrations.transformers import attach
+        except ImportError:  # transformers without the quantizer API qcal needs
+            return
+        attach(model)
+
+
+def quantized_modules_present(model: nn.Module) -> bool:
+    return any(isinstance(m, QModuleMixin) for m in model.modules())
 
 
 @torch.no_grad()

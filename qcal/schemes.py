@@ -18,7 +18,8 @@ from .calibration import Calibration
 from .qtypes import qint3, qint4, qint8
 from .quantize import freeze, quantize
 
-__all__ = ["SchemeContext", "register_scheme", "available_schemes", "apply_scheme", "describe_scheme"]
+__all__ = ["SchemeContext", "register_scheme", "available_schemes", "apply_scheme", "describe_scheme",
+           "quantize_kwargs"]
 
 
 @dataclass
@@ -126,42 +127,45 @@ def _bf16(model, match, ctx):
     return model.to(torch.bfloat16)
 
 
-@register_scheme("int8wo", "int8 weight-only, per output channel, symmetric (A16W8)")
-def _int8wo(model, match, ctx):
-    quantize(model, weights=qint8, exclude=ctx.exclude)
-    return _finish(model, ctx.dtype)
+# Calibration-free schemes: each is one ``quantize`` call, so it can also run module by module as the
+# weights arrive (quantize on load, :mod:`qcal.integrations.transformers`).
+_RTN_SCHEMES: dict[str, Callable[[re.Match], dict]] = {}
 
 
-@register_scheme("int8dq", "int8 dynamic per-token activations x int8 per-channel weights (A8W8 dynamic)")
-def _int8dq(model, match, ctx):
-    quantize(model, weights=qint8, activations=qint8, dynamic=True, exclude=ctx.exclude)
-    return _finish(model, ctx.dtype)
+def _register_rtn(pattern: str, description: str, kwargs: Callable[[re.Match], dict]) -> None:
+    _RTN_SCHEMES[pattern] = kwargs
+
+    @register_scheme(pattern, description)
+    def _apply(model, match, ctx):
+        quantize(model, exclude=ctx.exclude, **kwargs(match))
+        return _finish(model, ctx.dtype)
 
 
-@register_scheme("int4wo-<g>", "int4 weight-only, asymmetric groups of <g> along the input dim (A16W4)")
-def _int4wo(model, match, ctx):
-    quantize(model, weights=qint4, group_size=_group(match), symmetric=False, exclude=ctx.exclude)
-    return _finish(model, ctx.dtype)
+def quantize_kwargs(name: str) -> dict:
+    """The ``quantize(...)`` arguments of a calibration-free scheme (``int8wo``, ``int4wo-64``, ...).
+
+    Raises ValueError naming the scheme when it needs calibration data (GPTQ, SmoothQuant, static
+    activations) or does not exist.
+    """
+    scheme, match = _find(name)
+    if scheme.pattern not in _RTN_SCHEMES:
+        raise ValueError(f"scheme {name!r} needs calibration data and cannot be applied module by module; "
+                         f"calibration-free schemes: {', '.join(_RTN_SCHEMES)}")
+    return _RTN_SCHEMES[scheme.pattern](match)
 
 
-@register_scheme("int3wo-<g>", "int3 weight-only, asymmetric groups of <g> (reference kernel; the RTN baseline of "
-                 "gptq-int3-<g>)")
-def _int3wo(model, match, ctx):
-    quantize(model, weights=qint3, group_size=_group(match), symmetric=False, exclude=ctx.exclude)
-    return _finish(model, ctx.dtype)
-
-
-@register_scheme("int4wo-pc", "int4 weight-only, asymmetric, per output channel")
-def _int4wo_pc(model, match, ctx):
-    quantize(model, weights=qint4, symmetric=False, exclude=ctx.exclude)
-    return _finish(model, ctx.dtype)
-
-
-@register_scheme("8da4w-<g>", "int8 dynamic per-token activations x int4 symmetric groups of <g> (ExecuTorch)")
-def _8da4w(model, match, ctx):
-    quantize(model, weights=qint4, group_size=_group(match), symmetric=True, activations=qint8, dynamic=True,
-             exclude=ctx.exclude)
-    return _finish(model, ctx.dtype)
+_register_rtn("int8wo", "int8 weight-only, per output channel, symmetric (A16W8)",
+              lambda m: dict(weights=qint8))
+_register_rtn("int8dq", "int8 dynamic per-token activations x int8 per-channel weights (A8W8 dynamic)",
+              lambda m: dict(weights=qint8, activations=qint8, dynamic=True))
+_register_rtn("int4wo-<g>", "int4 weight-only, asymmetric groups of <g> along the input dim (A16W4)",
+              lambda m: dict(weights=qint4, group_size=_group(m), symmetric=False))
+_register_rtn("int3wo-<g>", "int3 weight-only, asymmetric groups of <g> (reference kernel; the RTN baseline of "
+              "gptq-int3-<g>)", lambda m: dict(weights=qint3, group_size=_group(m), symmetric=False))
+_register_rtn("int4wo-pc", "int4 weight-only, asymmetric, per output channel",
+              lambda m: dict(weights=qint4, symmetric=False))
+_register_rtn("8da4w-<g>", "int8 dynamic per-token activations x int4 symmetric groups of <g> (ExecuTorch)",
+              lambda m: dict(weights=qint4, group_size=_group(m), symmetric=True, activations=qint8, dynamic=True))
 
 
 @register_scheme("w8a8-static", "int8 static per-tensor activations (calibrated) x int8 per-channel weights")

@@ -21,10 +21,10 @@ from torch import nn
 from .nn import QMODULE_FOR, QModuleMixin
 from .observers import Observer
 from .primitives import packed_shape
-from .quantize import quantized_modules, set_module
+from .quantize import attach_to_transformers, quantized_modules, set_module
 from .spec import ActivationSpec, WeightSpec
 
-__all__ = ["save", "load", "FORMAT_VERSION", "TENSORS_FILE", "MANIFEST_FILE"]
+__all__ = ["save", "load", "build_shell", "FORMAT_VERSION", "TENSORS_FILE", "MANIFEST_FILE"]
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "model.safetensors"
@@ -112,7 +112,7 @@ def _read(path: Path, device) -> tuple[dict, dict[str, torch.Tensor]]:
     return manifest, tensors
 
 
-def _shell(orig: nn.Module, name: str, cfg: dict) -> QModuleMixin:
+def build_shell(orig: nn.Module, name: str, cfg: dict) -> QModuleMixin:
     """A quantized module built from the manifest entry, in the right state, before tensors arrive."""
     qcls = QMODULE_FOR.get(type(orig))
     if qcls is None or qcls.__name__ != cfg["type"]:
@@ -129,7 +129,9 @@ def _shell(orig: nn.Module, name: str, cfg: dict) -> QModuleMixin:
         if wspec is not None:
             q._parameters.pop("weight")
             rows = orig.weight.shape[0]
-            q.register_buffer("qweight", torch.empty(packed_shape((rows, orig.weight[0].numel()), wspec.qtype)))
+            qdtype = torch.uint8 if wspec.qtype.packed_per_byte > 1 else wspec.qtype.dtype
+            q.register_buffer("qweight", torch.empty(packed_shape((rows, orig.weight[0].numel()), wspec.qtype),
+                                                     dtype=qdtype, device=orig.weight.device))
         q._modules.pop("input_observer", None)
         q.frozen = True
     return q
@@ -165,7 +167,7 @@ def load(model: nn.Module, path: str | os.PathLike, device: str | torch.device =
                              f"architecture?)") from None
         if isinstance(orig, QModuleMixin):
             raise ValueError(f"qcal.load: module {name!r} is already quantized; load into a float model")
-        shells[name] = _shell(orig, name, cfg)
+        shells[name] = build_shell(orig, name, cfg)
 
     # expected tensor slots of the model once the shells are in place
     def owner(full: str) -> tuple[nn.Module, str]:
@@ -229,4 +231,5 @@ def load(model: nn.Module, path: str | os.PathLike, device: str | torch.device =
     for q in shells.values():
         if q.frozen:
             q.select_kernel()
+    attach_to_transformers(model)
     return model
