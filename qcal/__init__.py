@@ -5,6 +5,7 @@ from __future__ import annotations
 from .autoquant import autoquant
 from .calibration import Calibration
 from .explain import explain
+from .export import export, load_pretrained
 from .granularity import PerAxis, PerChannel, PerGroup, PerTensor, PerToken
 from .nn import QConv2d, QLinear, QModuleMixin
 from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
@@ -20,7 +21,8 @@ except ImportError:  # transformers absent (or too old for its quantizer API): q
     QcalConfig = None  # type: ignore[assignment,misc]
 
 __all__ = [
-    "quantize", "freeze", "Calibration", "quantized_modules", "explain", "autoquant", "save", "load", "QcalConfig",
+    "quantize", "freeze", "Calibration", "quantized_modules", "explain", "autoquant", "save", "load",
+    "QcalConfig", "export", "load_pretrained",
     "qtype", "qint2", "qint3", "qint4", "qint8", "qfloat8", "qfloat8_e4m3fn", "qfloat8_e5m2",
     "PerTensor", "PerAxis", "PerChannel", "PerGroup", "PerToken",
     "QLinear", "QConv2d", "QModuleMixin",

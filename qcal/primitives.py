@@ -94,16 +94,21 @@ def choose_qparams_from_minmax(
     qt: qtype,
     symmetric: bool = True,
     scale_dtype: torch.dtype = torch.float32,
+    integer_zero_point: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero-point (None when symmetric) from per-block ranges.
 
     A constant block gets the scale ``|c|`` (1 when ``c == 0``) so it reconstructs exactly;
-    scales never reach zero.
+    scales never reach zero. ``integer_zero_point`` (asymmetric only) widens each range to include 0
+    and rounds the zero-point to an integer in ``[qmin, qmax]``, the convention of compressed-tensors,
+    GPTQ checkpoints and AWQ (exportable to them exactly); the default keeps it unrounded.
     """
     if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
         raise ValueError("cannot choose quantization parameters: the observed values contain NaN or Inf")
     mn = min_val.float()
     mx = max_val.float()
+    if integer_zero_point and not symmetric:
+        mn, mx = mn.clamp(max=0), mx.clamp(min=0)
     constant = mn == mx
     const_scale = torch.where(mx.abs() > 0, mx.abs(), torch.ones_like(mx))
     if symmetric:
@@ -123,6 +128,8 @@ def choose_qparams_from_minmax(
     if zero_point is not None:
         # recompute with the rounded scale so that min maps exactly to qmin
         zero_point = torch.where(constant, torch.zeros_like(mn), qt.qmin - mn / scale.float())
+        if integer_zero_point:
+            zero_point = zero_point.round().clamp(qt.qmin, qt.qmax)
         zero_point = zero_point.to(scale_dtype)
     return scale, zero_point
 
@@ -134,13 +141,14 @@ def choose_qparams(
     symmetric: bool = True,
     scale_dtype: torch.dtype | None = None,
     name: str = "tensor",
+    integer_zero_point: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min/max quantization parameters of ``x`` at ``granularity``."""
     check_float(x, name)
     bs = block_size_for(granularity, tuple(x.shape), name)
     mn, mx = block_minmax(x.detach(), bs)
     try:
-        return choose_qparams_from_minmax(mn, mx, qt, symmetric, scale_dtype or x.dtype)
+        return choose_qparams_from_minmax(mn, mx, qt, symmetric, scale_dtype or x.dtype, integer_zero_point)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
 

@@ -58,7 +58,9 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _weight_spec(weights, group_size, symmetric, weight_observer) -> WeightSpec | None:
+def _weight_spec(weights, group_size, symmetric, weight_observer, zero_point="float") -> WeightSpec | None:
+    if zero_point not in ("float", "int"):
+        raise ValueError(f"zero_point must be 'float' or 'int', got {zero_point!r}")
     if weights is None:
         if group_size is not None:
             raise ValueError("group_size given but weights=None")
@@ -66,14 +68,17 @@ def _weight_spec(weights, group_size, symmetric, weight_observer) -> WeightSpec 
     qt: qtype = get_qtype(weights, "weights")
     if not qt.is_floating_point and qt.bits not in SUPPORTED_WEIGHT_BITS:
         raise TypeError(f"weights={qt} is not supported")
-    if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0):
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
     sym = (qt.bits == 8) if symmetric is None else bool(symmetric)
     if qt.is_floating_point and not sym:
         raise ValueError(f"weights={qt} supports symmetric quantization only")
     get_observer(weight_observer)
+    if zero_point == "int" and (sym or qt.is_floating_point):
+        raise ValueError("zero_point='int' applies to asymmetric integer weights (symmetric=False)")
     gran = PerGroup(group_size) if group_size else PerAxis(0)
-    return WeightSpec(qt, gran, sym, weight_observer if isinstance(weight_observer, str) else "minmax")
+    return WeightSpec(qt, gran, sym, weight_observer if isinstance(weight_observer, str) else "minmax",
+                      zero_point == "int")
 
 
 def _act_spec(activations, dynamic, act_symmetric, observer) -> ActivationSpec | None:
@@ -101,6 +106,7 @@ def quantize(
     act_symmetric: bool = True,
     observer: str = "moving_average",
     weight_observer: str = "minmax",
+    zero_point: str = "float",
 ) -> nn.Module:
     """Swap every selected ``nn.Linear``/``nn.Conv2d`` for its quantized twin, in place.
 
@@ -117,11 +123,13 @@ def quantize(
         observer: activation observer name (``moving_average``, ``minmax``, ``percentile``, ``mse``).
         weight_observer: ``minmax`` (qparams follow the weights, as QAT needs) or an observer name
             whose clipping is computed once and fixed (``mse``, ``percentile``).
+        zero_point: asymmetric weights: ``"float"`` (unrounded, the default, as GGUF Q4_1 and tinygemm) or
+            ``"int"`` (rounded to integers, as compressed-tensors/vLLM, GPTQ and AWQ checkpoints store them).
 
     Every selected module is validated before any is replaced, so on error the model is untouched.
     Returns the model.
     """
-    wspec = _weight_spec(weights, group_size, symmetric, weight_observer)
+    wspec = _weight_spec(weights, group_size, symmetric, weight_observer, zero_point)
     aspec = _act_spec(activations, dynamic, act_symmetric, observer)
     if wspec is None and aspec is None:
         raise ValueError("quantize: nothing to do, weights and activations are both None")

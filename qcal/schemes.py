@@ -164,6 +164,10 @@ _register_rtn("int3wo-<g>", "int3 weight-only, asymmetric groups of <g> (referen
               "gptq-int3-<g>)", lambda m: dict(weights=qint3, group_size=_group(m), symmetric=False))
 _register_rtn("int4wo-pc", "int4 weight-only, asymmetric, per output channel",
               lambda m: dict(weights=qint4, symmetric=False))
+_register_rtn("int4wo-<g>-intzp", "int4wo-<g> with integer zero-points (exports to compressed-tensors / vLLM)",
+              lambda m: dict(weights=qint4, group_size=_group(m), symmetric=False, zero_point="int"))
+_register_rtn("int4wo-pc-intzp", "int4wo-pc with integer zero-points (exports to compressed-tensors / vLLM)",
+              lambda m: dict(weights=qint4, symmetric=False, zero_point="int"))
 _register_rtn("8da4w-<g>", "int8 dynamic per-token activations x int4 symmetric groups of <g> (ExecuTorch)",
               lambda m: dict(weights=qint4, group_size=_group(m), symmetric=True, activations=qint8, dynamic=True))
 

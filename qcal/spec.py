@@ -18,19 +18,23 @@ class WeightSpec:
     granularity: Granularity = field(default_factory=lambda: PerAxis(0))
     symmetric: bool = True
     observer: str = "minmax"
+    integer_zero_point: bool = False  # asymmetric: zero-points rounded to integers (compressed-tensors, GPTQ, AWQ)
 
     @property
     def group_size(self) -> int | None:
         return self.granularity.group_size if isinstance(self.granularity, PerGroup) else None
 
     def to_dict(self) -> dict:
-        return {"qtype": self.qtype.name, "granularity": self.granularity.to_dict(),
-                "symmetric": self.symmetric, "observer": self.observer}
+        d = {"qtype": self.qtype.name, "granularity": self.granularity.to_dict(),
+             "symmetric": self.symmetric, "observer": self.observer}
+        if self.integer_zero_point:
+            d["integer_zero_point"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> WeightSpec:
         return cls(get_qtype(d["qtype"]), granularity_from_dict(d["granularity"]), bool(d["symmetric"]),
-                   d.get("observer", "minmax"))
+                   d.get("observer", "minmax"), bool(d.get("integer_zero_point", False)))
 
 
 @dataclass(frozen=True)

@@ -78,17 +78,19 @@ def _hessian_inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.T
     return torch.diag(h.diagonal().clamp(min=1e-8).rsqrt()), float("inf")
 
 
-def _group_qparams(block: torch.Tensor, qt: qtype, symmetric: bool, dtype: torch.dtype, mse: bool):
+def _group_qparams(block: torch.Tensor, qt: qtype, symmetric: bool, dtype: torch.dtype, mse: bool,
+                   integer_zp: bool = False):
     """(scale, zero_point) of each row of ``block`` as ``(out,)`` float32 vectors: from the row's
     min/max, or with ``mse`` from the shrunk range minimising ``Σ|w - q(w)|^2.4`` (as the
     reference GPTQ's ``mse`` grid search)."""
     if mse:
         obs = MSEObserver(qt, PerAxis(0), symmetric, momentum=None, norm=2.4)
+        obs.integer_zero_point = integer_zp
         mn, mx = obs.batch_range(block, (1, block.shape[1]))
         mn, mx = mn[:, 0], mx[:, 0]
     else:
         mn, mx = block.amin(1), block.amax(1)
-    scale, zp = choose_qparams_from_minmax(mn, mx, qt, symmetric, dtype)
+    scale, zp = choose_qparams_from_minmax(mn, mx, qt, symmetric, dtype, integer_zp)
     return scale.float(), None if zp is None else zp.float()
 
 
@@ -123,19 +125,23 @@ def gptq_quantize_weight(
     act_order: bool = False,
     static_groups: bool = False,
     mse: bool = False,
+    integer_zero_point: bool = False,
 ) -> GPTQResult:
     """GPTQ on one ``(out, in)`` weight given ``hessian ∝ XᵀX`` of its inputs ``(in, in)``.
 
     ``group_size=None`` quantizes per output channel; ``mse`` searches each group's clipping
     range instead of taking its min/max. Quantization follows
     :mod:`qcal.primitives` (float zero-point when asymmetric), so re-quantizing the returned
-    ``weight`` with ``scale``/``zero_point`` gives back ``codes`` exactly.
+    ``weight`` with ``scale``/``zero_point`` gives back ``codes`` exactly. ``integer_zero_point`` rounds
+    the zero-points (asymmetric), and the error propagation sees the rounded ones.
     """
     with _OneThread():
-        return _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_order, static_groups, mse)
+        return _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_order, static_groups, mse,
+                     integer_zero_point)
 
 
-def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_order, static_groups, mse):
+def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_order, static_groups, mse,
+          izp=False):
     if not torch.isfinite(hessian).all():
         raise ValueError("GPTQ: the Hessian contains NaN or Inf; check the calibration inputs")
     dtype = weight.dtype
@@ -155,7 +161,7 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
     static = static_groups or act_order or group_size is None
     if static:
         for j in range(cols // g):
-            s, z = _group_qparams(w[:, j * g:(j + 1) * g], qt, symmetric, dtype, mse)
+            s, z = _group_qparams(w[:, j * g:(j + 1) * g], qt, symmetric, dtype, mse, izp)
             scale[:, j] = s
             if zero is not None:
                 zero[:, j] = z
@@ -178,7 +184,7 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
             col = i1 + i
             j = group_of[col]
             if not static and col % g == 0:  # a new group: qparams from the updated weights
-                s, z = _group_qparams(torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g], qt, symmetric, dtype, mse)
+                s, z = _group_qparams(torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g], qt, symmetric, dtype, mse, izp)
                 scale[:, j] = s
                 if zero is not None:
                     zero[:, j] = z
@@ -197,7 +203,7 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
     zero = None if zero is None else zero.to(dtype)
     codes = quantize(q, scale, zero, qt)
     gran = PerGroup(group_size) if group_size else PerAxis(0)
-    rtn_s, rtn_z = choose_qparams(w0, qt, gran, symmetric, scale_dtype=dtype)
+    rtn_s, rtn_z = choose_qparams(w0, qt, gran, symmetric, scale_dtype=dtype, integer_zero_point=izp)
     hs = hessian.detach().float()
     return GPTQResult(
         weight=q.to(dtype),
@@ -238,6 +244,7 @@ class GPTQQuantizer:
         true_sequential: bool = True,
         symmetric: bool = False,
         *,
+        zero_point: str = "float",
         mse: bool = False,
         include: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] | None = "lm_head",
@@ -257,6 +264,7 @@ class GPTQQuantizer:
         self.static_groups = static_groups
         self.true_sequential = true_sequential
         self.symmetric = symmetric
+        self.zero_point = zero_point
         self.mse = mse
         self.include = include
         self.exclude = exclude
@@ -277,7 +285,7 @@ class GPTQQuantizer:
         res = gptq_quantize_weight(
             module.weight_2d(), hessian, spec.qtype, spec.group_size, spec.symmetric,
             blocksize=self.blocksize, percdamp=self.percdamp, act_order=self.act_order,
-            static_groups=self.static_groups, mse=self.mse,
+            static_groups=self.static_groups, mse=self.mse, integer_zero_point=spec.integer_zero_point,
         )
         module.weight.data.copy_(res.weight.reshape(module.weight.shape))
         module.fix_weight_qparams(res.scale, res.zero_point)
@@ -294,7 +302,7 @@ class GPTQQuantizer:
         start = time.perf_counter()
         if not any(True for _ in quantized_modules(model)):
             swap_modules(model, weights=self.qtype, group_size=self.groupsize, symmetric=self.symmetric,
-                         include=self.include, exclude=self.exclude)
+                         include=self.include, exclude=self.exclude, zero_point=self.zero_point)
         self.report = {}
         was_training = model.training
         model.eval()
@@ -338,10 +346,10 @@ class Int4WeightOnlyGPTQQuantizer(GPTQQuantizer):
 # ---------------------------------------------------------------- named schemes
 
 
-def _gptq_scheme(bits: int, per_channel: bool, act_order: bool):
+def _gptq_scheme(bits: int, per_channel: bool, act_order: bool, zero_point: str = "float"):
     def apply(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
         group = None if per_channel else int(match.group("g"))
-        GPTQQuantizer(bits=bits, groupsize=group, act_order=act_order, static_groups=act_order,
+        GPTQQuantizer(bits=bits, groupsize=group, act_order=act_order, static_groups=act_order, zero_point=zero_point,
                       exclude=ctx.exclude).quantize(model, ctx.calibration_inputs(match.string))
         return freeze(model).to(ctx.dtype)
     return apply
@@ -354,3 +362,6 @@ for _bits in (2, 3, 4, 8):
                     "with static groups (calibrated)")(_gptq_scheme(_bits, False, True))
     register_scheme(f"gptq-int{_bits}-pc", f"GPTQ int{_bits} weight-only, asymmetric, per output channel "
                     "(calibrated)")(_gptq_scheme(_bits, True, False))
+    for _suffix, _pc, _ao in (("<g>", False, False), ("<g>-actorder", False, True), ("pc", True, False)):
+        register_scheme(f"gptq-int{_bits}-{_suffix}-intzp", f"gptq-int{_bits}-{_suffix} with integer zero-points "
+                        "(exports to compressed-tensors / vLLM)")(_gptq_scheme(_bits, _pc, _ao, "int"))

@@ -75,7 +75,7 @@ class QModuleMixin:
             return _learnable(self.weight_scale, getattr(self, "lsq_weight_grad", 1.0)), self.weight_zero_point
         spec = self.weight_spec
         return choose_qparams(self.weight_2d().detach(), spec.qtype, spec.granularity, spec.symmetric,
-                              name=f"{self.qcal_name} (weight)")
+                              name=f"{self.qcal_name} (weight)", integer_zero_point=spec.integer_zero_point)
 
     @torch.no_grad()
     def fix_weight_qparams(self, scale: torch.Tensor | None = None,
@@ -85,6 +85,7 @@ class QModuleMixin:
         if scale is None:
             obs = get_observer(spec.observer)(spec.qtype, spec.granularity, spec.symmetric, momentum=None,
                                               name=f"{self.qcal_name} (weight)")
+            obs.integer_zero_point = spec.integer_zero_point
             obs(self.weight_2d().detach())
             scale, zero_point = obs.calculate_qparams(self.weight.dtype)
         self.weight_scale = scale.detach().clone()

@@ -21,6 +21,8 @@ class Observer(nn.Module):
     buffers, so they travel with the module's state_dict.
     """
 
+    integer_zero_point: bool = False  # set on weight observers of specs with integer zero-points
+
     def __init__(
         self,
         qt: qtype,
@@ -83,7 +85,8 @@ class Observer(nn.Module):
         """(scale, zero_point) from the recorded ranges; zero_point is None when symmetric."""
         if not self.observed:
             raise RuntimeError(f"{self.name or 'observer'}: no data was observed")
-        return choose_qparams_from_minmax(self.min_val, self.max_val, self.qtype, self.symmetric, scale_dtype)
+        return choose_qparams_from_minmax(self.min_val, self.max_val, self.qtype, self.symmetric, scale_dtype,
+                                          self.integer_zero_point)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # statistics have a data-dependent shape: adopt the stored one

@@ -35,7 +35,8 @@ class MSEObserver(Observer):
         for i in range(n_candidates):
             r = 1.0 - i / self.steps
             cmn, cmx = mn * r, mx * r
-            scale, zp = choose_qparams_from_minmax(cmn, cmx, self.qtype, self.symmetric, torch.float32)
+            scale, zp = choose_qparams_from_minmax(cmn, cmx, self.qtype, self.symmetric, torch.float32,
+                                                   self.integer_zero_point)
             err = (fake_quantize(x, scale, zp, self.qtype) - x).abs().pow(self.norm)
             err = block_view(err, block_size).sum(dim=dims)
             better = err < best_err
