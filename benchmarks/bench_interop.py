@@ -22,14 +22,21 @@ from pathlib import Path
 import torch
 
 _RSS_CHILD = r"""
-import resource, sys, torch, qcal
+import sys
+import qcal, torch
 from transformers import AutoModelForCausalLM
+import transformers.models.llama.modeling_llama
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+
+before = status("VmRSS")
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-"""
-_BASE_CHILD = r"""
-import resource, torch, qcal, transformers
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(before, status("VmHWM"), status("VmRSS"))
 """
 
 
@@ -37,9 +44,12 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
 
 
-def _child_rss(code: str, *args: str) -> int:
+def _child_rss(code: str, *args: str) -> tuple[int, int, int]:
+    """(RSS before from_pretrained, peak RSS, RSS after) of a fresh process (VmHWM is reset by exec,
+    unlike getrusage's ru_maxrss)."""
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    before, peak, after = (int(v) for v in out.stdout.strip().splitlines()[-1].split())
+    return before, peak, after
 
 
 def _ct_decompressed(float_model, ct_dir: Path):
@@ -84,7 +94,6 @@ def main(argv: list[str] | None = None) -> None:
     def ppl(m):
         return token_perplexity(m, ids, args.seqlen, args.limit, False)
 
-    base_rss = _child_rss(_BASE_CHILD)
     rows = []
     for scheme in args.schemes.split(","):
         t0 = time.perf_counter()
@@ -94,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
             hf_dir, ct_dir = Path(d) / "hf", Path(d) / "ct"
             q.save_pretrained(hf_dir)
             row["hf_folder_mb"] = round(_folder_bytes(hf_dir) / 2**20, 1)
-            rss = _child_rss(_RSS_CHILD, str(hf_dir))
-            row["hf_load_peak_rss_mb"] = round(rss / 2**20, 1)
-            row["hf_load_rss_over_base_mb"] = round((rss - base_rss) / 2**20, 1)
+            before, peak, after = _child_rss(_RSS_CHILD, str(hf_dir))
+            row["hf_load_peak_rss_growth_mb"] = round((peak - before) / 2**20, 1)
+            row["hf_load_rss_growth_mb"] = round((after - before) / 2**20, 1)
             row["save_pretrained"] = ppl(AutoModelForCausalLM.from_pretrained(hf_dir))
             try:
                 qcal.export(q, ct_dir, format="compressed-tensors")
@@ -114,17 +123,17 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\nSmolLM2-135M, WikiText-2 test, {args.limit} x {args.seqlen} token perplexity, lm_head bf16; "
-          f"peak RSS of from_pretrained in a fresh process (the interpreter with torch + transformers alone: "
-          f"{base_rss / 2**20:.0f} MB)\n")
+          f"RSS growth of from_pretrained in a fresh process (peak, and after; the process had imported torch, "
+          f"transformers and the model code before)\n")
     head = ["scheme", "qcal frozen", "save_pretrained -> from_pretrained", "compressed-tensors -> transformers",
-            "compressed-tensors -> qcal.load_pretrained", "folder MB", "load RSS - base MB"]
+            "compressed-tensors -> qcal.load_pretrained", "folder MB", "load RSS growth MB (peak / after)"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         ct = (f"{r['compressed_tensors']:.4f} ({r['ct_path']})" if r["compressed_tensors"] is not None
               else f"not exportable ({r['ct_note']})")
         ci = f"{r['ct_import']:.4f}" if r.get("ct_import") is not None else "-"
         print(f"| {r['scheme']} | {r['qcal']:.4f} | {r['save_pretrained']:.4f} | {ct} | {ci} | {r['hf_folder_mb']} | "
-              f"{r['hf_load_rss_over_base_mb']} |")
+              f"{r['hf_load_peak_rss_growth_mb']} / {r['hf_load_rss_growth_mb']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

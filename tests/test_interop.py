@@ -111,7 +111,7 @@ def test_quantize_on_load_refuses_calibrated_schemes(scheme):
 
 # ------------------------------------------------------------------------------------ compressed-tensors
 CT_SCHEMES = ["int8wo", "int8dq", "8da4w-32", "int4wo-32-intzp", "int4wo-pc-intzp", "gptq-int4-32-actorder-intzp",
-              "w8a8-static"]
+              "w8a8-static", "smoothquant-w8a8-static", "8da4w-gptq-32"]
 
 
 @pytest.mark.parametrize("scheme", CT_SCHEMES)
@@ -247,3 +247,16 @@ def test_compressed_tensors_scheme_without_kernel(tmp_path):
     with pytest.raises(ValueError, match="not a qcal or compressed-tensors checkpoint"):
         make_tiny_llama().save_pretrained(tmp_path / "plain")
         qcal.load_pretrained(tmp_path / "plain")
+
+
+def test_without_qcal_transformers_refuses_the_folder(tmp_path):
+    """transformers alone warns that it does not know "qcal" and must then stop, not load random weights."""
+    import subprocess
+    import sys
+
+    apply_scheme(make_tiny_llama(), "int8wo").save_pretrained(tmp_path)
+    code = "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(__import__('sys').argv[1])"
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode != 0
+    assert "Unknown quantization type, got qcal" in run.stderr and "ignore_mismatched_sizes" in run.stderr

@@ -5,7 +5,9 @@ registry, so that
 
 * ``model.save_pretrained(dir)`` of a qcal-quantized model (frozen or fake-quant) writes sharded
   safetensors plus ``quantization_config`` (per-module specs, grouped like compressed-tensors'
-  ``config_groups``) and a sha256 of every quantized tensor in the shards' metadata;
+  ``config_groups``) and a sha256 of every quantized tensor in the shards' metadata; each frozen
+  linear also gets an empty ``weight``, so that transformers without qcal imported stops on the size
+  mismatch instead of loading random weights;
 * ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds the quantized modules on the meta device
   before any weight is read (dtypes and shapes from the shards' headers), loads the tensors straight
   into them, verifies their hashes and selects the kernels: the same logits as the saved model;
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -242,6 +245,9 @@ class QcalHfQuantizer(HfQuantizer):
                 if k != "__metadata__":
                     headers[k] = v
         records = self.quantization_config.module_records()
+        sentinels = {re.escape(f"{n}.weight") + "$" for n, rec in records.items()
+                     if rec["frozen"] and rec["weights"] is not None}
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | sentinels
         shells: dict[str, QModuleMixin] = {}
         for name, rec in records.items():
             try:
@@ -308,6 +314,10 @@ class QcalHfQuantizer(HfQuantizer):
         for name, m in quantized_modules(model):
             for k, t in _module_tensors(m, name).items():
                 hashes[k] = tensor_sha256(t)
+            if m.frozen and m.weight_spec is not None:
+                # an empty ``weight``: transformers without qcal stops on its size mismatch instead of loading
+                # random weights in place of the quantized ones
+                state_dict[f"{name}.weight"] = torch.zeros(0, dtype=torch.uint8)
         meta = {_METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "sha256": hashes}, sort_keys=True)}
         return state_dict, meta
 
@@ -365,6 +375,8 @@ def _placeholders(shell: QModuleMixin, name: str, headers: dict[str, dict]) -> N
         if not key.startswith(prefix):
             continue
         sub, _, attr = key[len(prefix):].rpartition(".")
+        if not sub and attr == "weight" and shell.frozen and shell.weight_spec is not None:
+            continue  # the empty sentinel written by save (see get_state_dict_and_metadata)
         try:
             mod = shell.get_submodule(sub) if sub else shell
         except AttributeError:
