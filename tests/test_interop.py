@@ -251,12 +251,13 @@ def test_compressed_tensors_scheme_without_kernel(tmp_path):
 
 def test_without_qcal_transformers_refuses_the_folder(tmp_path):
     """transformers alone warns that it does not know "qcal" and must then stop, not load random weights."""
+    import os
     import subprocess
     import sys
 
     apply_scheme(make_tiny_llama(), "int8wo").save_pretrained(tmp_path)
-    code = "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(__import__('sys').argv[1])"
+    code = "import sys, transformers as t; t.AutoModelForCausalLM.from_pretrained(sys.argv[1])"
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode != 0
     assert "Unknown quantization type, got qcal" in run.stderr and "ignore_mismatched_sizes" in run.stderr
