@@ -80,6 +80,18 @@ def test_fake_quant_round_trip_and_uncalibrated_refused(tmp_path):
     qcal.freeze(loaded)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantized_output_layer(tmp_path, tie):
+    model = apply_scheme(make_tiny_llama(tie=tie), "int8wo", quantize_lm_head=True)
+    model.save_pretrained(tmp_path / "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert loaded.lm_head.frozen and torch.equal(_logits(loaded), _logits(model))
+    qcal.export(model, tmp_path / "ct", format="compressed-tensors")
+    back = qcal.load_pretrained(tmp_path / "ct")
+    _rotary_like(back, model)
+    assert back.lm_head.frozen and torch.equal(_logits(back), _logits(model))
+
+
 def test_sharded_folder(tmp_path):
     model = apply_scheme(make_tiny_llama(), "int4wo-32")
     model.save_pretrained(tmp_path, max_shard_size="20KB")

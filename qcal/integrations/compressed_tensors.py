@@ -208,7 +208,12 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, over
             seen[id(p)] = prefix + k
             tensors[prefix + k] = p.detach().contiguous().cpu()
 
+    out_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     cfg = config.to_dict()
+    if isinstance(out_layer, QModuleMixin):  # a quantized output layer no longer shares the embedding
+        cfg["tie_word_embeddings"] = False
+        if isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"]["tie_word_embeddings"] = False
     cfg["quantization_config"] = _quantization_config(groups, ignore)
     cfg.pop("_name_or_path", None)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -309,6 +309,7 @@ class QcalHfQuantizer(HfQuantizer):
         config = QcalConfig.from_model(model, scheme=getattr(self.quantization_config, "scheme", None))
         self.quantization_config = config
         model.config.quantization_config = config
+        untie_quantized_output(model)
         state_dict = model.state_dict()
         hashes = {}
         for name, m in quantized_modules(model):
@@ -331,6 +332,21 @@ class QcalHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def untie_quantized_output(model) -> None:
+    """A quantized output layer no longer shares the (float) input embedding: record that in the config,
+    so the folder loads it as its own layer instead of tying it back."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(out, QModuleMixin) or out.weight_spec is None:
+        return
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    name = next(n for n, m in model.named_modules() if m is out) + "."
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = {k: v for k, v in model.all_tied_weights_keys.items()
+                                       if not k.startswith(name) and not v.startswith(name)}
 
 
 def _module_tensors(m: QModuleMixin, name: str) -> dict[str, torch.Tensor]:
