@@ -128,6 +128,9 @@ class LinearKernel(Kernel):
             module.select_kernel()
             return module.kernel(module, x)
         shape = x.shape
+        if not shape or shape[-1] != module.in_features:
+            raise ValueError(f"{module.qcal_name}: the input's last dimension is {shape[-1] if shape else None}, "
+                             f"the layer takes {module.in_features} features (input shape {tuple(shape)})")
         x2 = x.reshape(-1, shape[-1])
         dtype = x.dtype
         cdt = self.compute_dtype or dtype

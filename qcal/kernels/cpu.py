@@ -102,6 +102,8 @@ class Int8WeightOnly(LinearKernel):
         return _weight_only(module) and _per_channel_sym_int8(module)
 
     def small(self, module, x2):
+        if x2.shape[1] % 32:  # _weight_int8pack_mm returns garbage (M=1) or crashes (M=2..16) for these K
+            return self.large(module, x2)
         s = module.weight_scale.view(-1)
         return torch.ops.aten._weight_int8pack_mm(x2, module.qweight, s if s.dtype == x2.dtype else s.to(x2.dtype))
 

@@ -278,8 +278,16 @@ def _input(op: str, x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _rows_out(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, torch.Tensor]:
-    """``(M, K, N, y)`` of ``x (M, K)`` times a weight of ``N`` rows: the sizes and the bf16 output to fill."""
+    """``(M, K, N, y)`` of ``x (M, K)`` times a weight of ``N`` rows: the sizes and the bf16 output to fill.
+
+    Every matmul entry point, checked or not, passes here: ``x`` must be 2-D with the weight's ``K`` columns
+    (int4 weights hold two per byte), else the C kernel would read past the weight."""
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"qcal native: x and w must be 2-D, got {tuple(x.shape)} and {tuple(w.shape)}")
     m, k = x.shape
+    wk = w.shape[1] * 2 if w.dtype == torch.uint8 else w.shape[1]
+    if k != wk:
+        raise ValueError(f"qcal native: the input has {k} features but the weight expects {wk}")
     n = w.shape[0]
     return m, k, n, torch.empty((m, n), dtype=torch.bfloat16)
 

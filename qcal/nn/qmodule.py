@@ -141,8 +141,17 @@ class QModuleMixin:
             return x
         x2 = x.reshape(-1, x.shape[-1])
         if spec.dynamic:
-            s, zp = choose_qparams(x2.detach(), spec.qtype, spec.granularity(self._per_token_ok),
+            per_token = self._per_token_ok
+            if per_token and self.frozen:
+                # a row holding NaN/Inf gives a NaN output row, as the fast kernels do; the other rows are unaffected
+                bad = ~torch.isfinite(x2).all(dim=-1, keepdim=True)
+                x2 = torch.where(bad, torch.zeros((), dtype=x2.dtype, device=x2.device), x2)
+            s, zp = choose_qparams(x2.detach(), spec.qtype, spec.granularity(per_token),
                                    spec.symmetric, scale_dtype=torch.float32, name=f"{self.qcal_name} (input)")
+            out = fake_quantize(x2, s, zp, spec.qtype, name=f"{self.qcal_name} (input)")
+            if per_token and self.frozen:
+                out = torch.where(bad, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
+            return out.reshape(x.shape)
         else:
             if self.input_scale is None:
                 raise RuntimeError(

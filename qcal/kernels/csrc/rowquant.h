@@ -1,12 +1,15 @@
 /* Per-row symmetric int8 quantization of bf16 activations, vectorized (shared by the 8da4w and A8W8 kernels).
 
    scale = FLT_MIN + amax / 127 (fp32), code = x / scale rounded half to even: the numbers of
-   qcal.kernels.common.quantize_per_token (IEEE division and round-to-nearest-even in both). */
+   qcal.kernels.common.quantize_per_token (IEEE division and round-to-nearest-even in both). A row holding
+   NaN or Inf gets a NaN scale, so its output row is NaN as on the reference path (vmaxps alone would drop a
+   NaN depending on its position). */
 #ifndef QCAL_ROWQUANT_H
 #define QCAL_ROWQUANT_H
 
 #include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 #include "bf16.h"
@@ -15,9 +18,14 @@
    `flip`: 0 gives signed codes, 0x80 gives code + 128 as unsigned (for vpdpbusd's unsigned operand). */
 static inline float qcal_quantize_row(const uint16_t *x, int64_t K, uint8_t *q, uint8_t flip) {
     __m512 amax = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16)
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(qcal_load_bf16_masked(x + k, qcal_tail16(K - k))));
-    const float scale = FLT_MIN + _mm512_reduce_max_ps(amax) / 127.f;
+    __mmask16 nan = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+        const __m512 v = qcal_load_bf16_masked(x + k, qcal_tail16(K - k));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    }
+    const float top = _mm512_reduce_max_ps(amax);
+    const float scale = (nan || top == INFINITY) ? NAN : FLT_MIN + top / 127.f;
     const __m512 vs = _mm512_set1_ps(scale);
     const __m128i vf = _mm_set1_epi8((char)flip);
     for (int64_t k = 0; k < K; k += 16) {

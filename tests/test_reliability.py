@@ -1,0 +1,79 @@
+"""Hostile input on the fast paths: wrong shapes are refused (never read past a weight), PyTorch's private
+ops only see the shapes they handle, NaN/Inf in an activation row give a non-finite output row on every path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qcal
+from qcal.kernels import native
+from qcal.schemes import apply_scheme
+
+
+def _frozen(scheme: str, k: int = 128, n: int = 64) -> nn.Sequential:
+    torch.manual_seed(0)
+    return apply_scheme(nn.Sequential(nn.Linear(k, n)), scheme, quantize_lm_head=True)
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("scheme", ["int8wo", "int8dq", "int4wo-32", "8da4w-32"])
+@pytest.mark.parametrize("k", [256, 262144, 64])
+def test_wrong_input_width_is_refused(scheme, native_on, k):
+    with native.disabled(not native_on):
+        m = _frozen(scheme)
+    for rows in (1, 4, 64):
+        with pytest.raises(ValueError, match="features"):
+            m(torch.randn(rows, k, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
+def test_int8_weight_only_pytorch_path_any_k(rows):
+    """``_weight_int8pack_mm`` returns garbage or crashes when K % 32 != 0: those shapes take the safe path."""
+    with native.disabled():
+        m = _frozen("int8wo", k=100, n=32)
+    assert m[0].kernel.name == "cpu_int8wo"
+    x = torch.randn(rows, 100)
+    ref = nn.functional.linear(x.bfloat16(), m[0].dequantized_weight(torch.bfloat16), m[0].bias.bfloat16())
+    assert torch.allclose(m(x).bfloat16().float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def _native_raw(k: int = 64):
+    """The unchecked native entry points with a mismatched input (they must refuse, not read out of bounds)."""
+    w8 = torch.zeros(32, k, dtype=torch.int8)
+    ws = torch.ones(32)
+    x = torch.zeros(2, 2 * k, dtype=torch.bfloat16)
+    return [lambda: native.mm8wo_unchecked(x, w8, ws),
+            lambda: native.mm8_unchecked(x, w8, native.int8_row_sums(w8), ws)]
+
+
+@pytest.mark.skipif(not native.available(), reason="needs the native kernels")
+def test_unchecked_native_entry_points_check_k():
+    for call in _native_raw():
+        with pytest.raises(ValueError, match="features"):
+            call()
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("scheme", ["int8dq", "8da4w-32", "int8wo", "int4wo-32"])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_nan_and_inf_rows_propagate(scheme, native_on, rows):
+    with native.disabled(not native_on):
+        m = _frozen(scheme, k=256)
+    x = torch.randn(rows, 256, dtype=torch.bfloat16)
+    x[0, 37] = float("nan")
+    if rows > 1:
+        x[1, 200] = float("inf")
+    y = m(x)
+    assert torch.isnan(y[0]).all()
+    if rows > 1:
+        assert (~torch.isfinite(y[1])).all()
+        assert torch.isfinite(y[2:]).all()
+    ref = m[0].frozen_forward_reference(x)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(ref))
+
+
+def test_group_size_true_is_refused():
+    with pytest.raises(ValueError, match="group_size"):
+        qcal.quantize(nn.Sequential(nn.Linear(64, 64)), weights=qcal.qint4, group_size=True)
