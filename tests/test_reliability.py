@@ -77,3 +77,51 @@ def test_nan_and_inf_rows_propagate(scheme, native_on, rows):
 def test_group_size_true_is_refused():
     with pytest.raises(ValueError, match="group_size"):
         qcal.quantize(nn.Sequential(nn.Linear(64, 64)), weights=qcal.qint4, group_size=True)
+
+
+_PROBE = "import qcal.kernels.native as n; print(n.available(), n._cache_dir())"
+
+
+def _probe(cache, **env):
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "QCAL_CACHE_DIR": str(cache), "QCAL_NATIVE_OP": "0", **env})
+    assert run.returncode == 0, run.stderr[-2000:]  # never a crash (SIGBUS, SIGSEGV)
+    ok, where = run.stdout.split()
+    return ok == "True", where, run.stderr
+
+
+@pytest.mark.skipif(not native.available(), reason="needs a C compiler and an AVX512-BF16 CPU")
+def test_kernel_cache_is_private_and_verified(tmp_path):
+    import shutil
+    import subprocess
+
+    cache = tmp_path / "cache"
+    ok, where, _ = _probe(cache)
+    libdir = cache / "native"
+    assert ok and where == str(libdir) and (libdir.stat().st_mode & 0o777) == 0o700
+    (lib,) = libdir.glob("*.so")
+    assert lib.with_suffix(".sha256").is_file()
+    # a library planted under the expected name (its constructor would run as the caller) is not loaded
+    marker = tmp_path / "constructor-ran"
+    src = tmp_path / "evil.c"
+    src.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void f(void) {{ FILE *o = '
+                   f'fopen("{marker}", "w"); if (o) fclose(o); }}\n')
+    cc = shutil.which("gcc") or shutil.which("cc")
+    subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    good = lib.with_suffix(".sha256").read_text()
+    ok, _, _ = _probe(cache)
+    assert ok and not marker.exists()
+    assert lib.with_suffix(".sha256").read_text() == good  # rebuilt: the same library as before
+    # a truncated library is rebuilt, not loaded (it would kill the process with SIGBUS)
+    lib.write_bytes(lib.read_bytes()[:4096])
+    ok, _, _ = _probe(cache)
+    assert ok and lib.with_suffix(".sha256").read_text() == good
+    # a cache directory others can write to is not used at all
+    libdir.chmod(0o777)
+    ok, where, err = _probe(cache)
+    shutil.rmtree(where, ignore_errors=True)
+    assert ok and where != str(libdir) and "writable by others" in err

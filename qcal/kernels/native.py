@@ -93,10 +93,65 @@ def _cpu_supported() -> bool:
     return bool(probe and probe())
 
 
+_PRIVATE_FALLBACK: Path | None = None
+
+
+def _private(path: Path) -> str | None:
+    """Why ``path`` is not a directory only this user can write to (None: it is)."""
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not {os.getuid()}"
+    if st.st_mode & 0o022:
+        return f"writable by others (mode {oct(st.st_mode & 0o777)})"
+    return None
+
+
 def _cache_dir() -> Path:
+    """The build cache: ``$QCAL_CACHE_DIR`` or ``~/.cache/qcal``, plus ``native``, created 0700.
+
+    A library is run as the calling user, so the directory must be private: one that is owned by another
+    user or writable by others is not used (a private temporary directory of this process is, with a
+    warning)."""
+    global _PRIVATE_FALLBACK
     root = os.environ.get("QCAL_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "qcal")
-    return Path(root) / "native"
+    path = Path(root) / "native"
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        why = _private(path)
+    except OSError as e:
+        why = f"not usable ({e})"
+    if why is None:
+        return path
+    if _PRIVATE_FALLBACK is None:
+        _PRIVATE_FALLBACK = Path(tempfile.mkdtemp(prefix="qcal-native-"))
+        warnings.warn(f"qcal: kernel cache {path} is {why}; building in the private directory {_PRIVATE_FALLBACK} "
+                      f"instead", RuntimeWarning, stacklevel=4)
+    return _PRIVATE_FALLBACK
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _trusted(lib: Path) -> bool:
+    """A cached library is loaded only if this user owns it, nobody else can write it, and its content hash
+    is the one recorded when it was built (a truncated, replaced or planted file is rebuilt instead)."""
+    record = lib.with_suffix(".sha256")
+    try:
+        st = lib.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return False
+        rst = record.stat()
+        if rst.st_uid != os.getuid() or rst.st_mode & 0o022:
+            return False
+        return record.read_text().strip() == _file_sha256(lib)
+    except OSError:
+        return False
 
 
 def _run(cmd: list[str]) -> None:
@@ -125,9 +180,8 @@ def _build(cc: str, cxx: str | None) -> Path:
         parts += [_OP_SOURCE.read_text(), versions, torch.__version__]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     out = _cache_dir() / f"qcal_native{'_op' if cxx else ''}-{key}.so"
-    if out.exists():
+    if _trusted(out):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
         objs = [str(Path(tmp) / (src.stem + ".o")) for src in _SOURCES]
@@ -138,6 +192,9 @@ def _build(cc: str, cxx: str | None) -> Path:
             _run([cxx, *cflags, "-shared", str(_OP_SOURCE), *objs, "-o", str(tmp_out), "-fopenmp", "-lm", *ldflags])
         else:
             _run([cc, "-shared", "-fopenmp", *objs, "-o", str(tmp_out), "-lm"])
+        record = Path(tmp) / "record"
+        record.write_text(_file_sha256(tmp_out))
+        os.replace(record, out.with_suffix(".sha256"))  # the hash first: a reader never trusts a file without one
         os.replace(tmp_out, out)  # atomic: concurrent builders never load a half-written file
     return out
 
@@ -212,9 +269,14 @@ def _load() -> ctypes.CDLL | None:
         warnings.warn(f"qcal: native int4 kernel not built (nor the other native kernels), using PyTorch's ops: {e}",
                       RuntimeWarning, stacklevel=3)
         return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    try:
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    except AttributeError as e:
+        _status = f"unavailable: {path} is not qcal's kernel library ({e})"
+        warnings.warn(f"qcal: {_status}; using PyTorch's ops", RuntimeWarning, stacklevel=3)
+        return None
     lib.qcal_set_prefetch.argtypes = [ctypes.c_int]
     lib.qcal_set_prefetch(int(os.environ.get("QCAL_PREFETCH", "0") == "1"))
     if not op:
