@@ -9,6 +9,7 @@ it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,7 +27,7 @@ from .spec import ActivationSpec, WeightSpec
 
 __all__ = ["save", "load", "build_shell", "FORMAT_VERSION", "TENSORS_FILE", "MANIFEST_FILE"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sha256 per tensor (version 1 files still load, without that check)
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "qcal.json"
 
@@ -76,13 +77,73 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "torch_version": torch.__version__,
         "model_class": type(model).__name__,
         "modules": {n: m.qcal_config() for n, m in quantized_modules(model)},
-        "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                    for n, t in tensors.items()},
+        "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                        "sha256": tensor_sha256(t)} for n, t in tensors.items()},
         "aliases": aliases,
         "parameters": params,
     }
     save_file(tensors, str(path / TENSORS_FILE), metadata={"format": "qcal", "format_version": str(FORMAT_VERSION)})
     (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (row-major, its own dtype)."""
+    b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(b.tobytes()).hexdigest()
+
+
+def _bad(path: Path, why: str) -> ValueError:
+    return ValueError(f"qcal.load: {path / MANIFEST_FILE}: {why}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_manifest(m, path: Path) -> None:
+    """Every field's type and every cross-reference, before any tensor is read or the model touched."""
+    if not isinstance(m, dict):
+        raise _bad(path, f"the manifest is a {type(m).__name__}, not a mapping")
+    if m.get("format") != "qcal":
+        raise _bad(path, "not a qcal manifest")
+    version = m.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise _bad(path, f"format_version {version!r} is not a version number")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"qcal.load: {path} has format_version {version!r}; this qcal reads versions "
+                         f"<= {FORMAT_VERSION}: upgrade qcal")
+    for key, kind in (("model_class", str), ("modules", dict), ("tensors", dict)):
+        if not isinstance(m.get(key), kind):
+            raise _bad(path, f"{key!r} is missing or not a {kind.__name__}")
+    if version >= 2 and not isinstance(m.get("parameters"), list):
+        raise _bad(path, "'parameters' is missing or not a list")
+    if not isinstance(m.get("aliases", {}), dict) or not isinstance(m.get("parameters", []), list):
+        raise _bad(path, "'aliases' must be a mapping and 'parameters' a list")
+    for name, info in m["tensors"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or \
+                not isinstance(info.get("shape"), list) or not all(_is_int(s) and s >= 0 for s in info["shape"]):
+            raise _bad(path, f"tensor entry {name!r} is malformed")
+        if version >= 2 and not (isinstance(info.get("sha256"), str) and len(info["sha256"]) == 64):
+            raise _bad(path, f"tensor entry {name!r} has no sha256")
+    for alias, target in m.get("aliases", {}).items():
+        if target not in m["tensors"]:
+            raise _bad(path, f"alias {alias!r} points to {target!r}, which is not a stored tensor")
+    known = set(m["tensors"]) | set(m.get("aliases", {}))
+    for p in m.get("parameters", []):
+        if p not in known:
+            raise _bad(path, f"parameter {p!r} is not a stored tensor")
+    for name, cfg in m["modules"].items():
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("type"), str) or \
+                not isinstance(cfg.get("frozen"), bool) or not isinstance(cfg.get("weight_shape"), list) or \
+                not all(_is_int(s) and s > 0 for s in cfg["weight_shape"]) or \
+                not isinstance(cfg.get("weights"), (dict, type(None))) or \
+                not isinstance(cfg.get("activations"), (dict, type(None))):
+            raise _bad(path, f"module entry {name!r} is malformed")
+        try:
+            WeightSpec.from_dict(cfg["weights"]) if cfg["weights"] is not None else None
+            ActivationSpec.from_dict(cfg["activations"]) if cfg["activations"] is not None else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise _bad(path, f"module {name!r} has an invalid spec ({e})") from None
 
 
 def _read(path: Path, device) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -93,12 +154,7 @@ def _read(path: Path, device) -> tuple[dict, dict[str, torch.Tensor]]:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"qcal.load: {mpath} is not valid JSON ({e}); the file is truncated or corrupt") from None
-    if manifest.get("format") != "qcal":
-        raise ValueError(f"qcal.load: {mpath} is not a qcal manifest")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"qcal.load: {path} has format_version {version!r}; this qcal reads versions "
-                         f"<= {FORMAT_VERSION}: upgrade qcal")
+    _validate_manifest(manifest, path)
     try:
         tensors = load_file(str(tpath), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -109,6 +165,12 @@ def _read(path: Path, device) -> tuple[dict, dict[str, torch.Tensor]]:
         t = tensors[name]
         if list(t.shape) != info["shape"] or str(t.dtype).removeprefix("torch.") != info["dtype"]:
             raise ValueError(f"qcal.load: tensor {name!r} in {tpath} does not match its manifest entry")
+        if "sha256" in info and tensor_sha256(t) != info["sha256"]:
+            raise ValueError(f"qcal.load: tensor {name!r} in {tpath} does not match the sha256 recorded when it was "
+                             f"saved (the file was modified or corrupted)")
+    extra = set(tensors) - set(manifest["tensors"])
+    if extra:
+        raise ValueError(f"qcal.load: {tpath} holds tensors the manifest does not list: {sorted(extra)[:5]}")
     return manifest, tensors
 
 
@@ -135,6 +197,38 @@ def build_shell(orig: nn.Module, name: str, cfg: dict) -> QModuleMixin:
         q._modules.pop("input_observer", None)
         q.frozen = True
     return q
+
+
+def _check_module_tensors(name: str, q: QModuleMixin, get) -> None:
+    """The stored tensors of a quantized module against its spec: dtypes and shapes of the codes, scales and
+    zero-points (raises ValueError naming the tensor)."""
+    def fail(attr: str, t: torch.Tensor, want: str) -> ValueError:
+        return ValueError(f"qcal.load: tensor '{name}.{attr}' is {t.dtype} {tuple(t.shape)}; the module's spec "
+                          f"needs {want}")
+
+    spec = q.weight_spec
+    if q.frozen and spec is not None:
+        qw, s, zp = get("qweight"), get("weight_scale"), get("weight_zero_point")
+        want = q.qweight
+        if qw.dtype != want.dtype or qw.shape != want.shape:
+            raise fail("qweight", qw, f"{want.dtype} {tuple(want.shape)}")
+        rows, cols = q.weight_shape[0], q.weight_2d_cols
+        g = spec.group_size
+        grid = (1, 1) if type(spec.granularity).__name__ == "PerTensor" else (rows, cols // g if g else 1)
+        if not s.is_floating_point() or tuple(s.shape) != grid:
+            raise fail("weight_scale", s, f"a float tensor of shape {grid}")
+        if spec.symmetric and zp is not None:
+            raise fail("weight_zero_point", zp, "none (symmetric weights)")
+        if not spec.symmetric and (zp is None or not zp.is_floating_point() or tuple(zp.shape) != grid):
+            raise ValueError(f"qcal.load: tensor '{name}.weight_zero_point' is missing or not a float tensor of "
+                             f"shape {grid} (asymmetric weights)")
+    a = q.act_spec
+    if a is not None and not a.dynamic:
+        s = get("input_scale")
+        if q.frozen and s is None:
+            raise ValueError(f"qcal.load: tensor '{name}.input_scale' is missing (static activations)")
+        if s is not None and (not s.is_floating_point() or s.numel() != 1):
+            raise fail("input_scale", s, "one float value")
 
 
 def _from_module_no_observer(qcls, orig, name, wspec, aspec):
@@ -211,11 +305,20 @@ def load(model: nn.Module, path: str | os.PathLike, device: str | torch.device =
                                ("weight", not q.frozen)):
             if required and f"{sname}.{attr}" not in provided:
                 raise ValueError(f"qcal.load: tensor '{sname}.{attr}' is missing from the checkpoint")
+        _check_module_tensors(sname, q, lambda a, s=sname: tensors.get(aliases.get(f"{s}.{a}", f"{s}.{a}")))
+    # every Parameter of the model's float structure is recorded as one (else it would be shadowed)
+    param_names = set(manifest.get("parameters", []))
+    if "parameters" in manifest:
+        for full in names:
+            mod, attr = slots[full]
+            if isinstance(mod._parameters.get(attr), nn.Parameter) and full not in param_names and \
+                    not (isinstance(mod, QModuleMixin) and attr not in ("weight", "bias")):
+                raise ValueError(f"qcal.load: the manifest's 'parameters' does not list {full!r}, a parameter of "
+                                 f"the model (edited manifest?)")
 
     # all checks passed: mutate
     for name, q in shells.items():
         set_module(model, name, q)
-    param_names = set(manifest.get("parameters", []))
     made: dict[str, torch.Tensor] = {}
     for full in names:
         mod, attr = slots[full]

@@ -9,7 +9,7 @@ from torch import nn
 
 import qcal
 from qcal import Calibration, freeze, qint4, qint8
-from qcal.serialization import MANIFEST_FILE, TENSORS_FILE, load
+from qcal.serialization import FORMAT_VERSION, MANIFEST_FILE, TENSORS_FILE, load
 
 
 def _quantized(tmp_path, frozen=True, **kw):
@@ -56,7 +56,7 @@ def test_roundtrip_fake_quant_state(tmp_path):
 def test_manifest_contents(tmp_path):
     _quantized(tmp_path, weights=qint4, group_size=32)
     m = json.loads((tmp_path / MANIFEST_FILE).read_text())
-    assert m["format"] == "qcal" and m["format_version"] == 1 and m["qcal_version"] == qcal.__version__
+    assert m["format"] == "qcal" and m["format_version"] == FORMAT_VERSION and m["qcal_version"] == qcal.__version__
     e = m["modules"]["model.layers.0.mlp.down_proj"]
     assert e["weights"]["qtype"] == "qint4" and e["weights"]["granularity"] == {"kind": "PerGroup", "group_size": 32}
     assert e["frozen"] is True
@@ -106,6 +106,7 @@ def test_missing_tensor(tmp_path):
     save_file(t, tmp_path / TENSORS_FILE)
     m = json.loads((tmp_path / MANIFEST_FILE).read_text())
     m["tensors"].pop("model.norm.weight")
+    m["parameters"].remove("model.norm.weight")
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(m))
     model = make_tiny_llama()
     snap = _snapshot(model)
@@ -139,3 +140,100 @@ def test_kernel_layouts_not_saved(tmp_path):
     m = json.loads((tmp_path / MANIFEST_FILE).read_text())
     assert not [n for n in m["tensors"] if "._k_" in n]
     assert "model.rotary_emb.inv_freq" in m["tensors"]  # non-persistent float buffers are kept
+
+
+def _edit(tmp_path, fn):
+    m = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    m = fn(m)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(m))
+
+
+def _refused(tmp_path, match):
+    model = make_tiny_llama()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        load(model, tmp_path)
+    _assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize("version", [0, -1, True, "2", None])
+def test_bad_format_version(tmp_path, version):
+    _quantized(tmp_path, weights=qint8)
+    _edit(tmp_path, lambda m: {**m, "format_version": version})
+    _refused(tmp_path, "format_version")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: [m], "not a mapping"),
+    (lambda m: {k: v for k, v in m.items() if k != "tensors"}, "'tensors' is missing"),
+    (lambda m: {k: v for k, v in m.items() if k != "modules"}, "'modules' is missing"),
+    (lambda m: {k: v for k, v in m.items() if k != "model_class"}, "'model_class' is missing"),
+    (lambda m: {k: v for k, v in m.items() if k != "parameters"}, "'parameters' is missing"),
+    (lambda m: {**m, "parameters": [p for p in m["parameters"] if p != "model.norm.weight"]},
+     "does not list 'model.norm.weight'"),
+    (lambda m: {**m, "modules": {**m["modules"], "model.layers.0.mlp.up_proj": {"type": "QLinear"}}}, "malformed"),
+    (lambda m: {**m, "modules": {n: {**c, "weights": {**c["weights"], "qtype": "qint5"}}
+                                 for n, c in m["modules"].items()}}, "invalid spec"),
+])
+def test_malformed_manifest(tmp_path, edit, match):
+    _quantized(tmp_path, weights=qint4, group_size=32)
+    _edit(tmp_path, edit)
+    _refused(tmp_path, match)
+
+
+def _rewrite_tensors(tmp_path, fn, manifest_too=True):
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(tmp_path / TENSORS_FILE)
+    fn(t)
+    save_file(t, tmp_path / TENSORS_FILE)
+    if manifest_too:
+        def upd(m):
+            for n, v in t.items():
+                m["tensors"][n].update(shape=list(v.shape), dtype=str(v.dtype).removeprefix("torch."))
+            return m
+        _edit(tmp_path, upd)
+
+
+def test_bit_flip_and_swapped_tensors_are_caught(tmp_path):
+    _quantized(tmp_path, weights=qint4, group_size=32)
+    name = "model.layers.1.mlp.down_proj.qweight"
+
+    def flip(t):
+        t[name] = t[name].clone()
+        t[name].view(-1)[7] ^= 1
+    _rewrite_tensors(tmp_path, flip, manifest_too=False)
+    _refused(tmp_path, f"{name}.*sha256")
+    _quantized(tmp_path, weights=qint4, group_size=32)
+
+    def swap(t):
+        a, b = "model.layers.0.mlp.gate_proj.qweight", "model.layers.0.mlp.up_proj.qweight"
+        t[a], t[b] = t[b], t[a]
+    _rewrite_tensors(tmp_path, swap, manifest_too=False)
+    _refused(tmp_path, "sha256")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.update({"model.layers.1.mlp.down_proj.qweight":
+                         t["model.layers.1.mlp.down_proj.qweight"].view(torch.int8)}), "qweight' is torch.int8"),
+    (lambda t: t.update({"model.layers.1.mlp.down_proj.qweight":
+                         t["model.layers.1.mlp.down_proj.qweight"].float()}), "qweight' is torch.float32"),
+    (lambda t: t.update({"model.layers.1.mlp.down_proj.weight_scale":
+                         t["model.layers.1.mlp.down_proj.weight_scale"][:, :1].contiguous()}), "weight_scale"),
+])
+def test_tensors_checked_against_the_spec_before_any_swap(tmp_path, edit, match):
+    _quantized(tmp_path, weights=qint4, group_size=32)
+    _rewrite_tensors(tmp_path, edit)
+    _edit(tmp_path, lambda m: {**m, "tensors": {n: {k: v for k, v in e.items() if k != "sha256"}
+                                               for n, e in m["tensors"].items()}, "format_version": 1})
+    _refused(tmp_path, match)
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    _, ids, out = _quantized(tmp_path, weights=qint4, group_size=32)
+    _edit(tmp_path, lambda m: {**m, "format_version": 1, "tensors": {
+        n: {k: v for k, v in e.items() if k != "sha256"} for n, e in m["tensors"].items()}})
+    fresh = make_tiny_llama(seed=9)
+    load(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, out)

@@ -18,7 +18,6 @@ registry, so that
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -40,18 +39,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..nn import QMODULE_FOR, QModuleMixin
 from ..quantize import quantize, quantized_modules, set_module
-from ..serialization import FORMAT_VERSION, build_shell
+from ..serialization import FORMAT_VERSION, build_shell, tensor_sha256
 
 __all__ = ["QUANT_METHOD", "QcalConfig", "QcalHfQuantizer", "attach", "tensor_sha256", "check_safetensors_file"]
 
 QUANT_METHOD = "qcal"
 _METADATA_KEY = "qcal"
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes (row-major, its own dtype)."""
-    b = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(b.tobytes()).hexdigest()
 
 
 def check_safetensors_file(path: str | os.PathLike) -> dict[str, dict]:
