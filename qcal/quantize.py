@@ -179,6 +179,11 @@ def freeze(model: nn.Module) -> nn.Module:
     Raises before changing anything if a module with static activations was never calibrated.
     """
     mods = list(quantized_modules(model))
+    for name, m in mods:
+        w = m._parameters.get("weight")
+        if not m.frozen and w is not None and w.device.type == "meta":
+            raise ValueError(f"freeze: module {name!r} has its weight on the meta device (no values to quantize); "
+                             f"load the weights first (from_pretrained, load_state_dict(assign=True) or qcal.load)")
     for _, m in mods:
         if not m.calibrated:
             raise RuntimeError(

@@ -19,7 +19,7 @@ from .qtypes import qint3, qint4, qint8
 from .quantize import freeze, quantize
 
 __all__ = ["SchemeContext", "register_scheme", "available_schemes", "apply_scheme", "describe_scheme",
-           "quantize_kwargs"]
+           "quantize_kwargs", "check_scheme"]
 
 
 @dataclass
@@ -96,6 +96,24 @@ def apply_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False,
     scheme's compute dtype. Returns the model."""
     scheme, match = _find(name)
     return scheme.fn(model, match, SchemeContext(quantize_lm_head, calib))
+
+
+def check_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False) -> None:
+    """Raise ValueError, naming the module, if scheme ``name`` cannot apply to ``model``: unknown, a group size
+    of 0, or one that does not divide a linear layer's input size. Cheap: run it before any long work."""
+    scheme, match = _find(name)
+    g = match.groupdict().get("g")
+    if g is None:
+        return
+    g = int(g)
+    if g <= 0:
+        raise ValueError(f"scheme {name!r}: the group size must be positive")
+    for mname, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or (not quantize_lm_head and mname.split(".")[-1] == "lm_head"):
+            continue
+        if m.in_features % g:
+            raise ValueError(f"scheme {name!r}: group size {g} does not divide the {m.in_features} input features "
+                             f"of {mname!r}")
 
 
 def _group(match: re.Match) -> int:

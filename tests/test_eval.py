@@ -514,3 +514,18 @@ def test_smollm2_loads_as_documented_and_bf16_perplexity_of_first_windows():
     assert token_perplexity(model, ids, seqlen=512, limit=2) == pytest.approx(SMOLLM2_FP32_PPL_2X512, abs=0.002)
     bf16 = apply_scheme(copy.deepcopy(model), "bf16")
     assert token_perplexity(bf16, ids, seqlen=512, limit=2) == pytest.approx(SMOLLM2_BF16_PPL_2X512, abs=0.1)
+
+
+@pytest.mark.parametrize("scheme, match", [("int4wo-0", "group size must be positive"),
+                                           ("int4wo-48", "group size 48 does not divide")])
+def test_cli_refuses_bad_scheme_parameters(model, tokenizer, data_dir, tmp_path, capsys, scheme, match):
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rc = main(["--model", str(folder), "--data-dir", str(data_dir), "--quant", f"bf16,{scheme}", "--metrics", "ppl",
+               "--seqlen", "32", "--limit", "1", "--no-progress"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert rc == 2 and err.startswith("error: ") and match in err
+    (tmp_path / "empty").mkdir()
+    assert main(["--model", str(tmp_path / "empty"), "--data-dir", str(data_dir), "--quant", "bf16"]) == 2
+    assert "not a model folder" in capsys.readouterr().err

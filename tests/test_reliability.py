@@ -125,3 +125,23 @@ def test_kernel_cache_is_private_and_verified(tmp_path):
     ok, where, err = _probe(cache)
     shutil.rmtree(where, ignore_errors=True)
     assert ok and where != str(libdir) and "writable by others" in err
+
+
+def test_empty_batches():
+    m = nn.Sequential(nn.Linear(64, 32))
+    qcal.quantize(m, weights=qcal.qint8, activations=qcal.qint8)
+    with qcal.Calibration():
+        m(torch.randn(0, 64))  # nothing to record, no error
+        m(torch.randn(4, 64))
+    qcal.freeze(m)
+    assert m(torch.randn(0, 64)).shape == (0, 32) and m(torch.randn(2, 0, 64)).shape == (2, 0, 32)
+    for scheme in ("int8wo", "int8dq", "int4wo-32", "8da4w-32"):
+        assert _frozen(scheme, k=64, n=32)(torch.randn(0, 64, dtype=torch.bfloat16)).shape == (0, 32)
+
+
+def test_freeze_meta_model_is_a_clear_error():
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(64, 32))
+    qcal.quantize(m, weights=qcal.qint4, group_size=32)
+    with pytest.raises(ValueError, match="'0' has its weight on the meta device"):
+        qcal.freeze(m)

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> list[SchemeResult]:
     from .data import calibration_windows, load_wikitext, tokenize, wikitext_documents
     from .models import load_model
     from .report import format_table, plot_size_vs_ppl, write_json
-    from .runner import EvalConfig, check_schemes, evaluate_schemes
+    from .runner import EvalConfig, UnknownSchemeError, check_schemes, evaluate_schemes
 
     check_schemes(args.quant)
     if args.threads:
@@ -168,6 +168,13 @@ def run(args: argparse.Namespace) -> list[SchemeResult]:
     quality = {"ppl", "word_ppl"} & set(args.metrics)
     text = load_wikitext("test", args.data_dir) if quality else None  # fail on data before loading the model
     model, tokenizer = load_model(args.model)
+    from qcal.schemes import check_scheme
+
+    for name in args.quant:  # before any long work
+        try:
+            check_scheme(model, name, quantize_lm_head=args.quantize_lm_head)
+        except ValueError as e:
+            raise UnknownSchemeError(str(e)) from None
     model.to(args.device)
     input_ids = tokenize(tokenizer, text) if "ppl" in args.metrics else None
     docs = wikitext_documents(text) if "word_ppl" in args.metrics else None

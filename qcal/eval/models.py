@@ -100,15 +100,17 @@ def load_model(spec: str = DEFAULT_MODEL) -> tuple[torch.nn.Module, object]:
 
     source = resolve_model(spec)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if source.kind != "hub" and not source.gguf_file and not (Path(source.location) / "config.json").is_file():
+        raise ModelUnavailableError(f"{spec!r} is a local folder without a config.json: not a model folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         if source.gguf_file and not is_accelerate_available():
             model = _load_gguf_without_accelerate(source.location, source.gguf_file)
         else:
             model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         if source.kind != "hub":
-            raise
+            raise ModelUnavailableError(f"cannot load the model {spec!r}: {str(error).splitlines()[0]}") from error
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         raise ModelUnavailableError(
             f"cannot load {spec!r} from the Hugging Face hub"

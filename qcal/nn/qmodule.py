@@ -123,6 +123,8 @@ class QModuleMixin:
         """Record a calibration input and refresh the static input scale. False if not applicable."""
         if self.act_spec is None or self.act_spec.dynamic:
             return False
+        if x.numel() == 0:  # an empty batch has no range to record
+            return False
         x2 = x.reshape(-1, x.shape[-1])
         self.input_observer(x2, momentum)
         s, zp = self.input_observer.calculate_qparams(x.dtype)
@@ -137,7 +139,7 @@ class QModuleMixin:
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize the input activation according to the activation spec."""
         spec = self.act_spec
-        if spec is None:
+        if spec is None or x.numel() == 0:
             return x
         x2 = x.reshape(-1, x.shape[-1])
         if spec.dynamic:
