@@ -479,13 +479,23 @@ def test_help_mentions_every_flag(capsys):
 # ---------------------------------------------------------------- the real model (slow)
 
 
-def _shared_data() -> str:
-    from pathlib import Path
+def _shared_data() -> str | None:
+    """``$QCAL_DATA_DIR`` if set, else None: the WikiText-2 copy embedded in the package."""
+    return os.environ.get("QCAL_DATA_DIR") or None
 
-    root = os.environ.get("QCAL_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not (Path(root) / "wikitext-2-raw" / "test.txt").is_file():
-        pytest.skip(f"no WikiText-2 test text under {root}")
-    return root
+
+def test_embedded_wikitext_equals_the_data_folder():
+    root = os.environ.get("QCAL_DATA_DIR")
+    if not root:
+        pytest.skip("QCAL_DATA_DIR is not set")
+    for split in ("test", "validation"):
+        assert data._embedded_wikitext(split) == data.load_wikitext(split, root)
+
+
+def test_wikitext_without_a_data_folder_is_the_embedded_copy(monkeypatch):
+    monkeypatch.delenv("QCAL_DATA_DIR", raising=False)
+    text = data.load_wikitext("test")
+    assert len(text) == 1294336 and text.startswith("\n\n = Robert Boulter = \n")
 
 
 # First 2 windows of 512. fp32 is stable across CPUs and thread counts (within 3e-4); bf16 follows the CPU's oneDNN

@@ -1,8 +1,9 @@
-"""Evaluation and calibration text: WikiText-2 raw and C4, from a local folder or `datasets`.
+"""Evaluation and calibration text: WikiText-2 raw and C4, from a local folder, the package or `datasets`.
 
 Resolution order for every loader: an explicit ``data_dir``, then the ``QCAL_DATA_DIR`` environment
 variable (folders laid out like ``shared/data``: ``wikitext-2-raw/{test,validation}.txt`` and
-``c4/en-train-00000-of-01024-first1000.jsonl``), then Hugging Face ``datasets`` (online or cached).
+``c4/en-train-00000-of-01024-first1000.jsonl``), then, for WikiText-2 raw, the copy embedded in the
+package (``qcal/eval/wikitext/``, checked by sha256), then Hugging Face ``datasets`` (online or cached).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Literal
 import torch
 
 WIKITEXT_FILES = {"test": "wikitext-2-raw/test.txt", "validation": "wikitext-2-raw/validation.txt"}
+EMBEDDED_WIKITEXT = Path(__file__).with_name("wikitext")
+EMBEDDED_SHA256 = {"test": "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83",
+                   "validation": "b44fb967f92b525731216a507d1fbc44b97446b7ef0a2b4d1a893f81f1bbc29e"}
 C4_FILE = "c4/en-train-00000-of-01024-first1000.jsonl"
 C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
 CalibSource = Literal["c4", "wikitext-valid"]
@@ -55,6 +59,10 @@ def load_wikitext(split: Literal["test", "validation"], data_dir: str | os.PathL
     path, note = _local_file(data_dir, WIKITEXT_FILES[split])
     if path is not None:
         return path.read_text(encoding="utf-8")
+    if resolve_data_dir(data_dir) is None:
+        embedded = _embedded_wikitext(split)
+        if embedded is not None:
+            return embedded
     try:
         import datasets
 
@@ -63,6 +71,23 @@ def load_wikitext(split: Literal["test", "validation"], data_dir: str | os.PathL
         hub = '"wikitext", "wikitext-2-raw-v1"'
         raise _unavailable(f"WikiText-2 raw {split}", note, hub, error) from error
     return "\n\n".join(rows)
+
+
+def _embedded_wikitext(split: str) -> str | None:
+    """The split shipped with the package (None if the file is absent); a corrupt copy is an error."""
+    import hashlib
+    import lzma
+
+    path = EMBEDDED_WIKITEXT / f"{split}.txt.xz"
+    if not path.is_file():
+        return None
+    try:
+        raw = lzma.decompress(path.read_bytes())
+    except lzma.LZMAError as e:
+        raise DataUnavailableError(f"the embedded WikiText-2 {split} split {path} is corrupt ({e})") from None
+    if hashlib.sha256(raw).hexdigest() != EMBEDDED_SHA256[split]:
+        raise DataUnavailableError(f"the embedded WikiText-2 {split} split {path} does not match its sha256")
+    return raw.decode("utf-8")
 
 
 def load_c4_texts(data_dir: str | os.PathLike | None = None) -> list[str]:
