@@ -93,9 +93,16 @@ def _find(name: str) -> tuple[_Scheme, re.Match]:
 def apply_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False,
                  calib: Callable[[], list[torch.Tensor]] | None = None) -> nn.Module:
     """Quantize the float ``model`` in place with scheme ``name``, freeze it and cast it to the
-    scheme's compute dtype. Returns the model."""
+    scheme's compute dtype. Returns the model.
+
+    All or nothing: on any error (or an interrupt) the model is left exactly as it was; schemes that rewrite
+    weights in place (GPTQ, SmoothQuant) keep a copy of the model's tensors on disk meanwhile."""
+    from .transaction import transaction
+
     scheme, match = _find(name)
-    return scheme.fn(model, match, SchemeContext(quantize_lm_head, calib))
+    in_place = scheme.pattern not in (*_RTN_SCHEMES, "fp32", "bf16", "w8a8-static")  # GPTQ, SmoothQuant, ...
+    with transaction(model, snapshot_tensors=in_place):
+        return scheme.fn(model, match, SchemeContext(quantize_lm_head, calib))
 
 
 def check_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False) -> None:

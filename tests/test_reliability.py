@@ -145,3 +145,75 @@ def test_freeze_meta_model_is_a_clear_error():
     qcal.quantize(m, weights=qcal.qint4, group_size=32)
     with pytest.raises(ValueError, match="'0' has its weight on the meta device"):
         qcal.freeze(m)
+
+
+def _state(model):
+    return {n: (type(m), {k: v.detach().clone() for k, v in m.state_dict().items()}) for n, m in model.named_modules()}
+
+
+def _same(model, before):
+    now = _state(model)
+    assert now.keys() == before.keys()
+    for n, (t, sd) in before.items():
+        assert now[n][0] is t, n
+        assert sd.keys() == now[n][1].keys(), n
+        assert all(torch.equal(sd[k], now[n][1][k]) or (torch.isnan(sd[k]).any() and torch.allclose(
+            sd[k], now[n][1][k], equal_nan=True)) for k in sd), n
+
+
+def _calib():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 256, (1, 32), generator=g) for _ in range(4)]
+
+
+@pytest.mark.parametrize("scheme", ["gptq-int4-32", "smoothquant-w8a8", "w8a8-static", "int4wo-32"])
+def test_scheme_failing_midway_leaves_the_model_as_it_was(scheme):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")  # met only in the second block
+    before = _state(model)
+    with pytest.raises(ValueError, match="NaN"):
+        apply_scheme(model, scheme, calib=_calib)
+    _same(model, before)
+    assert getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantization_config", None) is None
+
+
+def test_interrupted_gptq_leaves_the_model_as_it_was(monkeypatch):
+    from conftest import make_tiny_llama
+
+    from qcal.algorithms.gptq import GPTQQuantizer
+
+    model = make_tiny_llama()
+    before = _state(model)
+    calls = {"n": 0}
+    solve = GPTQQuantizer._solve
+
+    def interrupted(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 9:  # in the second block, after the first was rewritten
+            raise KeyboardInterrupt
+        return solve(self, *args)
+
+    monkeypatch.setattr(GPTQQuantizer, "_solve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apply_scheme(model, "gptq-int4-32-actorder", calib=_calib)
+    assert calls["n"] == 9
+    _same(model, before)
+    monkeypatch.setattr(GPTQQuantizer, "_solve", solve)
+    apply_scheme(model, "gptq-int4-32-actorder", calib=_calib)  # and the model is still usable
+
+
+def test_gptq_quantizer_direct_call_is_transactional():
+    from conftest import make_tiny_llama
+
+    from qcal.algorithms.gptq import GPTQQuantizer
+
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    before = _state(model)
+    with pytest.raises(ValueError, match="NaN"):
+        GPTQQuantizer(groupsize=32).quantize(model, _calib())
+    _same(model, before)

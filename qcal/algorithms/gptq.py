@@ -298,7 +298,14 @@ class GPTQQuantizer:
     @torch.no_grad()
     def quantize(self, model: nn.Module, inputs: Sequence) -> nn.Module:
         """Quantize ``model`` in place from calibration ``inputs`` (token-id tensors for a
-        Hugging Face model, see :class:`InputRecorder`); returns the model."""
+        Hugging Face model, see :class:`InputRecorder`); returns the model. All or nothing: on an error or an
+        interrupt the model is restored as it was (:mod:`qcal.transaction`)."""
+        from ..transaction import transaction
+
+        with transaction(model):
+            return self._quantize(model, inputs)
+
+    def _quantize(self, model: nn.Module, inputs: Sequence) -> nn.Module:
         start = time.perf_counter()
         if not any(True for _ in quantized_modules(model)):
             swap_modules(model, weights=self.qtype, group_size=self.groupsize, symmetric=self.symmetric,

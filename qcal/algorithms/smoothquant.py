@@ -246,11 +246,15 @@ def smoothquant_w8a8(model: nn.Module, inputs: Sequence[torch.Tensor], alpha: fl
                      include: str | Iterable[str] | None = None,
                      exclude: str | Iterable[str] | None = "lm_head") -> nn.Module:
     """Smooth, then W8A8: int8 per-channel weights, int8 activations per-token dynamic or static
-    per-tensor (calibrated on ``inputs`` after smoothing). Returned fake-quant; ``qcal.freeze`` it."""
-    smooth_model(model, inputs, alpha, include, exclude)
-    quantize(model, weights=qint8, activations=qint8, dynamic=dynamic, include=include, exclude=exclude)
-    if not dynamic:
-        calibrate(model, list(inputs))
+    per-tensor (calibrated on ``inputs`` after smoothing). Returned fake-quant; ``qcal.freeze`` it.
+    All or nothing: on an error or an interrupt the model is restored as it was."""
+    from ..transaction import transaction
+
+    with transaction(model):
+        smooth_model(model, inputs, alpha, include, exclude)
+        quantize(model, weights=qint8, activations=qint8, dynamic=dynamic, include=include, exclude=exclude)
+        if not dynamic:
+            calibrate(model, list(inputs))
     return model
 
 
@@ -273,15 +277,18 @@ def smooth_fq_linear_to_inference(model: nn.Module, debug_skip_calibration: bool
     """Stop recording, fold the smoothing, quantize W8A8 with dynamic per-token activations, freeze."""
     if model not in _PENDING:
         raise RuntimeError("smooth_fq_linear_to_inference: call swap_linear_with_smooth_fq_linear(model) first")
+    from ..transaction import transaction
+
     stats, alpha = _PENDING.pop(model)
     stats.__exit__(None, None, None)
     names = list(stats.linears)
-    if not debug_skip_calibration:
-        if not any(o.observed for o in stats.observers.values()):
-            raise RuntimeError("smooth_fq_linear_to_inference: no calibration batch was run through the model")
-        smooth(model, stats, alpha)
-    quantize(model, weights=qint8, activations=qint8, dynamic=True, include=names)
-    return freeze(model)
+    if not debug_skip_calibration and not any(o.observed for o in stats.observers.values()):
+        raise RuntimeError("smooth_fq_linear_to_inference: no calibration batch was run through the model")
+    with transaction(model):
+        if not debug_skip_calibration:
+            smooth(model, stats, alpha)
+        quantize(model, weights=qint8, activations=qint8, dynamic=True, include=names)
+        return freeze(model)
 
 
 # ---------------------------------------------------------------- named schemes
