@@ -20,6 +20,7 @@ from .qtypes import qtype
 
 __all__ = [
     "FLOAT_DTYPES",
+    "scale_dtype_for",
     "check_float",
     "block_view",
     "block_minmax",
@@ -36,6 +37,12 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that holds the scales of a tensor of ``dtype``: float16's range stops at 6.1e-5 (normal) and
+    would flush or coarsen the scales of small weights, so its scales are float32; others keep their dtype."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def check_float(x: torch.Tensor, name: str = "tensor") -> None:
@@ -148,7 +155,8 @@ def choose_qparams(
     bs = block_size_for(granularity, tuple(x.shape), name)
     mn, mx = block_minmax(x.detach(), bs)
     try:
-        return choose_qparams_from_minmax(mn, mx, qt, symmetric, scale_dtype or x.dtype, integer_zero_point)
+        return choose_qparams_from_minmax(mn, mx, qt, symmetric, scale_dtype or scale_dtype_for(x.dtype),
+                                          integer_zero_point)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
 

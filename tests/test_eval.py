@@ -193,6 +193,8 @@ def test_wikitext_resolution_order(data_dir, tmp_path, monkeypatch):
         raise ConnectionError("offline")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert data.load_wikitext("test") == data._embedded_wikitext("test")  # no folder given: the package's copy
+    monkeypatch.setattr(data, "EMBEDDED_WIKITEXT", tmp_path / "none")  # a package without it: datasets, then error
     with pytest.raises(data.DataUnavailableError) as err:
         data.load_wikitext("test")
     message = str(err.value)

@@ -140,7 +140,7 @@ def test_nan_rejected():
 def test_low_precision_inputs(dtype):
     x = torch.randn(8, 64).to(dtype)
     s, zp = choose_qparams(x, qint4, PerGroup(32), symmetric=False)
-    assert s.dtype == dtype
+    assert s.dtype == (torch.float32 if dtype == torch.float16 else dtype)  # float16 scales would underflow
     y = fake_quantize(x, s, zp, qint4)
     assert y.dtype == dtype
     assert torch.equal(y, dequantize(quantize(x, s, zp, qint4), s, zp, dtype))

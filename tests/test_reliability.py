@@ -9,7 +9,7 @@ from torch import nn
 
 import qcal
 from qcal.kernels import native
-from qcal.schemes import apply_scheme
+from qcal.schemes import apply_scheme, quantize_kwargs
 
 
 def _frozen(scheme: str, k: int = 128, n: int = 64) -> nn.Sequential:
@@ -217,3 +217,23 @@ def test_gptq_quantizer_direct_call_is_transactional():
     with pytest.raises(ValueError, match="NaN"):
         GPTQQuantizer(groupsize=32).quantize(model, _calib())
     _same(model, before)
+
+
+@pytest.mark.parametrize("magnitude", [1e-5, 1e-3])
+@pytest.mark.parametrize("scheme", ["int8wo", "int4wo-32", "8da4w-32", "int8dq"])
+def test_float16_models_with_small_weights(scheme, magnitude):
+    """float16 scales would stop at 6.1e-5 (weights of 1e-5 became 0, of 1e-3 got 3% error): scales are float32."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 64, bias=False)).half()
+    with torch.no_grad():
+        m[0].weight.mul_(magnitude / m[0].weight.abs().max())
+    w = m[0].weight.detach().float().clone()
+    qcal.quantize(m, **quantize_kwargs(scheme))
+    qcal.freeze(m)
+    m.half()  # a later cast keeps them too
+    assert m[0].weight_scale.dtype == torch.float32
+    bound = {"int8wo": 0.01, "int8dq": 0.01}.get(scheme, 0.12)
+    assert ((m[0].dequantized_weight(torch.float32) - w).norm() / w.norm()).item() < bound
+    x = torch.randn(3, 256, dtype=torch.float16)
+    ref = m[0].frozen_forward_reference(x).float()
+    assert ((m(x).float() - ref).norm() / ref.norm()).item() < 2e-2

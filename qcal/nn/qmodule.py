@@ -17,7 +17,17 @@ from torch import nn
 
 from ..granularity import block_size_for
 from ..observers import get_observer
-from ..primitives import check_float, choose_qparams, dequantize, fake_quantize, grad_scale, pack, quantize, unpack
+from ..primitives import (
+    check_float,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    grad_scale,
+    pack,
+    quantize,
+    scale_dtype_for,
+    unpack,
+)
 from ..spec import ActivationSpec, WeightSpec
 
 __all__ = ["QModuleMixin"]
@@ -87,7 +97,7 @@ class QModuleMixin:
                                               name=f"{self.qcal_name} (weight)")
             obs.integer_zero_point = spec.integer_zero_point
             obs(self.weight_2d().detach())
-            scale, zero_point = obs.calculate_qparams(self.weight.dtype)
+            scale, zero_point = obs.calculate_qparams(scale_dtype_for(self.weight.dtype))
         self.weight_scale = scale.detach().clone()
         self.weight_zero_point = None if zero_point is None else zero_point.detach().clone()
 
@@ -127,7 +137,7 @@ class QModuleMixin:
             return False
         x2 = x.reshape(-1, x.shape[-1])
         self.input_observer(x2, momentum)
-        s, zp = self.input_observer.calculate_qparams(x.dtype)
+        s, zp = self.input_observer.calculate_qparams(scale_dtype_for(x.dtype))
         if isinstance(self.input_scale, nn.Parameter):
             with torch.no_grad():
                 self.input_scale.copy_(s)
@@ -218,7 +228,13 @@ class QModuleMixin:
         moved or cast model computes exactly what a checkpoint loaded in that state computes.
         """
         before = self._canonical_state()
+        wide = {k: b for k in _QPARAMS if isinstance(b := self._buffers.get(k), torch.Tensor)
+                and b.is_floating_point() and b.dtype != torch.float16}
         out = super()._apply(fn, recurse)
+        for k, b in wide.items():  # .half() must not squeeze the scales into float16's range (scale_dtype_for)
+            new = self._buffers.get(k)
+            if isinstance(new, torch.Tensor) and new.dtype == torch.float16:
+                self._buffers[k] = b.to(device=new.device, dtype=torch.float32)
         after = self._canonical_state()
         if after is not None and after != before and self.qweight.device.type != "meta":
             self.select_kernel()
@@ -263,6 +279,9 @@ class QModuleMixin:
         state = f"frozen[{self.kernel.name}]" if self.frozen else "fake-quant"
         return f"{base}, weights={w}, activations={a}, {state}"
 
+
+
+_QPARAMS = ("weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
 
 
 def _learnable(scale: torch.Tensor, factor: float) -> torch.Tensor:
