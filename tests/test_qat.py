@@ -60,7 +60,7 @@ def test_qat_recovers_ptq_error_and_survives_freeze(lsq, tmp_path, reference_ker
         fq = student(ids).logits
         freeze(student)
         fr = student(ids).logits
-    assert torch.allclose(fq, fr, rtol=0, atol=1e-5)
+    assert torch.equal(fq, fr)  # reference kernels in the training dtype: bit for bit
     qcal.save(student, tmp_path)
     fresh = make_tiny_llama(seed=9)
     qcal.load(fresh, tmp_path)
@@ -233,3 +233,17 @@ def test_qat_from_gptq_weights_on_grid_trap_and_the_ways_out(reference_kernels):
         residual_latent_weights(model, base, margin=0.5)
     with pytest.raises(ValueError, match="fixed weight qparams"):
         residual_latent_weights(q.convert(model), base)
+
+
+@pytest.mark.parametrize("quantizer", ["8da4w", "int4wo"])
+def test_convert_on_the_fast_kernels_is_within_bf16_rounding(quantizer):
+    """The native CPU kernels compute in bf16: measured 0.25-0.56% relative on the tiny Llama's logits."""
+    from qcal.algorithms.qat import Int4WeightOnlyQATQuantizer, Int8DynActInt4WeightQATQuantizer
+
+    q = (Int8DynActInt4WeightQATQuantizer if quantizer == "8da4w" else Int4WeightOnlyQATQuantizer)(groupsize=32)
+    model = q.prepare(make_tiny_llama())
+    ids = _ids(5)
+    with torch.no_grad():
+        fq = model(ids).logits
+        fr = q.convert(model)(ids).logits
+    assert rel_err(fr, fq) < 1e-2
