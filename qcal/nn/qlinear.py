@@ -17,4 +17,7 @@ class QLinear(QModuleMixin, nn.Linear):
     _per_token_ok = True
 
     def float_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.bias)
+        bias = self.bias
+        if self.frozen and bias is not None and bias.dtype != x.dtype:  # as the fast kernels: the input's dtype
+            bias = bias.to(x.dtype)
+        return F.linear(x, weight, bias)
