@@ -52,12 +52,39 @@ def _child_rss(code: str, *args: str) -> tuple[int, int, int]:
     return before, peak, after
 
 
+class _reference_kernels:  # noqa: N801 - used like a function
+    """Within the block the frozen modules of ``model`` run qcal's reference kernel."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        import qcal.kernels
+
+        self.saved = list(qcal.kernels.KERNELS)
+        qcal.kernels.KERNELS[:] = []
+        self._reselect()
+
+    def __exit__(self, *exc):
+        import qcal.kernels
+
+        qcal.kernels.KERNELS[:] = self.saved
+        self._reselect()
+
+    def _reselect(self):
+        import qcal
+
+        for _, m in qcal.quantized_modules(self.model):
+            m.select_kernel()
+
+
 def _ct_decompressed(float_model, ct_dir: Path):
     """The float model with each quantized linear's weight replaced by compressed-tensors' own decompression
     of the folder (bf16, the folder's dtype)."""
     from qcal.integrations.compressed_tensors import ct_dequantized_weights
+    from qcal.schemes import cast_model
 
-    m = copy.deepcopy(float_model).to(torch.bfloat16)
+    m = cast_model(copy.deepcopy(float_model), torch.bfloat16)
     for name, w in ct_dequantized_weights(ct_dir).items():
         m.get_submodule(name).weight.data = w.to(torch.bfloat16)
     return m
@@ -99,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         q = apply_scheme(copy.deepcopy(model), scheme, calib=calib)
         row = {"scheme": scheme, "quantize_s": round(time.perf_counter() - t0, 1), "qcal": ppl(q)}
+        with _reference_kernels(q):  # dequantize + bf16 GEMM: the arithmetic of transformers' dense path
+            row["qcal_reference"] = ppl(q)
         with tempfile.TemporaryDirectory() as d:
             hf_dir, ct_dir = Path(d) / "hf", Path(d) / "ct"
             q.save_pretrained(hf_dir)
@@ -125,14 +154,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nSmolLM2-135M, WikiText-2 test, {args.limit} x {args.seqlen} token perplexity, lm_head bf16; "
           f"RSS growth of from_pretrained in a fresh process (peak, and after; the process had imported torch, "
           f"transformers and the model code before)\n")
-    head = ["scheme", "qcal frozen", "save_pretrained -> from_pretrained", "compressed-tensors -> transformers",
+    head = ["scheme", "qcal frozen", "qcal frozen, reference kernels", "save_pretrained -> from_pretrained",
+            "compressed-tensors -> transformers",
             "compressed-tensors -> qcal.load_pretrained", "folder MB", "load RSS growth MB (peak / after)"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         ct = (f"{r['compressed_tensors']:.4f} ({r['ct_path']})" if r["compressed_tensors"] is not None
               else f"not exportable ({r['ct_note']})")
         ci = f"{r['ct_import']:.4f}" if r.get("ct_import") is not None else "-"
-        print(f"| {r['scheme']} | {r['qcal']:.4f} | {r['save_pretrained']:.4f} | {ct} | {ci} | {r['hf_folder_mb']} | "
+        print(f"| {r['scheme']} | {r['qcal']:.4f} | {r['qcal_reference']:.4f} | {r['save_pretrained']:.4f} | {ct} | "
+              f"{ci} | {r['hf_folder_mb']} | "
               f"{r['hf_load_peak_rss_growth_mb']} / {r['hf_load_rss_growth_mb']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -19,7 +19,7 @@ from .qtypes import qint3, qint4, qint8
 from .quantize import freeze, quantize
 
 __all__ = ["SchemeContext", "register_scheme", "available_schemes", "apply_scheme", "describe_scheme",
-           "quantize_kwargs", "check_scheme"]
+           "quantize_kwargs", "check_scheme", "cast_model"]
 
 
 @dataclass
@@ -127,9 +127,24 @@ def _group(match: re.Match) -> int:
     return int(match.group("g"))
 
 
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)``, except the non-persistent float32 buffers of float modules (rotary ``inv_freq``),
+    which stay float32 as in a model transformers builds in ``dtype``: the same model ``from_pretrained``
+    gives back."""
+    from .nn import QModuleMixin
+
+    keep = [(m, k, b) for m in model.modules() if not isinstance(m, QModuleMixin)
+            for k in m._non_persistent_buffers_set
+            if isinstance(b := m._buffers.get(k), torch.Tensor) and b.dtype == torch.float32]
+    model.to(dtype)
+    for m, k, b in keep:
+        m._buffers[k] = b.to(m._buffers[k].device)
+    return model
+
+
 def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     freeze(model)
-    return model.to(dtype)
+    return cast_model(model, dtype)
 
 
 def calibrate(model: nn.Module, inputs: list[torch.Tensor], momentum: float | None = 0.9) -> None:
@@ -149,7 +164,7 @@ def _fp32(model, match, ctx):
 
 @register_scheme("bf16", "bfloat16, unquantized (the baseline)")
 def _bf16(model, match, ctx):
-    return model.to(torch.bfloat16)
+    return cast_model(model, torch.bfloat16)
 
 
 # Calibration-free schemes: each is one ``quantize`` call, so it can also run module by module as the

@@ -17,7 +17,7 @@ import qcal
 from qcal.explain import module_rows
 from qcal.kernels import KERNELS, REFERENCE, Kernel, derived_bytes, native, register_kernel, select_kernel
 from qcal.kernels.common import int4_codes_u8, tinygemm_scales_zeros
-from qcal.schemes import apply_scheme
+from qcal.schemes import apply_scheme, cast_model
 
 BF16_TOL = 1e-2
 CPU_KERNEL = {"int4wo-64": "cpu_int4wo", "int4wo-32": "cpu_int4wo", "int4wo-pc": "cpu_int4wo",
@@ -186,7 +186,7 @@ def test_cast_after_freeze_rederives_the_kernel_layout(scheme):
         model.float()
         assert all(m.weight_scale.dtype == torch.float32 for _, m in qcal.quantized_modules(model))
         assert rel_err(model(ids).logits, logits) < 2e-2  # the whole model in fp32 vs bf16
-        model.to(torch.bfloat16)
+        cast_model(model, torch.bfloat16)  # as apply_scheme casts (rotary inv_freq kept in float32)
         assert torch.equal(model(ids).logits, logits)
 
 

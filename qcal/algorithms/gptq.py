@@ -31,7 +31,7 @@ from ..primitives import choose_qparams, choose_qparams_from_minmax, fake_quanti
 from ..qtypes import qint2, qint3, qint4, qint8, qtype
 from ..quantize import freeze, quantized_modules
 from ..quantize import quantize as swap_modules
-from ..schemes import SchemeContext, register_scheme
+from ..schemes import SchemeContext, cast_model, register_scheme
 from .inputs import InputRecorder
 from .sequential import run_sequential
 
@@ -358,7 +358,7 @@ def _gptq_scheme(bits: int, per_channel: bool, act_order: bool, zero_point: str 
         group = None if per_channel else int(match.group("g"))
         GPTQQuantizer(bits=bits, groupsize=group, act_order=act_order, static_groups=act_order, zero_point=zero_point,
                       exclude=ctx.exclude).quantize(model, ctx.calibration_inputs(match.string))
-        return freeze(model).to(ctx.dtype)
+        return cast_model(freeze(model), ctx.dtype)
     return apply
 
 

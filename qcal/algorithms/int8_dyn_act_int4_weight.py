@@ -15,7 +15,7 @@ from torch import nn
 
 from ..qtypes import qint4, qint8
 from ..quantize import freeze, quantize
-from ..schemes import SchemeContext, register_scheme
+from ..schemes import SchemeContext, cast_model, register_scheme
 from .gptq import GPTQQuantizer
 
 __all__ = ["Int8DynActInt4WeightQuantizer", "Int8DynActInt4WeightGPTQQuantizer", "swap_8da4w"]
@@ -43,7 +43,7 @@ class Int8DynActInt4WeightQuantizer:
     @torch.no_grad()
     def quantize(self, model: nn.Module) -> nn.Module:
         swap_8da4w(model, self.groupsize, self.include, self.exclude)
-        return freeze(model).to(self.precision)
+        return cast_model(freeze(model), self.precision)
 
 
 class Int8DynActInt4WeightGPTQQuantizer(GPTQQuantizer):
@@ -60,7 +60,7 @@ class Int8DynActInt4WeightGPTQQuantizer(GPTQQuantizer):
     def quantize(self, model: nn.Module, inputs: Sequence) -> nn.Module:
         swap_8da4w(model, self.groupsize, self.include, self.exclude)
         super().quantize(model, inputs)
-        return freeze(model).to(self.precision)
+        return cast_model(freeze(model), self.precision)
 
 
 @register_scheme("8da4w-gptq-<g>", "8da4w with GPTQ weights: int8 dynamic per-token activations x int4 "

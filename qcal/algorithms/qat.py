@@ -155,7 +155,9 @@ class _TwoStepQATQuantizer:
     def convert(self, model: nn.Module) -> nn.Module:
         """Freeze the trained model to integer weights and cast to ``precision``."""
         freeze(model)
-        return model.to(self.precision)
+        from ..schemes import cast_model
+
+        return cast_model(model, self.precision)
 
 
 class Int8DynActInt4WeightQATQuantizer(_TwoStepQATQuantizer):

@@ -30,7 +30,7 @@ from ..granularity import PerAxis
 from ..observers import MinMaxObserver
 from ..qtypes import qint8
 from ..quantize import freeze, match_names, quantize
-from ..schemes import SchemeContext, calibrate, register_scheme
+from ..schemes import SchemeContext, calibrate, cast_model, register_scheme
 from .sequential import model_device, to_device
 
 __all__ = ["ActivationStats", "smoothing_scale", "smooth", "smooth_model", "smoothquant_w8a8",
@@ -297,7 +297,7 @@ def smooth_fq_linear_to_inference(model: nn.Module, debug_skip_calibration: bool
 def _scheme(dynamic: bool):
     def apply(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
         smoothquant_w8a8(model, ctx.calibration_inputs(match.string), dynamic=dynamic, exclude=ctx.exclude)
-        return freeze(model).to(ctx.dtype)
+        return cast_model(freeze(model), ctx.dtype)
     return apply
 
 
