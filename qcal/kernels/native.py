@@ -443,7 +443,10 @@ def dequant_int4(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 def int8_row_sums(qweight: torch.Tensor) -> torch.Tensor:
     """``(N,)`` int32 row sums of an int8 weight ``(N, K)``, which the A8W8 kernel needs (it reads the weight
     itself in place)."""
-    return qweight.sum(dim=1, dtype=torch.int32)
+    out = torch.empty(qweight.shape[0], dtype=torch.int32, device=qweight.device)
+    for i in range(0, qweight.shape[0], 64):  # in row blocks: a whole-tensor int32 copy would inflate peak memory
+        torch.sum(qweight[i:i + 64], dim=1, dtype=torch.int32, out=out[i:i + 64])
+    return out
 
 
 def mm8_unchecked(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
