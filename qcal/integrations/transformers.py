@@ -65,7 +65,10 @@ def check_safetensors_file(path: str | os.PathLike) -> dict[str, dict]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"qcal: {path} has a corrupt safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError):
+        raise ValueError(f"qcal: {path} has a corrupt safetensors header") from None
     if 8 + n + end != size:
         raise ValueError(f"qcal: {path} is truncated or was modified: its header describes {8 + n + end} bytes, "
                          f"the file has {size}")
@@ -216,10 +219,6 @@ class QcalHfQuantizer(HfQuantizer):
         if self.pre_quantized and self.quantization_config.config_groups is None:
             raise ValueError("qcal: this checkpoint's quantization_config has no config_groups (not written by "
                              "qcal's save_pretrained?)")
-
-    @property
-    def quantized_element_size(self) -> float | None:
-        return None
 
     # ------------------------------------------------------------------ before weights
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
