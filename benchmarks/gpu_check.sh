@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks, as one script for a lent GPU machine (its own python3 and torch; no install step):
+# The CUDA checks, as one script for a CUDA machine (its own python3 and torch; no install step):
 #   bash benchmarks/gpu_check.sh [OUTDIR]
 # CUDA tests, then the per-op, crossover and end-to-end speed tables (random weights in SmolLM2-135M's
 # shapes: the GGUF file is not needed). Each step has its own time limit; logs go to OUTDIR.
