@@ -26,12 +26,12 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "compressed-
     if format not in EXPORT_FORMATS:
         raise ValueError(f"qcal.export: unknown format {format!r}; available: {', '.join(EXPORT_FORMATS)}")
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"qcal.export: {path} exists and is not empty (pass overwrite=True)")
-    if format == "compressed-tensors":
+    if format == "compressed-tensors":  # it checks the folder itself
         from .integrations.compressed_tensors import export_compressed_tensors
 
         return export_compressed_tensors(model, path, overwrite=overwrite, **kwargs)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"qcal.export: {path} exists and is not empty (pass overwrite=True)")
     if format == "hf":
         if not hasattr(model, "save_pretrained"):
             raise TypeError("qcal.export(format='hf'): the model must be a transformers PreTrainedModel")

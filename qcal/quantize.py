@@ -160,16 +160,12 @@ def attach_to_transformers(model: nn.Module) -> None:
     """Let ``save_pretrained`` of a transformers model write a qcal folder (no-op for other models)."""
     import sys
 
-    if "transformers" in sys.modules and quantized_modules_present(model):
+    if "transformers" in sys.modules and next(quantized_modules(model), None) is not None:
         try:
             from .integrations.transformers import attach
         except ImportError:  # transformers without the quantizer API qcal needs
             return
         attach(model)
-
-
-def quantized_modules_present(model: nn.Module) -> bool:
-    return any(isinstance(m, QModuleMixin) for m in model.modules())
 
 
 @torch.no_grad()

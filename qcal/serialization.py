@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .granularity import PerTensor
 from .nn import QMODULE_FOR, QModuleMixin
 from .observers import Observer
 from .primitives import packed_shape
@@ -214,7 +215,7 @@ def _check_module_tensors(name: str, q: QModuleMixin, get) -> None:
             raise fail("qweight", qw, f"{want.dtype} {tuple(want.shape)}")
         rows, cols = q.weight_shape[0], q.weight_2d_cols
         g = spec.group_size
-        grid = (1, 1) if type(spec.granularity).__name__ == "PerTensor" else (rows, cols // g if g else 1)
+        grid = (1, 1) if isinstance(spec.granularity, PerTensor) else (rows, cols // g if g else 1)
         if not s.is_floating_point() or tuple(s.shape) != grid:
             raise fail("weight_scale", s, f"a float tensor of shape {grid}")
         if spec.symmetric and zp is not None:

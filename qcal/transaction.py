@@ -84,12 +84,10 @@ def _transaction(model: nn.Module, snapshot_tensors: bool) -> Iterator[None]:
 
                 with safe_open(str(saved), framework="pt") as f:
                     keys = set(f.keys())
-                    restored: dict[int, torch.Tensor] = {}
                     for mod, key, is_param, t in slots:
-                        table = mod._parameters if is_param else mod._buffers
-                        table[key] = t  # the original object back in its slot
-                        if str(id(t)) in keys and id(t) not in restored:
+                        (mod._parameters if is_param else mod._buffers)[key] = t  # the original object back
+                        if str(id(t)) in keys:
+                            keys.discard(str(id(t)))  # a tied tensor is restored once
                             with torch.no_grad():
                                 t.data = f.get_tensor(str(id(t))).to(t.device)
-                            restored[id(t)] = t
             raise

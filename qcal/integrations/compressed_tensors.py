@@ -430,8 +430,7 @@ def load_compressed_tensors(path: str | os.PathLike, **kwargs) -> nn.Module:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the quantized linears' float weights are absent by design
     try:
-        with _skip_linear_init():
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     dtype = next(model.parameters()).dtype
@@ -441,17 +440,6 @@ def load_compressed_tensors(path: str | os.PathLike, **kwargs) -> nn.Module:
         set_module(model, name, q)
         q.select_kernel()
     return model
-
-
-class _skip_linear_init:  # noqa: N801 - a context manager used like a function
-    """nn.Linear weights that the checkpoint does not hold are replaced right after: don't spend time on them."""
-
-    def __enter__(self):
-        self.saved = nn.Linear.reset_parameters
-        nn.Linear.reset_parameters = lambda self: None
-
-    def __exit__(self, *exc):
-        nn.Linear.reset_parameters = self.saved
 
 
 @torch.no_grad()

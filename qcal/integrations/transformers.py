@@ -211,6 +211,7 @@ class QcalHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QcalConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self._files: list[str] = []
+        self._hashes: dict[str, str] = {}
 
     # ------------------------------------------------------------------ environment
     def validate_environment(self, *args, device_map=None, **kwargs):
@@ -228,15 +229,24 @@ class QcalHfQuantizer(HfQuantizer):
             quantize(model, exclude=self.quantization_config.modules_to_not_convert or None,
                      **quantize_kwargs(self.quantization_config.scheme))
             return model
+        records = self.quantization_config.module_records()
         self._files = [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
         if not self._files:
             raise ValueError("qcal: a qcal checkpoint is read from safetensors files only")
-        headers = {}
-        for f in self._files:
-            for k, v in check_safetensors_file(f).items():
-                if k != "__metadata__":
-                    headers[k] = v
-        records = self.quantization_config.module_records()
+        headers: dict[str, dict] = {}
+        self._hashes = {}
+        for f in self._files:  # each header read once: tensor layouts now, recorded hashes after loading
+            header = check_safetensors_file(f)
+            self._hashes.update(_recorded_hashes(header.pop("__metadata__", None) or {}, f))
+            headers.update(header)
+        by_module: dict[str, dict[str, dict]] = {}
+        for key, info in headers.items():
+            head = key
+            while head:
+                head = head.rpartition(".")[0]
+                if head in records:
+                    by_module.setdefault(head, {})[key] = info
+                    break
         sentinels = {re.escape(f"{n}.weight") + "$" for n, rec in records.items()
                      if rec["frozen"] and rec["weights"] is not None}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | sentinels
@@ -248,7 +258,7 @@ class QcalHfQuantizer(HfQuantizer):
                 raise ValueError(f"qcal: the checkpoint quantizes module {name!r}, which this model does not have "
                                  f"(another architecture?)") from None
             shell = build_shell(orig, name, {**rec, "weight_shape": list(orig.weight.shape)})
-            _placeholders(shell, name, headers)
+            _placeholders(shell, name, by_module.get(name, {}))
             shells[name] = shell
         for name, shell in shells.items():
             set_module(model, name, shell)
@@ -271,7 +281,7 @@ class QcalHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         mods = list(quantized_modules(model))
         if self.pre_quantized:
-            expected = _stored_hashes(self._files)
+            expected = self._hashes
             for name, m in mods:
                 for k, t in _module_tensors(m, name).items():
                     if t.device.type == "meta":
@@ -358,16 +368,14 @@ def _restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
             mod._buffers[attr] = b.to(dt)
 
 
-def _stored_hashes(files: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for f in files:
-        meta = check_safetensors_file(f).get("__metadata__") or {}
-        if _METADATA_KEY in meta:
-            try:
-                out.update(json.loads(meta[_METADATA_KEY])["sha256"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"qcal: {f} has malformed qcal metadata") from None
-    return out
+def _recorded_hashes(meta: dict, file: str) -> dict[str, str]:
+    """The per-tensor sha256 that save_pretrained wrote into a shard's metadata."""
+    if _METADATA_KEY not in meta:
+        return {}
+    try:
+        return dict(json.loads(meta[_METADATA_KEY])["sha256"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ValueError(f"qcal: {file} has malformed qcal metadata") from None
 
 
 _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
@@ -377,11 +385,9 @@ _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch
 
 def _placeholders(shell: QModuleMixin, name: str, headers: dict[str, dict]) -> None:
     """Give ``shell`` (and its observers) a meta tensor of the stored dtype and shape for every tensor the
-    checkpoint holds under ``name.``, so transformers loads them in place; shapes are checked here."""
+    checkpoint holds under ``name.`` (``headers``), so transformers loads them in place; shapes are checked here."""
     prefix = name + "."
     for key, info in headers.items():
-        if not key.startswith(prefix):
-            continue
         sub, _, attr = key[len(prefix):].rpartition(".")
         if not sub and attr == "weight" and shell.frozen and shell.weight_spec is not None:
             continue  # the empty sentinel written by save (see get_state_dict_and_metadata)
