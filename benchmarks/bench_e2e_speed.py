@@ -18,10 +18,8 @@ import importlib.util
 import torch
 
 from qcal.eval.speed import time_generation
-from qcal.eval.static_decode import StaticCacheGenerator
-from qcal.generation import LeanGenerator
 from qcal.kernels import native
-from qcal.kernels.attention import set_attention
+from qcal.runtime import LeanGenerator, StaticCacheGenerator, set_attention
 from qcal.schemes import apply_scheme
 
 
@@ -62,7 +60,7 @@ def main() -> None:
                     help="also time every scheme torch.compile'd (fullgraph) with a static KV cache; ratios stay "
                     "against the eager bf16 model")
     ap.add_argument("--lean", action="store_true",
-                    help="also time every scheme through qcal.generation.LeanGenerator (eager, no Hugging Face "
+                    help="also time every scheme through qcal.runtime.LeanGenerator (eager, no Hugging Face "
                     "per-layer Python; CPU); ratios stay against the bf16 model as --attention runs it")
     ap.add_argument("--compile-attn", default="auto",
                     help="Hugging Face attention inside the compiled generator (default auto: qcal's decode kernel "

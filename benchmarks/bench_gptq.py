@@ -68,7 +68,7 @@ def perplexity(model, tok, seqlen: int, limit: int) -> float:
 
 
 def run_one(args) -> dict:
-    from qcal.eval.data import calibration_windows
+    from qcal.data import calibration_windows
     from qcal.schemes import apply_scheme
 
     torch.set_num_threads(args.threads)

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     import qcal
-    from qcal.eval import data, models
+    from qcal import data
+    from qcal.eval import models
     from qcal.eval.perplexity import token_perplexity
     from qcal.schemes import apply_scheme
 

@@ -1,9 +1,9 @@
 """Per-op speed of the frozen qcal linear kernels against bf16 ``F.linear``, measured alternately.
 
     python benchmarks/bench_kernels.py                 # per-op table, SmolLM2-135M shapes, M in {1, 32, 512}
-    python benchmarks/bench_kernels.py --crossover     # small-M vs large-M path per kernel, to set max_small_m
+    python benchmarks/bench_kernels.py --crossover     # every implementation of a kernel's table per M (sets max_m)
     python benchmarks/bench_kernels.py --cold          # M=1 through 30 copies of the layers: weights from DRAM
-                                                       # (<scheme>:prefetch: with the next-call prefetch)
+    python benchmarks/bench_kernels.py --overhead      # per-call cost of a native operator vs PyTorch ops
     python benchmarks/bench_kernels.py --device cuda   # per-op and crossover tables on a GPU
 
 Every round times each candidate back-to-back (bf16 first) on the same input, a few calls each;
@@ -49,7 +49,6 @@ def frozen_linear(n: int, k: int, scheme: str) -> nn.Module:
     """
     m = nn.Sequential(nn.Linear(k, n, bias=False, device=DEVICE))
     name, _, variant = scheme.partition(":")
-    variant = "" if variant == "prefetch" else variant
     with native.disabled(variant == "torch"):
         return apply_scheme(m, name, quantize_lm_head=True)[0]
 
@@ -67,8 +66,8 @@ def per_op_table(ms: list[int], schemes: list[str], shapes=SHAPES, rounds: int =
             fns.update({s: (lambda q=q, x=x: q(x)) for s, q in mods.items()})
             big = n * m > 10_000_000
             med, ratio = alternate(fns, rounds=4 if big else rounds)
-            paths = ", ".join(f"{s}:{'small' if m <= q.kernel.max_small_m else 'large'}"
-                              for s, q in mods.items() if q.kernel.max_small_m > 0)
+            paths = ", ".join(f"{s}: {q.kernel.choose(torch.bfloat16, m).name}" for s, q in mods.items()
+                              if hasattr(q.kernel, "choose"))
             lines.append(f"| {n}x{k} {label} | {m} | {med['bf16'] * 1e6:.0f} | "
                          + " | ".join(f"{ratio[s]:.2f}" for s in schemes) + f" | {paths} |")
             print(lines[-1], flush=True)
@@ -77,23 +76,55 @@ def per_op_table(ms: list[int], schemes: list[str], shapes=SHAPES, rounds: int =
 
 @torch.no_grad()
 def crossover_table(ms: list[int], schemes: list[str], shapes=SHAPES[:4]) -> str:
-    """For kernels with two paths: ratio small/large path vs bf16 at each M."""
-    lines = ["| scheme | shape | M | bf16 us | small x | large x | faster |", "|---|---|---|---|---|---|---|"]
+    """Every implementation a module's table reaches for bf16 eager inputs, timed at each M (ratio vs bf16), next to
+    the one the table chooses: where they differ, a ``max_m`` in qcal/kernels/cpu.py is off."""
+    lines = ["| scheme | shape | M | bf16 us | implementations (x bf16) | fastest | chosen |",
+             "|---|---|---|---|---|---|---|"]
     for s in schemes:
         for n, k, _ in shapes:
             q = frozen_linear(n, k, s)
-            if q.kernel.max_small_m <= 0:
+            impls = [i for i in getattr(q.kernel, "impls", []) if i.takes(torch.bfloat16, False)]
+            if len(impls) < 2:
                 continue
             w = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) / k ** 0.5
             for m in ms:
                 x = torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE)
-                fns = {"bf16": lambda x=x, w=w: F.linear(x, w), "small": lambda x=x, q=q: q.kernel.small(q, x),
-                       "large": lambda x=x, q=q: q.kernel.large(q, x)}
+                fns = {"bf16": lambda x=x, w=w: F.linear(x, w)}
+                fns.update({i.name: (lambda x=x, q=q, i=i: i.run(q, x)) for i in impls})
                 med, ratio = alternate(fns, rounds=20)
-                best = "small" if ratio["small"] >= ratio["large"] else "large"
-                lines.append(f"| {s} | {n}x{k} | {m} | {med['bf16'] * 1e6:.0f} | {ratio['small']:.2f} | "
-                             f"{ratio['large']:.2f} | {best} |")
+                best = max((i.name for i in impls), key=lambda name: ratio[name])
+                cells = ", ".join(f"{i.name}: {ratio[i.name]:.2f}" for i in impls)
+                lines.append(f"| {s} | {n}x{k} | {m} | {med['bf16'] * 1e6:.0f} | {cells} | {best} | "
+                             f"{q.kernel.choose(torch.bfloat16, m).name} |")
                 print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def overhead_table(calls: int = 20000) -> str:
+    """Per-call time of tiny calls, where the work is negligible: what a decode step pays per linear layer beyond
+    its arithmetic (a SmolLM2-135M decode step makes 211 linear calls)."""
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    w = torch.randn(16, 64, dtype=torch.bfloat16)
+    q = frozen_linear(16, 64, "int4wo-64")
+    fns = {"F.linear bf16 (16x64)": lambda: F.linear(x, w), "torch.add (dispatcher, one small op)": lambda: x + x,
+           f"frozen int4 module call ({q.kernel.name})": lambda: q(x)}
+    if native.available():
+        b, d = q._buffers, q.__dict__
+        op = torch.ops.qcal.w4a16_mm_small
+        fns["torch.ops.qcal.w4a16_mm_small (16x64)"] = lambda: op(x, b["_k_n4w"], b["_k_n4sz"], d["_k_has_zero"], 64)
+    lines = ["| call | us per call |", "|---|---|"]
+    for name, fn in fns.items():
+        for _ in range(calls // 10):
+            fn()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls // 5):
+                fn()
+            best = min(best, (time.perf_counter() - start) / (calls // 5))
+        lines.append(f"| {name} | {best * 1e6:.2f} |")
+        print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
@@ -121,7 +152,6 @@ def cold_table(schemes: list[str], layers: int = 30, passes: int = 8) -> str:
             # a kernel reads either its derived layout (int4) or the canonical buffers in place (int8)
             nbytes = sum(max(derived_bytes(m), sum(b.numel() * b.element_size() for n, b in m.named_buffers()
                                                    if not n.startswith("_k_"))) for m in mods)
-        native.set_prefetch(scheme.endswith(":prefetch"))
         best = float("inf")
         for _ in range(passes):
             start = time.perf_counter()
@@ -132,13 +162,13 @@ def cold_table(schemes: list[str], layers: int = 30, passes: int = 8) -> str:
                      f"{nbytes / best / 1e9:.1f} |")
         print(lines[-1], flush=True)
         del mods
-    native.set_prefetch(False)
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--crossover", action="store_true", help="small vs large path per M (sets max_small_m)")
+    ap.add_argument("--crossover", action="store_true", help="every implementation of a kernel per M (sets max_m)")
+    ap.add_argument("--overhead", action="store_true", help="per-call cost of tiny calls (decode overhead)")
     ap.add_argument("--cold", action="store_true", help="M=1 through 30 copies of the layer shapes (DRAM-bound)")
     ap.add_argument("--m", default=None, help="comma-separated M values")
     ap.add_argument("--schemes", default=",".join(SCHEMES),
@@ -156,7 +186,9 @@ def main() -> None:
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, ratios = bf16 time / qcal time "
           f"(fastest of interleaved rounds); native int4 kernel: {native.native_status()}")
-    if args.cold:
+    if args.overhead:
+        overhead_table()
+    elif args.cold:
         cold_table(schemes)
     elif args.crossover:
         ms = [int(v) for v in (args.m or "1,2,4,8,12,16,24,32,64").split(",")]

@@ -5,7 +5,7 @@
 ``canonical`` is what a checkpoint holds (integer weight, scales, zero points); ``derived`` is
 what the chosen kernel adds at freeze (non-persistent buffers, e.g. tinygemm's packed int4 copy
 and its (K/g, N, 2) scales-and-zeros); ``total`` is what the module occupies while running.
-Targets (issue 2): int4 g64 canonical <= 0.30x, int8 canonical <= 0.55x.
+Targets: int4 g64 canonical <= 0.30x, int8 canonical <= 0.55x.
 """
 
 from __future__ import annotations

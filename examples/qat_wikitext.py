@@ -29,7 +29,7 @@ from qcal.algorithms.qat import (
     learnable_scales,
     residual_latent_weights,
 )
-from qcal.eval.data import calibration_windows, load_wikitext, tokenize
+from qcal.data import calibration_windows, load_wikitext, tokenize
 from qcal.eval.models import load_model
 from qcal.eval.perplexity import token_perplexity
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._version import __version__
 from .autoquant import autoquant
 from .calibration import Calibration
 from .explain import explain
@@ -12,8 +13,6 @@ from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver,
 from .qtypes import qfloat8, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint3, qint4, qint8, qtype
 from .quantize import freeze, quantize, quantized_modules
 from .serialization import load, save
-
-__version__ = "0.1.0"
 
 try:  # register quant_method "qcal" with transformers' quantizer registry
     from .integrations.transformers import QcalConfig

@@ -1,15 +1,17 @@
-"""``Calibration``: a context in which quantized modules record their input activations."""
+"""``Calibration``: a context in which quantized modules record their input activations; ``calibrate`` runs
+inputs through a model inside it."""
 
 from __future__ import annotations
 
 import warnings
 
 import torch
+from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .nn import QModuleMixin
 
-__all__ = ["Calibration"]
+__all__ = ["Calibration", "calibrate"]
 
 
 class Calibration:
@@ -55,3 +57,13 @@ class Calibration:
                 "first, and run the model inside `with Calibration():`",
                 stacklevel=2,
             )
+
+
+def calibrate(model: nn.Module, inputs: list[torch.Tensor], momentum: float | None = 0.9) -> None:
+    """Run ``inputs`` (input_ids tensors) through ``model`` inside ``Calibration``."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    with Calibration(momentum=momentum):
+        for ids in tqdm(inputs, desc="calibrating", leave=False):
+            model(ids.to(device))

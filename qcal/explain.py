@@ -1,4 +1,4 @@
-"""``explain(model)``: which scheme, kernel and how many bytes each quantized module has."""
+"""``explain(model)``: which scheme, kernel and how many bytes each quantized module has, and what runs."""
 
 from __future__ import annotations
 
@@ -57,24 +57,29 @@ def _fmt_bytes(n: int) -> str:
 
 
 def explain(model: nn.Module, print_table: bool = True) -> str:
-    """Print (and return) a table of every quantized module's scheme, kernel, M dispatch and bytes.
+    """Print (and return) a table of every quantized module's scheme, kernel and bytes, then what each kernel runs
+    for which input (its table's decision: input dtype, eager or traced, number of rows M).
 
     ``bytes`` counts the canonical state (what a checkpoint holds: integer weights, scales, zero
     points, bias); ``+derived`` is what the chosen kernel adds (e.g. a packed int4 layout);
     ``vs bf16`` is canonical bytes over a bf16 copy of the weight.
     """
     rows = module_rows(model)
-    header = ["module", "shape", "scheme", "kernel", "dispatch", "bytes", "+derived", "vs bf16"]
-    body = [[r["name"], r["shape"], r["scheme"], r["kernel"], r["dispatch"], _fmt_bytes(r["bytes"]),
+    header = ["module", "shape", "scheme", "kernel", "bytes", "+derived", "vs bf16"]
+    body = [[r["name"], r["shape"], r["scheme"], r["kernel"], _fmt_bytes(r["bytes"]),
              _fmt_bytes(r["derived_bytes"]), f"{r['bytes'] / max(r['bf16_bytes'], 1):.2f}x"] for r in rows]
     tot = sum(r["bytes"] for r in rows)
     der = sum(r["derived_bytes"] for r in rows)
     bf = sum(r["bf16_bytes"] for r in rows)
-    body.append(["total", "", f"{len(rows)} modules", "", "", _fmt_bytes(tot), _fmt_bytes(der),
+    body.append(["total", "", f"{len(rows)} modules", "", _fmt_bytes(tot), _fmt_bytes(der),
                  f"{tot / max(bf, 1):.2f}x"])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-    out = "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in body])
+    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in body]
+    dispatch = dict.fromkeys((r["kernel"], r["dispatch"]) for r in rows if r["dispatch"] != "-")
+    if dispatch:
+        out += ["", "kernel dispatch:"] + [f"  {kernel}: {text}" for kernel, text in dispatch]
+    text = "\n".join(out)
     if print_table:
-        print(out)
-    return out
+        print(text)
+    return text

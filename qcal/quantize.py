@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from .observers import get_observer
 from .qtypes import get_qtype, qtype
 from .spec import ActivationSpec, WeightSpec
 
-__all__ = ["quantize", "freeze", "quantized_modules", "set_module", "match_names"]
+__all__ = ["quantize", "freeze", "quantized_modules", "set_module", "match_names", "cast_model"]
 
 SUPPORTED_WEIGHT_BITS = (2, 3, 4, 8)
 _GLOB = set("*?[")
@@ -156,16 +156,25 @@ def quantize(
     return model
 
 
-def attach_to_transformers(model: nn.Module) -> None:
-    """Let ``save_pretrained`` of a transformers model write a qcal folder (no-op for other models)."""
-    import sys
+# Called with a model whose quantized modules quantize/load/export just made. ``qcal.integrations.transformers``
+# registers its ``attach`` here when it is imported (``import qcal`` imports it where transformers is installed
+# with the quantizer API qcal needs), so that this module does not import the integration built on it.
+_ATTACH_HOOKS: list[Callable[[nn.Module], None]] = []
 
-    if "transformers" in sys.modules and next(quantized_modules(model), None) is not None:
-        try:
-            from .integrations.transformers import attach
-        except ImportError:  # transformers without the quantizer API qcal needs
-            return
-        attach(model)
+
+def register_attach_hook(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Call ``hook(model)`` on every model that :func:`attach_to_transformers` sees with quantized modules."""
+    if hook not in _ATTACH_HOOKS:
+        _ATTACH_HOOKS.append(hook)
+    return hook
+
+
+def attach_to_transformers(model: nn.Module) -> None:
+    """Let ``save_pretrained`` of a transformers model write a qcal folder (no-op for other models, and
+    without transformers)."""
+    if _ATTACH_HOOKS and next(quantized_modules(model), None) is not None:
+        for hook in _ATTACH_HOOKS:
+            hook(model)
 
 
 @torch.no_grad()
@@ -188,4 +197,17 @@ def freeze(model: nn.Module) -> nn.Module:
             )
     for _, m in mods:
         m.freeze()
+    return model
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)``, except the non-persistent float32 buffers of float modules (rotary ``inv_freq``),
+    which stay float32 as in a model transformers builds in ``dtype``: the same model ``from_pretrained``
+    gives back."""
+    keep = [(m, k, b) for m in model.modules() if not isinstance(m, QModuleMixin)
+            for k in m._non_persistent_buffers_set
+            if isinstance(b := m._buffers.get(k), torch.Tensor) and b.dtype == torch.float32]
+    model.to(dtype)
+    for m, k, b in keep:
+        m._buffers[k] = b.to(m._buffers[k].device)
     return model

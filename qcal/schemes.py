@@ -2,7 +2,8 @@
 
 ``apply_scheme(model, "int4wo-64")`` quantizes a float (fp32) model in place, freezes it and
 casts it to the scheme's compute dtype. Names are matched against registered patterns;
-``available_schemes()`` lists them. Algorithms register their own schemes on import.
+``available_schemes()`` lists them. The schemes of :mod:`qcal.algorithms` (GPTQ, SmoothQuant, 8da4w with
+GPTQ weights) are registered here, the layer above them.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibration import Calibration
-from .qtypes import qint3, qint4, qint8
-from .quantize import freeze, quantize
+from .algorithms import GPTQQuantizer, Int8DynActInt4WeightGPTQQuantizer, smoothquant_w8a8
+from .calibration import calibrate
+from .qtypes import qint8
+from .quantize import cast_model, freeze, quantize
+from .rtn import RTN_SCHEMES, scheme_regex
 
 __all__ = ["SchemeContext", "register_scheme", "available_schemes", "apply_scheme", "describe_scheme",
-           "quantize_kwargs", "check_scheme", "cast_model"]
+           "quantize_kwargs", "check_scheme", "cast_model", "calibrate"]
 
 
 @dataclass
@@ -56,7 +59,7 @@ def register_scheme(pattern: str, description: str):
 
     ``<g>`` in the pattern stands for a group size (digits).
     """
-    regex = re.compile("^" + re.escape(pattern).replace(re.escape("<g>"), r"(?P<g>\d+)") + "$")
+    regex = scheme_regex(pattern)
 
     def deco(fn):
         _SCHEMES.append(_Scheme(pattern, regex, fn, description))
@@ -65,14 +68,8 @@ def register_scheme(pattern: str, description: str):
     return deco
 
 
-def _load_algorithms() -> None:
-    """Import qcal.algorithms so its schemes register (an import error there must surface, not hide them)."""
-    import qcal.algorithms  # noqa: F401
-
-
 def available_schemes() -> list[str]:
     """Registered scheme patterns (``<g>`` = group size)."""
-    _load_algorithms()
     return [s.pattern for s in _SCHEMES]
 
 
@@ -82,7 +79,6 @@ def describe_scheme(name: str) -> str:
 
 
 def _find(name: str) -> tuple[_Scheme, re.Match]:
-    _load_algorithms()
     for s in _SCHEMES:
         m = s.regex.match(name)
         if m:
@@ -100,7 +96,7 @@ def apply_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False,
     from .transaction import transaction
 
     scheme, match = _find(name)
-    in_place = scheme.pattern not in (*_RTN_SCHEMES, "fp32", "bf16", "w8a8-static")  # GPTQ, SmoothQuant, ...
+    in_place = scheme.pattern not in (*RTN_SCHEMES, "fp32", "bf16", "w8a8-static")  # GPTQ, SmoothQuant, ...
     with transaction(model, snapshot_tensors=in_place):
         return scheme.fn(model, match, SchemeContext(quantize_lm_head, calib))
 
@@ -123,38 +119,9 @@ def check_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False)
                              f"of {mname!r}")
 
 
-def _group(match: re.Match) -> int:
-    return int(match.group("g"))
-
-
-def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``model.to(dtype)``, except the non-persistent float32 buffers of float modules (rotary ``inv_freq``),
-    which stay float32 as in a model transformers builds in ``dtype``: the same model ``from_pretrained``
-    gives back."""
-    from .nn import QModuleMixin
-
-    keep = [(m, k, b) for m in model.modules() if not isinstance(m, QModuleMixin)
-            for k in m._non_persistent_buffers_set
-            if isinstance(b := m._buffers.get(k), torch.Tensor) and b.dtype == torch.float32]
-    model.to(dtype)
-    for m, k, b in keep:
-        m._buffers[k] = b.to(m._buffers[k].device)
-    return model
-
-
 def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     freeze(model)
     return cast_model(model, dtype)
-
-
-def calibrate(model: nn.Module, inputs: list[torch.Tensor], momentum: float | None = 0.9) -> None:
-    """Run ``inputs`` (input_ids tensors) through ``model`` inside ``Calibration``."""
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    with Calibration(momentum=momentum):
-        for ids in tqdm(inputs, desc="calibrating", leave=False):
-            model(ids.to(device))
 
 
 @register_scheme("fp32", "float32, unquantized")
@@ -167,20 +134,6 @@ def _bf16(model, match, ctx):
     return cast_model(model, torch.bfloat16)
 
 
-# Calibration-free schemes: each is one ``quantize`` call, so it can also run module by module as the
-# weights arrive (quantize on load, :mod:`qcal.integrations.transformers`).
-_RTN_SCHEMES: dict[str, Callable[[re.Match], dict]] = {}
-
-
-def _register_rtn(pattern: str, description: str, kwargs: Callable[[re.Match], dict]) -> None:
-    _RTN_SCHEMES[pattern] = kwargs
-
-    @register_scheme(pattern, description)
-    def _apply(model, match, ctx):
-        quantize(model, exclude=ctx.exclude, **kwargs(match))
-        return _finish(model, ctx.dtype)
-
-
 def quantize_kwargs(name: str) -> dict:
     """The ``quantize(...)`` arguments of a calibration-free scheme (``int8wo``, ``int4wo-64``, ...).
 
@@ -188,28 +141,22 @@ def quantize_kwargs(name: str) -> dict:
     activations) or does not exist.
     """
     scheme, match = _find(name)
-    if scheme.pattern not in _RTN_SCHEMES:
+    if scheme.pattern not in RTN_SCHEMES:
         raise ValueError(f"scheme {name!r} needs calibration data and cannot be applied module by module; "
-                         f"calibration-free schemes: {', '.join(_RTN_SCHEMES)}")
-    return _RTN_SCHEMES[scheme.pattern](match)
+                         f"calibration-free schemes: {', '.join(RTN_SCHEMES)}")
+    return RTN_SCHEMES[scheme.pattern][1](match)
 
 
-_register_rtn("int8wo", "int8 weight-only, per output channel, symmetric (A16W8)",
-              lambda m: dict(weights=qint8))
-_register_rtn("int8dq", "int8 dynamic per-token activations x int8 per-channel weights (A8W8 dynamic)",
-              lambda m: dict(weights=qint8, activations=qint8, dynamic=True))
-_register_rtn("int4wo-<g>", "int4 weight-only, asymmetric groups of <g> along the input dim (A16W4)",
-              lambda m: dict(weights=qint4, group_size=_group(m), symmetric=False))
-_register_rtn("int3wo-<g>", "int3 weight-only, asymmetric groups of <g> (reference kernel; the RTN baseline of "
-              "gptq-int3-<g>)", lambda m: dict(weights=qint3, group_size=_group(m), symmetric=False))
-_register_rtn("int4wo-pc", "int4 weight-only, asymmetric, per output channel",
-              lambda m: dict(weights=qint4, symmetric=False))
-_register_rtn("int4wo-<g>-intzp", "int4wo-<g> with integer zero-points (exports to compressed-tensors / vLLM)",
-              lambda m: dict(weights=qint4, group_size=_group(m), symmetric=False, zero_point="int"))
-_register_rtn("int4wo-pc-intzp", "int4wo-pc with integer zero-points (exports to compressed-tensors / vLLM)",
-              lambda m: dict(weights=qint4, symmetric=False, zero_point="int"))
-_register_rtn("8da4w-<g>", "int8 dynamic per-token activations x int4 symmetric groups of <g> (ExecuTorch)",
-              lambda m: dict(weights=qint4, group_size=_group(m), symmetric=True, activations=qint8, dynamic=True))
+# Calibration-free schemes (:mod:`qcal.rtn`): each is one ``quantize`` call.
+def _rtn(kwargs: Callable[[re.Match], dict]):
+    def apply(model, match, ctx):
+        quantize(model, exclude=ctx.exclude, **kwargs(match))
+        return _finish(model, ctx.dtype)
+    return apply
+
+
+for _pattern, (_description, _kwargs) in RTN_SCHEMES.items():
+    register_scheme(_pattern, _description)(_rtn(_kwargs))
 
 
 @register_scheme("w8a8-static", "int8 static per-tensor activations (calibrated) x int8 per-channel weights")
@@ -217,3 +164,48 @@ def _w8a8_static(model, match, ctx):
     quantize(model, weights=qint8, activations=qint8, exclude=ctx.exclude)
     calibrate(model, ctx.calibration_inputs(match.string))
     return _finish(model, ctx.dtype)
+
+
+# ---------------------------------------------------------------- the algorithms' schemes
+
+
+def _gptq_scheme(bits: int, per_channel: bool, act_order: bool, zero_point: str = "float"):
+    def apply(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
+        group = None if per_channel else int(match.group("g"))
+        GPTQQuantizer(bits=bits, groupsize=group, act_order=act_order, static_groups=act_order, zero_point=zero_point,
+                      exclude=ctx.exclude).quantize(model, ctx.calibration_inputs(match.string))
+        return cast_model(freeze(model), ctx.dtype)
+    return apply
+
+
+for _bits in (2, 3, 4, 8):
+    register_scheme(f"gptq-int{_bits}-<g>", f"GPTQ int{_bits} weight-only, asymmetric groups of <g> "
+                    "(calibrated)")(_gptq_scheme(_bits, False, False))
+    register_scheme(f"gptq-int{_bits}-<g>-actorder", f"GPTQ int{_bits} weight-only, groups of <g>, act_order "
+                    "with static groups (calibrated)")(_gptq_scheme(_bits, False, True))
+    register_scheme(f"gptq-int{_bits}-pc", f"GPTQ int{_bits} weight-only, asymmetric, per output channel "
+                    "(calibrated)")(_gptq_scheme(_bits, True, False))
+    for _suffix, _pc, _ao in (("<g>", False, False), ("<g>-actorder", False, True), ("pc", True, False)):
+        register_scheme(f"gptq-int{_bits}-{_suffix}-intzp", f"gptq-int{_bits}-{_suffix} with integer zero-points "
+                        "(exports to compressed-tensors / vLLM)")(_gptq_scheme(_bits, _pc, _ao, "int"))
+
+
+@register_scheme("8da4w-gptq-<g>", "8da4w with GPTQ weights: int8 dynamic per-token activations x int4 "
+                 "symmetric groups of <g>, act_order with static groups (calibrated)")
+def _8da4w_gptq(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
+    quantizer = Int8DynActInt4WeightGPTQQuantizer(groupsize=int(match.group("g")), precision=ctx.dtype,
+                                                  exclude=ctx.exclude, act_order=True, static_groups=True)
+    return quantizer.quantize(model, ctx.calibration_inputs(match.string))
+
+
+def _smoothquant_scheme(dynamic: bool):
+    def apply(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
+        smoothquant_w8a8(model, ctx.calibration_inputs(match.string), dynamic=dynamic, exclude=ctx.exclude)
+        return cast_model(freeze(model), ctx.dtype)
+    return apply
+
+
+register_scheme("smoothquant-w8a8", "SmoothQuant (alpha 0.5) + int8 dynamic per-token activations x int8 "
+                "per-channel weights (calibrated)")(_smoothquant_scheme(True))
+register_scheme("smoothquant-w8a8-static", "SmoothQuant (alpha 0.5) + int8 static per-tensor activations x int8 "
+                "per-channel weights (calibrated)")(_smoothquant_scheme(False))

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._version import __version__
 from .granularity import PerTensor
 from .nn import QMODULE_FOR, QModuleMixin
 from .observers import Observer
@@ -54,8 +55,6 @@ def _all_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model`` (quantized or not, frozen or not) to the folder ``path``."""
-    from . import __version__
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}

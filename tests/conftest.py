@@ -34,6 +34,32 @@ def greedy_reference(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.cat(ref, dim=1)
 
 
+@pytest.fixture(scope="session")
+def native_kernels():
+    """qcal's native operators, built (first use) or loaded once per test session; skips where they cannot be."""
+    from qcal.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels {native.native_status()}")
+    return native
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers from what a test uses: ``native`` (the native_kernels fixture), ``compile`` (torch.compile)."""
+    import inspect
+
+    for item in items:
+        if "native_kernels" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.native)
+        fn = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        if "torch.compile" in source or "compile=True" in source or item.module.__name__ == "test_compile":
+            item.add_marker(pytest.mark.compile)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

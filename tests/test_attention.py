@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from conftest import greedy_reference, make_tiny_llama, rel_err
 
 from qcal.kernels import native
-from qcal.kernels.attention import attention_forward, register, resolve, set_attention
+from qcal.runtime import ops
+from qcal.runtime.hf_attention import attention_forward, available, register, resolve, set_attention
 
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels {native.native_status()}")
+needs_native = pytest.mark.usefixtures("native_kernels")
 TOL = 5e-3  # fp32 accumulation, one bf16 rounding of the output (observed ~1.7e-3)
 
 
@@ -40,7 +41,7 @@ def test_kernel_matches_fp32_sdpa(hq, hkv, length, d, threads):
     torch.set_num_threads(threads)
     try:
         for m in (None, mask):
-            out = native.decode_attention(q, k, v, m, d ** -0.5)
+            out = ops.decode_attention(q, k, v, m, d ** -0.5)
             assert out.shape == (1, 1, hq, d) and out.dtype == torch.bfloat16
             assert rel_err(out, _reference(q, k, v, m, d ** -0.5)) < TOL
     finally:
@@ -56,12 +57,12 @@ def test_kernel_reads_strided_caches_and_ignores_masked_garbage():
     big_k[:, :, 40:] = float("inf")  # a static cache's unused tail may hold anything; masked rows are never read
     big_v[:, :, 40:] = float("nan")
     mask = torch.arange(100) < 40
-    out = native.decode_attention(q, big_k, big_v, mask, 0.125)
+    out = ops.decode_attention(q, big_k, big_v, mask, 0.125)
     assert torch.isfinite(out.float()).all()
     assert rel_err(out, _reference(q, k, v, None, 0.125)) < TOL
     view_k = big_k[:, :, :40]  # non-contiguous view (head stride 100 * 64)
-    assert rel_err(native.decode_attention(q, view_k, big_v[:, :, :40], None, 0.125), out) < 1e-6
-    none = native.decode_attention(q, k, v, torch.zeros(40, dtype=torch.bool), 0.125)
+    assert rel_err(ops.decode_attention(q, view_k, big_v[:, :, :40], None, 0.125), out) < 1e-6
+    none = ops.decode_attention(q, k, v, torch.zeros(40, dtype=torch.bool), 0.125)
     assert torch.equal(none, torch.zeros_like(none))  # a query that sees nothing gets zeros, not NaN
 
 
@@ -71,10 +72,10 @@ def test_unsupported_inputs_are_refused_and_the_hf_function_falls_back_to_sdpa()
 
     q, k, v = _qkv(4, 2, 30, 64)
     for bad in (q.float(), q.expand(2, -1, -1, -1), torch.cat([q, q], dim=2)):
-        assert not native.attention_supported(bad, k, v, None)
-    assert not native.attention_supported(q, k, v, torch.zeros(1, 1, 1, 30))  # additive float masks: not ours
-    with pytest.raises(ValueError, match="decode_attention: unsupported"):
-        native.decode_attention(q.float(), k.float(), v.float(), None, 0.1)
+        assert not ops.attention_supported(bad, k, v, None)
+    assert not ops.attention_supported(q, k, v, torch.zeros(1, 1, 1, 30))  # additive float masks: not ours
+    with pytest.raises(TypeError, match="decode_attention: q, k and v must be bf16"):
+        ops.decode_attention(q.float(), k.float(), v.float(), None, 0.1)
     module = torch.nn.Module()
     module.num_key_value_groups = 2
     module.is_causal = True
@@ -88,12 +89,17 @@ def test_unsupported_inputs_are_refused_and_the_hf_function_falls_back_to_sdpa()
 
 
 def test_resolve_and_set_attention():
-    assert resolve("sdpa") == "sdpa"
-    assert resolve("auto", fallback="eager") == ("qcal" if native.available() else "eager")
-    assert resolve("auto", fallback="eager", device="cuda") == "eager"  # the kernel is CPU-only
-    assert resolve("auto", fallback=None, device="cuda") is None
+    assert resolve("sdpa") == "sdpa" and resolve("eager", compiled=True) == "eager"
+    assert resolve("model") is None and resolve(None) is None
+    assert available("cpu") == native.available() and not available("cuda")
+    assert resolve("auto") == ("qcal" if native.available() else None)  # else the model's own
+    assert resolve("auto", compiled=True) == ("qcal" if native.available() else "eager")
+    assert resolve("auto", "cuda", compiled=True) == "eager"  # the kernel is CPU-only
+    assert resolve("auto", "cuda") is None
     model = make_tiny_llama()
     set_attention(model, "eager")
+    assert model.config._attn_implementation == "eager"
+    set_attention(model, "model")  # the model's own: left as it is
     assert model.config._attn_implementation == "eager"
     register()
     set_attention(model, "qcal")
@@ -121,15 +127,15 @@ def test_tiny_llama_decodes_the_same_with_qcal_attention():
 
 @needs_native
 def test_compiled_generator_uses_the_kernel_without_graph_breaks(monkeypatch):
-    from qcal.eval.static_decode import StaticCacheGenerator
+    from qcal.runtime import StaticCacheGenerator
     from qcal.schemes import apply_scheme
 
     model = apply_scheme(make_tiny_llama(hidden=128), "int4wo-64", quantize_lm_head=True)
     prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
     ref = greedy_reference(model, prompt, 6)
     traced = []
-    real = native.decode_attention
-    monkeypatch.setattr(native, "decode_attention", lambda *a: traced.append(a[0].shape) or real(*a))
+    real = ops.decode_attention
+    monkeypatch.setattr(ops, "decode_attention", lambda *a: traced.append(a[0].shape) or real(*a))
     torch._dynamo.reset()
     gen = StaticCacheGenerator(model, max_cache_len=20, backend="eager")  # fullgraph: a graph break would raise
     assert gen.attn_implementation == "qcal"

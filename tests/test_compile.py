@@ -31,7 +31,7 @@ def test_compiled_matches_eager_decode_and_prefill():
 
 
 def test_static_cache_generator_matches_dynamic_cache_greedy():
-    from qcal.eval.static_decode import StaticCacheGenerator
+    from qcal.runtime import StaticCacheGenerator
 
     model = apply_scheme(make_tiny_llama(), "int4wo-32", quantize_lm_head=True)
     prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))

@@ -1,7 +1,7 @@
 """The whole workflow on a CUDA GPU: kernels in a model, moves between devices, compile, GPTQ, QAT, eval.
 
-Skipped without a GPU (CI has none); run where one is lent. Tolerances as in test_kernels.py:
-bf16 fast paths against the reference (dequantize, then the float op) within 2e-2 relative L2 on
+Skipped without a GPU (CI has none); benchmarks/gpu_check.sh runs it on a CUDA machine. Tolerances as in
+test_kernels.py: bf16 fast paths against the reference (dequantize, then the float op) within 2e-2 relative L2 on
 whole-model logits (rounding in bf16 compounds over layers).
 """
 
@@ -108,7 +108,7 @@ def test_compiled_frozen_model_on_cuda(scheme):
 
 
 def test_static_cache_generator_on_cuda_matches_eager_greedy():
-    from qcal.eval.static_decode import StaticCacheGenerator
+    from qcal.runtime import StaticCacheGenerator
 
     model = apply_scheme(_model().to(torch.bfloat16).cuda(), "int4wo-64", quantize_lm_head=True)
     prompt = _ids(1, 10, seed=4).cuda()

@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from qcal.eval import data, models, speed  # noqa: E402
+from qcal import data  # noqa: E402
+from qcal.eval import models, speed  # noqa: E402
 from qcal.eval.cli import main  # noqa: E402
 from qcal.eval.lmeval import _wikitext_preprocess, lm_eval_wikitext  # noqa: E402
 from qcal.eval.perplexity import token_perplexity  # noqa: E402
@@ -369,7 +370,7 @@ def test_measure_speed_alternates_models():
 
 
 def test_measure_speed_times_static_cache_generators():
-    from qcal.eval.static_decode import StaticCacheGenerator
+    from qcal.runtime import StaticCacheGenerator
 
     calls: list[int] = []
     m = _tiny_llama(64, seed=0)
@@ -379,6 +380,27 @@ def test_measure_speed_times_static_cache_generators():
                               repeats=1, warmup=0)
     assert calls == [8, 1, 1, 1] * 2  # the generator runs the same prefill + decode steps
     assert all(r.prefill_tok_s > 0 and r.decode_tok_s > 0 for r in out.values())
+
+
+def test_static_cache_generator_prefill_and_decode_follow_the_model():
+    from qcal.runtime import StaticCacheGenerator, TokenGenerator
+
+    m = _tiny_llama(64, seed=0)
+    gen = StaticCacheGenerator(m, max_cache_len=12, compile=False, attn_implementation="model")
+    assert isinstance(gen, TokenGenerator) and gen.attn_implementation is None  # the model's own
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = m(ids).logits
+        assert torch.allclose(gen.prefill(ids[:, :6]), ref[:, 5], atol=1e-5)
+        assert torch.allclose(gen.prefill(ids[:, 6:9]), ref[:, 8], atol=1e-5)  # chunked prefill continues
+        assert torch.allclose(gen.decode(ids[:, 9:]), ref[:, 9], atol=1e-5)
+        assert gen.length == 10
+        with pytest.raises(ValueError, match="10 cached \\+ 3 new positions exceed max_cache_len=12"):
+            gen.prefill(ids[:, :3])
+        with pytest.raises(ValueError, match=r"token must be \(1, 1\)"):
+            gen.decode(ids[:, :2])
+        gen.reset()
+        assert gen.length == 0 and torch.allclose(gen.prefill(ids), ref[:, 9], atol=1e-5)
 
 
 def test_peak_memory_sees_a_large_allocation():
@@ -451,13 +473,29 @@ def test_cli_times_every_model_with_one_runtime(tokenizer, tmp_path, capsys):
 
 
 def test_speed_runner_sets_the_attention_of_every_timed_model(model):
-    from qcal.eval.runner import EvalConfig, _speed_runner
+    from qcal.eval.runner import speed_runner
+    from qcal.runtime import StaticCacheGenerator
 
-    assert _speed_runner(model, EvalConfig()) is model and model.config._attn_implementation == "sdpa"
-    assert _speed_runner(model, EvalConfig(attention="eager")).config._attn_implementation == "eager"
-    gen = _speed_runner(model, EvalConfig(attention="sdpa", compile=True, prefill_len=8, new_tokens=2))
+    assert speed_runner(model, "hf", None, 10) is model and model.config._attn_implementation == "sdpa"
+    assert speed_runner(model, "hf", "eager", 10).config._attn_implementation == "eager"
+    gen = speed_runner(model, "compiled", "sdpa", 10)
+    assert isinstance(gen, StaticCacheGenerator) and gen.compiled
     assert gen.attn_implementation == "sdpa" and gen.max_cache_len == 10
+    assert speed_runner(model, "compiled", None, 10).attn_implementation is None  # the model's own
+    with pytest.raises(ValueError, match="unknown runtime 'lean2'"):
+        speed_runner(model, "lean2", None, 10)
     model.config._attn_implementation = "sdpa"
+
+
+def test_summary_names_the_runtime_and_attention_that_ran():
+    from qcal.eval.cli import _summary, build_parser
+
+    args = build_parser().parse_args(["--metrics", "speed", "--compile"])
+    compiled = [SchemeResult("bf16", speed_runtime="compiled", speed_attention="eager")]
+    assert "runtime compiled, attention eager (all models) | torch.compile" in _summary(args, 2, compiled)
+    hf, lean = [SchemeResult("bf16", speed_runtime="hf")], [SchemeResult("bf16", speed_runtime="lean")]
+    assert "runtime hf, attention model's own (all models)" in _summary(args, 2, hf)
+    assert "runtime lean (qcal.runtime.LeanGenerator) (all models)" in _summary(args, 2, lean)
 
 
 def test_cli_rejects_unknown_scheme_and_metric(capsys):

@@ -1,4 +1,4 @@
-"""qcal.generation.LeanGenerator and its native elementwise kernels, against Hugging Face's bf16 modeling code."""
+"""qcal.runtime.LeanGenerator and its native elementwise kernels, against Hugging Face's bf16 modeling code."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 from conftest import greedy_reference, make_tiny_llama, rel_err
 
-from qcal.generation import LeanGenerator, unsupported_reason
 from qcal.kernels import native
-from qcal.kernels.attention import set_attention
+from qcal.runtime import LeanGenerator, TokenGenerator, ops, set_attention, unsupported_reason
 from qcal.schemes import apply_scheme
 
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels {native.native_status()}")
+needs_native = pytest.mark.usefixtures("native_kernels")
 
 
 def _bf16(*shape, seed=0, scale=1.0):
@@ -33,10 +32,10 @@ def test_add_rmsnorm_is_llama_rmsnorm_after_the_residual_add(n):
     ref_x = x + delta
     ref = norm(ref_x)
     got_x = x.clone()
-    got = native.add_rmsnorm(got_x, norm.weight.data, 1e-5, delta)
+    got = ops.add_rmsnorm(got_x, norm.weight.data, 1e-5, delta)
     assert torch.equal(got_x, ref_x)
     assert rel_err(got, ref) < 2e-3 and (got != ref).float().mean() < 0.02  # fp32 sum order: rare 1-ulp ties
-    plain = native.add_rmsnorm(x.clone(), norm.weight.data, 1e-5)
+    plain = ops.add_rmsnorm(x.clone(), norm.weight.data, 1e-5)
     assert rel_err(plain, norm(x)) < 2e-3
 
 
@@ -51,13 +50,13 @@ def test_rope_store_is_apply_rotary_pos_emb_into_a_strided_cache(d):
                                   cos.unsqueeze(0), sin.unsqueeze(0))
     ref = ref[0].transpose(0, 1)  # (m, heads, d)
     cache = torch.full((heads, 10, d), float("nan"), dtype=torch.bfloat16)  # (heads, positions, d), like the KV cache
-    native.rope_store(src, cache[:, 4:4 + m].transpose(0, 1), cos, sin)
+    ops.rope_store(src, cache[:, 4:4 + m].transpose(0, 1), cos, sin)
     assert torch.equal(cache[:, 4:4 + m].transpose(0, 1), ref)
     assert torch.isnan(cache[:, :4].float()).all() and torch.isnan(cache[:, 4 + m:].float()).all()
     inplace = src.clone()
-    native.rope_store(inplace, inplace, cos, sin)
+    ops.rope_store(inplace, inplace, cos, sin)
     assert torch.equal(inplace, ref)
-    native.rope_store(src, cache[:, :m].transpose(0, 1), None, None)  # plain copy (the value cache)
+    ops.rope_store(src, cache[:, :m].transpose(0, 1), None, None)  # plain copy (the value cache)
     assert torch.equal(cache[:, :m].transpose(0, 1), src)
 
 
@@ -66,7 +65,7 @@ def test_silu_mul_is_llama_mlp_activation():
     gate, up = _bf16(2, 1536, seed=1, scale=4.0), _bf16(2, 1536, seed=2)
     gate[0, :4] = torch.tensor([0.0, -100.0, 100.0, -0.0])
     ref = F.silu(gate) * up
-    got = native.silu_mul(gate.clone(), up)
+    got = ops.silu_mul(gate.clone(), up)
     assert (got != ref).sum() <= 2 and rel_err(got, ref) < 1e-3  # exp to ~2e-7: a rare rounding tie may differ
 
 
@@ -81,7 +80,7 @@ def test_prefill_attention_matches_fp32_causal_sdpa(n, heads, kv_heads, d, start
     mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start)
     ref = F.scaled_dot_product_attention(q.float().transpose(0, 1), k[:, :end].float(), v[:, :end].float(),
                                          attn_mask=mask, scale=d ** -0.5, enable_gqa=True).transpose(0, 1)
-    got = native.prefill_attention(q, k, v, start, d ** -0.5)
+    got = ops.prefill_attention(q, k, v, start, d ** -0.5)
     assert got.shape == q.shape and rel_err(got, ref) < 5e-3  # bf16 probabilities and output (observed ~2e-3)
 
 
@@ -89,15 +88,15 @@ def test_prefill_attention_matches_fp32_causal_sdpa(n, heads, kv_heads, d, start
 def test_elementwise_kernels_reject_bad_arguments():
     x = _bf16(2, 64)
     with pytest.raises(TypeError, match="add_rmsnorm: x"):
-        native.add_rmsnorm(x.float(), x[0], 1e-5)
-    with pytest.raises(ValueError, match="add_rmsnorm: shapes"):
-        native.add_rmsnorm(x, x[0, :32].contiguous(), 1e-5)
+        ops.add_rmsnorm(x.float(), x[0], 1e-5)
+    with pytest.raises(ValueError, match="add_rmsnorm: weight must be"):
+        ops.add_rmsnorm(x, x[0, :32].contiguous(), 1e-5)
     with pytest.raises(ValueError, match="rope_store"):
-        native.rope_store(x.view(2, 1, 64), torch.empty(2, 1, 32, dtype=torch.bfloat16), x, x)
+        ops.rope_store(x.view(2, 1, 64), torch.empty(2, 1, 32, dtype=torch.bfloat16), x, x)
     with pytest.raises(ValueError, match="silu_mul"):
-        native.silu_mul(x, x[:1].contiguous())
+        ops.silu_mul(x, x[:1].contiguous())
     with pytest.raises(ValueError, match="prefill_attention"):
-        native.prefill_attention(x.view(2, 4, 16), x.view(2, 4, 16)[:, :1], x.view(2, 4, 16)[:, :1], 5, 0.25)
+        ops.prefill_attention(x.view(2, 4, 16), x.view(2, 4, 16)[:, :1], x.view(2, 4, 16)[:, :1], 5, 0.25)
 
 
 # ---------------------------------------------------------------- the generator against Hugging Face
@@ -115,12 +114,13 @@ def test_logits_match_hugging_face_bf16_prefill_and_decode():
     _hf(model)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     gen = LeanGenerator(model, 32)
+    assert isinstance(gen, TokenGenerator)
     with torch.no_grad():
-        assert rel_err(gen.forward(ids), model(ids).logits[:, -1]) < 2e-2  # prefill: qcal's flash kernel vs SDPA
+        assert rel_err(gen.prefill(ids), model(ids).logits[:, -1]) < 2e-2  # prefill: qcal's flash kernel vs SDPA
         for step in range(3):
             nxt = torch.tensor([[7 + step]])
             ids = torch.cat([ids, nxt], dim=1)
-            assert rel_err(gen.forward(nxt), model(ids).logits[:, -1]) < 2e-2
+            assert rel_err(gen.decode(nxt), model(ids).logits[:, -1]) < 2e-2
     assert gen.length == 23
 
 
@@ -129,10 +129,10 @@ def test_chunked_prefill_continues_the_cache():
     model = make_tiny_llama(hidden=64).to(torch.bfloat16)
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
     gen = LeanGenerator(model, 32)
-    whole = gen.forward(ids)
+    whole = gen.prefill(ids)
     gen.reset()
-    gen.forward(ids[:, :10])
-    assert rel_err(gen.forward(ids[:, 10:]), whole) < 2e-2
+    gen.prefill(ids[:, :10])
+    assert rel_err(gen.prefill(ids[:, 10:]), whole) < 2e-2
 
 
 @needs_native
@@ -146,7 +146,7 @@ def test_greedy_decoding_follows_hugging_face(scheme):
     gen = LeanGenerator(model, 24)
     decided = 0
     with torch.no_grad():
-        logits = gen.forward(prompt)
+        logits = gen.prefill(prompt)
         for t in range(12):
             want = model(torch.cat([prompt, ref[:, :t]], dim=1)).logits[:, -1]
             assert rel_err(logits, want) < 2e-2
@@ -154,7 +154,7 @@ def test_greedy_decoding_follows_hugging_face(scheme):
             if top2[0] - top2[1] > 0.02 * want.float().abs().max():
                 assert logits.argmax(-1).item() == ref[0, t].item()
                 decided += 1
-            logits = gen.forward(ref[:, t:t + 1])
+            logits = gen.decode(ref[:, t:t + 1])
     assert decided >= 8
 
 
@@ -167,7 +167,9 @@ def test_time_generation_and_cache_bounds():
     with pytest.raises(ValueError, match="max_cache_len=16"):
         gen.time_generation(torch.zeros(1, 9, dtype=torch.long), 8)
     with pytest.raises(ValueError, match="exceed max_cache_len"):
-        gen.forward(torch.zeros(1, 1, dtype=torch.long))
+        gen.decode(torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"decode: token must be \(1, 1\)"):
+        gen.decode(torch.zeros(1, 2, dtype=torch.long))
 
 
 @needs_native
@@ -199,16 +201,104 @@ def test_unsupported_models_are_refused_with_the_reason():
 
 
 @needs_native
-def test_choose_runtime_uses_one_runtime_for_every_model():
-    from qcal.eval.runner import EvalConfig, RuntimeUnavailableError, _speed_runner, choose_runtime
+def test_resolve_runtime_uses_one_runtime_and_attention_for_every_model():
+    from qcal.eval.runner import EvalConfig, RuntimeUnavailableError, resolve_runtime, speed_runner
 
     bf16 = make_tiny_llama(hidden=64).to(torch.bfloat16)
     fp32 = make_tiny_llama(hidden=64)
-    assert choose_runtime([bf16], EvalConfig(runtime="auto")) == "lean"
-    assert choose_runtime([bf16, fp32], EvalConfig(runtime="auto")) == "hf"
-    assert choose_runtime([bf16], EvalConfig(runtime="auto", compile=True)) == "hf"
-    assert choose_runtime([bf16], EvalConfig(runtime="hf")) == "hf"
+    assert resolve_runtime(EvalConfig(), [bf16]) == ("lean", "qcal")  # the default run
+    assert resolve_runtime(EvalConfig(attention="qcal"), [bf16]) == ("lean", "qcal")
+    assert resolve_runtime(EvalConfig(), [bf16, fp32]) == ("hf", "qcal")
+    assert resolve_runtime(EvalConfig(attention="sdpa"), [bf16]) == ("hf", "sdpa")  # lean runs qcal's attention only
+    assert resolve_runtime(EvalConfig(attention="model"), [bf16]) == ("hf", None)
+    assert resolve_runtime(EvalConfig(attention=None), [bf16]) == ("hf", None)
+    assert resolve_runtime(EvalConfig(runtime="hf"), [bf16]) == ("hf", "qcal")
+    assert resolve_runtime(EvalConfig(compile=True), [bf16]) == ("compiled", "qcal")
+    assert resolve_runtime(EvalConfig(compile=True, attention="model"), [bf16]) == ("compiled", None)
+    assert resolve_runtime(EvalConfig(runtime="hf", compile=True, attention="sdpa"), [bf16]) == ("compiled", "sdpa")
     with pytest.raises(RuntimeUnavailableError, match="not in bf16"):
-        choose_runtime([bf16, fp32], EvalConfig(runtime="lean"))
-    gen = _speed_runner(bf16, EvalConfig(prefill_len=8, new_tokens=4), "lean")
+        resolve_runtime(EvalConfig(runtime="lean"), [bf16, fp32])
+    with pytest.raises(RuntimeUnavailableError, match="not attention 'eager'"):
+        resolve_runtime(EvalConfig(runtime="lean", attention="eager"), [bf16])
+    with pytest.raises(RuntimeUnavailableError, match="compile"):
+        resolve_runtime(EvalConfig(runtime="lean", compile=True), [bf16])
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        resolve_runtime(EvalConfig(attention="flash"), [bf16])
+    with pytest.raises(ValueError, match="unknown runtime 'fast'"):
+        resolve_runtime(EvalConfig(runtime="fast"), [bf16])
+    gen = speed_runner(bf16, "lean", "qcal", 12)
     assert isinstance(gen, LeanGenerator) and gen.max_cache_len == 12
+
+
+def test_resolve_runtime_without_the_decode_kernel_on_the_device():
+    from qcal.eval.runner import EvalConfig, resolve_runtime
+
+    meta = make_tiny_llama(hidden=64).to("meta")  # a device the decode kernel does not run on (as a GPU)
+    assert resolve_runtime(EvalConfig(), [meta]) == ("hf", None)  # auto: the model's own attention
+    assert resolve_runtime(EvalConfig(compile=True), [meta]) == ("compiled", "eager")  # compiled: eager fuses best
+
+
+# ---------------------------------------------------------------- which models qualify, by structure
+
+
+def _tiny(config_cls, model_cls, **extra):
+    cfg = config_cls(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
+    torch.manual_seed(0)
+    return model_cls(cfg).eval().to(torch.bfloat16)
+
+
+@needs_native
+def test_qwen2_runs_and_follows_hugging_face():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = _tiny(Qwen2Config, Qwen2ForCausalLM)  # q/k/v projections with biases, no sliding window
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    assert unsupported_reason(model) is None
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(4))
+    ref = greedy_reference(_hf(model), prompt, 6)
+    gen = LeanGenerator(model, 16)
+    assert torch.equal(gen.generate(prompt, 6), ref)
+    with torch.no_grad():
+        gen.reset()
+        assert rel_err(gen.prefill(prompt), model(prompt).logits[:, -1]) < 2e-2
+
+
+def test_extra_weights_in_a_layer_are_refused_with_the_module_named():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    qwen3 = _tiny(Qwen3Config, Qwen3ForCausalLM, head_dim=16)  # RMSNorms of q and k inside the attention
+    assert unsupported_reason(qwen3) in (f"qcal native kernels {native.native_status()}",
+                                         "model.layers.0.self_attn.q_norm (Qwen3RMSNorm) holds weights the lean "
+                                         "runtime does not apply")
+    llama = make_tiny_llama(hidden=64).to(torch.bfloat16)
+    llama.model.layers[1].pre_feedforward_layernorm = torch.nn.LayerNorm(64)  # as Gemma's extra norms
+    if native.available():
+        with pytest.raises(ValueError, match=r"model.layers.1.pre_feedforward_layernorm \(LayerNorm\) holds weights"):
+            LeanGenerator(llama, 8)
+
+
+@needs_native
+def test_structure_and_config_checks_name_what_is_missing():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def reason(edit):
+        model = make_tiny_llama(hidden=64).to(torch.bfloat16)
+        edit(model)
+        return unsupported_reason(model)
+
+    assert reason(lambda m: None) is None
+    assert reason(lambda m: delattr(m.model.layers[0].mlp, "up_proj")) == "model.layers.0 lacks mlp.up_proj"
+    assert reason(lambda m: setattr(m.model.layers[0].mlp, "act_fn", torch.nn.GELU())) == \
+        "model.layers.0.mlp.act_fn is not a SiLU"
+    assert reason(lambda m: setattr(m.config, "hidden_act", "gelu")) == "needs hidden_act='silu' and pretraining_tp=1"
+    assert reason(lambda m: setattr(m.model.layers[1], "post_attention_layernorm", torch.nn.LayerNorm(64))) == \
+        "model.layers.1.post_attention_layernorm (LayerNorm) is not an RMSNorm with a weight and variance_epsilon"
+    assert reason(lambda m: setattr(m.model.layers[0].self_attn, "scaling", 0.5)) == \
+        "model.layers.0.self_attn scales scores by 0.5, not head_dim ** -0.5"
+    assert reason(lambda m: delattr(m.model, "rotary_emb")) == "model.model has no rotary_emb module"
+    assert reason(lambda m: setattr(m.config, "residual_multiplier", 0.2)) == \
+        "residual_multiplier=0.2 is not applied by the lean runtime"
+    mistral = _tiny(MistralConfig, MistralForCausalLM, sliding_window=8)
+    assert unsupported_reason(mistral) == "sliding-window attention is not supported"
+    assert unsupported_reason(_tiny(MistralConfig, MistralForCausalLM, sliding_window=None)) is None

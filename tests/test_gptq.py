@@ -247,8 +247,9 @@ def test_act_order_every_kernel_matches_the_fake_quant_model():
             torch.testing.assert_close(REFERENCE(module, x), fake[name], rtol=0, atol=1e-5)
             module.to(torch.bfloat16)
             ref = REFERENCE(module, x.bfloat16()).float()
-            for kernel in KERNELS:
-                if kernel.supports(module):
-                    kernel.prepare(module)
-                    out = kernel(module, x.bfloat16()).float()
-                    assert (out - ref).norm() <= 2e-2 * ref.norm(), kernel.name
+            for kernel in KERNELS:  # every table that takes the module, every implementation it can reach
+                plan = kernel.bind(module) if kernel.supports(module) else None
+                for impl in plan.impls if plan is not None else ():
+                    if impl.takes(torch.bfloat16, False):
+                        out = impl.run(module, x.bfloat16()).float()
+                        assert (out - ref).norm() <= 2e-2 * ref.norm(), (kernel.name, impl.name)

@@ -25,9 +25,10 @@ CPU_KERNEL = {"int4wo-64": "cpu_int4wo", "int4wo-32": "cpu_int4wo", "int4wo-pc":
 
 
 @pytest.fixture
-def no_native(monkeypatch):
-    """Run with qcal's native kernel unavailable: PyTorch's ops (tinygemm) are chosen."""
-    monkeypatch.setattr(native, "_disabled", True)
+def no_native():
+    """Run with qcal's native kernels unavailable: PyTorch's ops (tinygemm) are chosen."""
+    with native.disabled():
+        yield
 
 
 def _expected(scheme: str, use_native: bool) -> str:
@@ -59,12 +60,14 @@ def test_cpu_kernel_parity_bf16(scheme, m, use_native, request):
 
 
 @pytest.mark.parametrize("scheme", sorted(CPU_KERNEL))
-def test_both_paths_agree(scheme):
-    """The small-M and large-M paths of a kernel compute the same thing."""
+def test_every_chosen_implementation_agrees(scheme):
+    """Every implementation a module's table can reach (small M, large M, traced) computes the same thing."""
     q = _frozen(scheme)
     x = torch.randn(8, 256, dtype=torch.bfloat16)
-    small, large = q.kernel.small(q, x).float(), q.kernel.large(q, x).float()
-    assert rel_err(small, large) < BF16_TOL
+    outs = {impl.name: impl.run(q, x).float() for impl in q.kernel.impls if impl.takes(torch.bfloat16, False)}
+    assert len(outs) >= 2 or not native.available()
+    first = next(iter(outs.values()))
+    assert all(rel_err(y, first) < BF16_TOL for y in outs.values()), list(outs)
 
 
 @pytest.mark.parametrize("kw,name,tol", [
@@ -95,7 +98,7 @@ def test_tinygemm_convention_matches_reference(no_native):
     w = (u - 8) * sz[..., 0].t().unsqueeze(-1) + sz[..., 1].t().unsqueeze(-1)
     torch.testing.assert_close(w.view(96, 256), w_ref, rtol=1e-5, atol=1e-5)
     eye = torch.eye(256, dtype=torch.bfloat16)  # the packed op itself reproduces the weight
-    got = q.kernel.small(q, eye[:16]).float()
+    got = q.kernel.choose(torch.bfloat16, 16).run(q, eye[:16]).float()
     torch.testing.assert_close(got, w_ref.t()[:16], rtol=1e-2, atol=1e-2)
 
 
@@ -159,7 +162,8 @@ def test_explain_table(tiny_llama):
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["module", "shape", "scheme", "kernel"]
     assert "model.layers.0.self_attn.q_proj" in out and "cpu_int4wo" in out and "M<=" in out
-    assert lines[-1].startswith("total")
+    total = next(i for i, ln in enumerate(lines) if ln.startswith("total"))
+    assert lines[total + 2] == "kernel dispatch:" and lines[total + 3].lstrip().startswith("cpu_int4wo")
     rows = module_rows(tiny_llama)
     assert len(rows) == 2 * 7 + 1 and all(r["kernel"].startswith("cpu_int4wo") for r in rows)
     q = next(r for r in rows if r["name"].endswith("q_proj"))

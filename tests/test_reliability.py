@@ -39,19 +39,19 @@ def test_int8_weight_only_pytorch_path_any_k(rows):
     assert torch.allclose(m(x).bfloat16().float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
-def _native_raw(k: int = 64):
-    """The unchecked native entry points with a mismatched input (they must refuse, not read out of bounds)."""
-    w8 = torch.zeros(32, k, dtype=torch.int8)
-    ws = torch.ones(32)
-    x = torch.zeros(2, 2 * k, dtype=torch.bfloat16)
-    return [lambda: native.mm8wo_unchecked(x, w8, ws),
-            lambda: native.mm8_unchecked(x, w8, native.int8_row_sums(w8), ws)]
-
-
-@pytest.mark.skipif(not native.available(), reason="needs the native kernels")
-def test_unchecked_native_entry_points_check_k():
-    for call in _native_raw():
-        with pytest.raises(ValueError, match="features"):
+@pytest.mark.usefixtures("native_kernels")
+def test_native_operators_check_k():
+    """Every native matmul refuses an input whose width is not the weight's (it would read out of bounds)."""
+    ops = torch.ops.qcal
+    w8, ws = torch.zeros(32, 64, dtype=torch.int8), torch.ones(32)
+    w4, sz = torch.zeros(32, 32, dtype=torch.uint8), torch.zeros(2, 2, 2, 16, dtype=torch.bfloat16)
+    x = torch.zeros(2, 128, dtype=torch.bfloat16)
+    calls = [lambda: ops.w8a16_mm_small(x, w8, ws), lambda: ops.w8a8_mm_small(x, w8, native.int8_row_sums(w8), ws),
+             lambda: ops.w8a16_mm_panel(x, w8, ws), lambda: ops.w8a8_mm_panel(x, w8, native.int8_row_sums(w8), ws),
+             lambda: ops.w4a16_mm_small(x, w4, sz, False, 32), lambda: ops.w4a8_mm(x, w4, sz, 32),
+             lambda: ops.w4a16_mm_panel(x, w4, torch.ones(32, 2), None, 32)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"x must be \(M, 64\)"):
             call()
 
 
@@ -79,31 +79,36 @@ def test_group_size_true_is_refused():
         qcal.quantize(nn.Sequential(nn.Linear(64, 64)), weights=qcal.qint4, group_size=True)
 
 
-_PROBE = "import qcal.kernels.native as n; print(n.available(), n._cache_dir())"
+_PROBE = "from qcal.kernels import library as n; print(n.available(), n._cache_dir())"
 
 
-def _probe(cache, **env):
+def _probe(cache, code: str = _PROBE, **env):
     import os
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "QCAL_CACHE_DIR": str(cache), "QCAL_NATIVE_OP": "0", **env})
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "QCAL_CACHE_DIR": str(cache), **env})
     assert run.returncode == 0, run.stderr[-2000:]  # never a crash (SIGBUS, SIGSEGV)
     ok, where = run.stdout.split()
     return ok == "True", where, run.stderr
 
 
-@pytest.mark.skipif(not native.available(), reason="needs a C compiler and an AVX512-BF16 CPU")
+@pytest.mark.usefixtures("native_kernels")
 def test_kernel_cache_is_private_and_verified(tmp_path):
     import shutil
     import subprocess
 
+    from qcal.kernels import library
+
     cache = tmp_path / "cache"
-    ok, where, _ = _probe(cache)
     libdir = cache / "native"
+    built = library._build_dir()  # this session's build: its objects spare the copy a full compile
+    libdir.mkdir(parents=True, mode=0o700)
+    shutil.copytree(built, libdir / built.name, copy_function=shutil.copy2)
+    ok, where, _ = _probe(cache)
     assert ok and where == str(libdir) and (libdir.stat().st_mode & 0o777) == 0o700
-    (lib,) = libdir.glob("*.so")
+    (lib,) = libdir.glob("*/*.so")
     assert lib.with_suffix(".sha256").is_file()
     # a library planted under the expected name (its constructor would run as the caller) is not loaded
     marker = tmp_path / "constructor-ran"
@@ -112,17 +117,15 @@ def test_kernel_cache_is_private_and_verified(tmp_path):
                    f'fopen("{marker}", "w"); if (o) fclose(o); }}\n')
     cc = shutil.which("gcc") or shutil.which("cc")
     subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
-    good = lib.with_suffix(".sha256").read_text()
     ok, _, _ = _probe(cache)
-    assert ok and not marker.exists()
-    assert lib.with_suffix(".sha256").read_text() == good  # rebuilt: the same library as before
+    assert ok and not marker.exists() and library._trusted(lib)  # relinked from the objects and recorded
     # a truncated library is rebuilt, not loaded (it would kill the process with SIGBUS)
     lib.write_bytes(lib.read_bytes()[:4096])
     ok, _, _ = _probe(cache)
-    assert ok and lib.with_suffix(".sha256").read_text() == good
+    assert ok and library._trusted(lib)
     # a cache directory others can write to is not used at all
     libdir.chmod(0o777)
-    ok, where, err = _probe(cache)
+    ok, where, err = _probe(cache, "from qcal.kernels import library as n; print(True, n._cache_dir())")
     shutil.rmtree(where, ignore_errors=True)
     assert ok and where != str(libdir) and "writable by others" in err
 

@@ -1,6 +1,7 @@
 """Calibration algorithms built on the core: GPTQ, SmoothQuant, Int8DynActInt4Weight.
 
-Importing this package registers their named schemes with :mod:`qcal.schemes`.
+Their named schemes (``gptq-int4-64``, ``smoothquant-w8a8``, ``8da4w-gptq-64``, ...) are registered by
+:mod:`qcal.schemes`, the layer above; nothing here imports it.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ from ..primitives import choose_qparams, choose_qparams_from_minmax, fake_quanti
 from ..qtypes import qint2, qint3, qint4, qint8, qtype
 from ..quantize import freeze, quantized_modules
 from ..quantize import quantize as swap_modules
-from ..schemes import SchemeContext, cast_model, register_scheme
 from .inputs import InputRecorder
 from .sequential import run_sequential
 
@@ -348,27 +347,3 @@ class Int4WeightOnlyGPTQQuantizer(GPTQQuantizer):
 
     def quantize(self, model: nn.Module, inputs: Sequence) -> nn.Module:
         return freeze(super().quantize(model, inputs))
-
-
-# ---------------------------------------------------------------- named schemes
-
-
-def _gptq_scheme(bits: int, per_channel: bool, act_order: bool, zero_point: str = "float"):
-    def apply(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
-        group = None if per_channel else int(match.group("g"))
-        GPTQQuantizer(bits=bits, groupsize=group, act_order=act_order, static_groups=act_order, zero_point=zero_point,
-                      exclude=ctx.exclude).quantize(model, ctx.calibration_inputs(match.string))
-        return cast_model(freeze(model), ctx.dtype)
-    return apply
-
-
-for _bits in (2, 3, 4, 8):
-    register_scheme(f"gptq-int{_bits}-<g>", f"GPTQ int{_bits} weight-only, asymmetric groups of <g> "
-                    "(calibrated)")(_gptq_scheme(_bits, False, False))
-    register_scheme(f"gptq-int{_bits}-<g>-actorder", f"GPTQ int{_bits} weight-only, groups of <g>, act_order "
-                    "with static groups (calibrated)")(_gptq_scheme(_bits, False, True))
-    register_scheme(f"gptq-int{_bits}-pc", f"GPTQ int{_bits} weight-only, asymmetric, per output channel "
-                    "(calibrated)")(_gptq_scheme(_bits, True, False))
-    for _suffix, _pc, _ao in (("<g>", False, False), ("<g>-actorder", False, True), ("pc", True, False)):
-        register_scheme(f"gptq-int{_bits}-{_suffix}-intzp", f"gptq-int{_bits}-{_suffix} with integer zero-points "
-                        "(exports to compressed-tensors / vLLM)")(_gptq_scheme(_bits, _pc, _ao, "int"))

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..data import calibration_windows
+
 __all__ = ["InputRecorder"]
 
 _SOURCES = {"c4": "c4", "wikitext": "wikitext-valid", "wikitext-valid": "wikitext-valid",
@@ -21,7 +23,7 @@ class InputRecorder:
     (WikiText-2 *validation*; the test split is never used for calibration). Windows are seeded
     by ``seed`` and always full length, so ``pad_calibration_inputs``/``pad_token`` never apply.
     ``input_prep_func`` (if given) maps each ``(1, seqlen)`` id tensor to the model's input.
-    Text comes from the eval data resolver (``data_dir``, else ``$QCAL_DATA_DIR``, else ``datasets``).
+    Text comes from :mod:`qcal.data` (``data_dir``, else ``$QCAL_DATA_DIR``, else ``datasets``).
     """
 
     def __init__(
@@ -51,9 +53,6 @@ class InputRecorder:
     def record_inputs(self, calibration_tasks: str | Sequence[str] = "c4", calibration_limit: int = 128
                       ) -> InputRecorder:
         """Add ``calibration_limit`` windows drawn from ``calibration_tasks``; returns self."""
-        # lazy: the text resolver lives in the eval package, one layer above the algorithms
-        from ..eval.data import calibration_windows
-
         tasks = [calibration_tasks] if isinstance(calibration_tasks, str) else list(calibration_tasks)
         unknown = [t for t in tasks if t not in _SOURCES]
         if unknown or not tasks:

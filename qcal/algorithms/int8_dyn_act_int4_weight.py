@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from ..qtypes import qint4, qint8
-from ..quantize import freeze, quantize
-from ..schemes import SchemeContext, cast_model, register_scheme
+from ..quantize import cast_model, freeze, quantize
 from .gptq import GPTQQuantizer
 
 __all__ = ["Int8DynActInt4WeightQuantizer", "Int8DynActInt4WeightGPTQQuantizer", "swap_8da4w"]
@@ -61,11 +60,3 @@ class Int8DynActInt4WeightGPTQQuantizer(GPTQQuantizer):
         swap_8da4w(model, self.groupsize, self.include, self.exclude)
         super().quantize(model, inputs)
         return cast_model(freeze(model), self.precision)
-
-
-@register_scheme("8da4w-gptq-<g>", "8da4w with GPTQ weights: int8 dynamic per-token activations x int4 "
-                 "symmetric groups of <g>, act_order with static groups (calibrated)")
-def _8da4w_gptq(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
-    quantizer = Int8DynActInt4WeightGPTQQuantizer(groupsize=int(match.group("g")), precision=ctx.dtype,
-                                                  exclude=ctx.exclude, act_order=True, static_groups=True)
-    return quantizer.quantize(model, ctx.calibration_inputs(match.string))

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..calibration import Calibration
 from ..qtypes import qint4, qint8
-from ..quantize import freeze, quantize, quantized_modules
+from ..quantize import cast_model, freeze, quantize, quantized_modules
 
 __all__ = [
     "learnable_scales",
@@ -155,8 +155,6 @@ class _TwoStepQATQuantizer:
     def convert(self, model: nn.Module) -> nn.Module:
         """Freeze the trained model to integer weights and cast to ``precision``."""
         freeze(model)
-        from ..schemes import cast_model
-
         return cast_model(model, self.precision)
 
 

@@ -26,11 +26,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..calibration import calibrate
 from ..granularity import PerAxis
 from ..observers import MinMaxObserver
 from ..qtypes import qint8
 from ..quantize import freeze, match_names, quantize
-from ..schemes import SchemeContext, calibrate, cast_model, register_scheme
 from .sequential import model_device, to_device
 
 __all__ = ["ActivationStats", "smoothing_scale", "smooth", "smooth_model", "smoothquant_w8a8",
@@ -289,19 +289,3 @@ def smooth_fq_linear_to_inference(model: nn.Module, debug_skip_calibration: bool
             smooth(model, stats, alpha)
         quantize(model, weights=qint8, activations=qint8, dynamic=True, include=names)
         return freeze(model)
-
-
-# ---------------------------------------------------------------- named schemes
-
-
-def _scheme(dynamic: bool):
-    def apply(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
-        smoothquant_w8a8(model, ctx.calibration_inputs(match.string), dynamic=dynamic, exclude=ctx.exclude)
-        return cast_model(freeze(model), ctx.dtype)
-    return apply
-
-
-register_scheme("smoothquant-w8a8", "SmoothQuant (alpha 0.5) + int8 dynamic per-token activations x int8 "
-                "per-channel weights (calibrated)")(_scheme(True))
-register_scheme("smoothquant-w8a8-static", "SmoothQuant (alpha 0.5) + int8 static per-tensor activations x int8 "
-                "per-channel weights (calibrated)")(_scheme(False))

@@ -85,19 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize lm_head (unties it from the tied embedding); default: every linear "
                    "but lm_head")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile each model: perplexity through torch.compile(model); speed through a "
-                   "static KV cache and one fullgraph-compiled forward (prefill and decode graphs compile "
-                   "in the warm-up round); bf16 is compiled the same way")
+                   help="torch.compile each model, bf16 too: perplexity through torch.compile(model); speed through "
+                   "the compiled runtime (a static KV cache and one fullgraph-compiled forward; prefill and decode "
+                   "graphs compile in the warm-up round)")
     p.add_argument("--attention", default="auto", choices=["auto", "model", "qcal", "sdpa", "eager"],
-                   help="attention of every timed model, the bf16 baseline too: auto (qcal's one-query decode "
-                   "kernel where it runs, else the model's own), model (the model's own), qcal, sdpa or eager; with "
-                   "--compile, auto is qcal's kernel or eager (default: %(default)s)")
+                   help="Hugging Face attention of every timed model, bf16 too: auto = qcal's one-query decode "
+                   "kernel where it runs on --device (an AVX512-BF16 CPU), else the model's own -- with --compile, "
+                   "else eager (matmul, softmax, matmul: what inductor fuses best); model = the model's own; qcal, "
+                   "sdpa, eager as named (default: %(default)s)")
     p.add_argument("--runtime", default="auto", choices=["auto", "lean", "hf"],
-                   help="what runs the timed generation of every model, the bf16 baseline too: lean (qcal.generation: "
-                   "a flat decode loop with a static KV cache and native elementwise kernels, Llama-family bf16 "
-                   "models on an AVX512-BF16 CPU), hf (the model's own forward with a dynamic cache, attention "
-                   "from --attention), or auto: lean where it runs every timed model and --compile is off, else hf "
-                   "(default: %(default)s)")
+                   help="what runs the timed generation of every model, bf16 too: lean (qcal.runtime.LeanGenerator: "
+                   "a flat decode loop with a static KV cache and qcal's native kernels, attention included; bf16 "
+                   "Llama-family models on an AVX512-BF16 CPU), hf (each model's own forward and dynamic cache, "
+                   "with --attention), or auto: lean where it runs every timed model and --attention is auto or "
+                   "qcal, else hf. --compile replaces both by the compiled runtime (with --attention; lean is then "
+                   "an error) (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and speed prompts")
@@ -121,15 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _attention(name: str, device: str) -> str | None:
-    """The attention the speed rounds use (None: each model's own); ``auto``: qcal's kernel on a CPU that runs it."""
-    if name == "model":
-        return None
-    from qcal.kernels.attention import resolve
-
-    return resolve(name, fallback=None, device=device)
-
-
 def _summary(args: argparse.Namespace, threads: int, results: Sequence[SchemeResult] = ()) -> str:
     parts = [f"model {args.model}", f"task {args.task}", f"device {args.device}, {threads} threads"]
     if "ppl" in args.metrics:
@@ -138,12 +131,14 @@ def _summary(args: argparse.Namespace, threads: int, results: Sequence[SchemeRes
     if "word_ppl" in args.metrics:
         parts.append(f"word ppl: {'all' if args.doc_limit is None else args.doc_limit} articles")
     if "speed" in args.metrics:
-        runtime = next((r.speed_runtime for r in results if r.speed_runtime), None)
-        if runtime == "lean":
-            how = "runtime lean (qcal.generation)"
+        timed = next((r for r in results if r.speed_runtime), None)
+        if timed is None:
+            how = "not timed"
+        elif timed.speed_runtime == "lean":
+            how = "runtime lean (qcal.runtime.LeanGenerator)"
         else:
-            attention = _attention(args.attention, args.device) or "model's own"
-            how = f"runtime hf, attention {attention}"
+            attention = timed.speed_attention or "model's own"
+            how = f"runtime {timed.speed_runtime}, attention {attention}"
         parts.append(f"speed: prefill {args.prefill_len}, decode {args.new_tokens} tokens, "
                      f"median of {args.repeats}, {how} (all models)")
     if args.compile:
@@ -155,7 +150,7 @@ def run(args: argparse.Namespace) -> list[SchemeResult]:
     """Load data and model, evaluate ``args.quant``, print the table, write --json/--plot."""
     import torch
 
-    from .data import calibration_windows, load_wikitext, tokenize, wikitext_documents
+    from ..data import calibration_windows, load_wikitext, tokenize, wikitext_documents
     from .models import load_model
     from .report import format_table, plot_size_vs_ppl, write_json
     from .runner import EvalConfig, UnknownSchemeError, check_schemes, evaluate_schemes
@@ -188,7 +183,7 @@ def run(args: argparse.Namespace) -> list[SchemeResult]:
         max_length=args.max_length, batch_size=args.batch_size, prefill_len=args.prefill_len,
         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
         quantize_lm_head=args.quantize_lm_head, compile=args.compile, seed=args.seed,
-        attention=_attention(args.attention, args.device), runtime=args.runtime,
+        attention=args.attention, runtime=args.runtime,
         progress=not args.no_progress,
     )
     results = evaluate_schemes(model, tokenizer, args.quant, cfg, input_ids=input_ids, docs=docs, calib=calib)
@@ -210,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in available_schemes():
             print(f"{name:16s} {describe_scheme(name.replace('<g>', '64'))}")
         return 0
-    from .data import DataUnavailableError
+    from ..data import DataUnavailableError
     from .models import ModelUnavailableError
     from .runner import RuntimeUnavailableError, UnknownSchemeError
 

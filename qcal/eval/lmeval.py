@@ -2,7 +2,7 @@
 
 The task mirrors lm-eval's ``wikitext`` (``loglikelihood_rolling`` over articles, its own detokenizer and
 ``process_results``), but reads the articles from the locally resolved WikiText-2 test text
-(:func:`qcal.eval.data.wikitext_documents`) through the ``json`` dataset builder: no hub access.
+(:func:`qcal.data.wikitext_documents`) through the ``json`` dataset builder: no hub access.
 """
 
 from __future__ import annotations

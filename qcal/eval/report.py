@@ -25,7 +25,8 @@ class SchemeResult:
     model_bytes: int | None = None
     peak_mem_bytes: int | None = None
     quantize_s: float | None = None
-    speed_runtime: str | None = None  # "lean" or "hf": what ran the timed generation (all models alike)
+    speed_runtime: str | None = None  # "lean", "hf" or "compiled": what ran the timed generation (all models alike)
+    speed_attention: str | None = None  # the Hugging Face attention of the timed models (None: each model's own)
 
     def record(self) -> dict:
         """The JSON record: exactly :data:`JSON_KEYS`, NaN written as null."""

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..runtime import LeanGenerator, StaticCacheGenerator, TokenGenerator, set_attention, unsupported_reason
+from ..runtime.hf_attention import resolve
 from .lmeval import lm_eval_wikitext
 from .perplexity import token_perplexity
 from .report import SchemeResult
 from .speed import PeakMemory, measure_speed, model_bytes, time_generation, timed
-from .static_decode import StaticCacheGenerator
 
 METRICS = ("ppl", "word_ppl", "speed")
 BASELINE = "bf16"
@@ -36,7 +37,7 @@ class EvalConfig:
     warmup: int = 1
     quantize_lm_head: bool = False
     compile: bool = False
-    attention: str | None = None
+    attention: str | None = "auto"  # None: "model"
     runtime: str = "auto"
     seed: int = 0
     progress: bool = True
@@ -132,64 +133,79 @@ def _evaluate_quality(
 
 
 RUNTIMES = ("auto", "lean", "hf")
+ATTENTIONS = ("auto", "model", "qcal", "sdpa", "eager")
 
 
 class RuntimeUnavailableError(ValueError):
-    """``runtime="lean"`` asked for a model (or with ``compile``) it cannot run."""
+    """``runtime="lean"`` asked for models, an attention or ``compile`` it cannot run."""
 
 
-def choose_runtime(models: Sequence[torch.nn.Module], cfg: EvalConfig) -> str:
-    """The runtime every timed model uses: ``cfg.runtime``, or for ``"auto"`` :class:`qcal.generation.LeanGenerator`
-    (``"lean"``) when it runs all of them (bf16 CPU Llama-family models, no ``compile``), else ``"hf"``.
-    ``"lean"`` asked for a model it cannot run raises :class:`RuntimeUnavailableError` with the reason."""
-    from qcal.generation import unsupported_reason
+def resolve_runtime(cfg: EvalConfig, models: Sequence[torch.nn.Module]) -> tuple[str, str | None]:
+    """``(runtime, attention)`` of every timed model in ``models``, the bf16 baseline too.
 
+    The one place where ``cfg.runtime``, ``cfg.attention`` and ``cfg.compile`` meet (the CLI help of ``--runtime``,
+    ``--attention`` and ``--compile`` states this rule):
+
+    * runtime: ``"compiled"`` (:class:`qcal.runtime.StaticCacheGenerator`: a static KV cache and ``torch.compile``)
+      with ``compile``; else ``"lean"`` (:class:`qcal.runtime.LeanGenerator`) when asked, or for ``"auto"`` when
+      it runs every model and the attention asked for is ``"auto"`` or ``"qcal"`` (its attention is qcal's
+      kernels); else ``"hf"`` (each model's own forward and dynamic cache).
+    * attention (a Hugging Face attention name, None = each model's own): ``"qcal"`` for the lean runtime, else
+      :func:`qcal.runtime.hf_attention.resolve` of ``cfg.attention`` on the models' device: ``"auto"`` is qcal's
+      decode kernel where it runs there, else the model's own, or ``"eager"`` for the compiled runtime.
+
+    ``runtime="lean"`` that cannot be honoured raises :class:`RuntimeUnavailableError` with the reason; an unknown
+    ``cfg.runtime`` or ``cfg.attention`` raises ``ValueError``.
+    """
     if cfg.runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {cfg.runtime!r}; choose from {', '.join(RUNTIMES)}")
-    if cfg.runtime == "hf" or (cfg.runtime == "auto" and cfg.compile):
-        return "hf"
-    if cfg.runtime == "lean" and cfg.compile:
-        raise RuntimeUnavailableError("runtime 'lean' is eager: it cannot be combined with compile")
-    reasons = [r for r in map(unsupported_reason, models) if r is not None]
-    if not reasons:
-        return "lean"
-    if cfg.runtime == "lean":
-        raise RuntimeUnavailableError(f"runtime 'lean' cannot run every timed model: {reasons[0]}")
-    return "hf"
-
-
-def _speed_runner(model: torch.nn.Module, cfg: EvalConfig, runtime: str = "hf"):
-    """What the speed rounds time: with ``runtime="lean"`` a :class:`qcal.generation.LeanGenerator`, else the eager
-    model, or with ``compile`` a static-cache compiled generator.
-
-    ``cfg.attention`` (a Hugging Face attention name, ``"qcal"`` or ``"auto"``; None = the model's own,
-    and the generator's default when compiled) is set on every Hugging Face-run model, the bf16 baseline too.
-    """
-    if runtime == "lean":
-        from qcal.generation import LeanGenerator
-
-        return LeanGenerator(model, cfg.prefill_len + cfg.new_tokens)
+    attention = "model" if cfg.attention is None else cfg.attention
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {cfg.attention!r}; choose from {', '.join(ATTENTIONS)}")
+    params = (next(m.parameters(), None) for m in models)
+    device = next((p.device for p in params if p is not None), torch.device("cpu"))
     if cfg.compile:
-        return StaticCacheGenerator(model, cfg.prefill_len + cfg.new_tokens,
-                                    **({} if cfg.attention is None else {"attn_implementation": cfg.attention}))
-    if cfg.attention is not None:
-        from qcal.kernels.attention import set_attention
+        if cfg.runtime == "lean":
+            raise RuntimeUnavailableError("runtime 'lean' is eager: it cannot be combined with compile")
+        return "compiled", resolve(attention, device, compiled=True)
+    if cfg.runtime == "lean" and attention not in ("auto", "qcal"):
+        raise RuntimeUnavailableError(f"runtime 'lean' runs qcal's attention kernels, not attention {attention!r}")
+    if cfg.runtime != "hf" and attention in ("auto", "qcal"):
+        reason = next((r for r in map(unsupported_reason, models) if r is not None), None)
+        if reason is None:
+            return "lean", "qcal"
+        if cfg.runtime == "lean":
+            raise RuntimeUnavailableError(f"runtime 'lean' cannot run every timed model: {reason}")
+    return "hf", resolve(attention, device)
 
-        set_attention(model, cfg.attention)
-    return model
+
+def speed_runner(model: torch.nn.Module, runtime: str, attention: str | None,
+                 max_cache_len: int) -> torch.nn.Module | TokenGenerator:
+    """What the speed rounds time for ``model`` under :func:`resolve_runtime`'s answer: a
+    :class:`qcal.runtime.LeanGenerator` (``"lean"``), a compiled :class:`qcal.runtime.StaticCacheGenerator`
+    (``"compiled"``) using ``attention``, or the model itself (``"hf"``) switched to ``attention`` (None: left as
+    it is)."""
+    if runtime == "lean":
+        return LeanGenerator(model, max_cache_len)
+    if runtime == "compiled":
+        return StaticCacheGenerator(model, max_cache_len, attn_implementation=attention)
+    if runtime == "hf":
+        return model if attention is None else set_attention(model, attention)
+    raise ValueError(f"unknown runtime {runtime!r}; choose from lean, compiled, hf")
 
 
 def _add_speed(
     model: torch.nn.Module, results: list[SchemeResult], runnable: dict[str, torch.nn.Module], cfg: EvalConfig
 ) -> None:
-    """Time all models alternately (adding a bf16 copy when it is not among them), all through one runtime
-    (:func:`choose_runtime`), and fill in ratios."""
+    """Time all models alternately (adding a bf16 copy when it is not among them), all through one runtime and
+    attention (:func:`resolve_runtime`), and fill in ratios."""
     models = dict(runnable)
     if BASELINE not in models:
         baseline, _ = quantized_copy(model, BASELINE, cfg, None)
         models = {BASELINE: baseline} | models
-    runtime = choose_runtime(list(models.values()), cfg)
-    runners = {name: _speed_runner(m, cfg, runtime) for name, m in models.items()}
+    runtime, attention = resolve_runtime(cfg, list(models.values()))
+    runners = {name: speed_runner(m, runtime, attention, cfg.prefill_len + cfg.new_tokens)
+               for name, m in models.items()}
     speeds = measure_speed(
         runners, vocab_size=model.get_input_embeddings().num_embeddings, prefill_len=cfg.prefill_len,
         new_tokens=cfg.new_tokens, repeats=cfg.repeats, warmup=cfg.warmup, seed=cfg.seed,
@@ -200,4 +216,4 @@ def _add_speed(
         result.prefill_tok_s, result.decode_tok_s = speed.prefill_tok_s, speed.decode_tok_s
         result.prefill_ratio = speed.prefill_tok_s / base.prefill_tok_s
         result.decode_ratio = speed.decode_tok_s / base.decode_tok_s
-        result.speed_runtime = runtime
+        result.speed_runtime, result.speed_attention = runtime, attention

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 import statistics
 import time
@@ -12,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..runtime.base import TokenGenerator
+from ..runtime.family import forward_params
 from .perplexity import model_device
 
 
@@ -107,13 +108,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward_params(model: torch.nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(getattr(model, "_orig_mod", model).forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
 def _cache_of(out: object) -> object:
     """The KV cache a forward returned (``cache`` in recent transformers, else ``past_key_values``)."""
     cache = getattr(out, "cache", None)
@@ -121,16 +115,17 @@ def _cache_of(out: object) -> object:
 
 
 @torch.no_grad()
-def time_generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def time_generation(model: torch.nn.Module | TokenGenerator, prompt: torch.Tensor,
+                    new_tokens: int) -> tuple[float, float]:
     """Seconds for one prefill forward of ``prompt`` (1, n) and for ``new_tokens`` greedy KV-cache steps.
 
-    ``model`` may also be an object with its own ``time_generation`` (e.g. :class:`StaticCacheGenerator`).
+    ``model`` is a Hugging Face model (its forward and dynamic cache) or a :class:`qcal.runtime.TokenGenerator`.
     """
-    if hasattr(model, "time_generation"):
+    if isinstance(model, TokenGenerator):
         return model.time_generation(prompt, new_tokens)
     device = model_device(model)
     prompt = prompt.to(device)
-    params = _forward_params(model)
+    params = forward_params(model)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # as generation does
     cache_kw = "cache" if "cache" in params else "past_key_values"
     _sync(device)
@@ -148,7 +143,7 @@ def time_generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: in
 
 
 def measure_speed(
-    models: Mapping[str, torch.nn.Module],
+    models: Mapping[str, torch.nn.Module | TokenGenerator],
     *,
     vocab_size: int,
     prefill_len: int = 512,

@@ -37,8 +37,10 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .._version import __version__
 from ..nn import QMODULE_FOR, QModuleMixin
-from ..quantize import quantize, quantized_modules, set_module
+from ..quantize import quantize, quantized_modules, register_attach_hook, set_module
+from ..rtn import rtn_kwargs
 from ..serialization import FORMAT_VERSION, build_shell, tensor_sha256
 
 __all__ = ["QUANT_METHOD", "QcalConfig", "QcalHfQuantizer", "attach", "tensor_sha256", "check_safetensors_file"]
@@ -97,9 +99,6 @@ class QcalConfig(QuantizationConfigMixin):
     def __init__(self, scheme: str | None = None, modules_to_not_convert: list[str] | None = None,
                  config_groups: dict[str, dict] | None = None, format_version: int = FORMAT_VERSION,
                  qcal_version: str | None = None, buffer_dtypes: dict[str, str] | None = None, **kwargs: Any):
-        from .. import __version__
-        from ..schemes import quantize_kwargs
-
         self.quant_method = QUANT_METHOD
         kwargs.pop("quant_method", None)
         if kwargs:
@@ -110,7 +109,7 @@ class QcalConfig(QuantizationConfigMixin):
                              f"(reads 1..{FORMAT_VERSION}): upgrade qcal")
         if scheme is not None:
             try:
-                quantize_kwargs(scheme)
+                rtn_kwargs(scheme)
             except ValueError as e:
                 raise ValueError(f"QcalConfig: {e}. Quantize the loaded float model with the Python API instead "
                                  f"(qcal.schemes.apply_scheme(model, {scheme!r}, calib=...) or the algorithm's "
@@ -224,10 +223,8 @@ class QcalHfQuantizer(HfQuantizer):
     # ------------------------------------------------------------------ before weights
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:
-            from ..schemes import quantize_kwargs
-
             quantize(model, exclude=self.quantization_config.modules_to_not_convert or None,
-                     **quantize_kwargs(self.quantization_config.scheme))
+                     **rtn_kwargs(self.quantization_config.scheme))
             return model
         records = self.quantization_config.module_records()
         self._files = [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
@@ -433,3 +430,4 @@ def register() -> None:
 
 
 register()
+register_attach_hook(attach)

@@ -1,17 +1,14 @@
-"""Frozen-module kernels, chosen per (device, weight qtype, activation scheme, shape).
+"""Frozen-module kernels, chosen per (device, scheme, shape, CPU features) when a module is frozen or moved.
 
-A kernel is a small object with a ``name``, ``supports(module) -> bool`` and
-``__call__(module, x) -> Tensor``; it may cache derived tensors (e.g. a packed layout) on the
-module as non-persistent buffers via ``prepare(module)``. The canonical frozen state
-(``qweight``, ``weight_scale``, ``weight_zero_point``) is never replaced, so checkpoints stay
-device independent. ``select_kernel`` returns the first registered kernel that supports the
-module; the reference kernel (dequantize, then the float op) supports everything.
-
-Registered here: CUDA then CPU kernels for int4/int8 weight-only, A8W8 dynamic and 8da4w linear
-layers (:mod:`qcal.kernels.cpu`, :mod:`qcal.kernels.cuda`); each dispatches on the number of
-input rows ``M`` (see its ``dispatch``). On AVX512-BF16 CPUs the int4 kernels use qcal's own
-small-M kernel (:mod:`qcal.kernels.native`, C source in ``csrc/``) ahead of PyTorch's tinygemm op.
-``derived_bytes(module)`` is the memory a kernel adds.
+A kernel is an object with a ``name``, a ``dispatch`` string (what runs for which input, shown by
+:func:`qcal.explain`) and ``__call__(module, x) -> Tensor``. The built-in linear kernels are tables
+(:mod:`qcal.kernels.table`): per scheme and device an ordered list of implementations with their conditions
+(:mod:`qcal.kernels.cpu`, :mod:`qcal.kernels.cuda`), qcal's native CPU operators first where they are built
+(:mod:`qcal.kernels.native`, :mod:`qcal.kernels.library`). Kernel-derived tensors (a packed layout, float32
+scales) are non-persistent buffers whose names start with ``_k_``; the canonical frozen state (``qweight``,
+``weight_scale``, ``weight_zero_point``) is never replaced, so checkpoints stay device independent.
+:func:`select_kernel` takes the first registered kernel that supports the module, else the reference kernel
+(dequantize, then the float op), which supports everything.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ __all__ = ["Kernel", "ReferenceKernel", "KERNELS", "register_kernel", "select_ke
 
 
 class Kernel:
-    """Base kernel: override ``supports`` and ``__call__``; ``prepare`` is optional."""
+    """Base kernel: override ``supports`` and ``__call__``; ``prepare`` (derive tensors) is optional."""
 
     name = "kernel"
 
@@ -37,7 +34,7 @@ class Kernel:
 
     @property
     def dispatch(self) -> str:
-        """What runs for which input shape (shown by ``qcal.explain``)."""
+        """What runs for which input (shown by ``qcal.explain``)."""
         return self.name
 
     def __repr__(self) -> str:
@@ -57,11 +54,14 @@ class ReferenceKernel(Kernel):
         return module.frozen_forward_reference(x)
 
 
-KERNELS: list[Kernel] = []
+REFERENCE = ReferenceKernel()
+KERNELS: list = []
+"""Kernels and linear tables, tried in order by :func:`select_kernel`."""
 
 
-def register_kernel(kernel: Kernel, first: bool = True) -> Kernel:
-    """Add a kernel to the dispatch list (tried before the others when ``first``)."""
+def register_kernel(kernel, first: bool = True):
+    """Add a kernel (or a :class:`~qcal.kernels.table.LinearTable`) to the dispatch list (tried before the others
+    when ``first``)."""
     if first:
         KERNELS.insert(0, kernel)
     else:
@@ -70,21 +70,23 @@ def register_kernel(kernel: Kernel, first: bool = True) -> Kernel:
 
 
 def select_kernel(module) -> Kernel:
-    """First registered kernel that supports ``module`` (prepared); the reference kernel otherwise.
+    """The first registered kernel that supports ``module``, prepared for it; the reference kernel otherwise.
 
-    Derived buffers of a previous choice (names starting with ``_k_``) are dropped first.
-    """
+    Derived buffers of a previous choice (names starting with ``_k_``) are dropped first."""
     for n in [n for n in module._buffers if n.startswith("_k_")]:
         del module._buffers[n]
         module._non_persistent_buffers_set.discard(n)
     for k in KERNELS:
-        if k.supports(module):
+        if not k.supports(module):
+            continue
+        bind = getattr(k, "bind", None)
+        if bind is None:
             k.prepare(module)
             return k
+        plan = bind(module)
+        if plan is not None:
+            return plan
     return REFERENCE
-
-
-REFERENCE = ReferenceKernel()
 
 
 def derived_bytes(module) -> int:
@@ -93,12 +95,13 @@ def derived_bytes(module) -> int:
                if b is not None and n in module._non_persistent_buffers_set)
 
 
-def _register_builtin() -> None:
-    from .cpu import KERNELS_CPU
-    from .cuda import KERNELS_CUDA
+def _install() -> None:
+    from ..nn import qmodule
+    from .cpu import TABLES_CPU
+    from .cuda import TABLES_CUDA
 
-    for k in KERNELS_CUDA + KERNELS_CPU:
-        register_kernel(k, first=False)
+    KERNELS.extend(TABLES_CUDA + TABLES_CPU)
+    qmodule.set_kernel_selector(select_kernel)
 
 
-_register_builtin()
+_install()

@@ -1,13 +1,13 @@
-"""Shared pieces of the linear kernels: input/output plumbing, per-token int8 quantization, int4 layouts."""
+"""Shared pieces of the linear kernels: per-token int8 quantization, int4 codes and tinygemm layouts."""
 
 from __future__ import annotations
 
 import torch
 
-from . import Kernel
+from .native import dequant_int4 as _native_dequant
 
-__all__ = ["LinearKernel", "quantize_per_token", "int4_codes_u8", "dequant_int4", "tinygemm_group_size",
-           "tinygemm_scales_zeros", "is_frozen_linear", "set_derived"]
+__all__ = ["quantize_per_token", "int4_codes_u8", "dequant_int4", "tinygemm_group_size", "tinygemm_scales_zeros",
+           "is_frozen_linear"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -16,11 +16,6 @@ def is_frozen_linear(module) -> bool:
     """A frozen qcal linear layer with quantized weights."""
     return (getattr(module, "frozen", False) and getattr(module, "weight_spec", None) is not None
             and hasattr(module, "in_features") and getattr(module, "qweight", None) is not None)
-
-
-def set_derived(module, name: str, tensor: torch.Tensor) -> None:
-    """Attach a kernel-derived tensor as a non-persistent buffer (never part of a checkpoint)."""
-    module.register_buffer(name, tensor, persistent=False)
 
 
 _SCALE_DIV: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -56,9 +51,7 @@ def dequant_int4(module, dtype: torch.dtype) -> torch.Tensor:
 
     bf16 on an AVX512-BF16 CPU: qcal's one-pass native kernel."""
     if dtype == torch.bfloat16:
-        from . import native
-
-        w = native.dequant_int4(module.qweight, module.weight_scale, module.weight_zero_point)
+        w = _native_dequant(module.qweight, module.weight_scale, module.weight_zero_point)
         if w is not None:
             return w
     u = int4_codes_u8(module.qweight)
@@ -93,58 +86,3 @@ def tinygemm_scales_zeros(module, group_size: int, dtype: torch.dtype) -> torch.
     if rep > 1:
         s, z = s.repeat_interleave(rep, dim=1), z.repeat_interleave(rep, dim=1)
     return torch.stack((s.t(), z.t()), dim=-1).to(dtype).contiguous()
-
-
-class LinearKernel(Kernel):
-    """Kernel for a frozen linear layer on one device type, dispatching on ``M`` (rows of the input).
-
-    Subclasses implement ``small(module, x2)`` for ``M <= max_small_m`` and ``large`` otherwise,
-    on a 2-D input already in ``compute_dtype`` (None: the input's dtype), returning the output
-    without bias. ``max_small_m`` is the measured crossover (see ``benchmarks/bench_kernels.py``).
-    """
-
-    device_type = "cpu"
-    compute_dtype: torch.dtype | None = torch.bfloat16
-    max_small_m = 0
-    small_path = "-"
-    large_path = "-"
-
-    def supports(self, module) -> bool:
-        return is_frozen_linear(module) and module.qweight.device.type == self.device_type and \
-            self.supports_linear(module)
-
-    def supports_linear(self, module) -> bool:  # pragma: no cover - overridden
-        return False
-
-    @property
-    def dispatch(self) -> str:
-        """Human-readable M dispatch, e.g. ``M<=16: tinygemm | M>16: dequant+mm``."""
-        if self.max_small_m <= 0:
-            return self.large_path
-        return f"M<={self.max_small_m}: {self.small_path} | M>{self.max_small_m}: {self.large_path}"
-
-    def __call__(self, module, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != self.device_type:  # the module moved after freeze: choose again
-            module.select_kernel()
-            return module.kernel(module, x)
-        shape = x.shape
-        if not shape or shape[-1] != module.in_features:
-            raise ValueError(f"{module.qcal_name}: the input's last dimension is {shape[-1] if shape else None}, "
-                             f"the layer takes {module.in_features} features (input shape {tuple(shape)})")
-        x2 = x.reshape(-1, shape[-1])
-        dtype = x.dtype
-        cdt = self.compute_dtype or dtype
-        if dtype != cdt:
-            x2 = x2.to(cdt)
-        y = self.small(module, x2) if x2.shape[0] <= self.max_small_m else self.large(module, x2)
-        if module.bias is not None:
-            y = y + module.bias
-        if y.dtype != dtype:
-            y = y.to(dtype)
-        return y.view(*shape[:-1], y.shape[-1])
-
-    def small(self, module, x2: torch.Tensor) -> torch.Tensor:
-        return self.large(module, x2)
-
-    def large(self, module, x2: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError

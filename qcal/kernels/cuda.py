@@ -1,4 +1,4 @@
-"""CUDA kernels for frozen linear layers: tinygemm int4, ``_weight_int8pack_mm`` and ``_int_mm``.
+"""CUDA tables of the frozen linear layers: tinygemm int4, ``_weight_int8pack_mm`` and ``_int_mm``.
 
 Same dispatch as :mod:`qcal.kernels.cpu`; only the packing and the ops differ. ``_int_mm`` on
 CUDA needs ``M > 16`` and ``K``, ``N`` multiples of 8, so small inputs are zero-padded to 32 rows.
@@ -14,70 +14,67 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import quantize_per_token
-from .cpu import Int4WeightOnly, Int8DynamicInt4, Int8DynamicInt8, Int8WeightOnly
+from ..qtypes import qint4
+from .common import dequant_int4, quantize_per_token, tinygemm_group_size, tinygemm_scales_zeros
+from .cpu import dequant_a8, dynamic_int8, per_channel_int8, per_token_int8, tinygemm_int4, weight_only
+from .table import Impl, Layout, LinearTable
 
-__all__ = ["CudaInt4WeightOnly", "CudaInt8WeightOnly", "CudaInt8DynamicInt8", "CudaInt8DynamicInt4"]
+__all__ = ["TABLES_CUDA"]
 
 
 def _inner_k_tiles(k: int) -> int | None:
     return next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
 
 
-class _CudaInt4:
-    device_type = "cuda"
-
-    def supports_int4(self, module) -> bool:
-        k = module.qweight.shape[1] * 2
-        return super().supports_int4(module) and _inner_k_tiles(k) is not None and module.qweight.shape[0] % 8 == 0
-
-    def pack(self, module) -> torch.Tensor:
-        p = module.qweight  # canonical: low nibble = even column; tinygemm wants (even << 4) | odd
-        swapped = ((p & 15) << 4) | (p >> 4)
-        return torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), _inner_k_tiles(p.shape[1] * 2))
-
-    def int4mm(self, x2, packed, group_size, sz):
-        return torch.ops.aten._weight_int4pack_mm(x2, packed, group_size, sz)
+def _tinygemm_cuda(m) -> bool:
+    k = m.qweight.shape[1] * 2
+    return tinygemm_int4(m) and _inner_k_tiles(k) is not None and m.qweight.shape[0] % 8 == 0
 
 
-class CudaInt4WeightOnly(_CudaInt4, Int4WeightOnly):
-    name = "cuda_int4wo"
-    max_small_m = 4096
+def _pack(m) -> dict:
+    p = m.qweight  # canonical: low nibble = even column; tinygemm wants (even << 4) | odd
+    swapped = ((p & 15) << 4) | (p >> 4)
+    g = tinygemm_group_size(m)
+    return {"_k_int4pack": torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(),
+                                                                      _inner_k_tiles(p.shape[1] * 2)),
+            "_k_int4sz": tinygemm_scales_zeros(m, g, torch.bfloat16), "_k_group": g}
 
 
-class CudaInt8WeightOnly(Int8WeightOnly):
-    name = "cuda_int8wo"
-    device_type = "cuda"
-    max_small_m = 0  # dequant + GEMM at every M (measured)
-
-    def supports_linear(self, module) -> bool:
-        return super().supports_linear(module) and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+TINYGEMM_CUDA = Layout("tinygemm int4pack (CUDA)", _pack)
 
 
-def _int_mm_padded(xq: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    m = xq.shape[0]
-    if m > 16:
-        return torch._int_mm(xq, wt)
-    return torch._int_mm(F.pad(xq, (0, 0, 0, 32 - m)), wt)[:m]
+def _tinygemm_mm(m, xb):
+    b = m._buffers
+    return torch.ops.aten._weight_int4pack_mm(xb, b["_k_int4pack"], m.__dict__["_k_group"], b["_k_int4sz"])
 
 
-class CudaInt8DynamicInt8(Int8DynamicInt8):
-    name = "cuda_int8dq"
-    device_type = "cuda"
-
-    def supports_linear(self, module) -> bool:
-        n, k = module.qweight.shape
-        return super().supports_linear(module) and n % 8 == 0 and k % 8 == 0
-
-    def large(self, module, x2):
-        xq, xs = quantize_per_token(x2)
-        acc = _int_mm_padded(xq.to(torch.int8), module.qweight.t())
-        return (acc * xs).mul_(module.weight_scale.view(1, -1))
 
 
-class CudaInt8DynamicInt4(_CudaInt4, Int8DynamicInt4):
-    name = "cuda_8da4w"
-    max_small_m = 512
+def _int_mm_padded(m, x2):
+    xq, xs = quantize_per_token(x2)
+    xq = xq.to(torch.int8)
+    rows = xq.shape[0]
+    acc = torch._int_mm(xq, m.qweight.t()) if rows > 16 else \
+        torch._int_mm(F.pad(xq, (0, 0, 0, 32 - rows)), m.qweight.t())[:rows]
+    return (acc * xs).mul_(m.weight_scale.view(1, -1))
 
 
-KERNELS_CUDA = [CudaInt4WeightOnly(), CudaInt8WeightOnly(), CudaInt8DynamicInt8(), CudaInt8DynamicInt4()]
+TABLES_CUDA = [
+    LinearTable("int4wo", "cuda", lambda m: weight_only(m) and m.weight_spec.qtype == qint4, (
+        Impl("tinygemm int4pack_mm", _tinygemm_mm, fits=_tinygemm_cuda, max_m=4096, layout=TINYGEMM_CUDA),
+        Impl("dequant + bf16 mm", lambda m, x2: F.linear(x2, dequant_int4(m, x2.dtype)), fits=_tinygemm_cuda),
+    ), compute_dtype=torch.bfloat16),
+    LinearTable("8da4w", "cuda", lambda m: dynamic_int8(m) and m.weight_zero_point is None
+                and m.weight_spec.qtype == qint4, (
+        Impl("per-token quant + tinygemm int4pack_mm", per_token_int8(_tinygemm_mm), fits=_tinygemm_cuda, max_m=512,
+             layout=TINYGEMM_CUDA),
+        Impl("per-token quant + dequant + bf16 mm", dequant_a8, fits=_tinygemm_cuda),
+    )),
+    LinearTable("int8dq", "cuda", lambda m: dynamic_int8(m) and per_channel_int8(m), (
+        Impl("per-token quant + _int_mm (padded to 32 rows) + rescale", _int_mm_padded,
+             fits=lambda m: m.qweight.shape[0] % 8 == 0 and m.qweight.shape[1] % 8 == 0),
+    )),
+    LinearTable("int8wo", "cuda", lambda m: weight_only(m) and per_channel_int8(m), (
+        Impl("dequant + bf16 mm", lambda m, x2: F.linear(x2, m.qweight * m.weight_scale.to(x2.dtype))),
+    ), compute_dtype=torch.bfloat16),
+]

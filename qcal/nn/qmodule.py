@@ -12,6 +12,9 @@ Modes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -208,10 +211,8 @@ class QModuleMixin:
         self.select_kernel()
 
     def select_kernel(self) -> None:
-        """(Re)choose the frozen forward kernel for the current device and scheme."""
-        from ..kernels import select_kernel
-
-        self.kernel = select_kernel(self)
+        """(Re)choose the frozen forward kernel for the current device and scheme (:mod:`qcal.kernels`)."""
+        self.kernel = _kernel_selector(self)
 
     def _canonical_state(self) -> tuple | None:
         """Device and dtypes of the canonical frozen buffers (None when not frozen with quantized weights)."""
@@ -230,11 +231,16 @@ class QModuleMixin:
         before = self._canonical_state()
         wide = {k: b for k in _QPARAMS if isinstance(b := self._buffers.get(k), torch.Tensor)
                 and b.is_floating_point() and b.dtype != torch.float16}
+        derived = {k: b for k, b in self._buffers.items() if k.startswith("_k_") and isinstance(b, torch.Tensor)}
         out = super()._apply(fn, recurse)
         for k, b in wide.items():  # .half() must not squeeze the scales into float16's range (scale_dtype_for)
             new = self._buffers.get(k)
             if isinstance(new, torch.Tensor) and new.dtype == torch.float16:
                 self._buffers[k] = b.to(device=new.device, dtype=torch.float32)
+        for k, b in derived.items():  # kernel-derived tensors keep the dtype their kernel reads; only the device moves
+            new = self._buffers.get(k)
+            if isinstance(new, torch.Tensor) and new.dtype != b.dtype:
+                self._buffers[k] = b.to(device=new.device)
         after = self._canonical_state()
         if after is not None and after != before and self.qweight.device.type != "meta":
             self.select_kernel()
@@ -279,6 +285,26 @@ class QModuleMixin:
         state = f"frozen[{self.kernel.name}]" if self.frozen else "fake-quant"
         return f"{base}, weights={w}, activations={a}, {state}"
 
+
+
+class _ReferenceForward:
+    """The frozen forward before :mod:`qcal.kernels` installs its selector: dequantize, then the float op."""
+
+    name = "reference"
+    dispatch = "dequant + float op"
+
+    def __call__(self, module: QModuleMixin, x: torch.Tensor) -> torch.Tensor:
+        return module.frozen_forward_reference(x)
+
+
+_kernel_selector: Callable[[QModuleMixin], Any] = lambda module: _ReferenceForward()
+
+
+def set_kernel_selector(selector: Callable[[QModuleMixin], Any]) -> None:
+    """Install the function that chooses a frozen module's kernel (called by :mod:`qcal.kernels` on import, so
+    that this layer needs no import of the kernels)."""
+    global _kernel_selector
+    _kernel_selector = selector
 
 
 _QPARAMS = ("weight_scale", "weight_zero_point", "input_scale", "input_zero_point")

@@ -20,8 +20,8 @@ typedef struct {
    and *xs (per-row scales), the rows split among the threads when there are many. Returns 0, or -2 (memory:
    nothing allocated). The caller frees both. */
 static inline int qcal_a8w8_quantize(const uint16_t *x, int64_t M, int64_t K, int nthreads, uint8_t **xq, float **xs) {
-    *xq = malloc((size_t)(M * K) + 64);
-    *xs = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
+    *xq = (uint8_t *)malloc((size_t)(M * K) + 64);
+    *xs = (float *)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
     if (!*xq || !*xs) {
         free(*xq);
         free(*xs);

@@ -18,9 +18,10 @@
 #include <omp.h>
 
 #include "bf16.h"
-#include "prefetch.h"
+#include "parallel.h"
 #include "rowquant.h"
 #include "tiles.h"
+#include "ops.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -98,7 +99,7 @@ typedef struct {
 } int4_ctx;
 
 static void int4_unit(const void *c, int64_t m0, int mb, int64_t p) {
-    const int4_ctx *a = c;
+    const int4_ctx *a = (const int4_ctx *)c;
     const int64_t blk = 2 * p, K = a->K, G = a->G;
     const uint16_t *xm = a->x + m0 * K;
     const uint8_t *wp = a->w + blk * a->bstride;
@@ -117,7 +118,7 @@ static int mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_z
               int64_t N, int64_t K, int64_t gs, int nthreads) {
     const int64_t G = K / gs, bstride = 16 * K / 2, blocks = N / 16;
     const int64_t units = (blocks + 1) / 2; /* pairs of blocks; the last one may be single */
-    float *X = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1) * (size_t)G); /* group sums of each input row */
+    float *X = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1) * (size_t)G); /* group sums of each input row */
     if (!X) return -2;
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < G; g++) {
@@ -125,20 +126,23 @@ static int mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_z
             for (int64_t k = g * gs; k < (g + 1) * gs; k++) acc += qcal_bf16_to_float(x[m * K + k]);
             X[m * G + g] = acc;
         }
-    const qcal_next_call next = qcal_pf_step(w, units, 2 * bstride, sz, 2 * G * 32 * 2);
     const int4_ctx ctx = {x, w, sz, has_zero, y, N, K, G, gs, bstride, blocks, X};
-    qcal_run_units(M, units, nthreads, &next, &ctx, int4_unit);
+    qcal_run_units(M, units, nthreads, &ctx, int4_unit);
     free(X);
     return 0;
 }
 
-static int bad_args(int64_t M, int64_t N, int64_t K, int64_t gs) {
-    return N % 16 || K % 8 || gs <= 0 || gs % 8 || K % gs || K / gs > MAX_GROUPS || M < 0;
+/* The shapes both kernels take: blocks of 16 rows, octets of 8 columns, groups of a multiple of 8 dividing K. */
+static bool w4_fits(int64_t N, int64_t K, int64_t gs) {
+    return N > 0 && K > 0 && N % 16 == 0 && K % 8 == 0 && gs > 0 && gs % 8 == 0 && K % gs == 0 &&
+           K / gs <= MAX_GROUPS && K <= (1 << 26);
 }
 
+static int bad_args(int64_t M, int64_t N, int64_t K, int64_t gs) { return !w4_fits(N, K, gs) || M < 0; }
+
 /* y = x @ W^T. Returns 0, or -1 for unsupported arguments (nothing written). */
-int qcal_int4_mm_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_zero, uint16_t *y,
-                       int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
+static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_zero, uint16_t *y,
+                        int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
     if (bad_args(M, N, K, gs)) return -1;
     return mm(x, w, sz, has_zero, y, M, N, K, gs, nthreads);
 }
@@ -146,7 +150,7 @@ int qcal_int4_mm_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, 
 /* 8da4w through VNNI: the int8 activation codes multiply the 4-bit codes u directly (vpdpbusd, u unsigned,
    codes signed: 64 products per instruction, twice vdpbf16ps), so the -8 of the codes is removed with the
    integer group sums of the codes: y = xs * sum_g s_g * (sum_k q_k u_k - 8 X_g) -- the same exact integers
-   and the same fp32 operations as qcal_int4_mm_small_q8, at half the instructions per weight.
+   and the same fp32 operations as a bf16 product of the codes, at half the instructions per weight.
    Weight layout (qcal.kernels.native.pack_int4_vnni): blocks of 16 rows; per octet o of 8 columns, 64 bytes:
    row r's 4 bytes at 4 r, byte i = u[r, 8 o + i] | u[r, 8 o + 4 + i] << 4. Scales: as pack_scales. */
 AI void tile_vnni(const int8_t *xq, int64_t K, const uint8_t *w, int64_t bstride, const uint16_t *sz,
@@ -204,7 +208,7 @@ typedef struct {
 } vnni_ctx;
 
 static void vnni_unit(const void *c, int64_t m0, int mb, int64_t p) {
-    const vnni_ctx *a = c;
+    const vnni_ctx *a = (const vnni_ctx *)c;
     const int64_t blk = 2 * p, K = a->K, G = a->G;
     const int rb = blk + 1 < a->blocks ? 2 : 1;
 #define TV(RB, MM)                                                                                             \
@@ -216,13 +220,13 @@ static void vnni_unit(const void *c, int64_t m0, int mb, int64_t p) {
 
 /* 8da4w, VNNI: x (M, K) bf16 rows quantized as quantize_per_token; w from pack_int4_vnni, sz from pack_scales
    (symmetric: the offsets are ignored). Returns 0, -1 (arguments), -2 (memory). */
-int qcal_int4_mm_q8_vnni(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
-                         int64_t K, int64_t gs, int nthreads) {
+static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
+             int64_t K, int64_t gs, int nthreads) {
     if (bad_args(M, N, K, gs)) return -1;
     const int64_t G = K / gs, bstride = 16 * K / 2, blocks = N / 16, units = (blocks + 1) / 2;
-    int8_t *xq = malloc((size_t)(M * K) + 64);
-    float *xs = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
-    int32_t *X = malloc((size_t)(M > 0 ? M : 1) * (size_t)G * sizeof(int32_t));
+    int8_t *xq = (int8_t *)malloc((size_t)(M * K) + 64);
+    float *xs = (float *)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
+    int32_t *X = (int32_t *)malloc((size_t)(M > 0 ? M : 1) * (size_t)G * sizeof(int32_t));
     if (!xq || !xs || !X) {
         free(xq);
         free(xs);
@@ -237,11 +241,65 @@ int qcal_int4_mm_q8_vnni(const uint16_t *x, const uint8_t *w, const uint16_t *sz
             X[m * G + g] = acc;
         }
     }
-    const qcal_next_call next = qcal_pf_step(w, units, 2 * bstride, sz, 2 * G * 32 * 2);
     const vnni_ctx ctx = {xq, w, sz, X, xs, y, N, K, G, gs, bstride, blocks};
-    qcal_run_units(M, units, nthreads, &next, &ctx, vnni_unit);
+    qcal_run_units(M, units, nthreads, &ctx, vnni_unit);
     free(xq);
     free(xs);
     free(X);
     return 0;
+}
+
+/* ------------------------------------------------------------------ operators */
+
+/* x (M, K) bf16; w (N, K/2) uint8 in `layout`; sz (N/16, K/gs, 2, 16) bf16 (pack_scales). */
+static at::Tensor w4_checked(const char *op, const at::Tensor &x, const at::Tensor &w, const at::Tensor &sz,
+                             int64_t group_size) {
+    TORCH_CHECK_VALUE(w.dim() == 2, op, ": w must be (N, K/2), got ", w.sizes());
+    const int64_t N = w.size(0), K = 2 * w.size(1);
+    TORCH_CHECK_VALUE(w4_fits(N, K, group_size), op, ": unsupported shape N=", N, " K=", K, " group_size=",
+                      group_size, " (N % 16, K % 8, group_size % 8 == 0, dividing K, at most ", MAX_GROUPS,
+                      " groups)");
+    qcal::check_tensor(op, "w", w, at::kByte, {N, K / 2});
+    qcal::check_tensor(op, "sz", sz, at::kBFloat16, {N / 16, K / group_size, 2, 16});
+    return qcal::rows(op, x, K);
+}
+
+static at::Tensor w4a16_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &sz, bool has_zero,
+                                 int64_t group_size) {
+    const char *op = "qcal::w4a16_mm_small";
+    at::Tensor xc = w4_checked(op, x, w, sz, group_size), y = qcal::matmul_out(xc, w);
+    qcal::check_rc(op, w4a16_small(qcal::in<uint16_t>(xc), qcal::in<uint8_t>(w), qcal::in<uint16_t>(sz),
+                                   has_zero ? 1 : 0, qcal::out<uint16_t>(y), xc.size(0), w.size(0), xc.size(1),
+                                   group_size, qcal::threads()));
+    return y;
+}
+
+static at::Tensor w4a8_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &sz, int64_t group_size) {
+    const char *op = "qcal::w4a8_mm";
+    at::Tensor xc = w4_checked(op, x, w, sz, group_size), y = qcal::matmul_out(xc, w);
+    qcal::check_rc(op, w4a8(qcal::in<uint16_t>(xc), qcal::in<uint8_t>(w), qcal::in<uint16_t>(sz),
+                            qcal::out<uint16_t>(y), xc.size(0), w.size(0), xc.size(1), group_size, qcal::threads()));
+    return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("w4_fits(int n, int k, int group_size) -> bool", [](int64_t n, int64_t k, int64_t gs) {
+        return w4_fits(n, k, gs);
+    });
+    m.def("w4a16_mm_small(Tensor x, Tensor w, Tensor sz, bool has_zero, int group_size) -> Tensor");
+    m.def("w4a8_mm(Tensor x, Tensor w, Tensor sz, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) {
+    m.impl("w4a16_mm_small", &w4a16_mm_small);
+    m.impl("w4a8_mm", &w4a8_mm);
+}
+
+TORCH_LIBRARY_IMPL(qcal, Meta, m) {
+    m.impl("w4a16_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &, bool, int64_t) {
+        return qcal::matmul_meta(x, w);
+    });
+    m.impl("w4a8_mm", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &, int64_t) {
+        return qcal::matmul_meta(x, w);
+    });
 }

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "ops.h"
 #include "vexp.h"
 
 #define PA_QB 4    /* query rows per work item */
@@ -141,12 +142,12 @@ static void attend_rows(const pa_ctx *c, int64_t g, int64_t i0, int mb) {
 /* q: token i, head h at q + i q_rs + h D; k, v: KV head g, position j at k + g kv_hs + j kv_rs; out like q with
    row stride o_rs. n query rows at positions start .. start + n - 1 over start + n keys. D % 16 == 0, D <= 256,
    hq % hkv == 0. Returns 0, -1 (arguments), -2 (memory). */
-int qcal_prefill_attention(const uint16_t *q, int64_t q_rs, const uint16_t *k, const uint16_t *v, int64_t kv_hs,
-                           int64_t kv_rs, uint16_t *out, int64_t o_rs, int64_t n, int64_t hq, int64_t hkv,
+static int attend_causal(const uint16_t *q, int64_t q_rs, const uint16_t *k, const uint16_t *v, int64_t kv_hs,
+                         int64_t kv_rs, uint16_t *out, int64_t o_rs, int64_t n, int64_t hq, int64_t hkv,
                            int64_t start, int64_t D, float scale, int nthreads) {
     if (n < 0 || start < 0 || hkv <= 0 || hq % hkv || D <= 0 || D % 16 || D > PA_MAX_D) return -1;
     const int64_t L = start + n, lpad = (L + PA_KB - 1) / PA_KB * PA_KB;
-    uint16_t *kp = malloc((size_t)(hkv * lpad * D) * 2 + 64), *vp = malloc((size_t)(hkv * lpad * D) * 2 + 64);
+    uint16_t *kp = (uint16_t *)malloc((size_t)(hkv * lpad * D) * 2 + 64), *vp = (uint16_t *)malloc((size_t)(hkv * lpad * D) * 2 + 64);
     if (!kp || !vp) {
         free(kp);
         free(vp);
@@ -168,3 +169,36 @@ int qcal_prefill_attention(const uint16_t *q, int64_t q_rs, const uint16_t *k, c
     free(vp);
     return 0;
 }
+
+// ------------------------------------------------------------------ operator
+
+// q (n, hq, D) contiguous, query i at position start + i; k / v (hkv, >= start + n, D) with equal strides and a
+// contiguous last dimension; returns (n, hq, D).
+static at::Tensor prefill_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, int64_t start,
+                                    double scale) {
+    const char *op = "qcal::prefill_attention";
+    TORCH_CHECK_TYPE(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                         v.scalar_type() == at::kBFloat16 && q.device().is_cpu() && k.device().is_cpu() &&
+                         v.device().is_cpu(),
+                     op, ": q, k and v must be bf16 CPU tensors");
+    TORCH_CHECK_VALUE(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && k.strides() == v.strides(), op,
+                      ": q must be (n, heads, head_dim) and k, v equal (kv_heads, length, head_dim), got ", q.sizes(),
+                      ", ", k.sizes(), ", ", v.sizes());
+    const int64_t n = q.size(0), hq = q.size(1), D = q.size(2), hkv = k.size(0);
+    TORCH_CHECK_VALUE(start >= 0 && k.size(1) >= start + n && k.size(2) == D && k.stride(2) == 1 && hkv > 0 &&
+                          hq % hkv == 0 && D % 16 == 0 && D > 0 && D <= PA_MAX_D,
+                      op, ": unsupported q ", q.sizes(), ", k ", k.sizes(), " (strides ", k.strides(), "), start ",
+                      start);
+    at::Tensor qc = q.contiguous();
+    at::Tensor o = at::empty_like(qc);
+    qcal::check_rc(op, attend_causal(qcal::in<uint16_t>(qc), hq * D, qcal::in<uint16_t>(k), qcal::in<uint16_t>(v),
+                                     k.stride(0), k.stride(1), qcal::out<uint16_t>(o), hq * D, n, hq, hkv, start, D,
+                                     static_cast<float>(scale), qcal::threads()));
+    return o;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("prefill_attention(Tensor q, Tensor k, Tensor v, int start, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("prefill_attention", &prefill_attention); }

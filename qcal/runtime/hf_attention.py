@@ -3,15 +3,16 @@
 A decode step attends one query to the whole KV cache. On the CPU, PyTorch's SDPA takes ~300 us per
 layer for that in bf16 (its flash kernel is built for long queries) and Hugging Face's ``eager``
 attention copies the cache for grouped-query heads and runs two batched matmuls (~270 us per layer
-with SmolLM2-135M at 529 positions, 2 threads); :func:`qcal.kernels.native.decode_attention` does it in
+with SmolLM2-135M at 529 positions, 2 threads); :func:`qcal.kernels.ops.decode_attention` does it in
 ~20 us. Everything else -- prefill, batches, fp32, GPUs, dropout, sliding windows -- goes to
 transformers' own SDPA path, so numbers match the ``sdpa`` implementation up to bf16 rounding.
 
-    from qcal.kernels.attention import set_attention
+    from qcal.runtime import set_attention
     set_attention(model, "qcal")          # model.config._attn_implementation = "qcal"
 
 It changes attention only, for float and quantized models alike: compare speeds with every model
-using it (the eval harness's ``--attention`` applies to the bf16 baseline too).
+using it (the eval harness's ``--attention`` applies to the bf16 baseline too). :func:`resolve` holds the rule
+for ``"auto"``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import native
+from . import ops
 
 __all__ = ["NAME", "register", "available", "attention_forward", "set_attention", "resolve"]
 
@@ -28,9 +29,9 @@ _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "position_bias", "s_aux", "s
 _registered = False
 
 
-def available() -> bool:
-    """Whether the decode kernel is usable here (AVX512-BF16 CPU and a built native library)."""
-    return native.available()
+def available(device: torch.device | str = "cpu") -> bool:
+    """Whether the decode kernel runs on ``device`` (a CPU with AVX512-BF16 and the built native kernels)."""
+    return torch.device(device).type == "cpu" and ops.available()
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -41,10 +42,10 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
     fast = (query.shape[2] == 1 and (dropout == 0.0 or not module.training)
             and all(kwargs.get(k) is None for k in _UNSUPPORTED_KWARGS)
-            and native.attention_supported(query, key, value, attention_mask))
+            and ops.attention_supported(query, key, value, attention_mask))
     if fast:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return native.decode_attention(query, key, value, attention_mask, scale), None
+        return ops.decode_attention(query, key, value, attention_mask, scale), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 
@@ -62,21 +63,30 @@ def register() -> str:
     return NAME
 
 
-def resolve(name: str, fallback: str | None = "sdpa", device: torch.device | str = "cpu") -> str | None:
-    """``"auto"`` -> ``"qcal"`` where its kernel runs (a CPU with the native kernels), else ``fallback``;
-    other names unchanged. ``"qcal"`` is registered with transformers whenever it is the answer."""
+def resolve(name: str | None, device: torch.device | str = "cpu", *, compiled: bool = False) -> str | None:
+    """The Hugging Face attention implementation ``name`` stands for on ``device``; None is the model's own.
+
+    ``"auto"`` is ``"qcal"`` where its decode kernel runs (:func:`available`), else the model's own (None) -- or,
+    for a ``compiled`` model, ``"eager"`` (matmul, softmax, matmul: what inductor fuses best; SDPA's CPU flash
+    kernel costs ~250 us a layer at one query). ``"model"`` and None are the model's own; other names are returned
+    as they are. ``"qcal"`` is registered with transformers whenever it is the answer.
+    """
     if name == "auto":
-        name = NAME if torch.device(device).type == "cpu" and available() else fallback
+        name = NAME if available(device) else ("eager" if compiled else None)
+    elif name == "model":
+        name = None
     if name == NAME:
         register()
     return name
 
 
-def set_attention(model: nn.Module, name: str = NAME) -> nn.Module:
-    """Switch a Hugging Face model (and its sub-configs) to attention ``name`` (``"qcal"``, ``"sdpa"``,
-    ``"eager"``, ``"auto"``...); returns the model."""
+def set_attention(model: nn.Module, name: str | None = NAME) -> nn.Module:
+    """Switch a Hugging Face model (and its sub-configs) to attention ``name`` as :func:`resolve` reads it
+    (``"qcal"``, ``"sdpa"``, ``"eager"``, ``"auto"``...; the model's own is left as it is); returns the model."""
     param = next(model.parameters(), None)
-    name = resolve(name, device=param.device if param is not None else "cpu")
+    name = resolve(name, param.device if param is not None else "cpu")
+    if name is None:
+        return model
     for module in model.modules():
         cfg = getattr(module, "config", None)
         if cfg is not None and hasattr(cfg, "_attn_implementation"):

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 
 #include "bf16.h"
+#include "ops.h"
 #include "vexp.h"
 
 #define QCAL_ATTN_MAX_G 16
@@ -86,9 +87,9 @@ static inline __attribute__((always_inline)) void attend_slice(
 // q (hq, D) bf16 contiguous; head h of k / v starts at k + h * k_hs, position j at + j * k_rs (elements);
 // mask: L bytes (0 = masked) or NULL; out (hq, D) bf16. Returns 0, or -1 on an unsupported shape, -2 on
 // allocation failure.
-int qcal_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
-                          uint16_t *out, int64_t hq, int64_t hkv, int64_t L, int64_t D, int64_t k_hs, int64_t k_rs,
-                          int64_t v_hs, int64_t v_rs, float scale, int nthreads) {
+static int attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
+                  int64_t hq, int64_t hkv, int64_t L, int64_t D, int64_t k_hs, int64_t k_rs, int64_t v_hs,
+                  int64_t v_rs, float scale, int nthreads) {
     if (hkv <= 0 || hq % hkv || hq / hkv > QCAL_ATTN_MAX_G || D % 16 || D <= 0 || D > QCAL_ATTN_MAX_D || L < 0)
         return -1;
     const int64_t G = hq / hkv;
@@ -141,4 +142,54 @@ int qcal_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
     }
     free(ml);
     return 0;
+}
+
+// ------------------------------------------------------------------ operator
+
+// q (1, hq, 1, D), k / v (1, hkv, L, D) (any head and position strides, last dimension contiguous), mask None or
+// L bools (True = attend); returns (1, 1, hq, D), Hugging Face's attention-output layout.
+static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                                   const std::optional<at::Tensor> &mask, double scale) {
+    const char *op = "qcal::decode_attention";
+    TORCH_CHECK_TYPE(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                         v.scalar_type() == at::kBFloat16 && q.device().is_cpu() && k.device().is_cpu() &&
+                         v.device().is_cpu(),
+                     op, ": q, k and v must be bf16 CPU tensors");
+    TORCH_CHECK_VALUE(q.dim() == 4 && q.size(0) == 1 && q.size(2) == 1, op,
+                      ": q must be (1, heads, 1, head_dim), got ", q.sizes());
+    TORCH_CHECK_VALUE(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == 1 && k.size(3) == q.size(3) &&
+                          k.stride(3) == 1 && v.stride(3) == 1,
+                      op, ": k and v must be (1, kv_heads, length, head_dim) with a contiguous last dimension, got ",
+                      k.sizes(), " and ", v.sizes());
+    const int64_t hq = q.size(1), hkv = k.size(1), L = k.size(2), D = q.size(3);
+    TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0 && hq / hkv <= QCAL_ATTN_MAX_G && D > 0 && D % 16 == 0 &&
+                          D <= QCAL_ATTN_MAX_D,
+                      op, ": unsupported heads ", hq, " over ", hkv, " KV heads, head_dim ", D, " (groups of up to ",
+                      QCAL_ATTN_MAX_G, ", head_dim a multiple of 16 up to ", QCAL_ATTN_MAX_D, ")");
+    at::Tensor m;
+    if (mask.has_value()) {
+        TORCH_CHECK_VALUE(mask->scalar_type() == at::kBool && mask->numel() == L && mask->device().is_cpu(), op,
+                          ": mask must be a bool CPU tensor with one entry per position (", L, "), got ",
+                          mask->scalar_type(), " ", mask->sizes());
+        m = mask->reshape({L}).contiguous();
+    }
+    at::Tensor qc = q.contiguous();
+    at::Tensor o = at::empty({1, 1, hq, D}, q.options());
+    qcal::check_rc(op, attend(qcal::in<uint16_t>(qc), qcal::in<uint16_t>(k), qcal::in<uint16_t>(v),
+                              qcal::in_opt<uint8_t>(m), qcal::out<uint16_t>(o), hq, hkv, L, D, k.stride(1),
+                              k.stride(2), v.stride(1), v.stride(2), static_cast<float>(scale), qcal::threads()));
+    return o;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("decode_attention", &decode_attention); }
+
+TORCH_LIBRARY_IMPL(qcal, Meta, m) {
+    m.impl("decode_attention", [](const at::Tensor &q, const at::Tensor &, const at::Tensor &,
+                                  const std::optional<at::Tensor> &, double) {
+        return at::empty_symint({1, 1, q.sym_size(1), q.sym_size(3)}, q.options());
+    });
 }

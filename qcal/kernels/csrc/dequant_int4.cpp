@@ -6,8 +6,10 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-int qcal_dequant_int4(const uint8_t *u, const float *s, const float *zp, uint16_t *w, int64_t N, int64_t K,
-                      int64_t gs, int nthreads) {
+#include "ops.h"
+
+static int dequant(const uint8_t *u, const float *s, const float *zp, uint16_t *w, int64_t N, int64_t K,
+                   int64_t gs, int nthreads) {
     if (K % 32 || gs % 32 || gs <= 0 || K % gs || N < 0) return -1;
     const int64_t G = K / gs;
 #pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static)
@@ -31,3 +33,30 @@ int qcal_dequant_int4(const uint8_t *u, const float *s, const float *zp, uint16_
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------ operator */
+
+/* qweight (N, K/2) uint8 canonical codes; scale, zero_point (N, G) fp32 with K / G a multiple of 32. */
+static at::Tensor dequant_w4(const at::Tensor &qweight, const at::Tensor &scale,
+                             const std::optional<at::Tensor> &zero_point) {
+    const char *op = "qcal::dequant_w4";
+    TORCH_CHECK_VALUE(qweight.dim() == 2 && scale.dim() == 2 && scale.size(1) > 0, op,
+                      ": qweight must be (N, K/2) and scale (N, groups), got ", qweight.sizes(), ", ", scale.sizes());
+    const int64_t N = qweight.size(0), K = 2 * qweight.size(1), G = scale.size(1);
+    TORCH_CHECK_VALUE(K % G == 0 && (K / G) % 32 == 0, op, ": groups of K=", K, " / ", G,
+                      " columns must be a multiple of 32");
+    qcal::check_tensor(op, "qweight", qweight, at::kByte, {N, K / 2});
+    qcal::check_tensor(op, "scale", scale, at::kFloat, {N, G});
+    at::Tensor zp = zero_point.has_value() ? *zero_point : at::Tensor();
+    if (zp.defined()) qcal::check_tensor(op, "zero_point", zp, at::kFloat, {N, G});
+    at::Tensor w = at::empty({N, K}, qweight.options().dtype(at::kBFloat16));
+    qcal::check_rc(op, dequant(qcal::in<uint8_t>(qweight), qcal::in<float>(scale), qcal::in_opt<float>(zp),
+                               qcal::out<uint16_t>(w), N, K, K / G, qcal::threads()));
+    return w;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("dequant_w4(Tensor qweight, Tensor scale, Tensor? zero_point) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("dequant_w4", &dequant_w4); }

@@ -18,10 +18,11 @@
 #include <string.h>
 
 #include "bf16.h"
-#include "prefetch.h"
+#include "parallel.h"
 #include "rowquant.h"
 #include "tiles.h"
 #include "a8w8.h"
+#include "ops.h"
 
 #define AI static inline __attribute__((always_inline))
 
@@ -50,7 +51,7 @@ AI void tile8(const uint8_t *xq, int64_t K, const int8_t *w, const int32_t *wsum
 
 
 static void a8w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
-    const qcal_a8w8_args *a = c;
+    const qcal_a8w8_args *a = (const qcal_a8w8_args *)c;
     const int64_t n0 = 4 * p, N = a->N, K = a->K;
     const int rb = N - n0 < 4 ? (int)(N - n0) : 4;
 #define T8(RB, MM) \
@@ -61,16 +62,15 @@ static void a8w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
 
 /* x (M, K) bf16; w (N, K) int8 row-major; wsum (N) int32; ws (N) fp32; y (M, N) bf16. Returns 0, -1 for
    unsupported arguments (nothing written), -2 on allocation failure. */
-int qcal_int8_mm_small_q8(const uint16_t *x, const int8_t *w, const int32_t *wsum, const float *ws, uint16_t *y,
-                          int64_t M, int64_t N, int64_t K, int nthreads) {
+static int w8a8_small(const uint16_t *x, const int8_t *w, const int32_t *wsum, const float *ws, uint16_t *y,
+                      int64_t M, int64_t N, int64_t K, int nthreads) {
     if (K <= 0 || N < 0 || M < 0) return -1;
     const int64_t units = (N + 3) / 4; /* groups of 4 output rows */
     uint8_t *xq;
     float *xs;
     if (qcal_a8w8_quantize(x, M, K, nthreads, &xq, &xs)) return -2;
-    const qcal_next_call next = qcal_pf_step((const uint8_t *)w, units, 4 * K, NULL, 0);
     const qcal_a8w8_args ctx = {xq, w, wsum, ws, xs, y, N, K};
-    qcal_run_units(M, units, nthreads, &next, &ctx, a8w8_unit);
+    qcal_run_units(M, units, nthreads, &ctx, a8w8_unit);
     free(xq);
     free(xs);
     return 0;
@@ -115,7 +115,7 @@ typedef struct {
 } a16w8_ctx;
 
 static void a16w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
-    const a16w8_ctx *a = c;
+    const a16w8_ctx *a = (const a16w8_ctx *)c;
     const int64_t n0 = 4 * p, N = a->N, K = a->K;
     const int rb = N - n0 < 4 ? (int)(N - n0) : 4;
 #define T16(RB, MM) tile16(a->x + m0 * K, K, a->w + n0 * K, a->ws + n0, a->y + m0 * N + n0, N, RB, MM)
@@ -124,12 +124,59 @@ static void a16w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
 }
 
 /* x (M, K) bf16; w (N, K) int8 row-major; ws (N) fp32; y (M, N) bf16. Returns 0, or -1 for bad arguments. */
-int qcal_int8wo_mm_small(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *y, int64_t M, int64_t N,
-                         int64_t K, int nthreads) {
+static int w8a16_small(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *y, int64_t M, int64_t N,
+                       int64_t K, int nthreads) {
     if (K <= 0 || N < 0 || M < 0) return -1;
     const int64_t units = (N + 3) / 4;
-    const qcal_next_call next = qcal_pf_step((const uint8_t *)w, units, 4 * K, NULL, 0);
     const a16w8_ctx ctx = {x, w, ws, y, N, K};
-    qcal_run_units(M, units, nthreads, &next, &ctx, a16w8_unit);
+    qcal_run_units(M, units, nthreads, &ctx, a16w8_unit);
     return 0;
+}
+
+/* ------------------------------------------------------------------ operators */
+
+/* x (M, K) bf16; w (N, K) int8, contiguous; ws (N) fp32 [; wsum (N) int32]. */
+static at::Tensor w8_checked(const char *op, const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws) {
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) > 0, op, ": w must be (N, K), got ", w.sizes());
+    qcal::check_tensor(op, "w", w, at::kChar, w.sizes());
+    qcal::check_tensor(op, "ws", ws, at::kFloat, {w.size(0)});
+    return qcal::rows(op, x, w.size(1));
+}
+
+static at::Tensor w8a8_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &wsum,
+                                const at::Tensor &ws) {
+    const char *op = "qcal::w8a8_mm_small";
+    at::Tensor xc = w8_checked(op, x, w, ws), y = qcal::matmul_out(xc, w);
+    qcal::check_tensor(op, "wsum", wsum, at::kInt, {w.size(0)});
+    qcal::check_rc(op, w8a8_small(qcal::in<uint16_t>(xc), qcal::in<int8_t>(w), qcal::in<int32_t>(wsum),
+                                  qcal::in<float>(ws), qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1),
+                                  qcal::threads()));
+    return y;
+}
+
+static at::Tensor w8a16_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws) {
+    const char *op = "qcal::w8a16_mm_small";
+    at::Tensor xc = w8_checked(op, x, w, ws), y = qcal::matmul_out(xc, w);
+    qcal::check_rc(op, w8a16_small(qcal::in<uint16_t>(xc), qcal::in<int8_t>(w), qcal::in<float>(ws),
+                                   qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1), qcal::threads()));
+    return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("w8a8_mm_small(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor");
+    m.def("w8a16_mm_small(Tensor x, Tensor w, Tensor ws) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) {
+    m.impl("w8a8_mm_small", &w8a8_mm_small);
+    m.impl("w8a16_mm_small", &w8a16_mm_small);
+}
+
+TORCH_LIBRARY_IMPL(qcal, Meta, m) {
+    m.impl("w8a8_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &, const at::Tensor &) {
+        return qcal::matmul_meta(x, w);
+    });
+    m.impl("w8a16_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &) {
+        return qcal::matmul_meta(x, w);
+    });
 }

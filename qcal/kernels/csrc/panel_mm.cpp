@@ -8,10 +8,10 @@
    weight per call (a few percent at M = 512), no second copy is kept, and every output lane is one
    output row (no horizontal sums).
 
-   qcal_a8w8_mm_panel: dynamic A8W8, the numbers of qcal_int8_mm_small_q8 (exact int32 sums of the
+   w8a8_panel: dynamic A8W8, the numbers of the small-M A8W8 kernel (exact int32 sums of the
      per-row int8 codes and the weight, (float)sum * xs[m] * ws[n], one rounding to bf16).
-   qcal_w8_mm_panel:   int8 weight-only, y = ws[n] * sum_k x[m, k] w[n, k] in fp32 (bf16 products exact).
-   qcal_w4_mm_panel:   int4 weight-only, w = bf16((u - 8 - zp[n, g]) * s[n, g]) (the one-pass dequantizer's
+   w8a16_panel: int8 weight-only, y = ws[n] * sum_k x[m, k] w[n, k] in fp32 (bf16 products exact).
+   w4a16_panel: int4 weight-only, w = bf16((u - 8 - zp[n, g]) * s[n, g]) (the one-pass dequantizer's
      values), y = sum_k x[m, k] w[n, k] in fp32: dequantize + bf16 GEMM without the dequantized weight. */
 #include <immintrin.h>
 #include <omp.h>
@@ -23,11 +23,19 @@
 #include "rowquant.h"
 #include "tiles.h"
 #include "a8w8.h"
+#include "ops.h"
 
 #define AI static inline __attribute__((always_inline))
 #define PANEL_BLOCKS 4 /* 16-row blocks per panel */
 
 /* ------------------------------------------------------------------ shared driver */
+
+/* The shapes the panel kernels take: N % 16 == 0, K % 4 == 0 (int4: group_size > 0, a multiple of 8 dividing K;
+   group_size 0: an int8 weight). */
+static bool panel_fits(int64_t N, int64_t K, int64_t gs) {
+    return N > 0 && N % 16 == 0 && K > 0 && K % 4 == 0 && K <= (1 << 26) &&
+           (gs == 0 || (gs > 0 && gs % 8 == 0 && K % gs == 0));
+}
 
 typedef void (*pack_fn)(const void *ctx, int64_t blk, uint8_t *dst);            /* one 16-row block */
 typedef void (*tile_fn)(const void *ctx, const uint8_t *panel, int64_t blk0, int rb, int64_t m0, int mb);
@@ -42,7 +50,7 @@ static int run_panels(int64_t M, int64_t blocks, int64_t block_bytes, int nthrea
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
         const int64_t lo = blocks * t / T, hi = blocks * (t + 1) / T;
-        uint8_t *panel = aligned_alloc(64, (size_t)(PANEL_BLOCKS * block_bytes + 64) & ~(size_t)63);
+        uint8_t *panel = (uint8_t *)aligned_alloc(64, (size_t)(PANEL_BLOCKS * block_bytes + 64) & ~(size_t)63);
         if (!panel) {
 #pragma omp atomic write
             failed = 1;
@@ -68,7 +76,7 @@ AI __m512i row_offsets(int64_t row_bytes) {
 
 /* Block layout: per column quad j, 64 bytes = the 16 rows' w[r, 4j .. 4j + 3]. */
 static void a8_pack(const void *c, int64_t blk, uint8_t *dst) {
-    const qcal_a8w8_args *a = c;
+    const qcal_a8w8_args *a = (const qcal_a8w8_args *)c;
     const int64_t K = a->K;
     const int8_t *base = a->w + blk * 16 * K;
     const __m512i idx = row_offsets(K);
@@ -111,9 +119,9 @@ static void a8_tile(const void *c, const uint8_t *panel, int64_t blk0, int rb, i
 
 /* x (M, K) bf16; w (N, K) int8; wsum (N) int32 row sums; ws (N) fp32; y (M, N) bf16. N % 16 == 0, K % 4 == 0.
    Returns 0, -1 (arguments), -2 (memory). */
-int qcal_a8w8_mm_panel(const uint16_t *x, const int8_t *w, const int32_t *wsum, const float *ws, uint16_t *y,
-                       int64_t M, int64_t N, int64_t K, int nthreads) {
-    if (M < 0 || N < 0 || N % 16 || K <= 0 || K % 4 || K > (1 << 26)) return -1;
+static int w8a8_panel(const uint16_t *x, const int8_t *w, const int32_t *wsum, const float *ws, uint16_t *y,
+                      int64_t M, int64_t N, int64_t K, int nthreads) {
+    if (M < 0 || !panel_fits(N, K, 0)) return -1;
     uint8_t *xq;
     float *xs;
     if (qcal_a8w8_quantize(x, M, K, nthreads, &xq, &xs)) return -2;
@@ -136,7 +144,7 @@ typedef struct {
 
 /* Block layout: per column pair j, 64 bytes = the 16 rows' (w[r, 2j], w[r, 2j + 1]) as bf16. */
 static void w8_pack(const void *c, int64_t blk, uint8_t *dst) {
-    const bw_ctx *a = c;
+    const bw_ctx *a = (const bw_ctx *)c;
     const int64_t K = a->K;
     const int8_t *base = (const int8_t *)a->w + blk * 16 * K;
     const __m512i idx = row_offsets(K);
@@ -162,7 +170,7 @@ AI __m512i round_pair(__m512 lo, __m512 hi) { /* two fp32 vectors -> bf16 pairs 
 }
 
 static void w4_pack(const void *c, int64_t blk, uint8_t *dst) {
-    const bw_ctx *a = c;
+    const bw_ctx *a = (const bw_ctx *)c;
     const int64_t K = a->K, G = K / a->gs, r0 = blk * 16;
     const uint8_t *base = (const uint8_t *)a->w + r0 * (K / 2);
     const __m512i idx = row_offsets(K / 2), gidx = row_offsets(G * 4), nib = _mm512_set1_epi32(15);
@@ -221,18 +229,83 @@ static void w4_tile(const void *c, const uint8_t *panel, int64_t blk0, int rb, i
 }
 
 /* x (M, K) bf16; w (N, K) int8; ws (N) fp32; y (M, N) bf16. N % 16 == 0, K % 4 == 0. */
-int qcal_w8_mm_panel(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *y, int64_t M, int64_t N,
+static int w8a16_panel(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *y, int64_t M, int64_t N,
                      int64_t K, int nthreads) {
-    if (M < 0 || N < 0 || N % 16 || K <= 0 || K % 4 || K > (1 << 26)) return -1;
+    if (M < 0 || !panel_fits(N, K, 0)) return -1;
     const bw_ctx ctx = {x, w, ws, NULL, y, N, K, K};
     return run_panels(M, N / 16, 32 * K, nthreads, &ctx, w8_pack, w8_tile);
 }
 
 /* x (M, K) bf16; u (N, K / 2) int4 codes; s, zp (N, K / gs) fp32 (zp may be NULL); y (M, N) bf16.
    N % 16 == 0, gs % 8 == 0, K % gs == 0. */
-int qcal_w4_mm_panel(const uint16_t *x, const uint8_t *u, const float *s, const float *zp, uint16_t *y, int64_t M,
+static int w4a16_panel(const uint16_t *x, const uint8_t *u, const float *s, const float *zp, uint16_t *y, int64_t M,
                      int64_t N, int64_t K, int64_t gs, int nthreads) {
-    if (M < 0 || N < 0 || N % 16 || gs <= 0 || gs % 8 || K % gs || K > (1 << 26)) return -1;
+    if (M < 0 || !panel_fits(N, K, gs) || gs == 0) return -1;
     const bw_ctx ctx = {x, u, s, zp, y, N, K, gs};
     return run_panels(M, N / 16, 32 * K, nthreads, &ctx, w4_pack, w4_tile);
+}
+
+/* ------------------------------------------------------------------ operators */
+
+/* x (M, K) bf16 and a weight of N rows that panel_fits; returns x contiguous. */
+static at::Tensor panel_checked(const char *op, const at::Tensor &x, const at::Tensor &w, at::ScalarType dtype,
+                                int64_t K, int64_t gs) {
+    TORCH_CHECK_VALUE(panel_fits(w.size(0), K, gs), op, ": unsupported shape N=", w.size(0), " K=", K,
+                      " group_size=", gs, " (N % 16 == 0, K % 4 == 0; int4: groups of a multiple of 8 dividing K)");
+    qcal::check_tensor(op, "w", w, dtype, w.sizes());
+    return qcal::rows(op, x, K);
+}
+
+static at::Tensor w8a8_mm_panel(const at::Tensor &x, const at::Tensor &w, const at::Tensor &wsum,
+                                const at::Tensor &ws) {
+    const char *op = "qcal::w8a8_mm_panel";
+    TORCH_CHECK_VALUE(w.dim() == 2, op, ": w must be (N, K), got ", w.sizes());
+    at::Tensor xc = panel_checked(op, x, w, at::kChar, w.size(1), 0), y = qcal::matmul_out(xc, w);
+    qcal::check_tensor(op, "wsum", wsum, at::kInt, {w.size(0)});
+    qcal::check_tensor(op, "ws", ws, at::kFloat, {w.size(0)});
+    qcal::check_rc(op, w8a8_panel(qcal::in<uint16_t>(xc), qcal::in<int8_t>(w), qcal::in<int32_t>(wsum),
+                                  qcal::in<float>(ws), qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1),
+                                  qcal::threads()));
+    return y;
+}
+
+static at::Tensor w8a16_mm_panel(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws) {
+    const char *op = "qcal::w8a16_mm_panel";
+    TORCH_CHECK_VALUE(w.dim() == 2, op, ": w must be (N, K), got ", w.sizes());
+    at::Tensor xc = panel_checked(op, x, w, at::kChar, w.size(1), 0), y = qcal::matmul_out(xc, w);
+    qcal::check_tensor(op, "ws", ws, at::kFloat, {w.size(0)});
+    qcal::check_rc(op, w8a16_panel(qcal::in<uint16_t>(xc), qcal::in<int8_t>(w), qcal::in<float>(ws),
+                                   qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1), qcal::threads()));
+    return y;
+}
+
+static at::Tensor w4a16_mm_panel(const at::Tensor &x, const at::Tensor &qweight, const at::Tensor &scale,
+                                 const std::optional<at::Tensor> &zero_point, int64_t group_size) {
+    const char *op = "qcal::w4a16_mm_panel";
+    TORCH_CHECK_VALUE(qweight.dim() == 2 && group_size > 0, op, ": qweight must be (N, K/2) and group_size > 0, got ",
+                      qweight.sizes(), ", ", group_size);
+    const int64_t N = qweight.size(0), K = 2 * qweight.size(1);
+    at::Tensor xc = panel_checked(op, x, qweight, at::kByte, K, group_size), y = qcal::matmul_out(xc, qweight);
+    qcal::check_tensor(op, "scale", scale, at::kFloat, {N, K / group_size});
+    at::Tensor zp = zero_point.has_value() ? *zero_point : at::Tensor();
+    if (zp.defined()) qcal::check_tensor(op, "zero_point", zp, at::kFloat, {N, K / group_size});
+    qcal::check_rc(op, w4a16_panel(qcal::in<uint16_t>(xc), qcal::in<uint8_t>(qweight), qcal::in<float>(scale),
+                                   qcal::in_opt<float>(zp), qcal::out<uint16_t>(y), xc.size(0), N, K, group_size,
+                                   qcal::threads()));
+    return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("panel_fits(int n, int k, int group_size) -> bool", [](int64_t n, int64_t k, int64_t gs) {
+        return panel_fits(n, k, gs);
+    });
+    m.def("w8a8_mm_panel(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor");
+    m.def("w8a16_mm_panel(Tensor x, Tensor w, Tensor ws) -> Tensor");
+    m.def("w4a16_mm_panel(Tensor x, Tensor qweight, Tensor scale, Tensor? zero_point, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) {
+    m.impl("w8a8_mm_panel", &w8a8_mm_panel);
+    m.impl("w8a16_mm_panel", &w8a16_mm_panel);
+    m.impl("w4a16_mm_panel", &w4a16_mm_panel);
 }
