@@ -10,7 +10,7 @@ from torch import nn
 
 __all__ = ["export", "load_pretrained", "EXPORT_FORMATS"]
 
-EXPORT_FORMATS = ("compressed-tensors", "qcal", "hf")
+EXPORT_FORMATS = ("compressed-tensors", "qcal", "hf", "gguf")
 
 
 def export(model: nn.Module, path: str | os.PathLike, format: str = "compressed-tensors", *,  # noqa: A002
@@ -20,12 +20,18 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "compressed-
     * ``"compressed-tensors"``: the layout llm-compressor writes (vLLM, SGLang, transformers + compressed-tensors).
     * ``"hf"``: transformers' ``save_pretrained`` with ``quant_method: "qcal"`` (reload with qcal imported).
     * ``"qcal"``: :func:`qcal.save` (safetensors + manifest, for any PyTorch model).
+    * ``"gguf"``: one ``.gguf`` file for llama.cpp / ollama (Llama architecture; ``tokenizer=`` required; see
+      :func:`qcal.integrations.gguf.export_gguf` for the tensor types).
 
     Every module is checked before anything is written; an existing non-empty folder needs ``overwrite=True``.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"qcal.export: unknown format {format!r}; available: {', '.join(EXPORT_FORMATS)}")
     path = Path(path)
+    if format == "gguf":  # a file, checked there
+        from .integrations.gguf import export_gguf
+
+        return export_gguf(model, path, overwrite=overwrite, **kwargs)
     if format == "compressed-tensors":  # it checks the folder itself
         from .integrations.compressed_tensors import export_compressed_tensors
 
@@ -48,13 +54,17 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "compressed-
 
 def load_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
     """Load a causal LM folder written by qcal (``quant_method: "qcal"``) or by llm-compressor /
-    :func:`export` (``compressed-tensors``) as a frozen qcal model running qcal's kernels.
+    :func:`export` (``compressed-tensors``), or a ``.gguf`` file, as a frozen qcal model running qcal's kernels.
 
     ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ...).
     """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if path.suffix == ".gguf":
+        from .integrations.gguf import load_gguf
+
+        return load_gguf(path, **kwargs)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"qcal.load_pretrained: {path} has no config.json (not a model folder)")

@@ -17,8 +17,8 @@ from torch import nn
 
 from .algorithms import GPTQQuantizer, Int8DynActInt4WeightGPTQQuantizer, smoothquant_w8a8
 from .calibration import calibrate
-from .qtypes import qint8
-from .quantize import cast_model, freeze, quantize
+from .qtypes import qint4, qint8
+from .quantize import cast_model, freeze, quantize, quantized_modules
 from .rtn import RTN_SCHEMES, scheme_regex
 
 __all__ = ["SchemeContext", "register_scheme", "available_schemes", "apply_scheme", "describe_scheme",
@@ -164,6 +164,51 @@ def _w8a8_static(model, match, ctx):
     quantize(model, weights=qint8, activations=qint8, exclude=ctx.exclude)
     calibrate(model, ctx.calibration_inputs(match.string))
     return _finish(model, ctx.dtype)
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp) block formats
+
+_GGUF = {"q4_0": ("Q4_0", "int4 symmetric"), "q4_1": ("Q4_1", "int4 with integer zero-points"),
+         "q8_0": ("Q8_0", "int8 symmetric")}
+
+
+def _finish_gguf(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Freeze and cast, keeping the float32 scales (GGUF's float16 values: a bf16 cast would round them)."""
+    freeze(model)
+    kept = {n: (m.weight_scale, m.weight_zero_point) for n, m in quantized_modules(model)}
+    cast_model(model, dtype)
+    for n, m in quantized_modules(model):
+        m._buffers["weight_scale"], m._buffers["weight_zero_point"] = kept[n]
+        m.select_kernel()
+    return model
+
+
+def _gguf_rtn(kind: str):
+    def apply(model, match, ctx):
+        from .integrations.gguf import round_scale
+
+        quantize(model, weights=qint8 if kind == "Q8_0" else qint4, group_size=32, symmetric=kind != "Q4_1",
+                 zero_point="int" if kind == "Q4_1" else "float", exclude=ctx.exclude)
+        for _, m in quantized_modules(model):
+            s, zp = m.weight_qparams()
+            m.fix_weight_qparams(round_scale(s, kind), zp)
+        return _finish_gguf(model, ctx.dtype)
+    return apply
+
+
+def _gguf_gptq(kind: str):
+    def apply(model, match, ctx):
+        GPTQQuantizer(gguf_type=kind, act_order=True, static_groups=True, exclude=ctx.exclude).quantize(
+            model, ctx.calibration_inputs(match.string))
+        return _finish_gguf(model, ctx.dtype)
+    return apply
+
+
+for _name, (_kind, _what) in _GGUF.items():
+    register_scheme(f"gguf-{_name}", f"llama.cpp's {_kind}: {_what}, groups of 32, float16 scales, weight-only "
+                    "(exports to GGUF bit for bit)")(_gguf_rtn(_kind))
+    register_scheme(f"gptq-gguf-{_name}", f"GPTQ (act_order, static groups) to llama.cpp's {_kind}: {_what}, "
+                    "groups of 32, float16 scales (calibrated; exports to GGUF bit for bit)")(_gguf_gptq(_kind))
 
 
 # ---------------------------------------------------------------- the algorithms' schemes

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +78,7 @@ def _hessian_inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.T
 
 
 def _group_qparams(block: torch.Tensor, qt: qtype, symmetric: bool, dtype: torch.dtype, mse: bool,
-                   integer_zp: bool = False):
+                   integer_zp: bool = False, scale_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """(scale, zero_point) of each row of ``block`` as ``(out,)`` float32 vectors: from the row's
     min/max, or with ``mse`` from the shrunk range minimising ``Σ|w - q(w)|^2.4`` (as the
     reference GPTQ's ``mse`` grid search)."""
@@ -90,6 +90,8 @@ def _group_qparams(block: torch.Tensor, qt: qtype, symmetric: bool, dtype: torch
     else:
         mn, mx = block.amin(1), block.amax(1)
     scale, zp = choose_qparams_from_minmax(mn, mx, qt, symmetric, dtype, integer_zp)
+    if scale_fn is not None:  # a storage format's scales (e.g. GGUF's float16), rounded up: the range still fits
+        scale = scale_fn(scale)
     return scale.float(), None if zp is None else zp.float()
 
 
@@ -125,6 +127,7 @@ def gptq_quantize_weight(
     static_groups: bool = False,
     mse: bool = False,
     integer_zero_point: bool = False,
+    scale_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GPTQResult:
     """GPTQ on one ``(out, in)`` weight given ``hessian ∝ XᵀX`` of its inputs ``(in, in)``.
 
@@ -132,15 +135,16 @@ def gptq_quantize_weight(
     range instead of taking its min/max. Quantization follows
     :mod:`qcal.primitives` (float zero-point when asymmetric), so re-quantizing the returned
     ``weight`` with ``scale``/``zero_point`` gives back ``codes`` exactly. ``integer_zero_point`` rounds
-    the zero-points (asymmetric), and the error propagation sees the rounded ones.
+    the zero-points (asymmetric), and the error propagation sees the rounded ones; so does ``scale_fn``, a rounding
+    of the scales to a storage format's (e.g. :func:`qcal.integrations.gguf.round_scale`).
     """
     with _OneThread():
         return _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_order, static_groups, mse,
-                     integer_zero_point)
+                     integer_zero_point, scale_fn)
 
 
 def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_order, static_groups, mse,
-          izp=False):
+          izp=False, scale_fn=None):
     if not torch.isfinite(hessian).all():
         raise ValueError("GPTQ: the Hessian contains NaN or Inf; check the calibration inputs")
     dtype = weight.dtype
@@ -160,7 +164,7 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
     static = static_groups or act_order or group_size is None
     if static:
         for j in range(cols // g):
-            s, z = _group_qparams(w[:, j * g:(j + 1) * g], qt, symmetric, dtype, mse, izp)
+            s, z = _group_qparams(w[:, j * g:(j + 1) * g], qt, symmetric, dtype, mse, izp, scale_fn)
             scale[:, j] = s
             if zero is not None:
                 zero[:, j] = z
@@ -183,7 +187,8 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
             col = i1 + i
             j = group_of[col]
             if not static and col % g == 0:  # a new group: qparams from the updated weights
-                s, z = _group_qparams(torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g], qt, symmetric, dtype, mse, izp)
+                s, z = _group_qparams(torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g], qt, symmetric, dtype, mse, izp,
+                                      scale_fn)
                 scale[:, j] = s
                 if zero is not None:
                     zero[:, j] = z
@@ -228,7 +233,10 @@ class GPTQQuantizer:
     ``batch_size=None`` runs all calibration samples through a block at once (one forward per
     block, the fastest on CPU); an int bounds activation memory at the cost of one forward per
     stage. ``mse=True`` searches each group's clipping range (the reference GPTQ's ``mse`` grid)
-    instead of using its min/max. After :meth:`quantize`, :attr:`report` holds each layer's errors and
+    instead of using its min/max. ``gguf_type="Q4_0"`` / ``"Q4_1"`` / ``"Q8_0"`` targets llama.cpp's block formats
+    (groups of 32, scales rounded to GGUF's float16 as they are chosen, so the error propagation sees them;
+    export with ``qcal.export(model, "m.gguf", format="gguf")``). After :meth:`quantize`, :attr:`report` holds each
+    layer's errors and
     :attr:`quantize_time_s` the time taken.
     """
 
@@ -244,6 +252,7 @@ class GPTQQuantizer:
         symmetric: bool = False,
         *,
         zero_point: str = "float",
+        gguf_type: str | None = None,
         mse: bool = False,
         include: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] | None = "lm_head",
@@ -251,6 +260,15 @@ class GPTQQuantizer:
         blocks: str | None = None,
         progress: bool = True,
     ) -> None:
+        self.scale_fn = None
+        if gguf_type is not None:  # GGUF's block formats: groups of 32, float16 scales (see qcal.integrations.gguf)
+            from ..integrations.gguf import GGUF_TYPES, round_scale
+
+            if gguf_type not in GGUF_TYPES:
+                raise ValueError(f"GPTQ: gguf_type={gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+            bits, groupsize, symmetric = (8 if gguf_type == "Q8_0" else 4), 32, gguf_type != "Q4_1"
+            zero_point = "int" if gguf_type == "Q4_1" else zero_point
+            self.scale_fn = lambda s: round_scale(s, gguf_type)
         if bits not in _QTYPES:
             raise ValueError(f"GPTQ: bits={bits} is not supported; choose one of {sorted(_QTYPES)}")
         if blocksize <= 0 or percdamp < 0:
@@ -285,6 +303,7 @@ class GPTQQuantizer:
             module.weight_2d(), hessian, spec.qtype, spec.group_size, spec.symmetric,
             blocksize=self.blocksize, percdamp=self.percdamp, act_order=self.act_order,
             static_groups=self.static_groups, mse=self.mse, integer_zero_point=spec.integer_zero_point,
+            scale_fn=self.scale_fn,
         )
         module.weight.data.copy_(res.weight.reshape(module.weight.shape))
         module.fix_weight_qparams(res.scale, res.zero_point)

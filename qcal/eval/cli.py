@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write one JSON record per scheme with keys scheme, token_ppl, word_ppl, "
                    "prefill_tok_s, decode_tok_s, prefill_ratio, decode_ratio, model_bytes, peak_mem_bytes, "
                    "quantize_s, speed_runtime")
+    p.add_argument("--export-gguf", metavar="FILE.gguf", default=None,
+                   help="also write each quantized model as a GGUF file for llama.cpp (FILE-<scheme>.gguf when "
+                   "several schemes are given); the gguf-* and gptq-gguf-* schemes map onto GGUF exactly")
+    p.add_argument("--gguf-pre-tokenizer", default=None,
+                   help="llama.cpp's pre-tokenizer name written with --export-gguf (default: smollm for the built-in "
+                   "model, else 'default')")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="save a model-size vs perplexity scatter plot, one point per scheme")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -184,7 +190,8 @@ def run(args: argparse.Namespace) -> list[SchemeResult]:
         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
         quantize_lm_head=args.quantize_lm_head, compile=args.compile, seed=args.seed,
         attention=args.attention, runtime=args.runtime,
-        progress=not args.no_progress,
+        progress=not args.no_progress, export_gguf=args.export_gguf,
+        gguf_pre_tokenizer=args.gguf_pre_tokenizer or ("smollm" if args.model == DEFAULT_MODEL else "default"),
     )
     results = evaluate_schemes(model, tokenizer, args.quant, cfg, input_ids=input_ids, docs=docs, calib=calib)
     print("\n" + _summary(args, torch.get_num_threads(), results))

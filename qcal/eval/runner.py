@@ -41,6 +41,8 @@ class EvalConfig:
     runtime: str = "auto"
     seed: int = 0
     progress: bool = True
+    export_gguf: str | None = None  # write each quantized model as GGUF here (``-<scheme>`` added for several)
+    gguf_pre_tokenizer: str = "default"
 
 
 class UnknownSchemeError(ValueError):
@@ -72,6 +74,21 @@ def quantized_copy(
     return work, seconds[0]
 
 
+def export_gguf_file(model: torch.nn.Module, tokenizer: object, cfg: EvalConfig, scheme: str | None) -> str:
+    """Write ``model`` to ``cfg.export_gguf`` (with ``-<scheme>`` before the suffix when given); the path."""
+    import sys
+    from pathlib import Path
+
+    from qcal.export import export
+
+    path = Path(cfg.export_gguf)
+    if scheme is not None:
+        path = path.with_name(f"{path.stem}-{scheme}{path.suffix or '.gguf'}")
+    export(model, path, format="gguf", tokenizer=tokenizer, pre_tokenizer=cfg.gguf_pre_tokenizer, overwrite=True)
+    print(f"wrote {path}", file=sys.stderr)
+    return str(path)
+
+
 def evaluate_schemes(
     model: torch.nn.Module,
     tokenizer: object,
@@ -97,6 +114,8 @@ def evaluate_schemes(
         with PeakMemory(device) as peak:
             quantized, seconds = quantized_copy(model, scheme, cfg, calib)
             result = SchemeResult(scheme=scheme, model_bytes=model_bytes(quantized), quantize_s=seconds)
+            if cfg.export_gguf:
+                export_gguf_file(quantized, tokenizer, cfg, scheme if len(schemes) > 1 else None)
             runner = torch.compile(quantized) if cfg.compile else quantized
             gc.collect()
             peak.reset_peak()  # count the quantized model and its inference, not the quantization transient

@@ -1,0 +1,137 @@
+"""GGUF export and import: llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks hold qcal's weights bit for bit, read back by the
+``gguf`` package and by transformers' GGUF loader; bad inputs are refused before a file is written."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import make_tiny_llama, rel_err
+
+import qcal
+from qcal.schemes import apply_scheme
+
+gguf = pytest.importorskip("gguf")
+
+VOCAB = 260  # 256 byte-level symbols, one merge (257), three special tokens
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE tokenizer built here (no download): the GPT-2 layout llama.cpp's "gpt2" model reads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["Ġt"] = 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    assert len(fast) == VOCAB
+    return fast
+
+
+def _model(scheme: str, seed: int = 0):
+    return apply_scheme(make_tiny_llama(seed=seed, vocab=VOCAB), scheme)
+
+
+def _linears(model):
+    return {n: m for n, m in qcal.quantized_modules(model)}
+
+
+@pytest.mark.parametrize("scheme,kind", [("gguf-q4_0", "Q4_0"), ("gguf-q4_1", "Q4_1"), ("gguf-q8_0", "Q8_0")])
+def test_export_is_bit_exact_and_reads_back(scheme, kind, tokenizer, tmp_path):
+    model = _model(scheme)
+    path = tmp_path / "m.gguf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a scheme that targets GGUF needs no rounding on export
+        qcal.export(model, path, format="gguf", tokenizer=tokenizer, embedding_type="bf16")
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    layer = model.model.layers[1]
+    for name, mod in [("blk.1.ffn_down.weight", layer.mlp.down_proj), ("blk.1.attn_v.weight", layer.self_attn.v_proj),
+                      ("blk.1.attn_output.weight", layer.self_attn.o_proj)]:
+        t = tensors[name]
+        assert t.tensor_type.name == kind
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        assert torch.equal(got, mod.dequantized_weight(torch.float32)), name
+    field = reader.fields["llama.block_count"]
+    assert int(field.parts[field.data[0]][0]) == 2
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    assert bytes(tokens.parts[tokens.data[256]]).decode() == "Ġt" and "output.weight" not in tensors  # tied
+
+    back = qcal.load_pretrained(path)  # import: the file's codes and scales as frozen qcal modules
+    mine, theirs = _linears(model), _linears(back)
+    assert set(mine) == set(theirs)
+    for name, mod in mine.items():
+        assert torch.equal(theirs[name].dequantized_weight(torch.float32), mod.dequantized_weight(torch.float32)), name
+    assert kind == "Q8_0" or theirs["model.layers.0.mlp.up_proj"].kernel.name != "reference"
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        assert rel_err(back.to(torch.bfloat16)(ids).logits.float(), ref) < 2e-2
+
+
+def test_transformers_reads_the_file(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = _model("gguf-q4_0", seed=1)
+    qcal.export(model, tmp_path / "m.gguf", format="gguf", tokenizer=tokenizer, embedding_type="bf16")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")  # dequantized by transformers
+    q = model.model.layers[0].self_attn.q_proj  # rows permuted for llama.cpp's rotary and back
+    assert torch.equal(hf.model.layers[0].self_attn.q_proj.weight, q.dequantized_weight(torch.float32))
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(hf(ids).logits, model(ids).logits.float()) < 2e-2
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert tok.encode("it talks to them", add_special_tokens=False) == \
+        tokenizer.encode("it talks to them", add_special_tokens=False)
+
+
+def test_gptq_targets_gguf_exactly(tokenizer, tmp_path):
+    from qcal.algorithms.gptq import GPTQQuantizer
+
+    model = make_tiny_llama(vocab=VOCAB)
+    calib = [torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    GPTQQuantizer(gguf_type="Q4_0", act_order=True, static_groups=True, progress=False).quantize(model, calib)
+    qcal.freeze(model)
+    for _, m in qcal.quantized_modules(model):
+        assert torch.equal(m.weight_scale.to(torch.float16).float(), m.weight_scale)  # float16 scales
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qcal.export(model, tmp_path / "g.gguf", format="gguf", tokenizer=tokenizer)
+
+
+def test_scales_not_in_float16_are_rounded_with_a_warning(tokenizer, tmp_path):
+    model = make_tiny_llama(vocab=VOCAB)
+    qcal.freeze(qcal.quantize(model, weights=qcal.qint4, group_size=32, symmetric=True, exclude="lm_head"))
+    with pytest.warns(UserWarning, match="largest weight change is"):
+        qcal.export(model, tmp_path / "r.gguf", format="gguf", tokenizer=tokenizer)
+    t = next(t for t in gguf.GGUFReader(tmp_path / "r.gguf").tensors if t.name == "blk.0.ffn_up.weight")
+    got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+    ref = model.model.layers[0].mlp.up_proj.dequantized_weight(torch.float32)
+    assert rel_err(got, ref) < 1e-3
+
+
+def test_bad_inputs_are_refused_before_writing(tokenizer, tmp_path):
+    path = tmp_path / "x.gguf"
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj \(qint4 groups of 64.*Q4_0"):
+        qcal.export(_model("int4wo-64"), path, format="gguf", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="activations quantized"):
+        qcal.export(_model("8da4w-32"), path, format="gguf", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="tokenizer="):
+        qcal.export(_model("gguf-q8_0"), path, format="gguf")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="only Llama-architecture"):
+        qcal.export(gpt2, path, format="gguf", tokenizer=tokenizer)
+    assert not path.exists() and not list(tmp_path.iterdir())
+    path.write_bytes(b"keep")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        qcal.export(_model("gguf-q8_0"), path, format="gguf", tokenizer=tokenizer)
+    assert path.read_bytes() == b"keep"
