@@ -27,11 +27,21 @@ d. ``llama-imatrix`` on ``calib.txt`` (same context as the perplexity runs), the
 e. ``llama-perplexity -f work/wiki.test.raw -c 512`` on each file (final "PPL = x +/- y" estimate).
 f. ``llama-bench -p 512 -n 128`` (pp512 / tg128 tokens per second, mean of llama-bench's repetitions).
 
+e. and f. run with weight repacking off (``--no-repack`` / ``--repack 0``) unless ``--repack`` is given: in
+the default build (``-march=native``, which on this Sapphire Rapids CPU includes Intel AMX) repacking puts
+Q4_0 / Q8_0 weights in the AMX buffer and llama.cpp b11434 then crashes (SIGSEGV in
+``ggml_backend_amx_mul_mat``). ``build.sh`` with ``NO_AMX=1`` builds ``build-noamx/``, where repacking
+uses the AVX-512 CPU_REPACK kernels; measure with ``--build-dir build-noamx --repack`` for llama.cpp's
+fastest CPU path.
+
 ``--extra FILE.gguf`` (repeatable) runs e. and f. on more files, e.g. qcal's GGUF exports. Perplexity and
 bench use ``--threads`` (2) threads, so all numbers are comparable; before each measurement the script
-waits (up to ``--load-wait`` seconds) for the 1-minute load average to drop to ``--max-load`` and records
-the load it ran under. Results are cached in ``work/results.json`` (keyed by file path, size, mtime and
-the run settings) and printed as a markdown table, also written to ``work/results.md``.
+waits (up to ``--load-wait`` seconds) until the CPUs are idle: at most ``--max-busy`` cores busy over a 3 s
+sample of /proc/stat (and, if ``--max-load`` is given, a 1-minute load average at most that), and records
+the busy cores and the load averages it ran under. (The 1-minute load average alone is a poor signal right
+after the previous 2-thread run: it takes about 80 s to decay from 2 to 0.5.) Results are cached in
+``work/results.json`` (keyed by file path, size, mtime and the run settings) and printed as a markdown
+table, also written to ``work/results.md``.
 
 Example::
 
@@ -74,40 +84,65 @@ def load_text() -> str:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
-def wait_for_low_load(max_load: float, max_wait: float) -> str:
-    """Wait until the 1-minute load average is at most ``max_load`` (or ``max_wait`` s passed)."""
+def busy_cores(seconds: float = 3.0) -> float:
+    """How many cores were busy (not idle / iowait) over the next ``seconds``, from /proc/stat."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values[:8]), values[3] + values[4]  # user..steal; idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def wait_for_idle(max_busy: float, max_load: float | None, max_wait: float) -> str:
+    """Wait until at most ``max_busy`` cores are busy (and the 1-minute load is at most ``max_load``)."""
     start = time.time()
-    while os.getloadavg()[0] > max_load and time.time() - start < max_wait:
-        time.sleep(15)
+    while True:
+        busy = busy_cores()
+        quiet = busy <= max_busy and (max_load is None or os.getloadavg()[0] <= max_load)
+        if quiet or time.time() - start >= max_wait:
+            break
+        time.sleep(10)
     waited = time.time() - start
-    note = load_text()
-    if os.getloadavg()[0] > max_load:
-        log(f"  ! load {note} still above {max_load} after {waited:.0f} s; measuring anyway")
-    elif waited > 1:
-        log(f"  (waited {waited:.0f} s for load to drop: {note})")
+    note = f"{busy:.2f} busy; {load_text()}"
+    if not quiet:
+        log(f"  ! CPUs not idle after {waited:.0f} s ({note}); measuring anyway")
+    elif waited > 5:
+        log(f"  (waited {waited:.0f} s for idle CPUs: {note})")
     return note
 
 
-def run(cmd: list[str], log_name: str, env: dict | None = None) -> str:
-    """Run ``cmd``, tee its combined output into ``work/logs/<log_name>.log``, return the output."""
+def run(cmd: list[str], log_name: str, env: dict | None = None, stdout_only: bool = False) -> str:
+    """Run ``cmd`` with its output going to ``work/logs/<log_name>.log``; return that output.
+
+    With ``stdout_only``, stderr goes to ``<log_name>.stderr.log`` and only stdout is returned.
+    """
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log("  $ " + shlex.join(str(c) for c in cmd))
     t0 = time.time()
-    proc = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", env=env)
-    (logs / f"{log_name}.log").write_text(proc.stdout)
+    path = logs / f"{log_name}.log"
+    # written as it runs, so long runs can be followed with tail -f
+    with path.open("w") as out, (logs / f"{log_name}.stderr.log").open("w") if stdout_only else out as err:
+        proc = subprocess.run([str(c) for c in cmd], stdout=out, stderr=err if stdout_only else subprocess.STDOUT,
+                              env=env)
+    output = path.read_text(errors="replace")
     if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-25:])
-        raise RuntimeError(f"{cmd[0]} failed (exit {proc.returncode}); see work/logs/{log_name}.log\n{tail}")
+        tail = "\n".join(output.splitlines()[-25:])
+        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        raise RuntimeError(f"{cmd[0]} failed ({why}); see {path}\n{tail}")
     log(f"    done in {time.time() - t0:.0f} s")
-    return proc.stdout
+    return output
 
 
 def tool(name: str) -> Path:
     path = BIN / name
     if not path.is_file():
-        raise SystemExit(f"{path} is missing: run benchmarks/llamacpp/build.sh first")
+        hint = " with NO_AMX=1" if BIN.parent.name == "build-noamx" else ""
+        raise SystemExit(f"{path} is missing: run benchmarks/llamacpp/build.sh{hint} first")
     return path
 
 
@@ -236,8 +271,10 @@ def make_imatrix(model: Path, calib: Path, out: Path, ctx: int, threads: int, fo
 PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 
 
-def perplexity(model: Path, text: Path, ctx: int, threads: int, chunks: int) -> dict:
+def perplexity(model: Path, text: Path, ctx: int, threads: int, chunks: int, repack: bool) -> dict:
     cmd = [tool("llama-perplexity"), "-m", model, "-f", text, "-c", str(ctx), "-t", str(threads)]
+    if not repack:
+        cmd.append("--no-repack")
     if chunks > 0:
         cmd += ["--chunks", str(chunks)]
     t0 = time.time()
@@ -250,10 +287,10 @@ def perplexity(model: Path, text: Path, ctx: int, threads: int, chunks: int) -> 
             "ppl_chunks": int(n_chunks.group(1)) if n_chunks else None}
 
 
-def bench(model: Path, threads: int, n_prompt: int, n_gen: int) -> dict:
+def bench(model: Path, threads: int, n_prompt: int, n_gen: int, repack: bool) -> dict:
     out = run([tool("llama-bench"), "-m", model, "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
-               "-o", "json"], f"bench-{model.stem}")
-    rows = json.loads(out[out.index("["): out.rindex("]") + 1])
+               "--repack", str(int(repack)), "-o", "json"], f"bench-{model.stem}", stdout_only=True)
+    rows = json.loads(out)
     result = {}
     for row in rows:
         key = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
@@ -266,8 +303,11 @@ def bench(model: Path, threads: int, n_prompt: int, n_gen: int) -> dict:
 
 def settings_key(path: Path, args: argparse.Namespace, what: str) -> str:
     stat = path.stat()
-    return json.dumps([str(path.resolve()), stat.st_size, int(stat.st_mtime), what, args.threads, args.ctx,
-                       args.chunks if what == "ppl" else [args.n_prompt, args.n_gen]])
+    key = [str(path.resolve()), stat.st_size, int(stat.st_mtime), what, args.threads, args.ctx,
+           args.chunks if what == "ppl" else [args.n_prompt, args.n_gen], "repack" if args.repack else "no-repack"]
+    if args.build_dir != "build":
+        key.append(args.build_dir)
+    return json.dumps(key)
 
 
 def measure(path: Path, label: str, do_bench: bool, args: argparse.Namespace, cache: dict) -> dict:
@@ -275,16 +315,16 @@ def measure(path: Path, label: str, do_bench: bool, args: argparse.Namespace, ca
     row = {"label": label, "file": str(path), "type": gguf_type(path), "mib": path.stat().st_size / 2**20}
     key = settings_key(path, args, "ppl")
     if key not in cache or args.force_eval:
-        load = wait_for_low_load(args.max_load, args.load_wait)
-        cache[key] = {**perplexity(path, WORK / "wiki.test.raw", args.ctx, args.threads, args.chunks),
+        load = wait_for_idle(args.max_busy, args.max_load, args.load_wait)
+        cache[key] = {**perplexity(path, WORK / "wiki.test.raw", args.ctx, args.threads, args.chunks, args.repack),
                       "ppl_load": load, "ppl_load_after": load_text()}
         save_cache(cache)
     row.update(cache[key])
     if do_bench:
         key = settings_key(path, args, "bench")
         if key not in cache or args.force_eval:
-            load = wait_for_low_load(args.max_load, args.load_wait)
-            cache[key] = {**bench(path, args.threads, args.n_prompt, args.n_gen),
+            load = wait_for_idle(args.max_busy, args.max_load, args.load_wait)
+            cache[key] = {**bench(path, args.threads, args.n_prompt, args.n_gen, args.repack),
                           "bench_load": load, "bench_load_after": load_text()}
             save_cache(cache)
         row.update(cache[key])
@@ -297,12 +337,12 @@ def save_cache(cache: dict) -> None:
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     pp, tg = f"pp{args.n_prompt}", f"tg{args.n_gen}"
-    lines = [f"| file | type | MiB | PPL (wiki.test.raw, c={args.ctx}) | {pp} t/s | {tg} t/s | load 1/5/15 min "
-             f"(ppl; bench) |",
+    lines = [f"| file | type | MiB | PPL (wiki.test.raw, c={args.ctx}) | {pp} t/s | {tg} t/s | CPU before: busy cores; "
+             f"load 1/5/15 min (ppl \\| bench) |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         speed = [f"{r[k]:.1f} ± {r[k + '_std']:.1f}" if k in r else "–" for k in (pp, tg)]
-        loads = r["ppl_load"] + ("; " + r["bench_load"] if "bench_load" in r else "")
+        loads = r["ppl_load"] + (" \\| " + r["bench_load"] if "bench_load" in r else "")
         lines.append(f"| {r['label']} | {r['type']} | {r['mib']:.1f} | {r['ppl']:.4f} ± {r['ppl_err']:.5f} | "
                      f"{speed[0]} | {speed[1]} | {loads} |")
     return "\n".join(lines)
@@ -327,11 +367,21 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=-1, help="limit llama-perplexity to N chunks (-1: all)")
     p.add_argument("--n-prompt", type=int, default=512)
     p.add_argument("--n-gen", type=int, default=128)
-    p.add_argument("--max-load", type=float, default=0.5, help="wait for this 1-minute load before measuring")
-    p.add_argument("--load-wait", type=float, default=300, help="longest wait for --max-load, in seconds")
+    p.add_argument("--max-busy", type=float, default=0.3,
+                   help="before measuring, wait until at most this many cores are busy (default: %(default)s)")
+    p.add_argument("--max-load", type=float, default=None,
+                   help="also wait until the 1-minute load average is at most this (default: not checked)")
+    p.add_argument("--load-wait", type=float, default=300, help="longest wait for idle CPUs, in seconds")
+    p.add_argument("--build-dir", default="build",
+                   help="tools folder under benchmarks/llamacpp: build, or build-noamx from NO_AMX=1 build.sh")
+    p.add_argument("--repack", action="store_true",
+                   help="let llama.cpp repack weights at load (off by default: in the AMX build it crashes on Q4_0 "
+                        "and Q8_0; use it with --build-dir build-noamx)")
     p.add_argument("--force", action="store_true", help="rebuild the baseline files")
     p.add_argument("--force-eval", action="store_true", help="measure again even when cached")
     args = p.parse_args()
+    global BIN
+    BIN = HERE / args.build_dir / "bin"
 
     WORK.mkdir(parents=True, exist_ok=True)
     log(f"llama.cpp: {(SRC / 'SOURCE_VERSION.txt').read_text().splitlines()[0] if SRC.is_dir() else '?'}; "
@@ -375,7 +425,8 @@ def main() -> None:
     md = table(rows, args)
     build = next((r["bench_build"] for r in rows if "bench_build" in r), "?")
     cpu = next((r["cpu"] for r in rows if "cpu" in r), "?")
-    footer = (f"\nllama.cpp build {build}; CPU: {cpu}; {args.threads} threads for perplexity and bench; "
+    footer = (f"\nllama.cpp build {build} ({args.build_dir}, repacking {'on' if args.repack else 'off'}); CPU: {cpu}; "
+              f"{args.threads} threads for perplexity and bench; "
               f"PPL = llama-perplexity final estimate on wiki.test.raw (sha256 {WIKI_TEST_RAW_SHA256[:12]}…), "
               f"-c {args.ctx}{f', --chunks {args.chunks}' if args.chunks > 0 else ''}; speed = llama-bench mean ± sd.")
     footer += "".join(f"\nNote: {n}" for n in notes)
