@@ -61,6 +61,8 @@ def test_export_is_bit_exact_and_reads_back(scheme, kind, tokenizer, tmp_path):
         assert torch.equal(got, mod.dequantized_weight(torch.float32)), name
     field = reader.fields["llama.block_count"]
     assert int(field.parts[field.data[0]][0]) == 2
+    file_type = reader.fields["general.file_type"]
+    assert int(file_type.parts[file_type.data[0]][0]) == getattr(gguf.LlamaFileType, f"MOSTLY_{kind}")
     tokens = reader.fields["tokenizer.ggml.tokens"]
     assert bytes(tokens.parts[tokens.data[256]]).decode() == "Ġt" and "output.weight" not in tensors  # tied
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -244,8 +245,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, em
     writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(emb.shape[0])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if any(k == "Q4_0" for k, _ in plan.values())
-                         else gguf.LlamaFileType.MOSTLY_BF16)
+    kinds = Counter(k for k, _ in plan.values())  # the file type names the most common block type
+    main = kinds.most_common(1)[0][0] if kinds else {"f32": "ALL_F32", "f16": "F16"}.get(float_type.lower(), "BF16")
+    writer.add_file_type(getattr(gguf.LlamaFileType, main if main.startswith("ALL") else f"MOSTLY_{main}"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_metadata(writer, tokenizer, pre_tokenizer)
     for name, data, raw in tensors:
