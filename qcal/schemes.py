@@ -49,20 +49,24 @@ class _Scheme:
     regex: re.Pattern
     fn: Callable[[nn.Module, re.Match, SchemeContext], nn.Module]
     description: str
+    finish: Callable[[nn.Module, torch.dtype], nn.Module] | None = None
 
 
 _SCHEMES: list[_Scheme] = []
 
 
-def register_scheme(pattern: str, description: str):
+def register_scheme(pattern: str, description: str,
+                    finish: Callable[[nn.Module, torch.dtype], nn.Module] | None = None):
     """Register ``fn(model, match, ctx) -> model`` for names matching ``pattern``.
 
-    ``<g>`` in the pattern stands for a group size (digits).
+    ``<g>`` in the pattern stands for a group size (digits). With ``finish(model, dtype)`` (freeze and cast), ``fn``
+    only quantizes (fake-quant, qparams fixed) and works on any module, one decoder block included, so the scheme
+    can stream a checkpoint block by block (:func:`qcal.pretrained.quantize_pretrained`).
     """
     regex = scheme_regex(pattern)
 
     def deco(fn):
-        _SCHEMES.append(_Scheme(pattern, regex, fn, description))
+        _SCHEMES.append(_Scheme(pattern, regex, fn, description, finish))
         return fn
 
     return deco
@@ -98,7 +102,23 @@ def apply_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False,
     scheme, match = _find(name)
     in_place = scheme.pattern not in (*RTN_SCHEMES, "fp32", "bf16", "w8a8-static")  # GPTQ, SmoothQuant, ...
     with transaction(model, snapshot_tensors=in_place):
-        return scheme.fn(model, match, SchemeContext(quantize_lm_head, calib))
+        ctx = SchemeContext(quantize_lm_head, calib)
+        model = scheme.fn(model, match, ctx)
+        return model if scheme.finish is None else scheme.finish(model, ctx.dtype)
+
+
+def streamable_scheme(name: str) -> tuple[Callable[[nn.Module, Callable | None], nn.Module],
+                                          Callable[[nn.Module, torch.dtype], nn.Module], bool]:
+    """``(solve(module, calib), finish(module, dtype), needs_calibration)`` of a scheme that can quantize a model
+    one decoder block at a time; ValueError naming the ones that can for any other."""
+    scheme, match = _find(name)
+    if scheme.finish is None:
+        ok = [s.pattern for s in _SCHEMES if s.finish is not None]
+        raise ValueError(f"scheme {name!r} cannot be applied one block at a time yet; these can: {', '.join(ok)}")
+
+    def solve(module: nn.Module, calib: Callable[[], list] | None) -> nn.Module:
+        return scheme.fn(module, match, SchemeContext(False, calib))
+    return solve, scheme.finish, scheme.pattern not in RTN_SCHEMES and not scheme.pattern.startswith("gguf-")
 
 
 def check_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False) -> None:
@@ -150,13 +170,12 @@ def quantize_kwargs(name: str) -> dict:
 # Calibration-free schemes (:mod:`qcal.rtn`): each is one ``quantize`` call.
 def _rtn(kwargs: Callable[[re.Match], dict]):
     def apply(model, match, ctx):
-        quantize(model, exclude=ctx.exclude, **kwargs(match))
-        return _finish(model, ctx.dtype)
+        return quantize(model, exclude=ctx.exclude, **kwargs(match))
     return apply
 
 
 for _pattern, (_description, _kwargs) in RTN_SCHEMES.items():
-    register_scheme(_pattern, _description)(_rtn(_kwargs))
+    register_scheme(_pattern, _description, finish=_finish)(_rtn(_kwargs))
 
 
 @register_scheme("w8a8-static", "int8 static per-tensor activations (calibrated) x int8 per-channel weights")
@@ -185,30 +204,31 @@ def _finish_gguf(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def _gguf_rtn(kind: str):
     def apply(model, match, ctx):
-        from .integrations.gguf import round_scale
+        from .integrations.gguf import block_qparams
 
         quantize(model, weights=qint8 if kind == "Q8_0" else qint4, group_size=32, symmetric=kind != "Q4_1",
                  zero_point="int" if kind == "Q4_1" else "float", exclude=ctx.exclude)
-        for _, m in quantized_modules(model):
-            s, zp = m.weight_qparams()
-            m.fix_weight_qparams(round_scale(s, kind), zp)
-        return _finish_gguf(model, ctx.dtype)
+        for _, m in quantized_modules(model):  # llama-quantize's grids (Q4_0: d = m / -8)
+            w = m.weight_2d().detach()
+            s, zp = block_qparams(w.reshape(-1, 32), kind)
+            m.fix_weight_qparams(s.reshape(w.shape[0], -1), None if zp is None else zp.reshape(w.shape[0], -1))
+        return model
     return apply
 
 
 def _gguf_gptq(kind: str):
     def apply(model, match, ctx):
-        GPTQQuantizer(gguf_type=kind, act_order=True, static_groups=True, exclude=ctx.exclude).quantize(
+        return GPTQQuantizer(gguf_type=kind, act_order=True, static_groups=True, exclude=ctx.exclude).quantize(
             model, ctx.calibration_inputs(match.string))
-        return _finish_gguf(model, ctx.dtype)
     return apply
 
 
 for _name, (_kind, _what) in _GGUF.items():
     register_scheme(f"gguf-{_name}", f"llama.cpp's {_kind}: {_what}, groups of 32, float16 scales, weight-only "
-                    "(exports to GGUF bit for bit)")(_gguf_rtn(_kind))
+                    "(exports to GGUF bit for bit)", finish=_finish_gguf)(_gguf_rtn(_kind))
     register_scheme(f"gptq-gguf-{_name}", f"GPTQ (act_order, static groups) to llama.cpp's {_kind}: {_what}, "
-                    "groups of 32, float16 scales (calibrated; exports to GGUF bit for bit)")(_gguf_gptq(_kind))
+                    "groups of 32, float16 scales (calibrated; exports to GGUF bit for bit)", finish=_finish_gguf)(
+        _gguf_gptq(_kind))
 
 
 # ---------------------------------------------------------------- the algorithms' schemes
@@ -217,22 +237,22 @@ for _name, (_kind, _what) in _GGUF.items():
 def _gptq_scheme(bits: int, per_channel: bool, act_order: bool, zero_point: str = "float"):
     def apply(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
         group = None if per_channel else int(match.group("g"))
-        GPTQQuantizer(bits=bits, groupsize=group, act_order=act_order, static_groups=act_order, zero_point=zero_point,
-                      exclude=ctx.exclude).quantize(model, ctx.calibration_inputs(match.string))
-        return cast_model(freeze(model), ctx.dtype)
+        return GPTQQuantizer(bits=bits, groupsize=group, act_order=act_order, static_groups=act_order,
+                             zero_point=zero_point, exclude=ctx.exclude).quantize(
+            model, ctx.calibration_inputs(match.string))
     return apply
 
 
 for _bits in (2, 3, 4, 8):
     register_scheme(f"gptq-int{_bits}-<g>", f"GPTQ int{_bits} weight-only, asymmetric groups of <g> "
-                    "(calibrated)")(_gptq_scheme(_bits, False, False))
+                    "(calibrated)", finish=_finish)(_gptq_scheme(_bits, False, False))
     register_scheme(f"gptq-int{_bits}-<g>-actorder", f"GPTQ int{_bits} weight-only, groups of <g>, act_order "
-                    "with static groups (calibrated)")(_gptq_scheme(_bits, False, True))
+                    "with static groups (calibrated)", finish=_finish)(_gptq_scheme(_bits, False, True))
     register_scheme(f"gptq-int{_bits}-pc", f"GPTQ int{_bits} weight-only, asymmetric, per output channel "
-                    "(calibrated)")(_gptq_scheme(_bits, True, False))
+                    "(calibrated)", finish=_finish)(_gptq_scheme(_bits, True, False))
     for _suffix, _pc, _ao in (("<g>", False, False), ("<g>-actorder", False, True), ("pc", True, False)):
         register_scheme(f"gptq-int{_bits}-{_suffix}-intzp", f"gptq-int{_bits}-{_suffix} with integer zero-points "
-                        "(exports to compressed-tensors / vLLM)")(_gptq_scheme(_bits, _pc, _ao, "int"))
+                        "(exports to compressed-tensors / vLLM)", finish=_finish)(_gptq_scheme(_bits, _pc, _ao, "int"))
 
 
 @register_scheme("8da4w-gptq-<g>", "8da4w with GPTQ weights: int8 dynamic per-token activations x int4 "

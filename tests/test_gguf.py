@@ -137,3 +137,41 @@ def test_bad_inputs_are_refused_before_writing(tokenizer, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         qcal.export(_model("gguf-q8_0"), path, format="gguf", tokenizer=tokenizer)
     assert path.read_bytes() == b"keep"
+
+
+def test_q4_0_grid_is_llama_cpp_reference():
+    """``gguf-q4_0``'s grid is llama-quantize's (``d = m / -8``): the same codes as the ``gguf`` package's reference
+    quantizer but for a scale rounded away from zero, and a finer step than ``amax / 7``."""
+    from qcal.integrations.gguf import block_qparams
+
+    x = torch.randn(512, 32, generator=torch.Generator().manual_seed(0))
+    d, zp = block_qparams(x, "Q4_0")
+    assert zp is None and torch.equal(d.to(torch.float16).float(), d)
+    q = torch.round(x / d[:, None])
+    assert (q == -8).any(1).all()  # the largest magnitude lands on -8 (opposite signs up to +8, clamped to 7)
+    q = q.clamp(-8, 7)
+    ref = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.Q4_0),
+                                                  gguf.GGMLQuantizationType.Q4_0).copy())
+    m = x.gather(1, x.abs().argmax(1, keepdim=True))
+    d_ref = (m / -8).half().float()  # the reference rounds the scale to nearest, qcal away from zero
+    assert (q == torch.round(ref / d_ref)).float().mean() > 0.995
+    ours = q * d[:, None]
+    assert rel_err(ours, ref) < 1e-2
+    amax7 = x.abs().amax(1, keepdim=True) / 7
+    assert rel_err(ours, x) < 0.9 * rel_err(torch.round(x / amax7).clamp(-8, 7) * amax7, x)
+
+
+def test_q4_0_importance_search_lowers_the_weighted_error():
+    from qcal.integrations.gguf import block_qparams
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 32, generator=g)
+    imp = torch.rand(32, generator=g) ** 4 * 10  # a few columns matter most, as in real activations
+    d0, _ = block_qparams(x, "Q4_0")
+    d1, _ = block_qparams(x, "Q4_0", imp)
+    assert torch.equal(d1.to(torch.float16).float(), d1)
+
+    def err(d):
+        q = torch.round(x / d[:, None]).clamp(-8, 7)
+        return (imp * (x - q * d[:, None]) ** 2).sum()
+    assert err(d1) < 0.8 * err(d0)

@@ -32,7 +32,7 @@ from ..qtypes import qint2, qint3, qint4, qint8, qtype
 from ..quantize import freeze, quantized_modules
 from ..quantize import quantize as swap_modules
 from .inputs import InputRecorder
-from .sequential import run_sequential
+from .sequential import BlockStates, run_sequential
 
 __all__ = ["GPTQResult", "gptq_quantize_weight", "GPTQQuantizer", "Int4WeightOnlyGPTQQuantizer", "InputRecorder"]
 
@@ -77,11 +77,18 @@ def _hessian_inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.T
     return torch.diag(h.diagonal().clamp(min=1e-8).rsqrt()), float("inf")
 
 
+QParamsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
 def _group_qparams(block: torch.Tensor, qt: qtype, symmetric: bool, dtype: torch.dtype, mse: bool,
-                   integer_zp: bool = False, scale_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                   integer_zp: bool = False, qparams_fn: QParamsFn | None = None,
+                   importance: torch.Tensor | None = None):
     """(scale, zero_point) of each row of ``block`` as ``(out,)`` float32 vectors: from the row's
-    min/max, or with ``mse`` from the shrunk range minimising ``Σ|w - q(w)|^2.4`` (as the
-    reference GPTQ's ``mse`` grid search)."""
+    min/max, with ``mse`` from the shrunk range minimising ``Σ|w - q(w)|^2.4`` (as the
+    reference GPTQ's ``mse`` grid search), or from ``qparams_fn(block, importance)``."""
+    if qparams_fn is not None:
+        scale, zp = qparams_fn(block, importance)
+        return scale.float(), None if zp is None else zp.float()
     if mse:
         obs = MSEObserver(qt, PerAxis(0), symmetric, momentum=None, norm=2.4)
         obs.integer_zero_point = integer_zp
@@ -90,8 +97,6 @@ def _group_qparams(block: torch.Tensor, qt: qtype, symmetric: bool, dtype: torch
     else:
         mn, mx = block.amin(1), block.amax(1)
     scale, zp = choose_qparams_from_minmax(mn, mx, qt, symmetric, dtype, integer_zp)
-    if scale_fn is not None:  # a storage format's scales (e.g. GGUF's float16), rounded up: the range still fits
-        scale = scale_fn(scale)
     return scale.float(), None if zp is None else zp.float()
 
 
@@ -127,7 +132,7 @@ def gptq_quantize_weight(
     static_groups: bool = False,
     mse: bool = False,
     integer_zero_point: bool = False,
-    scale_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    qparams_fn: QParamsFn | None = None,
 ) -> GPTQResult:
     """GPTQ on one ``(out, in)`` weight given ``hessian ∝ XᵀX`` of its inputs ``(in, in)``.
 
@@ -135,16 +140,18 @@ def gptq_quantize_weight(
     range instead of taking its min/max. Quantization follows
     :mod:`qcal.primitives` (float zero-point when asymmetric), so re-quantizing the returned
     ``weight`` with ``scale``/``zero_point`` gives back ``codes`` exactly. ``integer_zero_point`` rounds
-    the zero-points (asymmetric), and the error propagation sees the rounded ones; so does ``scale_fn``, a rounding
-    of the scales to a storage format's (e.g. :func:`qcal.integrations.gguf.round_scale`).
+    the zero-points (asymmetric), and the error propagation sees the rounded ones. ``qparams_fn(block, importance)``
+    replaces the min/max choice of each group's qparams: ``block`` is the group's ``(out, group)`` weights,
+    ``importance`` the Hessian's diagonal over its columns (e.g. :func:`qcal.integrations.gguf.block_qparams`, a
+    storage format's grid and float16 scales, searched against the importance).
     """
     with _OneThread():
         return _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_order, static_groups, mse,
-                     integer_zero_point, scale_fn)
+                     integer_zero_point, qparams_fn)
 
 
 def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_order, static_groups, mse,
-          izp=False, scale_fn=None):
+          izp=False, qparams_fn=None):
     if not torch.isfinite(hessian).all():
         raise ValueError("GPTQ: the Hessian contains NaN or Inf; check the calibration inputs")
     dtype = weight.dtype
@@ -158,13 +165,15 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
     dead = h.diagonal() == 0  # inputs that were always zero: any weight works, use 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    importance = h.diagonal().clone()
 
     scale = torch.empty(rows, cols // g, device=w.device)
     zero = None if symmetric else torch.empty(rows, cols // g, device=w.device)
     static = static_groups or act_order or group_size is None
     if static:
         for j in range(cols // g):
-            s, z = _group_qparams(w[:, j * g:(j + 1) * g], qt, symmetric, dtype, mse, izp, scale_fn)
+            s, z = _group_qparams(w[:, j * g:(j + 1) * g], qt, symmetric, dtype, mse, izp, qparams_fn,
+                                  importance[j * g:(j + 1) * g])
             scale[:, j] = s
             if zero is not None:
                 zero[:, j] = z
@@ -188,7 +197,7 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
             j = group_of[col]
             if not static and col % g == 0:  # a new group: qparams from the updated weights
                 s, z = _group_qparams(torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g], qt, symmetric, dtype, mse, izp,
-                                      scale_fn)
+                                      qparams_fn, importance[col:col + g])
                 scale[:, j] = s
                 if zero is not None:
                     zero[:, j] = z
@@ -203,11 +212,16 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
 
     if perm is not None:
         q = q[:, torch.argsort(perm)]
-    scale = scale.to(dtype)
-    zero = None if zero is None else zero.to(dtype)
+    if qparams_fn is None:
+        scale = scale.to(dtype)
+        zero = None if zero is None else zero.to(dtype)
+        gran = PerGroup(group_size) if group_size else PerAxis(0)
+        rtn_s, rtn_z = choose_qparams(w0, qt, gran, symmetric, scale_dtype=dtype, integer_zero_point=izp)
+    else:  # the format's own precision (float32 holds it); round-to-nearest on the format's grid
+        rtn = [qparams_fn(w0[:, j * g:(j + 1) * g], None) for j in range(cols // g)]
+        rtn_s = torch.stack([r[0] for r in rtn], 1)
+        rtn_z = None if zero is None else torch.stack([r[1] for r in rtn], 1)
     codes = quantize(q, scale, zero, qt)
-    gran = PerGroup(group_size) if group_size else PerAxis(0)
-    rtn_s, rtn_z = choose_qparams(w0, qt, gran, symmetric, scale_dtype=dtype, integer_zero_point=izp)
     hs = hessian.detach().float()
     return GPTQResult(
         weight=q.to(dtype),
@@ -260,15 +274,15 @@ class GPTQQuantizer:
         blocks: str | None = None,
         progress: bool = True,
     ) -> None:
-        self.scale_fn = None
+        self.qparams_fn: QParamsFn | None = None
         if gguf_type is not None:  # GGUF's block formats: groups of 32, float16 scales (see qcal.integrations.gguf)
-            from ..integrations.gguf import GGUF_TYPES, round_scale
+            from ..integrations.gguf import GGUF_TYPES, block_qparams
 
             if gguf_type not in GGUF_TYPES:
                 raise ValueError(f"GPTQ: gguf_type={gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
             bits, groupsize, symmetric = (8 if gguf_type == "Q8_0" else 4), 32, gguf_type != "Q4_1"
             zero_point = "int" if gguf_type == "Q4_1" else zero_point
-            self.scale_fn = lambda s: round_scale(s, gguf_type)
+            self.qparams_fn = lambda block, importance: block_qparams(block, gguf_type, importance)
         if bits not in _QTYPES:
             raise ValueError(f"GPTQ: bits={bits} is not supported; choose one of {sorted(_QTYPES)}")
         if blocksize <= 0 or percdamp < 0:
@@ -303,7 +317,7 @@ class GPTQQuantizer:
             module.weight_2d(), hessian, spec.qtype, spec.group_size, spec.symmetric,
             blocksize=self.blocksize, percdamp=self.percdamp, act_order=self.act_order,
             static_groups=self.static_groups, mse=self.mse, integer_zero_point=spec.integer_zero_point,
-            scale_fn=self.scale_fn,
+            qparams_fn=self.qparams_fn,
         )
         module.weight.data.copy_(res.weight.reshape(module.weight.shape))
         module.fix_weight_qparams(res.scale, res.zero_point)
@@ -332,7 +346,8 @@ class GPTQQuantizer:
         was_training = model.training
         model.eval()
         try:
-            run_sequential(model, list(inputs), self._targets, self._solve, true_sequential=self.true_sequential,
+            inputs = inputs if isinstance(inputs, BlockStates) else list(inputs)
+            run_sequential(model, inputs, self._targets, self._solve, true_sequential=self.true_sequential,
                            batch_size=self.batch_size, blocks=self.blocks, progress=self.progress, desc="GPTQ")
         finally:
             model.train(was_training)

@@ -31,14 +31,52 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["find_blocks", "run_sequential", "gram"]
+__all__ = ["find_blocks", "run_sequential", "gram", "BlockStates"]
 
 Solve = Callable[[str, nn.Module, torch.Tensor], float]
 State = tuple[tuple, dict[str, Any]]  # (args, kwargs) of one block call
 
 
+class BlockStates(Sequence):
+    """The inputs of one block, already captured: an ``(args, kwargs)`` per batch. Given to :func:`run_sequential`
+    (or a quantizer) in place of calibration inputs, the model is treated as that one block and each state is
+    read when the block runs (a subclass may keep them on disk)."""
+
+    def __init__(self, states: Sequence[State]) -> None:
+        self._states = list(states)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __getitem__(self, i):
+        return self._states[i]
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward pass early."""
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def mean_gram(total: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``XᵀX / n`` over every process's calibration samples: under an initialised ``torch.distributed`` process
+    group each rank holds a share of the samples, and the sums and counts are added across ranks (in float64, in
+    rank order, so every rank gets the same matrix run after run) before the division."""
+    if not _distributed():
+        return total / tokens
+    import torch.distributed as dist
+
+    both = torch.cat([total.reshape(-1).double(), torch.tensor([float(tokens)], dtype=torch.float64,
+                                                                  device=total.device)])
+    parts = [torch.empty_like(both) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, both)
+    summed = parts[0].clone()
+    for p in parts[1:]:
+        summed += p
+    return (summed[:-1] / summed[-1]).float().reshape(total.shape)
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +229,7 @@ def _solve_online(block, state: State, layers: dict[str, nn.Module], solve: Solv
             x = args[0]
             if name not in errors:  # first call of this linear in the block
                 n = x.numel() // x.shape[-1]
-                errors[name] = solve(name, module, memo(x) / n)
+                errors[name] = solve(name, module, mean_gram(memo(x), n))
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
@@ -259,7 +297,7 @@ def _solve_staged(block, states: list[State], layers: dict[str, nn.Module], solv
             return
         for name in rec.stage:
             if name in rec.sums:
-                errors[name] = solve(name, pending[name], rec.sums.pop(name) / rec.tokens[name])
+                errors[name] = solve(name, pending[name], mean_gram(rec.sums.pop(name), rec.tokens[name]))
             pending.pop(name)
 
 
@@ -279,17 +317,20 @@ def run_sequential(
     """Walk ``model`` block by block; ``solve(name, linear, XᵀX/n)`` each linear ``select(block)`` returns.
 
     ``inputs``: token-id tensors for a Hugging Face model (``(1, seqlen)`` or ``(b, seqlen)``),
-    else whatever the module takes. ``batch_size=None`` runs all same-shaped samples as one
+    else whatever the module takes, or the :class:`BlockStates` of ``model`` as one block.
+    ``batch_size=None`` runs all same-shaped samples as one
     batch (fastest; memory grows with the sample count); an int bounds the batch.
     Returns ``{full linear name: solve's return value}``.
     """
     from tqdm.auto import tqdm
 
-    found = find_blocks(model, blocks)
-    batches = _batches(inputs, batch_size, model_device(model))
+    found = None if isinstance(inputs, BlockStates) else find_blocks(model, blocks)
+    batches = inputs if isinstance(inputs, BlockStates) else _batches(inputs, batch_size, model_device(model))
     if not batches:
         raise ValueError(f"{desc}: no calibration inputs")
-    if found is None:
+    if isinstance(inputs, BlockStates):
+        prefix, block_list, states = "", [model], inputs
+    elif found is None:
         prefix, block_list = "", [model]
         states: list[State] = [((b,), {}) if isinstance(b, torch.Tensor) else
                                ((tuple(b), {}) if isinstance(b, (tuple, list)) else ((), dict(b)))
@@ -309,7 +350,8 @@ def run_sequential(
         else:
             if layers:
                 _solve_staged(block, states, layers, solve, true_sequential, errors)
-            states = [_with_hidden(s, _run(block, s)) for s in states]
+            if i + 1 < len(block_list):  # the last block's outputs feed nothing
+                states = [_with_hidden(s, _run(block, s)) for s in states]
         block_name = prefix + str(i) if found is not None else ""
         for name, err in errors.items():
             results[f"{block_name}.{name}".strip(".")] = err

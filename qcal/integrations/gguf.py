@@ -26,7 +26,7 @@ from ..kernels.common import int4_codes_u8
 from ..qtypes import qint4, qint8
 from ..quantize import quantized_modules
 
-__all__ = ["GGUF_TYPES", "round_scale", "gguf_type", "export_gguf", "load_gguf"]
+__all__ = ["GGUF_TYPES", "round_scale", "block_qparams", "gguf_type", "export_gguf", "load_gguf"]
 
 GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 _FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -37,17 +37,68 @@ _LAYER_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "s
 
 
 def round_scale(scale: torch.Tensor, gguf: str) -> torch.Tensor:
-    """Scales as ``gguf`` stores them, rounded up (so every weight of the group stays in range), float32.
+    """Scales as ``gguf`` stores them, rounded away from zero (so every weight of the group stays in range), float32.
 
     ``Q4_0`` / ``Q8_0``: float16. ``Q4_1``: float16 with 7 significant bits, so that the block minimum
-    ``-(8 + zp) * d`` (an integer of at most 4 bits times ``d``) is exact in float16 as well."""
+    ``-(8 + zp) * d`` (an integer of at most 4 bits times ``d``) is exact in float16 as well. The sign is kept
+    (``Q4_0``'s reference grid has negative scales)."""
     if gguf not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {gguf!r}; choose from {', '.join(GGUF_TYPES)}")
-    s = scale.float().clamp(min=2.0 ** -14, max=60000.0)  # float16 normals: no subnormal or infinite scale
+    s = scale.float()
+    sign = torch.where(s < 0, -1.0, 1.0)
+    s = s.abs().clamp(min=2.0 ** -14, max=60000.0)  # float16 normals: no subnormal or infinite scale
     bits = 7 if gguf == "Q4_1" else 11
     mant, exp = torch.frexp(s)  # s = mant * 2**exp, mant in [0.5, 1)
     step = 2.0 ** bits
-    return torch.ldexp(torch.ceil(mant * step) / step, exp).to(torch.float16).float()
+    return (sign * torch.ldexp(torch.ceil(mant * step) / step, exp)).to(torch.float16).float()
+
+
+def block_qparams(block: torch.Tensor, gguf: str, importance: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and ``Q4_1`` zero-point) of each row of ``block`` ``(rows, 32)`` as ``gguf`` stores it, ``(rows,)``
+    float32.
+
+    ``Q4_0``: llama.cpp's grid, ``d = m / -8`` where ``m`` is the block's weight of largest magnitude (it lands
+    exactly on code -8, so the step is ``|m| / 8``, finer than ``amax / 7``). With ``importance`` (one non-negative
+    weight per column, e.g. the diagonal of the layer's input Gram matrix: llama.cpp's importance matrix) the
+    scale is searched instead: 19 candidate grids around ``m / -8``, each refitted by weighted least squares,
+    rounded to float16, and scored by ``Σ w (x - q d)²`` with ``w = importance * sqrt(σ² + x²)`` (``σ²``: the
+    block's mean square), the error llama.cpp's importance-matrix quantizer minimises. ``Q4_1`` (min/max, integer
+    zero-point) and ``Q8_0`` (``amax / 127``) take their block's range."""
+    if gguf not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {gguf!r}; choose from {', '.join(GGUF_TYPES)}")
+    if block.dim() != 2 or block.shape[1] != 32:
+        raise ValueError(f"GGUF blocks are (rows, 32), got {tuple(block.shape)}")
+    x = block.float()
+    if gguf != "Q4_0":
+        from ..primitives import choose_qparams_from_minmax
+
+        qt = qint8 if gguf == "Q8_0" else qint4
+        scale, zp = choose_qparams_from_minmax(x.amin(1), x.amax(1), qt, gguf == "Q8_0", torch.float32,
+                                               integer_zero_point=gguf == "Q4_1")
+        return round_scale(scale, gguf), None if zp is None else zp.float()
+    m = x.gather(1, x.abs().argmax(1, keepdim=True)).squeeze(1)  # signed weight of largest magnitude
+    scale = round_scale(m / -8.0, gguf)
+    if importance is None:
+        return scale, None
+    imp = importance.float().reshape(-1, 32).expand_as(x)
+    w = imp * torch.sqrt((x * x).mean(1, keepdim=True) + x * x)
+
+    def error(d: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(x / d[:, None]), -8, 7)
+        return (w * (x - q * d[:, None]) ** 2).sum(1)
+
+    best, best_err = scale, error(scale)
+    safe_m = torch.where(m == 0, torch.ones_like(m), m)
+    for step in range(-9, 10):
+        codes = torch.clamp(torch.round(x * (-(8 + 0.1 * step) / safe_m)[:, None]), -8, 7)
+        sum_lx, sum_l2 = (w * x * codes).sum(1), (w * codes * codes).sum(1)
+        d = torch.where(sum_l2 > 0, sum_lx / sum_l2.clamp(min=1e-30), scale)
+        d = torch.where(d.abs() < 2.0 ** -14, scale, d).to(torch.float16).float()
+        err = error(d)
+        better = err < best_err
+        best, best_err = torch.where(better, d, best), torch.where(better, err, best_err)
+    return best, None
 
 
 def gguf_type(module: nn.Module) -> str | None:

@@ -43,7 +43,8 @@ from ..quantize import quantize, quantized_modules, register_attach_hook, set_mo
 from ..rtn import rtn_kwargs
 from ..serialization import FORMAT_VERSION, build_shell, tensor_sha256
 
-__all__ = ["QUANT_METHOD", "QcalConfig", "QcalHfQuantizer", "attach", "tensor_sha256", "check_safetensors_file"]
+__all__ = ["QUANT_METHOD", "QcalConfig", "QcalHfQuantizer", "attach", "tensor_sha256", "check_safetensors_file",
+           "checkpoint_tensors", "checkpoint_metadata", "float_buffer_dtypes"]
 
 QUANT_METHOD = "qcal"
 _METADATA_KEY = "qcal"
@@ -126,26 +127,22 @@ class QcalConfig(QuantizationConfigMixin):
     @classmethod
     def from_model(cls, model: nn.Module, scheme: str | None = None) -> QcalConfig:
         """The config describing the quantized modules of ``model`` as they are now."""
+        records = {name: _record(m) for name, m in quantized_modules(model)}
+        left = [n for n, m in model.named_modules() if type(m) in QMODULE_FOR
+                and not any(n == q or n.startswith(q + ".") for q in records)]
+        return cls.from_records(records, left, float_buffer_dtypes(model), scheme)
+
+    @classmethod
+    def from_records(cls, records: dict[str, dict], left: list[str], buffer_dtypes: dict[str, str],
+                     scheme: str | None = None) -> QcalConfig:
+        """The config of quantized modules given as ``{name: record}`` (a model written piece by piece), the
+        quantizable modules ``left`` float, and the dtypes of non-persistent float buffers."""
         groups: dict[str, dict] = {}
-        for name, m in quantized_modules(model):
-            rec = _record(m)
+        for name, rec in records.items():
             key = json.dumps(rec, sort_keys=True)
             if key not in groups:
                 groups[key] = {**rec, "targets": []}
             groups[key]["targets"].append(name)
-        quantized = {n for n, _ in quantized_modules(model)}
-        left = [n for n, m in model.named_modules() if type(m) in QMODULE_FOR
-                and not any(n == q or n.startswith(q + ".") for q in quantized)]
-        # non-persistent float buffers (rotary inv_freq...) are recomputed on load: record their dtype when a
-        # cast changed it, so the loaded model computes exactly what the saved one did
-        buffer_dtypes = {}
-        for mname, mod in model.named_modules():
-            if isinstance(mod, QModuleMixin):
-                continue
-            for k in mod._non_persistent_buffers_set:
-                b = mod._buffers.get(k)
-                if b is not None and b.is_floating_point():
-                    buffer_dtypes[f"{mname}.{k}" if mname else k] = str(b.dtype).removeprefix("torch.")
         return cls(scheme=scheme, modules_to_not_convert=left, buffer_dtypes=buffer_dtypes or None,
                    config_groups={f"group_{i}": g for i, g in enumerate(groups.values())})
 
@@ -309,17 +306,8 @@ class QcalHfQuantizer(HfQuantizer):
         self.quantization_config = config
         model.config.quantization_config = config
         untie_quantized_output(model)
-        state_dict = model.state_dict()
-        hashes = {}
-        for name, m in quantized_modules(model):
-            for k, t in _module_tensors(m, name).items():
-                hashes[k] = tensor_sha256(t)
-            if m.frozen and m.weight_spec is not None:
-                # an empty ``weight``: transformers without qcal stops on its size mismatch instead of loading
-                # random weights in place of the quantized ones
-                state_dict[f"{name}.weight"] = torch.zeros(0, dtype=torch.uint8)
-        meta = {_METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "sha256": hashes}, sort_keys=True)}
-        return state_dict, meta
+        state_dict, hashes = checkpoint_tensors(model)
+        return state_dict, checkpoint_metadata(hashes)
 
     def is_serializable(self) -> bool:
         return True
@@ -346,6 +334,40 @@ def untie_quantized_output(model) -> None:
     if hasattr(model, "all_tied_weights_keys"):
         model.all_tied_weights_keys = {k: v for k, v in model.all_tied_weights_keys.items()
                                        if not k.startswith(name) and not v.startswith(name)}
+
+
+def float_buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """Non-persistent float buffers (rotary ``inv_freq``...) are recomputed on load: their dtypes, so the loaded
+    model computes exactly what the saved one did after a cast changed them."""
+    out = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, QModuleMixin):
+            continue
+        for k in mod._non_persistent_buffers_set:
+            b = mod._buffers.get(k)
+            if b is not None and b.is_floating_point():
+                out[f"{mname}.{k}" if mname else k] = str(b.dtype).removeprefix("torch.")
+    return out
+
+
+def checkpoint_tensors(module: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``module``'s tensors as a qcal checkpoint stores them (names prefixed), and the sha256 of its quantized
+    modules' tensors: a frozen quantized module's float ``weight`` is an empty uint8 sentinel, so transformers
+    without qcal stops on its size mismatch instead of loading random weights in place of the quantized ones."""
+    state_dict = {prefix + k: v for k, v in module.state_dict().items()}
+    hashes = {}
+    for name, m in quantized_modules(module):
+        name = prefix + name
+        for k, t in _module_tensors(m, name).items():
+            hashes[k] = tensor_sha256(t)
+        if m.frozen and m.weight_spec is not None:
+            state_dict[f"{name}.weight"] = torch.zeros(0, dtype=torch.uint8)
+    return state_dict, hashes
+
+
+def checkpoint_metadata(hashes: dict[str, str]) -> dict[str, str]:
+    """The safetensors metadata of a qcal checkpoint file holding tensors with these sha256."""
+    return {_METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "sha256": hashes}, sort_keys=True)}
 
 
 def _module_tensors(m: QModuleMixin, name: str) -> dict[str, torch.Tensor]:

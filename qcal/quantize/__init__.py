@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .granularity import PerAxis, PerGroup
-from .nn import QMODULE_FOR, QModuleMixin
-from .observers import get_observer
-from .qtypes import get_qtype, qtype
-from .spec import ActivationSpec, WeightSpec
+from ..granularity import PerAxis, PerGroup
+from ..nn import QMODULE_FOR, QModuleMixin
+from ..observers import get_observer
+from ..qtypes import get_qtype, qtype
+from ..spec import ActivationSpec, WeightSpec
 
 __all__ = ["quantize", "freeze", "quantized_modules", "set_module", "match_names", "cast_model"]
 

@@ -1,0 +1,130 @@
+"""Streamed PTQ from a checkpoint on disk (``qcal.quantize_pretrained``): peak memory, time per block, disk.
+
+    # a Llama checkpoint with TinyLlama-1.1B's shapes and random weights, fp32 safetensors shards (~4.4 GB)
+    python benchmarks/bench_streamed.py make --out ckpt/tinyllama-random
+    # GPTQ int4 g64 from it, 128 x 512 calibration tokens (random ids: the weights are random too)
+    python benchmarks/bench_streamed.py run --src ckpt/tinyllama-random --out ckpt/tinyllama-gptq \\
+        --scheme gptq-int4-64-actorder --batch-size 8 --max-memory 0.25
+    # equality with the in-memory quantizer on a model that fits (SmolLM2-135M as a safetensors folder)
+    python benchmarks/bench_streamed.py compare --src SMOLLM2_DIR --scheme gptq-int4-64-actorder
+
+``run`` prints peak RSS (the process's ``ru_maxrss``) against the float32 checkpoint's size, seconds per block,
+total seconds and the bytes written, then loads the result with ``from_pretrained`` and runs one forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def _size(folder: Path, pattern: str = "*.safetensors") -> int:
+    return sum(f.stat().st_size for f in folder.glob(pattern))
+
+
+def make(out: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINYLLAMA))
+    model.save_pretrained(out, max_shard_size="1GB")
+    print(f"wrote {out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
+          f"{_size(out) / 2**30:.2f} GiB")
+
+
+def _windows(n: int, seqlen: int, vocab: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (1, seqlen), generator=g) for _ in range(n)]
+
+
+def run(args) -> None:
+    from transformers import AutoConfig
+
+    from qcal.pretrained import quantize_pretrained
+
+    vocab = AutoConfig.from_pretrained(args.src).vocab_size
+    calib = _windows(args.calib_samples, args.seqlen, vocab)
+    fp32 = _size(args.src)
+    summary = quantize_pretrained(args.src, args.out, args.scheme, calib=calib, batch_size=args.batch_size,
+                                  max_memory=None if args.max_memory is None else int(args.max_memory * 2**30))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    per = summary["seconds_per_block"]
+    rows = [("checkpoint (fp32) GiB", f"{fp32 / 2**30:.2f}"), ("peak RSS GiB", f"{rss / 2**30:.2f}"),
+            ("peak RSS / checkpoint", f"{rss / fp32:.1%}"), ("blocks", str(len(per))),
+            ("s per block (mean / max)", f"{sum(per) / len(per):.1f} / {max(per):.1f}"),
+            ("total s", f"{summary['total_s']:.0f}"), ("written GiB", f"{summary['bytes_written'] / 2**30:.2f}")]
+    for k, v in rows:
+        print(f"{k:<26} {v}")
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.out)
+    logits = model(torch.randint(0, vocab, (1, 16))).logits
+    print(f"from_pretrained + forward: {time.perf_counter() - t0:.1f} s, logits finite: "
+          f"{bool(torch.isfinite(logits).all())}")
+
+
+def compare(args) -> None:
+    """Streamed vs in-memory (``apply_scheme``) on the same calibration windows: tensors compared one by one."""
+    import tempfile
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qcal.data import calibration_windows
+    from qcal.pretrained import quantize_pretrained
+    from qcal.schemes import apply_scheme
+
+    tok = AutoTokenizer.from_pretrained(args.src)
+    calib = calibration_windows(tok, "c4", args.calib_samples, args.seqlen, 0, args.data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        quantize_pretrained(args.src, Path(tmp) / "streamed", args.scheme, calib=calib)
+        t_stream = time.perf_counter() - t0
+        model = AutoModelForCausalLM.from_pretrained(args.src, dtype=torch.float32)
+        t0 = time.perf_counter()
+        apply_scheme(model, args.scheme, calib=lambda: calib)
+        t_mem = time.perf_counter() - t0
+        model.save_pretrained(Path(tmp) / "memory")
+        a, b = {}, {}
+        for f in (Path(tmp) / "streamed").glob("*.safetensors"):
+            a.update(load_file(f))
+        for f in (Path(tmp) / "memory").glob("*.safetensors"):
+            b.update(load_file(f))
+    same = sum(k in b and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    print(f"tensors: {len(a)} streamed, {len(b)} in memory, {same} bit-identical; "
+          f"streamed {t_stream:.0f} s, in memory {t_mem:.0f} s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make", help="write a random-weight Llama checkpoint with TinyLlama-1.1B's shapes")
+    m.add_argument("--out", type=Path, required=True)
+    for name in ("run", "compare"):
+        r = sub.add_parser(name)
+        r.add_argument("--src", type=Path, required=True)
+        r.add_argument("--scheme", default="gptq-int4-64-actorder")
+        r.add_argument("--calib-samples", type=int, default=128)
+        r.add_argument("--seqlen", type=int, default=512)
+        r.add_argument("--data-dir", default=os.environ.get("QCAL_DATA_DIR"))
+        if name == "run":
+            r.add_argument("--out", type=Path, required=True)
+            r.add_argument("--batch-size", type=int, default=8)
+            r.add_argument("--max-memory", type=float, default=None, help="GiB of activations kept in RAM")
+    args = p.parse_args()
+    {"make": lambda: make(args.out), "run": lambda: run(args), "compare": lambda: compare(args)}[args.cmd]()
+
+
+if __name__ == "__main__":
+    main()
