@@ -5,8 +5,8 @@
     # GPTQ int4 g64 from it, 128 x 512 calibration tokens (random ids: the weights are random too)
     python benchmarks/bench_streamed.py run --src ckpt/tinyllama-random --out ckpt/tinyllama-gptq \\
         --scheme gptq-int4-64-actorder --batch-size 8 --max-memory 0.25
-    # equality with the in-memory quantizer on a model that fits (SmolLM2-135M as a safetensors folder)
-    python benchmarks/bench_streamed.py compare --src SMOLLM2_DIR --scheme gptq-int4-64-actorder
+    # equality with the in-memory quantizer on a model that fits (the bundled SmolLM2-135M, or a folder)
+    python benchmarks/bench_streamed.py compare --src smollm2-135m --scheme gptq-int4-64-actorder
 
 ``run`` prints peak RSS (the process's ``ru_maxrss``) against the float32 checkpoint's size, seconds per block,
 total seconds and the bytes written, then loads the result with ``from_pretrained`` and runs one forward.
@@ -54,8 +54,27 @@ def run(args) -> None:
     vocab = AutoConfig.from_pretrained(args.src).vocab_size
     calib = _windows(args.calib_samples, args.seqlen, vocab)
     fp32 = _size(args.src)
-    summary = quantize_pretrained(args.src, args.out, args.scheme, calib=calib, batch_size=args.batch_size,
-                                  max_memory=None if args.max_memory is None else int(args.max_memory * 2**30))
+    times: list[float] = [time.perf_counter()]
+
+    class _Stop(Exception):
+        pass
+
+    def on_block(i: int) -> None:
+        times.append(time.perf_counter())
+        if args.stop_after is not None and len(times) - 1 >= args.stop_after:
+            raise _Stop
+
+    try:
+        summary = quantize_pretrained(args.src, args.out, args.scheme, calib=calib, batch_size=args.batch_size,
+                                      max_memory=None if args.max_memory is None else int(args.max_memory * 2**30),
+                                      on_block=on_block)
+    except _Stop:  # the run resumes from here when started again without --stop-after
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        per = [b - a for a, b in zip(times, times[1:], strict=False)]
+        print(f"stopped after {len(per)} blocks: s per block {', '.join(f'{t:.1f}' for t in per)} (the first "
+              f"includes loading and the calibration capture); peak RSS {rss / 2**30:.2f} GiB = {rss / fp32:.1%} "
+              f"of the {fp32 / 2**30:.2f} GiB checkpoint")
+        return
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     per = summary["seconds_per_block"]
     rows = [("checkpoint (fp32) GiB", f"{fp32 / 2**30:.2f}"), ("peak RSS GiB", f"{rss / 2**30:.2f}"),
@@ -84,13 +103,22 @@ def compare(args) -> None:
     from qcal.pretrained import quantize_pretrained
     from qcal.schemes import apply_scheme
 
-    tok = AutoTokenizer.from_pretrained(args.src)
-    calib = calibration_windows(tok, "c4", args.calib_samples, args.seqlen, 0, args.data_dir)
     with tempfile.TemporaryDirectory() as tmp:
+        src = args.src
+        if str(src) == "smollm2-135m":  # the bundled model, written as a safetensors folder first
+            from qcal.eval.models import load_model
+
+            model, tok = load_model("smollm2-135m")
+            src = Path(tmp) / "src"
+            model.save_pretrained(src)
+            tok.save_pretrained(src)
+            del model
+        tok = AutoTokenizer.from_pretrained(src)
+        calib = calibration_windows(tok, "c4", args.calib_samples, args.seqlen, 0, args.data_dir)
         t0 = time.perf_counter()
-        quantize_pretrained(args.src, Path(tmp) / "streamed", args.scheme, calib=calib)
+        quantize_pretrained(src, Path(tmp) / "streamed", args.scheme, calib=calib)
         t_stream = time.perf_counter() - t0
-        model = AutoModelForCausalLM.from_pretrained(args.src, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
         t0 = time.perf_counter()
         apply_scheme(model, args.scheme, calib=lambda: calib)
         t_mem = time.perf_counter() - t0
@@ -122,6 +150,8 @@ def main() -> None:
             r.add_argument("--out", type=Path, required=True)
             r.add_argument("--batch-size", type=int, default=8)
             r.add_argument("--max-memory", type=float, default=None, help="GiB of activations kept in RAM")
+            r.add_argument("--stop-after", type=int, default=None,
+                           help="stop after this many blocks (peak memory and time per block so far)")
     args = p.parse_args()
     {"make": lambda: make(args.out), "run": lambda: run(args), "compare": lambda: compare(args)}[args.cmd]()
 

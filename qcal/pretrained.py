@@ -13,8 +13,11 @@ inputs): a run killed at any point and started again with the same arguments con
 block and writes the same files an uninterrupted run writes, byte for byte.
 
 Calibration-free schemes need no calibration data and stream at disk speed. Calibrated schemes that can work one
-block at a time are the GPTQ family (``gptq-*``, ``gptq-gguf-*``); :func:`qcal.schemes.streamable_scheme` names
-them. Decoder-only Hugging Face models whose blocks take the hidden states plus keyword arguments the model
+block at a time are the GPTQ family (``gptq-*``, ``gptq-gguf-*``, ``8da4w-gptq-<g>``);
+:func:`qcal.schemes.streamable_scheme` names them. Under ``torchrun`` (an initialised process group) each process
+calibrates on its share of the windows, the Gram matrices are summed across processes and each stage's solves
+are dealt out among them (:mod:`qcal.algorithms.sequential`); every process ends with the same block and the first
+one writes. Decoder-only Hugging Face models whose blocks take the hidden states plus keyword arguments the model
 computes once (Llama, Mistral, Qwen2, ...) are supported.
 """
 
@@ -38,6 +41,7 @@ from .integrations.transformers import QcalConfig, _record, checkpoint_metadata,
 from .nn import QMODULE_FOR
 from .quantize import cast_model, quantized_modules
 from .schemes import streamable_scheme
+from .transaction import transaction
 
 __all__ = ["quantize_pretrained", "main"]
 
@@ -165,15 +169,31 @@ def _write_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _release_memory() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them otherwise, and the process grows block by
+    block)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def _load_outside(model: nn.Module, prefix: str, ckpt: _Checkpoint, tied: bool) -> dict[str, torch.Tensor]:
-    """Load every tensor outside the decoder blocks (embeddings, final norm, head) as float32; returns them."""
-    keys = [k for k in model.state_dict() if not k.startswith(prefix) and not (tied and k == "lm_head.weight")]
+def _load_outside(model: nn.Module, prefix: str, ckpt: _Checkpoint, tied: bool,
+                  skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Load every tensor outside the decoder blocks (embeddings, final norm, head), but ``skip``, as float32;
+    returns them."""
+    keys = [k for k in model.state_dict() if not k.startswith(prefix) and not (tied and k == "lm_head.weight")
+            and k not in skip]
     state = {k: v.float() for k, v in ckpt.read([k for k in keys if k in ckpt.where]).items()}
     missing = [k for k in keys if k not in state]
     if missing:
@@ -242,24 +262,36 @@ def quantize_pretrained(
     states_dir.mkdir(exist_ok=True)
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    outside = _load_outside(model, prefix, ckpt, tied)
+    head = model.get_output_embeddings()
+    head_keys = () if tied or head is None else tuple(
+        n for n, p in model.named_parameters() if any(p is q for q in head.parameters()))
+    outside = _load_outside(model, prefix, ckpt, tied, skip=head_keys)  # the head waits until it is written
 
     states = None
-    if windows is not None:
-        captured = _capture(model, blocks[0], _batches(windows, batch_size))
-        in_memory = max_memory is None or sum(_hidden(s).numel() * 4 for s in captured) <= max_memory
-        states = _States([_with_hidden(s, torch.empty(0)) for s in captured], states_dir / f"states-{done + 1}",
-                         in_memory)
-        if done >= 0:  # resume: block done's run saved the inputs of block done + 1
-            states.hidden = [torch.load(states.folder / f"{i}.pt", weights_only=True) if in_memory else None
-                             for i in range(len(states))]
-        else:
-            states.hidden = [_hidden(s) if in_memory else None for s in captured]
-            if not in_memory:
-                states.folder.mkdir(exist_ok=True)
-                for i, s in enumerate(captured):
-                    torch.save(_hidden(s).contiguous(), states.folder / f"{i}.pt")
-        del captured
+    if windows is not None:  # the first block's inputs, one batch at a time (each spilled to disk at once)
+        batches = _batches(windows, batch_size)
+        folder = states_dir / f"states-{done + 1}"
+        kwargs: list = []
+        hidden: list[torch.Tensor | None] = []
+        in_memory = True
+        for b, batch in enumerate(batches):
+            (state,) = _capture(model, blocks[0], [batch])
+            h = _hidden(state)
+            if b == 0:
+                total = h.numel() * 4 * sum(x.shape[0] for x in batches) // batch.shape[0]
+                in_memory = max_memory is None or total <= max_memory
+                folder.mkdir(exist_ok=True)
+            kwargs.append(_with_hidden(state, torch.empty(0)))
+            if done >= 0:  # resume: block done's run saved the inputs of block done + 1
+                hidden.append(torch.load(folder / f"{b}.pt", weights_only=True) if in_memory else None)
+            elif in_memory:
+                hidden.append(h)
+            else:
+                torch.save(h.contiguous(), folder / f"{b}.pt")
+                hidden.append(None)
+            del state, h
+        states = _States(kwargs, folder, in_memory)
+        states.hidden = hidden
     # the embeddings and head are not needed again until they are written: out of memory meanwhile
     model.load_state_dict({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in outside.items()},
                           strict=False, assign=True)
@@ -272,7 +304,8 @@ def quantize_pretrained(
         t0 = time.perf_counter()
         block = blocks[i]
         _load(block, f"{prefix}{i}.", ckpt)
-        solve(block, None if states is None else (lambda: states))
+        with transaction(block, snapshot_tensors=False):  # a failed block is re-read from disk: no undo copy
+            solve(block, None if states is None else (lambda: states))
         if states is not None and i + 1 < len(blocks):  # the next block's inputs, from the quantized block
             nxt = states_dir / f"states-{i + 1}"
             nxt.mkdir(exist_ok=True)
@@ -297,6 +330,7 @@ def quantize_pretrained(
             shutil.rmtree(old)
         blocks[i] = block.to("meta")
         del block
+        _release_memory()
         per_block.append(time.perf_counter() - t0)
         bar.set_postfix_str(f"{per_block[-1]:.1f} s/block")
         if on_block is not None:

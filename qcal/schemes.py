@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .algorithms import GPTQQuantizer, Int8DynActInt4WeightGPTQQuantizer, smoothquant_w8a8
+from .algorithms import GPTQQuantizer, smoothquant_w8a8
+from .algorithms.int8_dyn_act_int4_weight import swap_8da4w
 from .calibration import calibrate
 from .qtypes import qint4, qint8
 from .quantize import cast_model, freeze, quantize, quantized_modules
@@ -32,6 +33,7 @@ class SchemeContext:
     quantize_lm_head: bool = False
     calib: Callable[[], list[torch.Tensor]] | None = None
     dtype: torch.dtype = torch.bfloat16
+    progress: bool = True  # the algorithms' progress bars
 
     @property
     def exclude(self) -> list[str] | None:
@@ -117,7 +119,7 @@ def streamable_scheme(name: str) -> tuple[Callable[[nn.Module, Callable | None],
         raise ValueError(f"scheme {name!r} cannot be applied one block at a time yet; these can: {', '.join(ok)}")
 
     def solve(module: nn.Module, calib: Callable[[], list] | None) -> nn.Module:
-        return scheme.fn(module, match, SchemeContext(False, calib))
+        return scheme.fn(module, match, SchemeContext(False, calib, progress=False))
     return solve, scheme.finish, scheme.pattern not in RTN_SCHEMES and not scheme.pattern.startswith("gguf-")
 
 
@@ -218,16 +220,18 @@ def _gguf_rtn(kind: str):
 
 def _gguf_gptq(kind: str):
     def apply(model, match, ctx):
-        return GPTQQuantizer(gguf_type=kind, act_order=True, static_groups=True, exclude=ctx.exclude).quantize(
-            model, ctx.calibration_inputs(match.string))
+        # shrink 0.5: half GPTQ, half importance-matrix rounding (llama-perplexity on SmolLM2: BENCHMARKS.md)
+        return GPTQQuantizer(gguf_type=kind, act_order=True, static_groups=True, shrink=0.5, exclude=ctx.exclude,
+                             progress=ctx.progress).quantize(model, ctx.calibration_inputs(match.string))
     return apply
 
 
 for _name, (_kind, _what) in _GGUF.items():
     register_scheme(f"gguf-{_name}", f"llama.cpp's {_kind}: {_what}, groups of 32, float16 scales, weight-only "
                     "(exports to GGUF bit for bit)", finish=_finish_gguf)(_gguf_rtn(_kind))
-    register_scheme(f"gptq-gguf-{_name}", f"GPTQ (act_order, static groups) to llama.cpp's {_kind}: {_what}, "
-                    "groups of 32, float16 scales (calibrated; exports to GGUF bit for bit)", finish=_finish_gguf)(
+    register_scheme(f"gptq-gguf-{_name}", f"GPTQ (act_order, static groups, Hessian half-shrunk to its diagonal) "
+                    f"to llama.cpp's {_kind}: {_what}, groups of 32, float16 scales searched against the input energy "
+                    "(calibrated; exports to GGUF bit for bit)", finish=_finish_gguf)(
         _gguf_gptq(_kind))
 
 
@@ -238,7 +242,7 @@ def _gptq_scheme(bits: int, per_channel: bool, act_order: bool, zero_point: str 
     def apply(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
         group = None if per_channel else int(match.group("g"))
         return GPTQQuantizer(bits=bits, groupsize=group, act_order=act_order, static_groups=act_order,
-                             zero_point=zero_point, exclude=ctx.exclude).quantize(
+                             zero_point=zero_point, exclude=ctx.exclude, progress=ctx.progress).quantize(
             model, ctx.calibration_inputs(match.string))
     return apply
 
@@ -256,10 +260,13 @@ for _bits in (2, 3, 4, 8):
 
 
 @register_scheme("8da4w-gptq-<g>", "8da4w with GPTQ weights: int8 dynamic per-token activations x int4 "
-                 "symmetric groups of <g>, act_order with static groups (calibrated)")
+                 "symmetric groups of <g>, act_order with static groups (calibrated)", finish=_finish)
 def _8da4w_gptq(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
-    quantizer = Int8DynActInt4WeightGPTQQuantizer(groupsize=int(match.group("g")), precision=ctx.dtype,
-                                                  exclude=ctx.exclude, act_order=True, static_groups=True)
+    """What ``Int8DynActInt4WeightGPTQQuantizer`` does, with the freeze and cast left to ``finish``."""
+    group = int(match.group("g"))
+    swap_8da4w(model, group, exclude=ctx.exclude)
+    quantizer = GPTQQuantizer(bits=4, groupsize=group, symmetric=True, act_order=True, static_groups=True,
+                              exclude=ctx.exclude, progress=ctx.progress)
     return quantizer.quantize(model, ctx.calibration_inputs(match.string))
 
 

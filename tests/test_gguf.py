@@ -175,3 +175,43 @@ def test_q4_0_importance_search_lowers_the_weighted_error():
         q = torch.round(x / d[:, None]).clamp(-8, 7)
         return (imp * (x - q * d[:, None]) ** 2).sum()
     assert err(d1) < 0.8 * err(d0)
+
+
+def test_gptq_scale_refit_lowers_the_output_error():
+    """GPTQ to Q4_0 with the scales refitted to its codes: a lower output error, float16 scales, and the weight
+    re-quantizes to the same codes (what freeze and the GGUF writer do)."""
+    from qcal.algorithms.gptq import gptq_quantize_weight
+    from qcal.integrations.gguf import block_qparams
+    from qcal.primitives import dequantize, quantize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 128, generator=g) @ (0.1 * torch.randn(128, 128, generator=g) + torch.eye(128))
+    x = x * torch.rand(128, generator=g) ** 3 * 5
+    h = x.T @ x / x.shape[0]
+    w = 0.05 * torch.randn(64, 128, generator=g)
+    kw = dict(act_order=True, static_groups=True, qparams_fn=lambda b, imp: block_qparams(b, "Q4_0", imp))
+    plain = gptq_quantize_weight(w, h, qcal.qint4, 32, True, **kw)
+    refit = gptq_quantize_weight(w, h, qcal.qint4, 32, True, refit_scales=lambda s: s.half().float(), **kw)
+    assert refit.error < 0.99 * plain.error
+    assert torch.equal(refit.scale.half().float(), refit.scale)
+    codes = quantize(refit.weight, refit.scale, None, qcal.qint4)
+    assert torch.equal(codes, refit.codes)
+    assert torch.equal(dequantize(codes, refit.scale, None), refit.weight)
+
+
+def test_gptq_shrink_spans_gptq_to_importance_rtn():
+    """``shrink=1`` propagates no error (diagonal Hessian): round-to-nearest on the importance-searched grid, which
+    llama.cpp's importance-matrix quantizer is; ``shrink=0`` is GPTQ, with a lower output error on its data."""
+    from qcal.algorithms.gptq import gptq_quantize_weight
+    from qcal.integrations.gguf import block_qparams
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2048, 64, generator=g) @ (0.3 * torch.randn(64, 64, generator=g) + torch.eye(64))
+    h = x.T @ x / x.shape[0]
+    w = 0.05 * torch.randn(32, 64, generator=g)
+    kw = dict(act_order=True, static_groups=True, qparams_fn=lambda b, imp: block_qparams(b, "Q4_0", imp))
+    rtn = gptq_quantize_weight(w, h, qcal.qint4, 32, True, shrink=1.0, **kw)
+    scale, _ = block_qparams(w.reshape(-1, 32), "Q4_0", h.diagonal().reshape(2, 32).repeat(32, 1))
+    ref = (torch.round(w.reshape(-1, 32) / scale[:, None]).clamp(-8, 7) * scale[:, None]).reshape(32, 64)
+    assert torch.equal(rtn.weight, ref)
+    assert gptq_quantize_weight(w, h, qcal.qint4, 32, True, **kw).error < 0.8 * rtn.error

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CALIB = [torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(6)]
 
 
-def _src(tmp_path: Path, layers: int = 3) -> Path:
+def _src(tmp_path: Path, layers: int = 3, tie: bool = True) -> Path:
     src = tmp_path / "src"
-    make_tiny_llama(layers=layers).save_pretrained(src)
+    make_tiny_llama(layers=layers, tie=tie).save_pretrained(src)
     return src
 
 
@@ -59,6 +59,17 @@ def test_streamed_gptq_equals_in_memory(tmp_path, max_memory):
     assert not (tmp_path / "out" / ".qcal-progress").exists()
 
 
+def test_untied_head_streams(tmp_path):
+    """An untied output head is read only when it is written (not for the calibration capture)."""
+    src = _src(tmp_path, layers=2, tie=False)
+    quantize_pretrained(src, tmp_path / "out", "gptq-int4-32", calib=CALIB, max_memory=0, progress=False)
+    apply_scheme(make_tiny_llama(layers=2, tie=False), "gptq-int4-32", calib=lambda: CALIB).save_pretrained(
+        tmp_path / "ref")
+    out, ref = _tensors(tmp_path / "out"), _tensors(tmp_path / "ref")
+    assert "lm_head.weight" in out
+    _assert_same(out, ref)
+
+
 def test_streamed_batches_equal_in_memory_batches(tmp_path):
     from qcal.algorithms.gptq import GPTQQuantizer
     from qcal.quantize import cast_model, freeze
@@ -70,6 +81,13 @@ def test_streamed_batches_equal_in_memory_batches(tmp_path):
     GPTQQuantizer(bits=4, groupsize=32, act_order=True, static_groups=True, batch_size=2,
                   progress=False).quantize(ref, CALIB)
     cast_model(freeze(ref), torch.bfloat16).save_pretrained(tmp_path / "ref")
+    _assert_same(_tensors(tmp_path / "out"), _tensors(tmp_path / "ref"))
+
+
+def test_streamed_8da4w_gptq_equals_in_memory(tmp_path):
+    src = _src(tmp_path, layers=2)
+    quantize_pretrained(src, tmp_path / "out", "8da4w-gptq-32", calib=CALIB, progress=False)
+    apply_scheme(make_tiny_llama(layers=2), "8da4w-gptq-32", calib=lambda: CALIB).save_pretrained(tmp_path / "ref")
     _assert_same(_tensors(tmp_path / "out"), _tensors(tmp_path / "ref"))
 
 

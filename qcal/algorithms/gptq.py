@@ -56,19 +56,24 @@ class GPTQResult:
     damping: float  # fraction of mean(diag H) finally added to the diagonal (inf: fell back to RTN)
 
 
-def _hessian_inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+def _hessian_inverse_cholesky(h: torch.Tensor, percdamp: float, shrink: float = 0.0) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + d·mean(diag H)·I)⁻¹``.
 
     If the factorisation fails, the damping ``d`` grows tenfold and is retried; as a last resort
     the factor is diagonal, which turns GPTQ into round-to-nearest for this layer (never NaN).
     """
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = h.diagonal().mean()
     damp = percdamp
-    for _ in range(_MAX_DAMPING_TRIES):
-        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+    for _ in range(_MAX_DAMPING_TRIES):  # at most three n x n matrices alive at once, h included
+        damped = h * (1 - shrink) if shrink else h.clone()  # shrunk towards its diagonal, then damped
+        damped.diagonal().add_(shrink * h.diagonal() + damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(upper).all():
                 return upper, damp
         damp = damp * 10 if damp > 0 else 1e-4
@@ -98,6 +103,36 @@ def _group_qparams(block: torch.Tensor, qt: qtype, symmetric: bool, dtype: torch
         mn, mx = block.amin(1), block.amax(1)
     scale, zp = choose_qparams_from_minmax(mn, mx, qt, symmetric, dtype, integer_zp)
     return scale.float(), None if zp is None else zp.float()
+
+
+def _refit_scales(w0: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, h: torch.Tensor,
+                  storage: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric groups: with GPTQ's codes fixed, each row's group scales refitted by least squares to the output
+    error ``(w0 - ŵ) H (w0 - ŵ)ᵀ`` (one small ``G x G`` system per row), stored as ``storage`` rounds them; a row
+    keeps its old scales unless the new ones lower its error. Returns the new ``(q, scale)``."""
+    rows, cols = w0.shape
+    n_groups = scale.shape[1]
+    g = cols // n_groups
+    codes = torch.round(q.reshape(rows, n_groups, g) / scale[:, :, None])
+    h4 = h.reshape(n_groups, g, n_groups, g)
+    a = torch.einsum("rgi,rgih->rgh", codes, torch.einsum("gihj,rhj->rgih", h4, codes))
+    b = torch.einsum("rgi,rgi->rg", codes, (w0 @ h).reshape(rows, n_groups, g))
+    empty = (codes == 0).all(2)  # a group of zero codes: any scale, keep the old one
+    eye = torch.eye(n_groups, device=w0.device)
+    a = torch.where(empty[:, :, None] | empty[:, None, :], eye * 1.0, a)
+    b = torch.where(empty, scale, b)
+    a = a + eye * (1e-6 * a.diagonal(dim1=1, dim2=2).mean(1, keepdim=True)[:, :, None])
+    new, info = torch.linalg.solve_ex(a, b)
+    new = storage(new)
+    ok = (info == 0)[:, None] & torch.isfinite(new) & (new.abs() >= 2.0 ** -14)
+    new = torch.where(ok, new, scale)
+    q_new = (codes * new[:, :, None]).reshape(rows, cols)
+
+    def err(x: torch.Tensor) -> torch.Tensor:
+        d = w0 - x
+        return ((d @ h) * d).sum(1)
+    better = err(q_new) < err(q)
+    return torch.where(better[:, None], q_new, q), torch.where(better[:, None], new, scale)
 
 
 def _relative_error(delta: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
@@ -133,6 +168,8 @@ def gptq_quantize_weight(
     mse: bool = False,
     integer_zero_point: bool = False,
     qparams_fn: QParamsFn | None = None,
+    refit_scales: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    shrink: float = 0.0,
 ) -> GPTQResult:
     """GPTQ on one ``(out, in)`` weight given ``hessian ∝ XᵀX`` of its inputs ``(in, in)``.
 
@@ -143,15 +180,22 @@ def gptq_quantize_weight(
     the zero-points (asymmetric), and the error propagation sees the rounded ones. ``qparams_fn(block, importance)``
     replaces the min/max choice of each group's qparams: ``block`` is the group's ``(out, group)`` weights,
     ``importance`` the Hessian's diagonal over its columns (e.g. :func:`qcal.integrations.gguf.block_qparams`, a
-    storage format's grid and float16 scales, searched against the importance).
+    storage format's grid and float16 scales, searched against the importance). ``refit_scales`` (symmetric
+    groups): after the propagation, each row's group scales are refitted by least squares against the output error
+    with the codes fixed, and rounded by this function (e.g. to float16); rows keep the better of the two.
+    ``shrink`` in [0, 1] propagates errors through ``(1 - shrink) H + shrink diag(H)``: 0 is GPTQ, 1 is
+    round-to-nearest on the static groups (with ``qparams_fn``'s importance search: llama.cpp's importance-matrix
+    quantization), in between trusts the calibration data's correlations less.
     """
     with _OneThread():
         return _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_order, static_groups, mse,
-                     integer_zero_point, qparams_fn)
+                     integer_zero_point, qparams_fn, refit_scales, shrink)
 
 
 def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_order, static_groups, mse,
-          izp=False, qparams_fn=None):
+          izp=False, qparams_fn=None, refit_scales=None, shrink=0.0):
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"GPTQ: shrink must be in [0, 1], got {shrink}")
     if not torch.isfinite(hessian).all():
         raise ValueError("GPTQ: the Hessian contains NaN or Inf; check the calibration inputs")
     dtype = weight.dtype
@@ -160,11 +204,13 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
     g = group_size or cols
     if cols % g:
         raise ValueError(f"GPTQ: group_size={group_size} does not divide the input size {cols}")
-    h = hessian.detach().float().clone()
+    h = hessian.detach().float()
     w = w0.clone()
     dead = h.diagonal() == 0  # inputs that were always zero: any weight works, use 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    if dead.any():  # else h is the caller's matrix, never written: one n x n copy less (large for down_proj)
+        h = h.clone()
+        h[dead, dead] = 1
+        w[:, dead] = 0
     importance = h.diagonal().clone()
 
     scale = torch.empty(rows, cols // g, device=w.device)
@@ -181,11 +227,13 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
     perm = None
     if act_order:  # columns with the largest input energy first
         perm = torch.argsort(h.diagonal(), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        w, h = w[:, perm], h[perm]
+        h = h[:, perm]
     order = perm if perm is not None else torch.arange(cols, device=w.device)
     group_of = (order // g).tolist()
 
-    hinv, damping = _hessian_inverse_cholesky(h, percdamp)
+    hinv, damping = _hessian_inverse_cholesky(h, percdamp, shrink)
+    del h
     q = torch.zeros_like(w)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -212,6 +260,14 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
 
     if perm is not None:
         q = q[:, torch.argsort(perm)]
+    if refit_scales:
+        if zero is not None or group_size is None:
+            raise ValueError("GPTQ: refit_scales needs symmetric groups")
+        hs = hessian.detach().float()
+        if dead.any():
+            hs = hs.clone()
+            hs[dead, dead] = 1
+        q, scale = _refit_scales(w0, q, scale, hs, refit_scales)
     if qparams_fn is None:
         scale = scale.to(dtype)
         zero = None if zero is None else zero.to(dtype)
@@ -248,9 +304,10 @@ class GPTQQuantizer:
     block, the fastest on CPU); an int bounds activation memory at the cost of one forward per
     stage. ``mse=True`` searches each group's clipping range (the reference GPTQ's ``mse`` grid)
     instead of using its min/max. ``gguf_type="Q4_0"`` / ``"Q4_1"`` / ``"Q8_0"`` targets llama.cpp's block formats
-    (groups of 32, scales rounded to GGUF's float16 as they are chosen, so the error propagation sees them;
-    export with ``qcal.export(model, "m.gguf", format="gguf")``). After :meth:`quantize`, :attr:`report` holds each
-    layer's errors and
+    (groups of 32, each linear's own type from its spec; Q4_0 / Q8_0 scales searched against the input energy,
+    float16 as they are chosen so the error propagation sees them, and refitted to the codes; export with
+    ``qcal.export(model, "m.gguf", format="gguf")``). ``shrink`` blends the Hessian with its diagonal (see
+    :func:`gptq_quantize_weight`). After :meth:`quantize`, :attr:`report` holds each layer's errors and
     :attr:`quantize_time_s` the time taken.
     """
 
@@ -267,6 +324,7 @@ class GPTQQuantizer:
         *,
         zero_point: str = "float",
         gguf_type: str | None = None,
+        shrink: float = 0.0,
         mse: bool = False,
         include: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] | None = "lm_head",
@@ -274,15 +332,14 @@ class GPTQQuantizer:
         blocks: str | None = None,
         progress: bool = True,
     ) -> None:
-        self.qparams_fn: QParamsFn | None = None
+        self.gguf_type = gguf_type
         if gguf_type is not None:  # GGUF's block formats: groups of 32, float16 scales (see qcal.integrations.gguf)
-            from ..integrations.gguf import GGUF_TYPES, block_qparams
+            from ..integrations.gguf import GGUF_TYPES
 
             if gguf_type not in GGUF_TYPES:
                 raise ValueError(f"GPTQ: gguf_type={gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
             bits, groupsize, symmetric = (8 if gguf_type == "Q8_0" else 4), 32, gguf_type != "Q4_1"
             zero_point = "int" if gguf_type == "Q4_1" else zero_point
-            self.qparams_fn = lambda block, importance: block_qparams(block, gguf_type, importance)
         if bits not in _QTYPES:
             raise ValueError(f"GPTQ: bits={bits} is not supported; choose one of {sorted(_QTYPES)}")
         if blocksize <= 0 or percdamp < 0:
@@ -291,6 +348,9 @@ class GPTQQuantizer:
         self.groupsize = groupsize
         self.blocksize = blocksize
         self.percdamp = percdamp
+        if not 0.0 <= shrink <= 1.0:
+            raise ValueError(f"GPTQ: shrink must be in [0, 1], got {shrink}")
+        self.shrink = shrink
         self.act_order = act_order
         self.static_groups = static_groups
         self.true_sequential = true_sequential
@@ -313,11 +373,21 @@ class GPTQQuantizer:
 
     def _solve(self, name: str, module: QLinear, hessian: torch.Tensor) -> float:
         spec = module.weight_spec
+        qparams_fn = refit = None
+        if self.gguf_type is not None:  # each linear's own GGUF type (a recipe may mix Q4_0 and Q4_1)
+            from ..integrations.gguf import block_qparams, gguf_type
+
+            kind = gguf_type(module)
+            if kind is None:
+                raise ValueError(f"GPTQ: {module.qcal_name} ({spec.qtype}) maps onto no GGUF block type")
+            qparams_fn = lambda block, importance: block_qparams(block, kind, importance)  # noqa: E731
+            if kind != "Q4_1":  # symmetric: scales refitted to the codes, stored in float16
+                refit = lambda s: s.to(torch.float16).float()  # noqa: E731
         res = gptq_quantize_weight(
             module.weight_2d(), hessian, spec.qtype, spec.group_size, spec.symmetric,
             blocksize=self.blocksize, percdamp=self.percdamp, act_order=self.act_order,
             static_groups=self.static_groups, mse=self.mse, integer_zero_point=spec.integer_zero_point,
-            qparams_fn=self.qparams_fn,
+            qparams_fn=qparams_fn, refit_scales=refit, shrink=self.shrink,
         )
         module.weight.data.copy_(res.weight.reshape(module.weight.shape))
         module.fix_weight_qparams(res.scale, res.zero_point)

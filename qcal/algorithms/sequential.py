@@ -295,10 +295,42 @@ def _solve_staged(block, states: list[State], layers: dict[str, nn.Module], solv
         rec.run(block, states)
         if not rec.stage:  # the remaining linears never ran: nothing to solve them from
             return
+        stage = [n for n in rec.stage if n in rec.sums]
+        grams = {n: mean_gram(rec.sums.pop(n), rec.tokens[n]) for n in stage}  # every rank, same order
+        if _distributed():
+            _solve_shared(stage, pending, grams, solve, errors)
+        else:
+            for name in stage:
+                errors[name] = solve(name, pending[name], grams.pop(name))
         for name in rec.stage:
-            if name in rec.sums:
-                errors[name] = solve(name, pending[name], mean_gram(rec.sums.pop(name), rec.tokens[name]))
             pending.pop(name)
+
+
+def _solve_shared(stage: list[str], modules: dict[str, nn.Module], grams: dict[str, torch.Tensor], solve: Solve,
+                  errors: dict[str, float]) -> None:
+    """The stage's linears dealt round-robin over the ranks: each solves its own, then every solved linear's
+    tensors (its state dict: weight and fixed qparams) go from its solver to every rank."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for k, name in enumerate(stage):
+        owner = k % world
+        payload = [None]
+        if owner == rank:
+            err = solve(name, modules[name], grams[name])
+            payload = [(err, {key: t.cpu() for key, t in modules[name].state_dict().items()})]
+        dist.broadcast_object_list(payload, src=owner)
+        err, state = payload[0]
+        if owner != rank:
+            module = modules[name]
+            for key, t in state.items():
+                sub, _, attr = key.rpartition(".")
+                holder = module.get_submodule(sub) if sub else module
+                if attr in holder._parameters:
+                    holder._parameters[attr].data = t.to(holder._parameters[attr].device)
+                else:
+                    setattr(holder, attr, t.to(next(module.parameters()).device))
+        errors[name] = err
 
 
 @torch.no_grad()
@@ -345,7 +377,7 @@ def run_sequential(
     for i, block in enumerate(bar):
         layers = select(block)
         errors: dict[str, float] = {}
-        if true_sequential and len(states) == 1:
+        if true_sequential and len(states) == 1 and not _distributed():  # several processes share out solves
             states = [_with_hidden(states[0], _solve_online(block, states[0], layers, solve, errors))]
         else:
             if layers:
