@@ -80,20 +80,16 @@ class _Checkpoint:
         return out
 
 
-def _load(module: nn.Module, prefix: str, ckpt: _Checkpoint, optional: Sequence[str] = ()) -> None:
-    """Give ``module``'s meta parameters and persistent buffers their float32 values from the checkpoint."""
-    keys = list(module.state_dict().keys())
-    missing = [k for k in keys if prefix + k not in ckpt.where and k not in optional]
+def _load(module: nn.Module, ckpt: _Checkpoint, keys: Sequence[str], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Give ``module``'s tensors ``keys`` (its state-dict names) their float32 values from the checkpoint, where
+    they are stored as ``prefix + key``; returns them."""
+    missing = [k for k in keys if prefix + k not in ckpt.where]
     if missing:
         raise ValueError(f"quantize_pretrained: the checkpoint has no tensor {prefix + missing[0]!r} "
-                         f"({len(missing)} missing for {prefix.rstrip('.') or 'the model'})")
-    found = ckpt.read([prefix + k for k in keys if prefix + k in ckpt.where])
-    state = {k[len(prefix):]: v.float() for k, v in found.items()}
+                         f"({len(missing)} missing)")
+    state = {k[len(prefix):]: v.float() for k, v in ckpt.read([prefix + k for k in keys]).items()}
     module.load_state_dict(state, strict=False, assign=True)
-    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if left:
-        raise ValueError(f"quantize_pretrained: {prefix}{left[0]} has no value (not in the checkpoint, not "
-                         f"computed by the model)")
+    return state
 
 
 def _skeleton(src: Path) -> nn.Module:
@@ -194,11 +190,7 @@ def _load_outside(model: nn.Module, prefix: str, ckpt: _Checkpoint, tied: bool,
     returns them."""
     keys = [k for k in model.state_dict() if not k.startswith(prefix) and not (tied and k == "lm_head.weight")
             and k not in skip]
-    state = {k: v.float() for k, v in ckpt.read([k for k in keys if k in ckpt.where]).items()}
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise ValueError(f"quantize_pretrained: the checkpoint has no tensor {missing[0]!r}")
-    model.load_state_dict(state, strict=False, assign=True)
+    state = _load(model, ckpt, keys)
     if tied:
         model.tie_weights()
     return state
@@ -303,7 +295,11 @@ def quantize_pretrained(
     for i in bar:
         t0 = time.perf_counter()
         block = blocks[i]
-        _load(block, f"{prefix}{i}.", ckpt)
+        _load(block, ckpt, list(block.state_dict()), f"{prefix}{i}.")
+        left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+        if left:
+            raise ValueError(f"quantize_pretrained: {prefix}{i}.{left[0]} has no value (not in the checkpoint, "
+                             f"not computed by the model)")
         with transaction(block, snapshot_tensors=False):  # a failed block is re-read from disk: no undo copy
             solve(block, None if states is None else (lambda: states))
         if states is not None and i + 1 < len(blocks):  # the next block's inputs, from the quantized block
