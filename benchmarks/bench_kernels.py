@@ -28,6 +28,8 @@ from qcal.schemes import apply_scheme
 
 SHAPES = [(576, 576, "q/o_proj"), (192, 576, "k/v_proj"), (1536, 576, "gate/up"), (576, 1536, "down"),
           (49152, 576, "lm_head")]
+SHAPES_7B = [(4096, 4096, "q/k/v/o_proj"), (11008, 4096, "gate/up"), (4096, 11008, "down"),
+             (32000, 4096, "lm_head")]  # Llama-2-7B
 SCHEMES = ["int8wo", "int4wo-64", "int8dq", "8da4w-64"]
 
 
@@ -175,6 +177,8 @@ def main() -> None:
                     help="comma-separated; <scheme>:torch = with qcal's native kernel disabled")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (--cold is CPU only)")
+    ap.add_argument("--shapes", choices=["smollm2-135m", "llama2-7b"], default="smollm2-135m",
+                    help="the linear shapes of the per-op table")
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -195,7 +199,8 @@ def main() -> None:
         crossover_table(ms, schemes)
     else:
         ms = [int(v) for v in (args.m or "1,32,512").split(",")]
-        per_op_table(ms, schemes)
+        print(f"shapes: {args.shapes}")
+        per_op_table(ms, schemes, SHAPES_7B if args.shapes == "llama2-7b" else SHAPES)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ GPTQ weights) are registered here, the layer above them.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,12 +18,15 @@ from torch import nn
 
 from .algorithms import GPTQQuantizer, smoothquant_w8a8
 from .algorithms.int8_dyn_act_int4_weight import swap_8da4w
-from .calibration import calibrate
-from .qtypes import qint4, qint8
+from .algorithms.sequential import BlockStates, _run
+from .algorithms.smoothquant import ActivationStats, smooth
+from .calibration import Calibration, calibrate
+from .qtypes import qint2, qint3, qint4, qint8, qtype
 from .quantize import cast_model, freeze, quantize, quantized_modules
-from .rtn import RTN_SCHEMES, scheme_regex
+from .rtn import RTN_SCHEMES, match_rtn, scheme_regex
 
-__all__ = ["SchemeContext", "register_scheme", "available_schemes", "apply_scheme", "describe_scheme",
+__all__ = ["SchemeContext", "register_scheme", "register_transform", "available_schemes", "available_transforms",
+           "apply_scheme", "describe_scheme", "weight_format", "streamable_scheme", "StreamedScheme",
            "quantize_kwargs", "check_scheme", "cast_model", "calibrate"]
 
 
@@ -45,6 +49,10 @@ class SchemeContext:
         return self.calib()
 
 
+Emit = Callable[[str, int, torch.Tensor], None]
+StreamStep = Callable[[nn.Module, re.Match, dict[str, BlockStates], Emit | None], None]
+
+
 @dataclass(frozen=True)
 class _Scheme:
     pattern: str
@@ -52,36 +60,83 @@ class _Scheme:
     fn: Callable[[nn.Module, re.Match, SchemeContext], nn.Module]
     description: str
     finish: Callable[[nn.Module, torch.dtype], nn.Module] | None = None
+    stream: tuple[tuple[str, ...], StreamStep] | None = None
 
 
 _SCHEMES: list[_Scheme] = []
 
 
 def register_scheme(pattern: str, description: str,
-                    finish: Callable[[nn.Module, torch.dtype], nn.Module] | None = None):
+                    finish: Callable[[nn.Module, torch.dtype], nn.Module] | None = None,
+                    stream: tuple[tuple[str, ...], StreamStep] | None = None):
     """Register ``fn(model, match, ctx) -> model`` for names matching ``pattern``.
 
     ``<g>`` in the pattern stands for a group size (digits). With ``finish(model, dtype)`` (freeze and cast), ``fn``
     only quantizes (fake-quant, qparams fixed) and works on any module, one decoder block included, so the scheme
-    can stream a checkpoint block by block (:func:`qcal.pretrained.quantize_pretrained`).
+    can stream a checkpoint block by block (:func:`qcal.pretrained.quantize_pretrained`): it calibrates on the
+    block's inputs as the quantized model before it computes them. A scheme whose statistics come from elsewhere
+    (the float model's activations, a calibration pass whose outputs feed the next block) gives
+    ``stream=(names, step)``: the activation streams it reads (e.g. ``("float", "calibrated")``, all starting from
+    the first block's inputs) and ``step(block, match, states, emit)``, which quantizes the block from
+    ``states[name]`` (a :class:`~qcal.algorithms.sequential.BlockStates` per stream) and passes each stream's next
+    hidden states to ``emit(name, batch_index, hidden)`` in batch order (``emit`` is None for the last block).
     """
     regex = scheme_regex(pattern)
+    if stream is not None and finish is None:
+        raise ValueError(f"register_scheme({pattern!r}): stream= needs finish=")
 
     def deco(fn):
-        _SCHEMES.append(_Scheme(pattern, regex, fn, description, finish))
+        _SCHEMES.append(_Scheme(pattern, regex, fn, description, finish, stream))
         return fn
 
     return deco
 
 
+Transform = Callable[[nn.Module, SchemeContext, str], nn.Module]
+# prefix -> (description, transform(model, ctx, the scheme name after the prefix)): "rot-gptq-int4-64" rotates the
+# float model, then applies gptq-int4-64
+_TRANSFORMS: dict[str, tuple[str, Transform]] = {}
+
+
+def register_transform(prefix: str, description: str):
+    """Register ``fn(model, ctx, rest) -> model``, a transform of the float model that any scheme name can be
+    prefixed with (``f"{prefix}-{rest}"``; prefixes combine, applied left to right before the scheme; ``rest`` is
+    the name after the prefix, e.g. to learn the weight format the scheme quantizes to)."""
+    if not re.fullmatch(r"[a-z0-9]+", prefix):
+        raise ValueError(f"register_transform: prefix {prefix!r} must be lowercase letters and digits")
+
+    def deco(fn):
+        _TRANSFORMS[prefix] = (description, fn)
+        return fn
+    return deco
+
+
+def _split(name: str) -> tuple[list[str], str]:
+    """(the transform prefixes of ``name``, in order; the scheme they precede)."""
+    prefixes = []
+    while True:
+        head, sep, rest = name.partition("-")
+        if not sep or head not in _TRANSFORMS or not rest:
+            return prefixes, name
+        prefixes.append(head)
+        name = rest
+
+
 def available_schemes() -> list[str]:
-    """Registered scheme patterns (``<g>`` = group size)."""
+    """Registered scheme patterns (``<g>`` = group size); each can be prefixed by transforms
+    (:func:`available_transforms`)."""
     return [s.pattern for s in _SCHEMES]
+
+
+def available_transforms() -> dict[str, str]:
+    """``{prefix: description}`` of the transforms a scheme name can start with (``rot-int8dq``)."""
+    return {p: d for p, (d, _) in _TRANSFORMS.items()}
 
 
 def describe_scheme(name: str) -> str:
     """One-line description of a scheme name."""
-    return _find(name)[0].description
+    prefixes, base = _split(name)
+    return "; then ".join([_TRANSFORMS[p][0] for p in prefixes] + [_find(base)[0].description])
 
 
 def _find(name: str) -> tuple[_Scheme, re.Match]:
@@ -89,7 +144,8 @@ def _find(name: str) -> tuple[_Scheme, re.Match]:
         m = s.regex.match(name)
         if m:
             return s, m
-    raise ValueError(f"unknown scheme {name!r}; available: {', '.join(s.pattern for s in _SCHEMES)}")
+    raise ValueError(f"unknown scheme {name!r}; available: {', '.join(available_schemes())} "
+                     f"(each may be prefixed by {', '.join(p + '-' for p in _TRANSFORMS)})")
 
 
 def apply_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False,
@@ -101,32 +157,67 @@ def apply_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False,
     weights in place (GPTQ, SmoothQuant) keep a copy of the model's tensors on disk meanwhile."""
     from .transaction import transaction
 
-    scheme, match = _find(name)
-    in_place = scheme.pattern not in (*RTN_SCHEMES, "fp32", "bf16", "w8a8-static")  # GPTQ, SmoothQuant, ...
-    with transaction(model, snapshot_tensors=in_place):
-        ctx = SchemeContext(quantize_lm_head, calib)
-        model = scheme.fn(model, match, ctx)
-        return model if scheme.finish is None else scheme.finish(model, ctx.dtype)
+    prefixes, base = _split(name)
+    scheme, match = _find(base)
+    in_place = bool(prefixes) or scheme.pattern not in (*RTN_SCHEMES, "fp32", "bf16", "w8a8-static")  # GPTQ, ...
+    config = copy.deepcopy(getattr(model, "config", None)) if prefixes else None  # a transform may edit it
+    try:
+        with transaction(model, snapshot_tensors=in_place):
+            ctx = SchemeContext(quantize_lm_head, calib)
+            rest = name
+            for p in prefixes:
+                rest = rest[len(p) + 1:]
+                model = _TRANSFORMS[p][1](model, ctx, rest)
+            model = scheme.fn(model, match, ctx)
+            return model if scheme.finish is None else scheme.finish(model, ctx.dtype)
+    except BaseException:
+        if config is not None:
+            model.config = config
+        raise
 
 
-def streamable_scheme(name: str) -> tuple[Callable[[nn.Module, Callable | None], nn.Module],
-                                          Callable[[nn.Module, torch.dtype], nn.Module], bool]:
-    """``(solve(module, calib), finish(module, dtype), needs_calibration)`` of a scheme that can quantize a model
-    one decoder block at a time; ValueError naming the ones that can for any other."""
+@dataclass(frozen=True)
+class StreamedScheme:
+    """How a scheme quantizes a model one decoder block at a time (:func:`streamable_scheme`)."""
+
+    streams: tuple[str, ...]  # the activation streams it reads; () for a calibration-free scheme
+    step: Callable[[nn.Module, dict[str, BlockStates], Emit | None], None]
+    finish: Callable[[nn.Module, torch.dtype], nn.Module]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.streams)
+
+
+def streamable_scheme(name: str) -> StreamedScheme:
+    """The :class:`StreamedScheme` of a scheme that can quantize a model one decoder block at a time; ValueError
+    naming the ones that can for any other."""
+    prefixes, _ = _split(name)
+    if prefixes:
+        raise ValueError(f"scheme {name!r} cannot be applied one block at a time: {prefixes[0]}- transforms the "
+                         "whole model (embeddings and head included)")
     scheme, match = _find(name)
     if scheme.finish is None:
         ok = [s.pattern for s in _SCHEMES if s.finish is not None]
         raise ValueError(f"scheme {name!r} cannot be applied one block at a time yet; these can: {', '.join(ok)}")
+    if scheme.stream is not None:
+        names, custom = scheme.stream
+        return StreamedScheme(names, lambda block, states, emit: custom(block, match, states, emit), scheme.finish)
+    calibrated = scheme.pattern not in RTN_SCHEMES and not scheme.pattern.startswith("gguf-")
 
-    def solve(module: nn.Module, calib: Callable[[], list] | None) -> nn.Module:
-        return scheme.fn(module, match, SchemeContext(False, calib, progress=False))
-    return solve, scheme.finish, scheme.pattern not in RTN_SCHEMES and not scheme.pattern.startswith("gguf-")
+    def step(block: nn.Module, states: dict[str, BlockStates], emit: Emit | None) -> None:
+        inputs = states.get("quantized")
+        scheme.fn(block, match, SchemeContext(False, None if inputs is None else (lambda: inputs), progress=False))
+        if inputs is not None and emit is not None:  # the next block's inputs, from the quantized block
+            for b in range(len(inputs)):
+                emit("quantized", b, _run(block, inputs[b]))
+    return StreamedScheme(("quantized",) if calibrated else (), step, scheme.finish)
 
 
 def check_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False) -> None:
     """Raise ValueError, naming the module, if scheme ``name`` cannot apply to ``model``: unknown, a group size
     of 0, or one that does not divide a linear layer's input size. Cheap: run it before any long work."""
-    scheme, match = _find(name)
+    scheme, match = _find(_split(name)[1])
     g = match.groupdict().get("g")
     if g is None:
         return
@@ -180,11 +271,35 @@ for _pattern, (_description, _kwargs) in RTN_SCHEMES.items():
     register_scheme(_pattern, _description, finish=_finish)(_rtn(_kwargs))
 
 
-@register_scheme("w8a8-static", "int8 static per-tensor activations (calibrated) x int8 per-channel weights")
+def _calibrate_stream(block: nn.Module, states: BlockStates, emit: Emit | None, what: str) -> None:
+    """``calibrate`` on one block: its inputs in order, each batch's output the next block's input (what the
+    in-memory calibration passes on; the observers' moving average depends on the order)."""
+    _single_process(what)
+    with Calibration(momentum=0.9):
+        for b in range(len(states)):
+            out = _run(block, states[b])
+            if emit is not None:
+                emit("calibrated", b, out)
+
+
+def _single_process(what: str) -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1:
+        raise ValueError(f"{what}: static activation calibration is a moving average over the windows in order "
+                         "and cannot be split over processes; run it in one process")
+
+
+def _w8a8_static_step(block, match, states, emit):
+    quantize(block, weights=qint8, activations=qint8)
+    _calibrate_stream(block, states["calibrated"], emit, match.string)
+
+
+@register_scheme("w8a8-static", "int8 static per-tensor activations (calibrated) x int8 per-channel weights",
+                 finish=_finish, stream=(("calibrated",), _w8a8_static_step))
 def _w8a8_static(model, match, ctx):
     quantize(model, weights=qint8, activations=qint8, exclude=ctx.exclude)
     calibrate(model, ctx.calibration_inputs(match.string))
-    return _finish(model, ctx.dtype)
+    return model
 
 
 # ---------------------------------------------------------------- GGUF (llama.cpp) block formats
@@ -272,12 +387,77 @@ def _8da4w_gptq(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
 
 def _smoothquant_scheme(dynamic: bool):
     def apply(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
-        smoothquant_w8a8(model, ctx.calibration_inputs(match.string), dynamic=dynamic, exclude=ctx.exclude)
-        return cast_model(freeze(model), ctx.dtype)
+        return smoothquant_w8a8(model, ctx.calibration_inputs(match.string), dynamic=dynamic, exclude=ctx.exclude)
     return apply
 
 
+def _smoothquant_step(dynamic: bool) -> StreamStep:
+    """SmoothQuant on one block: activation ranges from the float model's stream (max over every process's
+    windows), smoothing folded, W8A8; static activations then calibrated on the calibrated stream."""
+    def step(block, match, states, emit):
+        if not dynamic:
+            _single_process(match.string)
+        stats = ActivationStats(block)
+        with stats:
+            for b in range(len(states["float"])):
+                out = _run(block, states["float"][b])
+                if emit is not None:
+                    emit("float", b, out)
+        stats.all_reduce()
+        smooth(block, stats)
+        quantize(block, weights=qint8, activations=qint8, dynamic=dynamic, exclude="lm_head")
+        if not dynamic:
+            _calibrate_stream(block, states["calibrated"], emit, match.string)
+    return step
+
+
 register_scheme("smoothquant-w8a8", "SmoothQuant (alpha 0.5) + int8 dynamic per-token activations x int8 "
-                "per-channel weights (calibrated)")(_smoothquant_scheme(True))
+                "per-channel weights (calibrated)", finish=_finish,
+                stream=(("float",), _smoothquant_step(True)))(_smoothquant_scheme(True))
 register_scheme("smoothquant-w8a8-static", "SmoothQuant (alpha 0.5) + int8 static per-tensor activations x int8 "
-                "per-channel weights (calibrated)")(_smoothquant_scheme(False))
+                "per-channel weights (calibrated)", finish=_finish,
+                stream=(("float", "calibrated"), _smoothquant_step(False)))(_smoothquant_scheme(False))
+
+
+# ---------------------------------------------------------------- transforms of the float model
+
+
+@register_transform("rot", "residual stream and attention values rotated by randomised Hadamard matrices "
+                    "(QuaRot; exact in float, unties tied embeddings)")
+def _rotate(model: nn.Module, ctx: SchemeContext, rest: str) -> nn.Module:
+    from .algorithms.rotation import rotate_model
+
+    return rotate_model(model)
+
+
+def weight_format(name: str) -> tuple[qtype, int | None, bool]:
+    """``(qtype, group_size or None for per channel, symmetric)`` of the weights scheme ``name`` produces;
+    ValueError naming the scheme for one without integer weights."""
+    prefixes, base = _split(name)
+    rtn = match_rtn(base)
+    if rtn is not None:
+        kw = RTN_SCHEMES[rtn[0]][1](rtn[1])
+        return kw["weights"], kw.get("group_size"), kw.get("symmetric", True)
+    m = re.fullmatch(r"gptq-int(\d)-(\d+|pc)(-actorder)?(-intzp)?", base)
+    if m:
+        return {2: qint2, 3: qint3, 4: qint4, 8: qint8}[int(m.group(1))], \
+            None if m.group(2) == "pc" else int(m.group(2)), False
+    m = re.fullmatch(r"8da4w-gptq-(\d+)", base)
+    if m:
+        return qint4, int(m.group(1)), True
+    m = re.fullmatch(r"(?:gptq-)?gguf-(q4_0|q4_1|q8_0)", base)
+    if m:
+        return (qint8 if m.group(1) == "q8_0" else qint4), 32, m.group(1) != "q4_1"
+    if base in ("w8a8-static", "smoothquant-w8a8", "smoothquant-w8a8-static"):
+        return qint8, None, True
+    raise ValueError(f"scheme {name!r} has no integer weight format to search scales for")
+
+
+@register_transform("awq", "AWQ: per-input-channel scales searched on the calibration activations against the "
+                    "scheme's weight format, folded into the norms and producer linears (calibrated)")
+def _awq(model: nn.Module, ctx: SchemeContext, rest: str) -> nn.Module:
+    from .algorithms.awq import awq_smooth
+
+    qt, group, symmetric = weight_format(rest)
+    awq_smooth(model, ctx.calibration_inputs(f"awq-{rest}"), qt, group, symmetric, progress=ctx.progress)
+    return model

@@ -253,3 +253,24 @@ def test_act_order_every_kernel_matches_the_fake_quant_model():
                     if impl.takes(torch.bfloat16, False):
                         out = impl.run(module, x.bfloat16()).float()
                         assert (out - ref).norm() <= 2e-2 * ref.norm(), (kernel.name, impl.name)
+
+
+def test_activation_weighted_clipping_never_worse_than_min_max():
+    """``mse="act"``: each row's range is searched against the error weighted by the input channels' mean square;
+    min/max is one of the candidates, so the weighted error never grows (and here drops)."""
+    from qcal.algorithms.gptq import _group_qparams
+    from qcal.primitives import fake_quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g) * torch.linspace(0.2, 3, 32)  # heavy columns: wide min/max ranges
+    w[:, 0] *= 8
+    importance = torch.rand(32, generator=g) ** 4 + 1e-3
+    importance[0] = 1e-4  # the outlier column's input is nearly silent: clipping it costs little
+
+    def err(mse):
+        s, z = _group_qparams(w, qcal.qint4, False, torch.float32, mse, importance=importance)
+        return ((fake_quantize(w, s[:, None], z[:, None], qcal.qint4) - w) ** 2 * importance).sum(1)
+
+    minmax, act = err(False), err("act")
+    assert (act <= minmax + 1e-6).all()
+    assert act.sum() < 0.8 * minmax.sum()

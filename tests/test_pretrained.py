@@ -91,6 +91,18 @@ def test_streamed_8da4w_gptq_equals_in_memory(tmp_path):
     _assert_same(_tensors(tmp_path / "out"), _tensors(tmp_path / "ref"))
 
 
+@pytest.mark.parametrize("scheme", ["smoothquant-w8a8", "smoothquant-w8a8-static", "w8a8-static"])
+def test_streamed_activation_schemes_equal_in_memory(tmp_path, scheme):
+    """SmoothQuant's ranges come from the float model's stream, static calibration passes its own outputs on (one
+    window per step, as the in-memory calibration runs them): the in-memory checkpoint, bit for bit."""
+    src = _src(tmp_path)
+    quantize_pretrained(src, tmp_path / "out", scheme, calib=CALIB, batch_size=1, max_memory=0, progress=False)
+    apply_scheme(make_tiny_llama(layers=3), scheme, calib=lambda: CALIB).save_pretrained(tmp_path / "ref")
+    out, ref = _tensors(tmp_path / "out"), _tensors(tmp_path / "ref")
+    assert any(k.endswith("input_scale") for k in out) == scheme.endswith("static")
+    _assert_same(out, ref)
+
+
 def test_calibration_free_scheme_needs_no_data(tmp_path):
     src = _src(tmp_path)
     quantize_pretrained(src, tmp_path / "out", "int4wo-32", progress=False)
@@ -133,8 +145,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 def test_bad_inputs(tmp_path):
     src = _src(tmp_path, layers=2)
-    with pytest.raises(ValueError, match="smoothquant-w8a8.*cannot be applied one block at a time"):
-        quantize_pretrained(src, tmp_path / "a", "smoothquant-w8a8", calib=CALIB)
+    with pytest.raises(ValueError, match="bf16.*cannot be applied one block at a time"):
+        quantize_pretrained(src, tmp_path / "a", "bf16", calib=CALIB)
     with pytest.raises(ValueError, match="needs calibration windows"):
         quantize_pretrained(src, tmp_path / "b", "gptq-int4-32")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
@@ -164,9 +176,27 @@ from test_pretrained import CALIB
 from qcal.pretrained import quantize_pretrained
 
 dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2, init_method="file://" + {rdv!r})
-quantize_pretrained({src!r}, {dst!r}, "gptq-int4-32-actorder", calib=CALIB, progress=False)
+quantize_pretrained({src!r}, {dst!r}, {scheme!r}, calib=CALIB, batch_size={batch!r}, progress=False)
 dist.destroy_process_group()
 """
+
+
+def _two_processes(tmp_path: Path, src: Path, scheme: str, batch: int | None) -> dict[str, torch.Tensor]:
+    code = _RANK.format(tests=str(ROOT / "tests"), src=str(src), dst=str(tmp_path / "two"),
+                        rdv=str(tmp_path / "rendezvous"), scheme=scheme, batch=batch)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], env=env, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    return _tensors(tmp_path / "two")
+
+
+def test_two_processes_smoothquant_bit_identical(tmp_path):
+    """SmoothQuant's ranges are maxima: reduced over 2 processes they are exactly one process's."""
+    src = _src(tmp_path, layers=2)
+    quantize_pretrained(src, tmp_path / "one", "smoothquant-w8a8", calib=CALIB, batch_size=1, progress=False)
+    _assert_same(_tensors(tmp_path / "one"), _two_processes(tmp_path, src, "smoothquant-w8a8", 1))
 
 
 def test_two_processes_on_gloo_match_one(tmp_path):
@@ -174,14 +204,7 @@ def test_two_processes_on_gloo_match_one(tmp_path):
     the float32 rounding of the sums: the same scales and all but a few codes."""
     src = _src(tmp_path)
     quantize_pretrained(src, tmp_path / "one", "gptq-int4-32-actorder", calib=CALIB, progress=False)
-    code = _RANK.format(tests=str(ROOT / "tests"), src=str(src), dst=str(tmp_path / "two"),
-                        rdv=str(tmp_path / "rendezvous"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], env=env, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
-    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    one, two = _tensors(tmp_path / "one"), _two_processes(tmp_path, src, "gptq-int4-32-actorder", None)
     assert sorted(one) == sorted(two)
     codes = [k for k in one if k.endswith("qweight")]
     assert codes

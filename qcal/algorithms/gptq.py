@@ -56,48 +56,69 @@ class GPTQResult:
     damping: float  # fraction of mean(diag H) finally added to the diagonal (inf: fell back to RTN)
 
 
-def _hessian_inverse_cholesky(h: torch.Tensor, percdamp: float, shrink: float = 0.0) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + d·mean(diag H)·I)⁻¹``.
+def _hessian_inverse_cholesky(h: torch.Tensor, percdamp: float, shrink: float = 0.0,
+                               perm: torch.Tensor | None = None,
+                               dead: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H' + d·mean(diag H')·I)⁻¹``, ``H'`` being ``h`` with its rows and columns in
+    the order ``perm``, the diagonal entries ``dead`` set to 1 and shrunk towards its diagonal by ``shrink``.
+    ``h`` is never written.
 
-    If the factorisation fails, the damping ``d`` grows tenfold and is retried; as a last resort
-    the factor is diagonal, which turns GPTQ into round-to-nearest for this layer (never NaN).
+    One ``n x n`` matrix is allocated: it is filled from ``h`` row block by row block, damped, factorised,
+    inverted and factorised again in place (a column-major view, the layout LAPACK works in, so no copies).
+    If the factorisation fails, the damping ``d`` grows tenfold and the matrix is refilled and retried; as a last
+    resort the factor is diagonal, which turns GPTQ into round-to-nearest for this layer (never NaN).
     """
-    mean_diag = h.diagonal().mean()
+    n = h.shape[0]
+    diag = h.diagonal().clone()
+    if dead is not None:
+        diag[dead] = 1
+    if perm is not None:
+        diag = diag[perm]
+    mean_diag = diag.mean()
+    a = torch.empty_like(h)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    col = a.mT  # the same storage read column-major: LAPACK's layout (h is symmetric)
     damp = percdamp
-    for _ in range(_MAX_DAMPING_TRIES):  # at most three n x n matrices alive at once, h included
-        damped = h * (1 - shrink) if shrink else h.clone()  # shrunk towards its diagonal, then damped
-        damped.diagonal().add_(shrink * h.diagonal() + damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped
+    for _ in range(_MAX_DAMPING_TRIES):
+        rows = (1 << 20) // max(n, 1) or 1  # row blocks of ~4 MiB: the permutation needs no second matrix
+        for r in range(0, n, rows):
+            idx = slice(r, r + rows) if perm is None else perm[r:r + rows]
+            a[r:r + rows] = h[idx] if perm is None else h[idx][:, perm]
+        if dead is not None:
+            a.diagonal()[dead if perm is None else dead[perm]] = 1
+        if shrink:  # shrunk towards its diagonal, then damped
+            a.mul_(1 - shrink)
+        a.diagonal().add_(shrink * diag + damp * mean_diag)
+        torch.linalg.cholesky_ex(col, out=(col, info))
         if info == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0 and torch.isfinite(upper).all():
-                return upper, damp
+            torch.cholesky_inverse(col, out=col)
+            torch.linalg.cholesky_ex(col, upper=True, out=(col, info))
+            if info == 0 and torch.isfinite(col).all():
+                return col, damp
         damp = damp * 10 if damp > 0 else 1e-4
         log.warning("GPTQ: Hessian not positive definite, retrying with damping %.3g", damp)
     log.error("GPTQ: Hessian could not be factorised; falling back to round-to-nearest for this layer")
-    return torch.diag(h.diagonal().clamp(min=1e-8).rsqrt()), float("inf")
+    return torch.diag(diag.clamp(min=1e-8).rsqrt()), float("inf")
 
 
 QParamsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def _group_qparams(block: torch.Tensor, qt: qtype, symmetric: bool, dtype: torch.dtype, mse: bool,
+def _group_qparams(block: torch.Tensor, qt: qtype, symmetric: bool, dtype: torch.dtype, mse: bool | str,
                    integer_zp: bool = False, qparams_fn: QParamsFn | None = None,
                    importance: torch.Tensor | None = None):
     """(scale, zero_point) of each row of ``block`` as ``(out,)`` float32 vectors: from the row's
     min/max, with ``mse`` from the shrunk range minimising ``Σ|w - q(w)|^2.4`` (as the
-    reference GPTQ's ``mse`` grid search), or from ``qparams_fn(block, importance)``."""
+    reference GPTQ's ``mse`` grid search), with ``mse="act"`` minimising ``Σ importance·(w - q(w))²`` (the output
+    error on the calibration inputs, their cross terms left out), or from ``qparams_fn(block, importance)``."""
     if qparams_fn is not None:
         scale, zp = qparams_fn(block, importance)
         return scale.float(), None if zp is None else zp.float()
     if mse:
-        obs = MSEObserver(qt, PerAxis(0), symmetric, momentum=None, norm=2.4)
+        act = mse == "act" and importance is not None
+        obs = MSEObserver(qt, PerAxis(0), symmetric, momentum=None, norm=2.0 if act else 2.4)
         obs.integer_zero_point = integer_zp
-        mn, mx = obs.batch_range(block, (1, block.shape[1]))
+        mn, mx = obs.batch_range(block, (1, block.shape[1]), importance[None, :] if act else None)
         mn, mx = mn[:, 0], mx[:, 0]
     else:
         mn, mx = block.amin(1), block.amax(1)
@@ -165,7 +186,7 @@ def gptq_quantize_weight(
     percdamp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
-    mse: bool = False,
+    mse: bool | str = False,
     integer_zero_point: bool = False,
     qparams_fn: QParamsFn | None = None,
     refit_scales: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -174,7 +195,8 @@ def gptq_quantize_weight(
     """GPTQ on one ``(out, in)`` weight given ``hessian ∝ XᵀX`` of its inputs ``(in, in)``.
 
     ``group_size=None`` quantizes per output channel; ``mse`` searches each group's clipping
-    range instead of taking its min/max. Quantization follows
+    range instead of taking its min/max (``"act"``: against the error weighted by the Hessian's diagonal, the
+    calibration inputs' mean square per input channel). Quantization follows
     :mod:`qcal.primitives` (float zero-point when asymmetric), so re-quantizing the returned
     ``weight`` with ``scale``/``zero_point`` gives back ``codes`` exactly. ``integer_zero_point`` rounds
     the zero-points (asymmetric), and the error propagation sees the rounded ones. ``qparams_fn(block, importance)``
@@ -204,14 +226,16 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
     g = group_size or cols
     if cols % g:
         raise ValueError(f"GPTQ: group_size={group_size} does not divide the input size {cols}")
-    h = hessian.detach().float()
+    h = hessian.detach().float()  # the caller's matrix, never written (large for down_proj: no copy)
     w = w0.clone()
-    dead = h.diagonal() == 0  # inputs that were always zero: any weight works, use 0
-    if dead.any():  # else h is the caller's matrix, never written: one n x n copy less (large for down_proj)
-        h = h.clone()
-        h[dead, dead] = 1
+    dead = h.diagonal() == 0  # inputs that were always zero: any weight works, use 0 (their diagonal reads 1)
+    if dead.any():
         w[:, dead] = 0
+    else:
+        dead = None
     importance = h.diagonal().clone()
+    if dead is not None:
+        importance[dead] = 1
 
     scale = torch.empty(rows, cols // g, device=w.device)
     zero = None if symmetric else torch.empty(rows, cols // g, device=w.device)
@@ -226,14 +250,12 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
 
     perm = None
     if act_order:  # columns with the largest input energy first
-        perm = torch.argsort(h.diagonal(), descending=True)
-        w, h = w[:, perm], h[perm]
-        h = h[:, perm]
+        perm = torch.argsort(importance, descending=True)
+        w = w[:, perm]
     order = perm if perm is not None else torch.arange(cols, device=w.device)
     group_of = (order // g).tolist()
 
-    hinv, damping = _hessian_inverse_cholesky(h, percdamp, shrink)
-    del h
+    hinv, damping = _hessian_inverse_cholesky(h, percdamp, shrink, perm, dead)
     q = torch.zeros_like(w)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -257,6 +279,7 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
             w1[:, i:] -= e @ hinv1[i:i + 1, i:]
             err1[:, i:i + 1] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # the lazy batch update of the later columns
+    del hinv, w
 
     if perm is not None:
         q = q[:, torch.argsort(perm)]
@@ -264,7 +287,7 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
         if zero is not None or group_size is None:
             raise ValueError("GPTQ: refit_scales needs symmetric groups")
         hs = hessian.detach().float()
-        if dead.any():
+        if dead is not None:
             hs = hs.clone()
             hs[dead, dead] = 1
         q, scale = _refit_scales(w0, q, scale, hs, refit_scales)
@@ -303,7 +326,8 @@ class GPTQQuantizer:
     ``batch_size=None`` runs all calibration samples through a block at once (one forward per
     block, the fastest on CPU); an int bounds activation memory at the cost of one forward per
     stage. ``mse=True`` searches each group's clipping range (the reference GPTQ's ``mse`` grid)
-    instead of using its min/max. ``gguf_type="Q4_0"`` / ``"Q4_1"`` / ``"Q8_0"`` targets llama.cpp's block formats
+    instead of using its min/max; ``mse="act"`` weighs that search by each input channel's mean square.
+    ``gguf_type="Q4_0"`` / ``"Q4_1"`` / ``"Q8_0"`` targets llama.cpp's block formats
     (groups of 32, each linear's own type from its spec; Q4_0 / Q8_0 scales searched against the input energy,
     float16 as they are chosen so the error propagation sees them, and refitted to the codes; export with
     ``qcal.export(model, "m.gguf", format="gguf")``). ``shrink`` blends the Hessian with its diagonal (see
@@ -325,7 +349,7 @@ class GPTQQuantizer:
         zero_point: str = "float",
         gguf_type: str | None = None,
         shrink: float = 0.0,
-        mse: bool = False,
+        mse: bool | str = False,
         include: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] | None = "lm_head",
         batch_size: int | None = None,

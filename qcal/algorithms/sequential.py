@@ -62,21 +62,32 @@ def _distributed() -> bool:
 
 
 def mean_gram(total: torch.Tensor, tokens: int) -> torch.Tensor:
-    """``XᵀX / n`` over every process's calibration samples: under an initialised ``torch.distributed`` process
-    group each rank holds a share of the samples, and the sums and counts are added across ranks (in float64, in
-    rank order, so every rank gets the same matrix run after run) before the division."""
+    """``XᵀX / n`` over every process's calibration samples, computed in place in ``total`` (returned). Under an
+    initialised ``torch.distributed`` process group each rank holds a share of the samples, and the sums and counts
+    are added across ranks before the division: in float64, in rank order, so every rank gets the same matrix run
+    after run, a slice of ~1M entries at a time (no second matrix)."""
     if not _distributed():
-        return total / tokens
+        return total.div_(tokens)
     import torch.distributed as dist
 
-    both = torch.cat([total.reshape(-1).double(), torch.tensor([float(tokens)], dtype=torch.float64,
-                                                                  device=total.device)])
-    parts = [torch.empty_like(both) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, both)
-    summed = parts[0].clone()
-    for p in parts[1:]:
-        summed += p
-    return (summed[:-1] / summed[-1]).float().reshape(total.shape)
+    world = dist.get_world_size()
+    count = torch.tensor([float(tokens)], dtype=torch.float64, device=total.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    n = counts[0].clone()
+    for c in counts[1:]:
+        n += c
+    flat = total.view(-1)
+    step = 1 << 20
+    for i in range(0, flat.numel(), step):
+        part = flat[i:i + step].double()
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part)
+        acc = parts[0]
+        for q in parts[1:]:
+            acc += q
+        flat[i:i + step] = acc / n
+    return total
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +212,7 @@ def _run(block: nn.Module, state: State):
 
 
 class _GramMemo:
-    """Gram matrix of the last input seen, so linears reading the same tensor share one matmul."""
+    """``XᵀX / n`` of the last input seen, so linears reading the same tensor share one matmul and one matrix."""
 
     def __init__(self) -> None:
         self.key = None
@@ -211,7 +222,8 @@ class _GramMemo:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)
         if key != self.key:
-            self.key, self.value, self.ref = key, gram(x), x  # ref keeps the address from being reused
+            self.value = None  # the old matrix goes before the new one is made
+            self.key, self.value, self.ref = key, mean_gram(gram(x), x.numel() // x.shape[-1]), x
         return self.value
 
 
@@ -228,8 +240,7 @@ def _solve_online(block, state: State, layers: dict[str, nn.Module], solve: Solv
         def hook(module, args):
             x = args[0]
             if name not in errors:  # first call of this linear in the block
-                n = x.numel() // x.shape[-1]
-                errors[name] = solve(name, module, mean_gram(memo(x), n))
+                errors[name] = solve(name, module, memo(x))
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
@@ -245,7 +256,8 @@ class _StageRecorder:
 
     With ``true_sequential`` the stage is the first pending linear to run plus those reading the
     same tensor; the pass stops as soon as a linear outside the stage runs. Otherwise every
-    pending linear belongs to the stage and the pass runs to the end.
+    pending linear belongs to the stage and the pass runs to the end. Linears that read the same tensor share
+    one sum (``leader``: the first of them to run).
     """
 
     def __init__(self, pending: dict[str, nn.Module], true_sequential: bool) -> None:
@@ -254,7 +266,8 @@ class _StageRecorder:
         self.first: torch.Tensor | None = None
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
-        self.memo = _GramMemo()
+        self.leader: dict[str, str] = {}
+        self.last: tuple[str, tuple, torch.Tensor] | None = None  # (leader, key, input) of the last input seen
         self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in pending.items()]
 
     def _hook(self, name: str):
@@ -268,14 +281,25 @@ class _StageRecorder:
                     self.fixed = True
             if name not in self.stage:
                 raise _Stop
-            g = self.memo(x)
-            self.sums[name] = g.clone() if name not in self.sums else self.sums[name].add_(g)
-            self.tokens[name] = self.tokens.get(name, 0) + x.numel() // x.shape[-1]
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), x._version)
+            if name not in self.leader:
+                same = self.last is not None and self.last[1] == key
+                self.leader[name] = self.last[0] if same else name
+            self.last = (self.leader[name], key, x)  # x keeps its address from being reused
+            if self.leader[name] != name:
+                return
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            if name in self.sums:  # accumulated in place: no second n x n matrix
+                self.sums[name].addmm_(x2.T, x2)
+            else:
+                self.sums[name] = x2.T @ x2
+            self.tokens[name] = self.tokens.get(name, 0) + x2.shape[0]
         return hook
 
     def run(self, block: nn.Module, states: list[State]) -> None:
         try:
             for state in states:
+                self.last = None
                 try:
                     _run(block, state)
                 except _Stop:
@@ -284,6 +308,7 @@ class _StageRecorder:
         finally:
             for h in self.handles:
                 h.remove()
+            self.last = None
 
 
 def _solve_staged(block, states: list[State], layers: dict[str, nn.Module], solve: Solve,
@@ -295,14 +320,19 @@ def _solve_staged(block, states: list[State], layers: dict[str, nn.Module], solv
         rec.run(block, states)
         if not rec.stage:  # the remaining linears never ran: nothing to solve them from
             return
-        stage = [n for n in rec.stage if n in rec.sums]
-        grams = {n: mean_gram(rec.sums.pop(n), rec.tokens[n]) for n in stage}  # every rank, same order
+        stage = [n for n in rec.stage if n in rec.leader]
+        grams = {}
+        for n in stage:  # every rank, same order; one matrix per distinct input
+            lead = rec.leader[n]
+            grams[n] = grams[lead] if lead in grams else mean_gram(rec.sums.pop(lead), rec.tokens[lead])
+        ran = rec.stage
+        del rec
         if _distributed():
             _solve_shared(stage, pending, grams, solve, errors)
         else:
             for name in stage:
                 errors[name] = solve(name, pending[name], grams.pop(name))
-        for name in rec.stage:
+        for name in ran:
             pending.pop(name)
 
 
@@ -346,7 +376,8 @@ def run_sequential(
     progress: bool = True,
     desc: str = "sequential",
 ) -> dict[str, float]:
-    """Walk ``model`` block by block; ``solve(name, linear, XᵀX/n)`` each linear ``select(block)`` returns.
+    """Walk ``model`` block by block; ``solve(name, linear, XᵀX/n)`` each linear ``select(block)`` returns
+    (linears reading the same tensor are given the same matrix: ``solve`` must not write it).
 
     ``inputs``: token-id tensors for a Hugging Face model (``(1, seqlen)`` or ``(b, seqlen)``),
     else whatever the module takes, or the :class:`BlockStates` of ``model`` as one block.

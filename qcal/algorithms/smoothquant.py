@@ -99,6 +99,22 @@ class ActivationStats:
         self._handles, self._outputs = [], {}
         self._grad.__exit__(*exc)
 
+    def all_reduce(self) -> None:
+        """Under an initialised ``torch.distributed`` process group (each process calibrating on its share of the
+        windows), every process's ranges become those of all the windows: minima and maxima do not depend on the
+        order, so this equals one process seeing every window."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        import torch.distributed as dist
+
+        for name in sorted(self.observers):  # the same order on every process
+            obs = self.observers[name]
+            if not obs.observed:
+                raise RuntimeError(f"SmoothQuant: linear {name!r} saw no calibration input on process "
+                                   f"{dist.get_rank()}")
+            dist.all_reduce(obs.min_val, op=dist.ReduceOp.MIN)
+            dist.all_reduce(obs.max_val, op=dist.ReduceOp.MAX)
+
     def absmax(self, name: str) -> torch.Tensor:
         """max |x| per input channel of linear ``name``."""
         obs = self.observers[name]

@@ -207,10 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
     if args.list_schemes:
-        from qcal.schemes import available_schemes, describe_scheme
+        from qcal.schemes import available_schemes, available_transforms, describe_scheme
 
         for name in available_schemes():
             print(f"{name:16s} {describe_scheme(name.replace('<g>', '64'))}")
+        for prefix, what in available_transforms().items():
+            print(f"{prefix + '-<scheme>':16s} {what}; then the scheme")
         return 0
     from ..data import DataUnavailableError
     from .models import ModelUnavailableError

@@ -25,7 +25,9 @@ class MSEObserver(Observer):
         super().__init__(qt, granularity, symmetric, momentum, name)
         self.steps, self.min_ratio, self.norm = steps, min_ratio, norm
 
-    def batch_range(self, x: torch.Tensor, block_size: tuple[int, ...]):
+    def batch_range(self, x: torch.Tensor, block_size: tuple[int, ...], weight: torch.Tensor | None = None):
+        """Per block, the (min, max) of the best shrunk range; ``weight`` (broadcastable to ``x``) weighs each
+        element's error, e.g. the mean square of the activation each weight multiplies."""
         mn, mx = block_minmax(x, block_size)
         best_err = torch.full_like(mn, float("inf"))
         best_mn, best_mx = mn.clone(), mx.clone()
@@ -38,6 +40,8 @@ class MSEObserver(Observer):
             scale, zp = choose_qparams_from_minmax(cmn, cmx, self.qtype, self.symmetric, torch.float32,
                                                    self.integer_zero_point)
             err = (fake_quantize(x, scale, zp, self.qtype) - x).abs().pow(self.norm)
+            if weight is not None:
+                err = err * weight
             err = block_view(err, block_size).sum(dim=dims)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
