@@ -159,6 +159,8 @@ def _first_inputs(model: nn.Module, first: nn.Module, batches: list, names: Sequ
     kwargs: list = []
     hidden: dict[str, list] = {name: [] for name in names}
     folders = {name: states_dir / f"{name}-{block}" for name in names}
+    for folder in folders.values():
+        folder.mkdir(exist_ok=True)
     in_memory = True
     for b, batch in enumerate(batches):
         (state,) = _capture(model, first, [batch])
@@ -168,7 +170,6 @@ def _first_inputs(model: nn.Module, first: nn.Module, batches: list, names: Sequ
             in_memory = max_memory is None or total <= max_memory
         kwargs.append(_with_hidden(state, torch.empty(0)))
         for name in names:
-            folders[name].mkdir(exist_ok=True)
             if block > 0:  # resume: the files of the last finished block
                 hidden[name].append(torch.load(folders[name] / f"{b}.pt", weights_only=True, map_location=device)
                                     if in_memory else None)

@@ -19,7 +19,6 @@ round-to-nearest) is a candidate, so the error never grows. Blocks are walked in
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,13 +28,13 @@ from torch import nn
 from ..granularity import PerAxis, PerGroup
 from ..primitives import choose_qparams, fake_quantize
 from ..qtypes import qtype
+from .rotation import _is_rmsnorm
 from .sequential import run_sequential
 
 __all__ = ["awq_error", "awq_search", "awq_smooth"]
 
-log = logging.getLogger(__name__)
-
-# consumer leaf -> (producer, kind): the producer folds 1/s ("norm": its weight; "rows": its output rows)
+# first consumer -> (producer, the consumers sharing its input): a norm folds 1/s into its weight, a linear
+# into its output rows
 _GROUPS = {
     "q_proj": ("input_layernorm", ("q_proj", "k_proj", "v_proj")),
     "gate_proj": ("post_attention_layernorm", ("gate_proj", "up_proj")),
@@ -96,38 +95,26 @@ def _fold(block: nn.Module, producer: str, consumers: Sequence[str], s: torch.Te
 def awq_smooth(model: nn.Module, inputs: Sequence, qt: qtype, group_size: int | None, symmetric: bool, *,
                grid: int = 20, batch_size: int | None = None, progress: bool = True) -> dict[str, dict]:
     """Search and fold AWQ scales into ``model`` (float, in place) for quantization to ``qt`` with ``group_size``
-    (None: per channel) and ``symmetric``; returns ``{producer: {"alpha", "error", "rtn_error"}}``. The float
+    (None: per channel) and ``symmetric``; returns ``{"<block>.<producer>": {"error", "rtn_error"}}``. The float
     function is unchanged."""
     report: dict[str, dict] = {}
-    current: dict[str, Any] = {}
+    current: dict[str, Any] = {"count": 0}
 
     def select(block: nn.Module) -> dict[str, nn.Module]:
-        current["block"] = block
-        current["prefix"] = f"{current.get('count', 0)}."
-        current["count"] = current.get("count", 0) + 1
-        found = {}
-        for producer, consumers in _GROUPS.values():
-            names = _find_group(block, producer, consumers)
-            if names is not None:
-                for n in names[1]:
-                    found[n] = block.get_submodule(n)
-        return found
+        groups = [g for g in (_find_group(block, p, c) for p, c in _GROUPS.values()) if g is not None]
+        current.update(block=block, index=current["count"], count=current["count"] + 1,
+                       groups={names[0]: (prod, names) for prod, names in groups})
+        return {n: block.get_submodule(n) for _, names in groups for n in names}
 
     def solve(name: str, module: nn.Module, h: torch.Tensor) -> float:
+        if name not in current["groups"]:  # a later member of a group: solved with its first
+            return 0.0
         block = current["block"]
-        parent, _, leaf = name.rpartition(".")
-        if leaf not in _GROUPS:  # a later member of a group: solved with its first
-            return 0.0
-        producer, consumers = _GROUPS[leaf]
-        prefix = f"{parent}." if parent else ""
-        group = _find_group(block, producer, consumers, prefix)
-        if group is None:
-            return 0.0
-        prod_name, names = group
+        prod_name, names = current["groups"][name]
         weights = [block.get_submodule(n).weight for n in names]
         s, err, base = awq_search(weights, h.float(), qt, group_size, symmetric, grid)
         _fold(block, prod_name, names, s)
-        report[f"{current['prefix']}{prod_name}"] = {"error": err, "rtn_error": base}
+        report[f"{current['index']}.{prod_name}"] = {"error": err, "rtn_error": base}
         return err / base if base > 0 else 0.0
 
     run_sequential(model, inputs, select, solve, true_sequential=False, batch_size=batch_size, progress=progress,
@@ -135,26 +122,20 @@ def awq_smooth(model: nn.Module, inputs: Sequence, qt: qtype, group_size: int | 
     return report
 
 
-def _find_group(block: nn.Module, producer: str, consumers: Sequence[str],
-                prefix: str | None = None) -> tuple[str, list[str]] | None:
+def _find_group(block: nn.Module, producer: str, consumers: Sequence[str]) -> tuple[str, list[str]] | None:
     """(producer name, consumer names) of a group in ``block``, or None when its shapes do not fold exactly."""
     mods = dict(block.named_modules())
-    if prefix is None:  # find the group's parent (e.g. "self_attn.", "mlp.") from the first consumer
-        hits = [n for n in mods if n.endswith(consumers[0]) and isinstance(mods[n], nn.Linear)]
-        if not hits:
-            return None
-        prefix = hits[0][: -len(consumers[0])]
+    hits = [n for n in mods if n.rpartition(".")[2] == consumers[0] and isinstance(mods[n], nn.Linear)]
+    if not hits:
+        return None
+    prefix = hits[0][: -len(consumers[0])]  # the group's parent, e.g. "self_attn."
     names = [prefix + c for c in consumers]
     if not all(isinstance(mods.get(n), nn.Linear) for n in names):
         return None
-    if producer.endswith("layernorm"):
-        prod_name = producer if producer in mods else None
-        prod = mods.get(prod_name) if prod_name else None
-        if prod is None or "rmsnorm" not in type(prod).__name__.lower() or "gemma" in type(prod).__name__.lower():
-            return None
-        if prod.weight.shape[0] != mods[names[0]].in_features:
-            return None
-        return prod_name, names
+    if producer.endswith("layernorm"):  # a block-level RMSNorm (weight * x / rms(x))
+        prod = mods.get(producer)
+        ok = _is_rmsnorm(prod) and prod.weight.shape[0] == mods[names[0]].in_features
+        return (producer, names) if ok else None
     prod_name = prefix + producer
     prod = mods.get(prod_name)
     if not isinstance(prod, nn.Linear) or prod.out_features != mods[names[0]].in_features:
