@@ -362,14 +362,18 @@ def _gptq_scheme(bits: int, per_channel: bool, act_order: bool, zero_point: str 
     return apply
 
 
+# The unsuffixed names are the best configuration measured (BENCHMARKS.md "GPTQ"): act_order with static groups
+# (the groups' scales fixed before the permuted solve, so the checkpoint needs no g_idx); "-actorder" names the
+# same, "-noactorder" the reference GPTQ (columns in their natural order).
+_GPTQ_VARIANTS = (("<g>", False, True, "act_order with static groups"),
+                  ("<g>-actorder", False, True, "act_order with static groups (as the unsuffixed name)"),
+                  ("<g>-noactorder", False, False, "columns in natural order (the reference GPTQ)"),
+                  ("pc", True, False, "columns in natural order"))
 for _bits in (2, 3, 4, 8):
-    register_scheme(f"gptq-int{_bits}-<g>", f"GPTQ int{_bits} weight-only, asymmetric groups of <g> "
-                    "(calibrated)", finish=_finish)(_gptq_scheme(_bits, False, False))
-    register_scheme(f"gptq-int{_bits}-<g>-actorder", f"GPTQ int{_bits} weight-only, groups of <g>, act_order "
-                    "with static groups (calibrated)", finish=_finish)(_gptq_scheme(_bits, False, True))
-    register_scheme(f"gptq-int{_bits}-pc", f"GPTQ int{_bits} weight-only, asymmetric, per output channel "
-                    "(calibrated)", finish=_finish)(_gptq_scheme(_bits, True, False))
-    for _suffix, _pc, _ao in (("<g>", False, False), ("<g>-actorder", False, True), ("pc", True, False)):
+    for _suffix, _pc, _ao, _what in _GPTQ_VARIANTS:
+        _layout = "per output channel" if _pc else "groups of <g>"
+        register_scheme(f"gptq-int{_bits}-{_suffix}", f"GPTQ int{_bits} weight-only, asymmetric {_layout}; "
+                        f"{_what} (calibrated)", finish=_finish)(_gptq_scheme(_bits, _pc, _ao))
         register_scheme(f"gptq-int{_bits}-{_suffix}-intzp", f"gptq-int{_bits}-{_suffix} with integer zero-points "
                         "(exports to compressed-tensors / vLLM)", finish=_finish)(_gptq_scheme(_bits, _pc, _ao, "int"))
 
@@ -430,6 +434,14 @@ def _rotate(model: nn.Module, ctx: SchemeContext, rest: str) -> nn.Module:
     return rotate_model(model)
 
 
+@register_transform("had", "online Hadamard transform of every down_proj's input (QuaRot; its inverse folded into "
+                    "the weight, applied at run time; exact in float; qcal and hf checkpoints only)")
+def _hadamard_inputs(model: nn.Module, ctx: SchemeContext, rest: str) -> nn.Module:
+    from .algorithms.rotation import hadamard_mlp_inputs
+
+    return hadamard_mlp_inputs(model)
+
+
 def weight_format(name: str) -> tuple[qtype, int | None, bool]:
     """``(qtype, group_size or None for per channel, symmetric)`` of the weights scheme ``name`` produces;
     ValueError naming the scheme for one without integer weights."""
@@ -438,7 +450,7 @@ def weight_format(name: str) -> tuple[qtype, int | None, bool]:
     if rtn is not None:
         kw = RTN_SCHEMES[rtn[0]][1](rtn[1])
         return kw["weights"], kw.get("group_size"), kw.get("symmetric", True)
-    m = re.fullmatch(r"gptq-int(\d)-(\d+|pc)(-actorder)?(-intzp)?", base)
+    m = re.fullmatch(r"gptq-int(\d)-(\d+|pc)(-actorder|-noactorder)?(-intzp)?", base)
     if m:
         return {2: qint2, 3: qint3, 4: qint4, 8: qint8}[int(m.group(1))], \
             None if m.group(2) == "pc" else int(m.group(2)), False

@@ -22,6 +22,7 @@ from torch import nn
 from ._version import __version__
 from .granularity import PerTensor
 from .nn import QMODULE_FOR, QModuleMixin
+from .nn.hadamard import add_input_hadamard, input_hadamard
 from .observers import Observer
 from .primitives import packed_shape
 from .quantize import attach_to_transformers, quantized_modules, set_module
@@ -29,7 +30,9 @@ from .spec import ActivationSpec, WeightSpec
 
 __all__ = ["save", "load", "build_shell", "FORMAT_VERSION", "TENSORS_FILE", "MANIFEST_FILE"]
 
-FORMAT_VERSION = 2  # 2: a sha256 per tensor (version 1 files still load, without that check)
+FORMAT_VERSION = 3  # 2: a sha256 per tensor (version 1 files still load, without that check); 3: a module may
+# record an online input transform (written only by models that have one, so that older qcal refuses them)
+INPUT_TRANSFORMS = ("hadamard",)
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "qcal.json"
 
@@ -70,20 +73,32 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             continue
         seen[key] = name
         tensors[name] = t.detach().contiguous().cpu()
+    modules = {n: m.qcal_config() for n, m in quantized_modules(model)}
+    version = written_version(model, modules)
     manifest = {
         "format": "qcal",
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "qcal_version": __version__,
         "torch_version": torch.__version__,
         "model_class": type(model).__name__,
-        "modules": {n: m.qcal_config() for n, m in quantized_modules(model)},
+        "modules": modules,
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                         "sha256": tensor_sha256(t)} for n, t in tensors.items()},
         "aliases": aliases,
         "parameters": params,
     }
-    save_file(tensors, str(path / TENSORS_FILE), metadata={"format": "qcal", "format_version": str(FORMAT_VERSION)})
+    save_file(tensors, str(path / TENSORS_FILE), metadata={"format": "qcal", "format_version": str(version)})
     (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+
+
+def written_version(model: nn.Module, records: dict[str, dict]) -> int:
+    """The format version a checkpoint of these module records needs (2 unless one has an input transform);
+    ValueError naming a float module with an input transform (only quantized modules' records carry it)."""
+    for name, m in model.named_modules():
+        if input_hadamard(m) is not None and name not in records:
+            raise ValueError(f"qcal: module {name!r} has an online Hadamard input transform but is not quantized; "
+                             "a checkpoint records transforms with quantized modules only (quantize it too)")
+    return 3 if any("input_transform" in r for r in records.values()) else 2
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -139,6 +154,9 @@ def _validate_manifest(m, path: Path) -> None:
                 not isinstance(cfg.get("weights"), (dict, type(None))) or \
                 not isinstance(cfg.get("activations"), (dict, type(None))):
             raise _bad(path, f"module entry {name!r} is malformed")
+        transform = cfg.get("input_transform")
+        if transform is not None and (version < 3 or transform not in INPUT_TRANSFORMS):
+            raise _bad(path, f"module {name!r} has an unknown input_transform {transform!r}")
         try:
             WeightSpec.from_dict(cfg["weights"]) if cfg["weights"] is not None else None
             ActivationSpec.from_dict(cfg["activations"]) if cfg["activations"] is not None else None
@@ -196,6 +214,8 @@ def build_shell(orig: nn.Module, name: str, cfg: dict) -> QModuleMixin:
                                                      dtype=qdtype, device=orig.weight.device))
         q._modules.pop("input_observer", None)
         q.frozen = True
+    if cfg.get("input_transform") == "hadamard":
+        add_input_hadamard(q)
     return q
 
 

@@ -1,8 +1,8 @@
 """All or nothing: a model is either fully quantized or left exactly as it was.
 
-:func:`transaction` records the module tree (which child each module holds) and, when the work inside may
-rewrite weights in place (GPTQ, SmoothQuant), a copy of every parameter and buffer written to a temporary
-safetensors file (disk, not memory). On any exception, a ``KeyboardInterrupt`` included, the original
+:func:`transaction` records the module tree (which child each module holds, and its forward pre-hooks) and, when
+the work inside may rewrite weights in place (GPTQ, SmoothQuant), a copy of every parameter and buffer written to
+a temporary safetensors file (disk, not memory). On any exception, a ``KeyboardInterrupt`` included, the original
 modules are put back and the tensors restored into the original Parameter objects, then the exception
 propagates.
 """
@@ -40,6 +40,8 @@ def transaction(model: nn.Module, snapshot_tensors: bool = True) -> Iterator[Non
 @contextlib.contextmanager
 def _transaction(model: nn.Module, snapshot_tensors: bool) -> Iterator[None]:
     children = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
+    # what a transform may add: children (an input transform) and forward pre-hooks (the hook that runs it)
+    added = [(m, set(m._modules), dict(m._forward_pre_hooks)) for m in model.modules()]
     attrs = {a: model.__dict__[a] for a in _ATTRS if a in model.__dict__}
     config = getattr(model, "config", None)
     qconfig = getattr(config, "quantization_config", None) if config is not None else None
@@ -69,6 +71,12 @@ def _transaction(model: nn.Module, snapshot_tensors: bool) -> Iterator[None]:
         except BaseException:
             for parent, name, child in children:
                 parent._modules[name] = child
+            for m, names, hooks in added:
+                for name in set(m._modules) - names:
+                    del m._modules[name]
+                if m._forward_pre_hooks != hooks:
+                    m._forward_pre_hooks.clear()
+                    m._forward_pre_hooks.update(hooks)
             for a in _ATTRS:
                 if a in attrs:
                     model.__dict__[a] = attrs[a]

@@ -208,6 +208,22 @@ def test_gptq_scheme_names():
         apply_scheme(tiny_llama(), "gptq-int4-32")
 
 
+def test_unsuffixed_gptq_name_is_act_order_with_static_groups():
+    """The default name is the best measured configuration: the same weights as ``-actorder`` (act_order, static
+    groups); ``-noactorder`` is the reference GPTQ."""
+    ids = calib_ids()
+
+    def weights(model):
+        return {n: m.dequantized_weight() for n, m in qcal.quantized_modules(model)}
+
+    default = weights(apply_scheme(tiny_llama(), "gptq-int4-32", calib=lambda: ids))
+    explicit = weights(apply_scheme(tiny_llama(), "gptq-int4-32-actorder", calib=lambda: ids))
+    reference = weights(apply_scheme(tiny_llama(), "gptq-int4-32-noactorder", calib=lambda: ids))
+    for n, w in default.items():
+        assert torch.equal(w, explicit[n])
+    assert any(not torch.equal(w, reference[n]) for n, w in default.items())
+
+
 class ByteTokenizer:
     """A stand-in tokenizer: one token per UTF-8 byte."""
 

@@ -334,3 +334,40 @@ def test_frozen_modules_take_the_panel_kernel_for_prefill(scheme):
     assert y.shape == (1, 200, 192) and y.dtype == torch.bfloat16
     assert torch.equal(y, (panel.run(q, x.view(200, 576)) + q.bias).view(1, 200, 192))
     assert rel_err(y, q.frozen_forward_reference(x)) < 1e-2
+
+
+@pytest.mark.parametrize("n", [8, 12, 64, 576, 1536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_hadamard_kernel_applies_the_transform_matrix(n, dtype, threads):
+    """Integer rows and the ±1 factors: every butterfly and mixing sum is an exact float32 integer, so the kernel's
+    output is that exact sum times float32(1/sqrt(n)), rounded once (then to bf16 for bf16 rows)."""
+    from qcal.nn.hadamard import OnlineHadamard
+
+    had = OnlineHadamard(n)
+    had(torch.zeros(1, n))  # builds the cached factor
+    a = had._a[torch.device("cpu")]
+    x = torch.randint(-8, 9, (70, n), generator=torch.Generator().manual_seed(n)).to(dtype)
+    sums = (x.double() @ (had.matrix() * n ** 0.5).round().T).float()  # exact integers
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = ops.hadamard(x, a)
+        strided = ops.hadamard(torch.cat([x, x], 1)[:, ::2], a)  # read contiguous whatever the strides
+    finally:
+        torch.set_num_threads(before)
+    assert y.dtype == dtype
+    assert torch.equal(y, (sums * torch.tensor(n ** -0.5, dtype=torch.float32)).to(dtype))
+    assert torch.equal(strided, ops.hadamard(torch.cat([x, x], 1)[:, ::2].contiguous(), a))
+
+
+def test_hadamard_kernel_refuses_bad_input():
+    a12 = torch.ones(12, 12)
+    for x, a, match in [(torch.zeros(2, 24, dtype=torch.float16), a12, "bf16 or float32"),
+                        (torch.zeros(24), a12, r"\(M, n\)"),
+                        (torch.zeros(2, 24), torch.ones(12, 6), "square"),
+                        (torch.zeros(2, 24), a12.double(), "a must be a Float"),
+                        (torch.zeros(2, 36), a12, "power of two"),
+                        (torch.zeros(2, 20), a12, "power of two")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            ops.hadamard(x, a)

@@ -1,5 +1,7 @@
-"""Rotations fused into Llama weights: Hadamard constructions, exactness in float, lower quantization error, and the
-``rot-`` scheme prefix (composes with any scheme; the rotated model saves and loads)."""
+"""Rotations fused into Llama weights: Hadamard constructions, exactness in float, lower quantization error, the
+``rot-`` scheme prefix (composes with any scheme; the rotated model saves and loads), and the online Hadamard transform
+of ``down_proj``'s input (``had-``: exact in float, recorded by qcal and hf checkpoints, refused by weight-only
+formats, skipped by the scale-folding methods whose folding it would break)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,11 @@ import torch
 from conftest import make_tiny_llama, rel_err
 from torch import nn
 
-from qcal.algorithms.rotation import fuse_norms, hadamard_matrix, random_hadamard, rotate_model
+from qcal.algorithms.awq import awq_smooth
+from qcal.algorithms.rotation import fuse_norms, hadamard_matrix, hadamard_mlp_inputs, random_hadamard, rotate_model
+from qcal.algorithms.smoothquant import smooth_model
+from qcal.nn.hadamard import OnlineHadamard, input_hadamard
+from qcal.qtypes import qint4
 from qcal.schemes import apply_scheme, describe_scheme, streamable_scheme
 
 
@@ -107,3 +113,102 @@ def test_failed_rotated_scheme_leaves_the_model_as_it_was():
         apply_scheme(model, "rot-gptq-int4-32", calib=lambda: [])
     assert torch.equal(_logits(model, ids), ref)
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("n", [1, 12, 64, 576, 1536, 5632])
+@pytest.mark.parametrize("native", [True, False])
+def test_online_hadamard_applies_its_matrix(n, native, monkeypatch):
+    if not native:  # PyTorch's path (other devices and dtypes, no native library)
+        monkeypatch.setattr("qcal.nn.hadamard._fast", None)
+    had = OnlineHadamard(n)
+    h = had.matrix()
+    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+    x = torch.randn(3, 2, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    y = had(x.float())
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    torch.testing.assert_close(y.double(), x @ h.T, atol=2e-5, rtol=0)
+    assert had(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=f"order {n}"):
+        had(torch.zeros(2, n + 1))
+    with pytest.raises(ValueError, match="positive int"):
+        OnlineHadamard(0)
+
+
+def _down_outliers(seed: int = 3) -> nn.Module:
+    """A tiny Llama whose gated-MLP product has a few channels 30x larger than the rest (down_proj's input)."""
+    model = _model_with_norms(seed=seed, tie=False)
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.mlp.up_proj.weight[:4] *= 30
+            block.mlp.down_proj.weight[:, :4] /= 30
+    return model
+
+
+def test_online_hadamard_is_exact_in_float_and_lowers_w8a8_error():
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7))
+    model = _down_outliers()
+    ref = _logits(model, ids)
+    hadamard_mlp_inputs(model)
+    assert rel_err(_logits(model, ids), ref) < 1e-5
+    assert all(input_hadamard(b.mlp.down_proj) is not None for b in model.model.layers)
+    with pytest.raises(ValueError, match="already has"):
+        hadamard_mlp_inputs(model)
+    plain = rel_err(_logits(apply_scheme(_down_outliers(), "int8dq"), ids).float(), ref)
+    had = rel_err(_logits(apply_scheme(_down_outliers(), "had-int8dq"), ids).float(), ref)
+    assert had < 0.7 * plain, (had, plain)
+
+
+def test_had_checkpoints_round_trip_and_weight_only_formats_refuse(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import qcal
+
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(8))
+    model = apply_scheme(_down_outliers(), "rot-had-int8dq")
+    out = _logits(model, ids)
+    model.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]["format_version"] == 3
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), ids), out)
+    qcal.save(model, tmp_path / "q")
+    fresh = make_tiny_llama(seed=3, tie=False)
+    assert torch.equal(_logits(qcal.load(fresh, tmp_path / "q"), ids), out)
+    assert input_hadamard(fresh.model.layers[0].mlp.down_proj) is not None
+    for fmt, kw in (("compressed-tensors", {}), ("gguf", {"tokenizer": object()})):
+        with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj.*online Hadamard"):
+            qcal.export(model, tmp_path / fmt, format=fmt, **kw)
+    manifest = tmp_path / "q" / "qcal.json"
+    m = json.loads(manifest.read_text())
+    assert m["format_version"] == 3
+    m["format_version"] = 2  # what an older writer could not have written
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="input_transform"):
+        qcal.load(make_tiny_llama(seed=3, tie=False), tmp_path / "q")
+    plain = apply_scheme(make_tiny_llama(), "int8dq")
+    qcal.save(plain, tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "qcal.json").read_text())["format_version"] == 2
+
+
+def test_scale_folding_skips_a_transformed_input_and_stays_exact():
+    """AWQ and SmoothQuant fold down_proj's scales into up_proj's rows: with a Hadamard in between that fold would
+    change the function, so they leave down_proj alone."""
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
+    calib = [torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    for fold in (lambda m: awq_smooth(m, calib, qint4, 32, False, progress=False), lambda m: smooth_model(m, calib)):
+        model = hadamard_mlp_inputs(_down_outliers())
+        ref = _logits(model, ids)
+        folded = fold(model)
+        assert folded and not any(k.endswith("up_proj") for k in folded), sorted(folded)
+        assert rel_err(_logits(model, ids), ref) < 1e-5
+
+
+def test_failed_had_scheme_removes_the_transform():
+    model = make_tiny_llama()
+    ids = torch.randint(0, 256, (1, 10))
+    ref = _logits(model, ids)
+    with pytest.raises(ValueError, match="no calibration inputs"):
+        apply_scheme(model, "had-gptq-int4-32", calib=lambda: [])
+    down = model.model.layers[0].mlp.down_proj
+    assert input_hadamard(down) is None and not down._forward_pre_hooks
+    assert torch.equal(_logits(model, ids), ref)

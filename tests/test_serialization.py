@@ -56,7 +56,7 @@ def test_roundtrip_fake_quant_state(tmp_path):
 def test_manifest_contents(tmp_path):
     _quantized(tmp_path, weights=qint4, group_size=32)
     m = json.loads((tmp_path / MANIFEST_FILE).read_text())
-    assert m["format"] == "qcal" and m["format_version"] == FORMAT_VERSION and m["qcal_version"] == qcal.__version__
+    assert m["format"] == "qcal" and m["format_version"] == 2 < FORMAT_VERSION and m["qcal_version"] == qcal.__version__
     e = m["modules"]["model.layers.0.mlp.down_proj"]
     assert e["weights"]["qtype"] == "qint4" and e["weights"]["granularity"] == {"kind": "PerGroup", "group_size": 32}
     assert e["frozen"] is True

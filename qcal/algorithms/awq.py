@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..granularity import PerAxis, PerGroup
+from ..nn.hadamard import input_hadamard
 from ..primitives import choose_qparams, fake_quantize
 from ..qtypes import qtype
 from .rotation import _is_rmsnorm
@@ -130,8 +131,8 @@ def _find_group(block: nn.Module, producer: str, consumers: Sequence[str]) -> tu
         return None
     prefix = hits[0][: -len(consumers[0])]  # the group's parent, e.g. "self_attn."
     names = [prefix + c for c in consumers]
-    if not all(isinstance(mods.get(n), nn.Linear) for n in names):
-        return None
+    if not all(isinstance(mods.get(n), nn.Linear) and input_hadamard(mods[n]) is None for n in names):
+        return None  # a transformed input is not the producer's output: scales would not fold
     if producer.endswith("layernorm"):  # a block-level RMSNorm (weight * x / rms(x))
         prod = mods.get(producer)
         ok = _is_rmsnorm(prod) and prod.weight.shape[0] == mods[names[0]].in_features

@@ -7,81 +7,23 @@ values and ``o_proj``'s matching input columns take a second rotation. What chan
 (randomised) Hadamard matrix spreads a few outlier channels over all of them, so round-to-nearest and GPTQ lose
 less, per group and per channel alike.
 
-:func:`hadamard_matrix` builds orthonormal Hadamard matrices of the sizes LLMs use that are not powers of two
-(576 = 4·12·12, 1536 = 12·128, 5632 = 44·128) from Sylvester's and Paley's constructions and Kronecker products;
-:func:`random_orthogonal` is the fallback for sizes without one. :func:`rotate_model` works in float64 and writes
-back in the weights' dtype: the rotated float model's logits equal the original's within float32 rounding.
-Tied input and output embeddings are untied (the head absorbs the final norm's weight; the embeddings do not).
+:func:`hadamard_matrix` (from :mod:`qcal.nn.hadamard`) builds orthonormal Hadamard matrices of the sizes LLMs use
+that are not powers of two; :func:`random_orthogonal` is the fallback for sizes without one. :func:`rotate_model`
+works in float64 and writes back in the weights' dtype: the rotated float model's logits equal the original's within
+float32 rounding. Tied input and output embeddings are untied (the head absorbs the final norm's weight; the
+embeddings do not). :func:`hadamard_mlp_inputs` adds QuaRot's online rotation: a fast Hadamard transform of
+``down_proj``'s input at run time, its inverse folded into the weight.
 """
 
 from __future__ import annotations
 
-import math
-from functools import cache
-
 import torch
 from torch import nn
 
-__all__ = ["hadamard_matrix", "random_hadamard", "random_orthogonal", "fuse_norms", "rotate_model"]
+from ..nn.hadamard import add_input_hadamard, hadamard_matrix, input_hadamard
 
-
-def _is_prime(q: int) -> bool:
-    return q > 1 and all(q % d for d in range(2, int(math.isqrt(q)) + 1))
-
-
-@cache
-def _paley(n: int) -> torch.Tensor | None:
-    """Paley's first construction: a ±1 Hadamard matrix of order ``n = q + 1``, ``q`` a prime ≡ 3 (mod 4)."""
-    q = n - 1
-    if not (_is_prime(q) and q % 4 == 3):
-        return None
-    squares = {(i * i) % q for i in range(1, q)}
-    chi = torch.tensor([0] + [1 if i in squares else -1 for i in range(1, q)], dtype=torch.float64)
-    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
-    s = torch.zeros(n, n, dtype=torch.float64)
-    s[0, 1:] = 1
-    s[1:, 0] = -1
-    s[1:, 1:] = chi[idx]
-    return s + torch.eye(n, dtype=torch.float64)
-
-
-@cache
-def _hadamard_pm1(n: int) -> torch.Tensor | None:
-    """A ±1 Hadamard matrix of order ``n`` (Sylvester for powers of two, Paley, Kronecker products), or None."""
-    if n == 1:
-        return torch.ones(1, 1, dtype=torch.float64)
-    if n % 2 == 0 and n % 4 and n != 2:
-        return None  # Hadamard orders are 1, 2 and multiples of 4
-    direct = _paley(n)
-    if direct is not None:
-        return direct
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    if n == 2:
-        return h2
-    best = None
-    for m in range(4, n // 2 + 1, 4):  # n = m * k with both factors Hadamard orders: the larger factor first
-        if n % m == 0:
-            k = n // m
-            a = _paley(m) if _paley(m) is not None else (None if m & (m - 1) else _hadamard_pm1(m))
-            b = _hadamard_pm1(k) if k != n else None
-            if a is not None and b is not None:
-                best = torch.kron(a, b)
-                break
-    if best is None and n % 2 == 0:
-        half = _hadamard_pm1(n // 2)
-        if half is not None:
-            best = torch.kron(h2, half)
-    return best
-
-
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The orthonormal Hadamard matrix of order ``n`` (entries ±1/√n, ``H Hᵀ = I``); ValueError naming ``n`` when
-    none of Sylvester's and Paley's constructions and their Kronecker products reaches it."""
-    h = _hadamard_pm1(int(n)) if n >= 1 else None
-    if h is None:
-        raise ValueError(f"no Hadamard matrix of order {n} is known to qcal (orders 2^a * q' with q' = p + 1, "
-                         f"p a prime = 3 mod 4, e.g. 576 = 4*12*12, 1536 = 12*128); use random_orthogonal")
-    return (h / math.sqrt(n)).to(dtype)
+__all__ = ["hadamard_matrix", "random_hadamard", "random_orthogonal", "fuse_norms", "rotate_model",
+           "hadamard_mlp_inputs"]
 
 
 def random_orthogonal(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -200,4 +142,21 @@ def rotate_model(model: nn.Module, seed: int = 0, heads: bool = True,
             wo = a.o_proj.weight.detach().double()
             _set(a.o_proj, (wo.reshape(wo.shape[0], -1, hd) @ r.T).reshape(wo.shape))
     _set(head, head.weight.detach().double() @ q)
+    return model
+
+
+@torch.no_grad()
+def hadamard_mlp_inputs(model: nn.Module) -> nn.Module:
+    """Give every block's ``down_proj`` an online Hadamard transform of its input (:func:`add_input_hadamard`)
+    and multiply its weight by ``Hᵀ``: exact in float, and the input that activation quantization sees (the
+    gated MLP's product, where the largest outliers of a Llama model live) has them spread over all channels.
+    In place; returns the model (float: quantize it next)."""
+    _, blocks, _, _ = _llama_parts(model)
+    for i, block in enumerate(blocks):
+        if input_hadamard(block.mlp.down_proj) is not None:
+            raise ValueError(f"hadamard_mlp_inputs: block {i}.mlp.down_proj already has an input Hadamard transform")
+    for block in blocks:
+        down = block.mlp.down_proj
+        had = add_input_hadamard(down)
+        _set(down, down.weight.detach().double() @ had.matrix().T)
     return model

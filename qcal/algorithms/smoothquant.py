@@ -28,6 +28,7 @@ from torch import nn
 
 from ..calibration import calibrate
 from ..granularity import PerAxis
+from ..nn.hadamard import input_hadamard
 from ..observers import MinMaxObserver
 from ..qtypes import qint8
 from ..quantize import freeze, match_names, quantize
@@ -176,7 +177,8 @@ def smooth(model: nn.Module, stats: ActivationStats, alpha: float = 0.5) -> dict
         producer = f"{parent}.{_LINEAR_PRODUCERS[leaf]}".strip(".") if leaf in _LINEAR_PRODUCERS else None
         if norm is not None:
             groups.setdefault(norm, []).append(name)
-        elif producer is not None and producer in stats.linears:
+        elif producer is not None and producer in stats.linears and \
+                input_hadamard(model.get_submodule(name)) is None:  # a transformed input is not the producer's output
             groups.setdefault(producer, []).append(name)
     scales: dict[str, torch.Tensor] = {}
     for prod_name, consumers in groups.items():

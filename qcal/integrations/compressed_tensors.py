@@ -34,6 +34,7 @@ from torch import nn
 
 from ..granularity import PerAxis, PerGroup, PerTensor
 from ..nn import QMODULE_FOR, QLinear, QModuleMixin
+from ..nn.hadamard import refuse_input_transforms
 from ..primitives import pack, unpack
 from ..qtypes import qint2, qint3, qint4, qint8
 from ..quantize import quantized_modules, set_module
@@ -181,6 +182,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, over
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
+    refuse_input_transforms(model, "compressed-tensors export")
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise FileExistsError(f"compressed-tensors export: {path} exists and is not empty (pass overwrite=True)")

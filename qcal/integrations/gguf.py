@@ -23,6 +23,7 @@ from torch import nn
 
 from ..granularity import PerGroup
 from ..kernels.common import int4_codes_u8
+from ..nn.hadamard import refuse_input_transforms
 from ..qtypes import qint4, qint8
 from ..quantize import quantized_modules
 
@@ -225,6 +226,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, em
     ``llama-bpe``). Everything is checked before the file is written."""
     import gguf
 
+    refuse_input_transforms(model, "qcal.export(format='gguf')")
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"qcal.export: {path} exists (pass overwrite=True)")

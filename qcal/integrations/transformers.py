@@ -41,7 +41,7 @@ from .._version import __version__
 from ..nn import QMODULE_FOR, QModuleMixin
 from ..quantize import quantize, quantized_modules, register_attach_hook, set_module
 from ..rtn import rtn_kwargs
-from ..serialization import FORMAT_VERSION, build_shell, tensor_sha256
+from ..serialization import FORMAT_VERSION, build_shell, tensor_sha256, written_version
 
 __all__ = ["QUANT_METHOD", "QcalConfig", "QcalHfQuantizer", "attach", "tensor_sha256", "check_safetensors_file",
            "checkpoint_tensors", "checkpoint_metadata", "float_buffer_dtypes"]
@@ -130,11 +130,11 @@ class QcalConfig(QuantizationConfigMixin):
         records = {name: _record(m) for name, m in quantized_modules(model)}
         left = [n for n, m in model.named_modules() if type(m) in QMODULE_FOR
                 and not any(n == q or n.startswith(q + ".") for q in records)]
-        return cls.from_records(records, left, float_buffer_dtypes(model), scheme)
+        return cls.from_records(records, left, float_buffer_dtypes(model), scheme, written_version(model, records))
 
     @classmethod
     def from_records(cls, records: dict[str, dict], left: list[str], buffer_dtypes: dict[str, str],
-                     scheme: str | None = None) -> QcalConfig:
+                     scheme: str | None = None, format_version: int = 2) -> QcalConfig:
         """The config of quantized modules given as ``{name: record}`` (a model written piece by piece), the
         quantizable modules ``left`` float, and the dtypes of non-persistent float buffers."""
         groups: dict[str, dict] = {}
@@ -144,6 +144,7 @@ class QcalConfig(QuantizationConfigMixin):
                 groups[key] = {**rec, "targets": []}
             groups[key]["targets"].append(name)
         return cls(scheme=scheme, modules_to_not_convert=left, buffer_dtypes=buffer_dtypes or None,
+                   format_version=format_version,
                    config_groups={f"group_{i}": g for i, g in enumerate(groups.values())})
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,7 +170,10 @@ class QcalConfig(QuantizationConfigMixin):
             if not isinstance(g, dict) or not isinstance(g.get("targets"), list) or \
                     not {"type", "weights", "activations", "frozen"} <= g.keys():
                 raise ValueError(f"qcal: quantization_config.config_groups[{gname!r}] is malformed")
-            rec = {k: g[k] for k in ("type", "weights", "activations", "frozen")}
+            rec = {k: g[k] for k in ("type", "weights", "activations", "frozen", "input_transform") if k in g}
+            if rec.get("input_transform", "hadamard") != "hadamard" or ("input_transform" in rec and
+                                                                       self.format_version < 3):
+                raise ValueError(f"qcal: quantization_config.config_groups[{gname!r}] has an unknown input_transform")
             for t in g["targets"]:
                 if not isinstance(t, str) or t in out:
                     raise ValueError(f"qcal: quantization_config target {t!r} is malformed or listed twice")

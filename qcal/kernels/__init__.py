@@ -95,13 +95,23 @@ def derived_bytes(module) -> int:
                if b is not None and n in module._non_persistent_buffers_set)
 
 
+def _native_hadamard(rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+    """The online Hadamard transform by the native kernel (bf16 / float32 rows on the CPU), else None."""
+    from . import native
+
+    if rows.device.type != "cpu" or rows.dtype not in (torch.bfloat16, torch.float32) or not native.available():
+        return None
+    return torch.ops.qcal.hadamard(rows, a)
+
+
 def _install() -> None:
-    from ..nn import qmodule
+    from ..nn import hadamard, qmodule
     from .cpu import TABLES_CPU
     from .cuda import TABLES_CUDA
 
     KERNELS.extend(TABLES_CUDA + TABLES_CPU)
     qmodule.set_kernel_selector(select_kernel)
+    hadamard.set_fast_hadamard(_native_hadamard)
 
 
 _install()

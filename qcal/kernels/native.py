@@ -10,6 +10,7 @@ C++ next to each kernel, so nothing here restates a signature):
   ``torch._int_mm``);
 * ``w4a8_mm`` (8da4w: int8 codes times 4-bit codes through VNNI, any number of rows);
 * ``dequant_w4`` (one-pass int4 -> bf16), ``w4_fits`` / ``panel_fits`` (the shapes the kernels take);
+* ``hadamard`` (the online Hadamard transform of activation rows: butterflies and a small mixing factor);
 * the generation runtime's steps (``qcal/runtime/csrc``, :mod:`qcal.runtime.ops`): ``decode_attention``,
   ``prefill_attention``, ``add_rmsnorm``, ``rope_store``, ``silu_mul``.
 

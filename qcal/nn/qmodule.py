@@ -32,6 +32,7 @@ from ..primitives import (
     unpack,
 )
 from ..spec import ActivationSpec, WeightSpec
+from .hadamard import input_hadamard
 
 __all__ = ["QModuleMixin"]
 
@@ -266,14 +267,17 @@ class QModuleMixin:
         return super().__getattr__(name)
 
     def qcal_config(self) -> dict:
-        """What the manifest records for this module."""
-        return {
+        """What the manifest records for this module (``input_transform`` only where it has one)."""
+        cfg = {
             "type": type(self).__name__,
             "weights": None if self.weight_spec is None else self.weight_spec.to_dict(),
             "activations": None if self.act_spec is None else self.act_spec.to_dict(),
             "frozen": self.frozen,
             "weight_shape": list(self.weight_shape),
         }
+        if input_hadamard(self) is not None:
+            cfg["input_transform"] = "hadamard"
+        return cfg
 
     def extra_repr(self) -> str:
         base = super().extra_repr()

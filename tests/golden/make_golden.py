@@ -24,8 +24,11 @@ import qcal.kernels
 from qcal.schemes import apply_scheme
 from qcal.serialization import FORMAT_VERSION
 
-SCHEMES = ["int8wo", "int8dq", "int4wo-16", "int4wo-pc", "int4wo-16-intzp", "8da4w-16", "int3wo-16", "w8a8-static",
-           "gptq-int4-16-actorder", "smoothquant-w8a8", "fake-quant-w8a8-static"]
+# per format version, the schemes whose checkpoints it introduced (a checkpoint is written in the lowest version that
+# holds it: version 3 adds online input transforms)
+SCHEMES = {2: ["int8wo", "int8dq", "int4wo-16", "int4wo-pc", "int4wo-16-intzp", "8da4w-16", "int3wo-16", "w8a8-static",
+               "gptq-int4-16-actorder", "smoothquant-w8a8", "fake-quant-w8a8-static"],
+           3: ["had-int8dq", "had-8da4w-16"]}
 CONFIG = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
 
@@ -64,7 +67,7 @@ def main() -> None:
     root = Path(__file__).parent / f"v{FORMAT_VERSION}"
     shutil.rmtree(root, ignore_errors=True)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
-    for scheme in SCHEMES:
+    for scheme in SCHEMES[FORMAT_VERSION]:
         model = tiny()
         if scheme == "fake-quant-w8a8-static":
             qcal.quantize(model, weights=qcal.qint8, activations=qcal.qint8, exclude="lm_head")
@@ -75,6 +78,7 @@ def main() -> None:
             model = apply_scheme(model, scheme, calib=calib)
         out = root / scheme
         qcal.save(model, out)
+        assert json.loads((out / "qcal.json").read_text())["format_version"] == FORMAT_VERSION, scheme
         (out / "config.json").write_text(json.dumps(CONFIG, indent=1))
         (out / "expected.json").write_text(json.dumps(weight_hashes(model), indent=1))
         save_file(expected(model, ids), str(out / "expected.safetensors"))
