@@ -4,6 +4,7 @@
     python benchmarks/bench_kernels.py --crossover     # every implementation of a kernel's table per M (sets max_m)
     python benchmarks/bench_kernels.py --cold          # M=1 through 30 copies of the layers: weights from DRAM
     python benchmarks/bench_kernels.py --overhead      # per-call cost of a native operator vs PyTorch ops
+    python benchmarks/bench_kernels.py --hadamard      # the online Hadamard transform against down_proj's matmul
     python benchmarks/bench_kernels.py --device cuda   # per-op and crossover tables on a GPU
 
 Every round times each candidate back-to-back (bf16 first) on the same input, a few calls each;
@@ -72,6 +73,29 @@ def per_op_table(ms: list[int], schemes: list[str], shapes=SHAPES, rounds: int =
                               if hasattr(q.kernel, "choose"))
             lines.append(f"| {n}x{k} {label} | {m} | {med['bf16'] * 1e6:.0f} | "
                          + " | ".join(f"{ratio[s]:.2f}" for s in schemes) + f" | {paths} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def hadamard_table(ms: list[int], shapes=SHAPES, rounds: int = 30) -> str:
+    """The online Hadamard transform of ``down_proj``'s input (``had-``) against that layer's matmuls."""
+    from qcal.nn.hadamard import OnlineHadamard
+
+    head = "| down_proj (out x in) | M | bf16 us | Hadamard us | Hadamard / bf16 | int8dq us | Hadamard / int8dq |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for n, k, label in shapes:
+        if label.strip() != "down":
+            continue
+        had, q = OnlineHadamard(k), frozen_linear(n, k, "int8dq")
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) / k ** 0.5
+        for m in ms:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE)
+            best, _ = alternate({"bf16": lambda x=x, w=w: F.linear(x, w), "had": lambda x=x, had=had: had(x),
+                                 "int8dq": lambda x=x, q=q: q(x)}, rounds=rounds)
+            us = {key: v * 1e6 for key, v in best.items()}
+            lines.append(f"| {n}x{k} ({had.m} x {had.p}) | {m} | {us['bf16']:.0f} | {us['had']:.1f} | "
+                         f"{us['had'] / us['bf16']:.2f} | {us['int8dq']:.0f} | {us['had'] / us['int8dq']:.2f} |")
             print(lines[-1], flush=True)
     return "\n".join(lines)
 
@@ -172,6 +196,7 @@ def main() -> None:
     ap.add_argument("--crossover", action="store_true", help="every implementation of a kernel per M (sets max_m)")
     ap.add_argument("--overhead", action="store_true", help="per-call cost of tiny calls (decode overhead)")
     ap.add_argument("--cold", action="store_true", help="M=1 through 30 copies of the layer shapes (DRAM-bound)")
+    ap.add_argument("--hadamard", action="store_true", help="the online Hadamard transform vs down_proj's matmuls")
     ap.add_argument("--m", default=None, help="comma-separated M values")
     ap.add_argument("--schemes", default=",".join(SCHEMES),
                     help="comma-separated; <scheme>:torch = with qcal's native kernel disabled")
@@ -192,6 +217,9 @@ def main() -> None:
           f"(fastest of interleaved rounds); native int4 kernel: {native.native_status()}")
     if args.overhead:
         overhead_table()
+    elif args.hadamard:
+        hadamard_table([int(v) for v in (args.m or "1,32,512").split(",")],
+                       SHAPES_7B if args.shapes == "llama2-7b" else SHAPES)
     elif args.cold:
         cold_table(schemes)
     elif args.crossover:

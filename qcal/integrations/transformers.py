@@ -41,7 +41,7 @@ from .._version import __version__
 from ..nn import QMODULE_FOR, QModuleMixin
 from ..quantize import quantize, quantized_modules, register_attach_hook, set_module
 from ..rtn import rtn_kwargs
-from ..serialization import FORMAT_VERSION, build_shell, tensor_sha256, written_version
+from ..serialization import FORMAT_VERSION, INPUT_TRANSFORMS, build_shell, tensor_sha256, written_version
 
 __all__ = ["QUANT_METHOD", "QcalConfig", "QcalHfQuantizer", "attach", "tensor_sha256", "check_safetensors_file",
            "checkpoint_tensors", "checkpoint_metadata", "float_buffer_dtypes"]
@@ -171,8 +171,8 @@ class QcalConfig(QuantizationConfigMixin):
                     not {"type", "weights", "activations", "frozen"} <= g.keys():
                 raise ValueError(f"qcal: quantization_config.config_groups[{gname!r}] is malformed")
             rec = {k: g[k] for k in ("type", "weights", "activations", "frozen", "input_transform") if k in g}
-            if rec.get("input_transform", "hadamard") != "hadamard" or ("input_transform" in rec and
-                                                                       self.format_version < 3):
+            transform = rec.get("input_transform")
+            if transform is not None and (transform not in INPUT_TRANSFORMS or self.format_version < 3):
                 raise ValueError(f"qcal: quantization_config.config_groups[{gname!r}] has an unknown input_transform")
             for t in g["targets"]:
                 if not isinstance(t, str) or t in out:
