@@ -22,7 +22,7 @@ from torch import nn
 from ._version import __version__
 from .granularity import PerTensor
 from .nn import QMODULE_FOR, QModuleMixin
-from .nn.hadamard import add_input_hadamard, input_hadamard
+from .nn.hadamard import HADAMARD, add_input_hadamard, input_hadamard
 from .observers import Observer
 from .primitives import packed_shape
 from .quantize import attach_to_transformers, quantized_modules, set_module
@@ -32,7 +32,7 @@ __all__ = ["save", "load", "build_shell", "FORMAT_VERSION", "TENSORS_FILE", "MAN
 
 FORMAT_VERSION = 3  # 2: a sha256 per tensor (version 1 files still load, without that check); 3: a module may
 # record an online input transform (written only by models that have one, so that older qcal refuses them)
-INPUT_TRANSFORMS = ("hadamard",)
+INPUT_TRANSFORMS = (HADAMARD,)
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "qcal.json"
 
@@ -214,7 +214,7 @@ def build_shell(orig: nn.Module, name: str, cfg: dict) -> QModuleMixin:
                                                      dtype=qdtype, device=orig.weight.device))
         q._modules.pop("input_observer", None)
         q.frozen = True
-    if cfg.get("input_transform") == "hadamard":
+    if cfg.get("input_transform") == HADAMARD:
         add_input_hadamard(q)
     return q
 

@@ -22,7 +22,10 @@ from functools import cache
 import torch
 from torch import nn
 
-__all__ = ["hadamard_matrix", "OnlineHadamard", "add_input_hadamard", "input_hadamard", "refuse_input_transforms"]
+HADAMARD = "hadamard"  # the name checkpoints record for this input transform
+
+__all__ = ["HADAMARD", "hadamard_matrix", "OnlineHadamard", "add_input_hadamard", "input_hadamard",
+           "refuse_input_transforms"]
 
 
 def _is_prime(q: int) -> bool:

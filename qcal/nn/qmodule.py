@@ -32,7 +32,7 @@ from ..primitives import (
     unpack,
 )
 from ..spec import ActivationSpec, WeightSpec
-from .hadamard import input_hadamard
+from .hadamard import HADAMARD, input_hadamard
 
 __all__ = ["QModuleMixin"]
 
@@ -276,7 +276,7 @@ class QModuleMixin:
             "weight_shape": list(self.weight_shape),
         }
         if input_hadamard(self) is not None:
-            cfg["input_transform"] = "hadamard"
+            cfg["input_transform"] = HADAMARD
         return cfg
 
     def extra_repr(self) -> str:
