@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +39,10 @@ class SchemeContext:
     calib: Callable[[], list[torch.Tensor]] | None = None
     dtype: torch.dtype = torch.bfloat16
     progress: bool = True  # the algorithms' progress bars
+    # a transform's per-block work left to the scheme's own block-by-block pass (``blockwise`` schemes): AWQ's
+    # scale search runs on GPTQ's pass, one forward per block less
+    prepare_block: Callable[[nn.Module, Sequence], Any] | None = None
+    clip: bool = False  # the clip- prefix: weight ranges searched against the calibration inputs (taken by the scheme)
 
     @property
     def exclude(self) -> list[str] | None:
@@ -61,6 +66,8 @@ class _Scheme:
     description: str
     finish: Callable[[nn.Module, torch.dtype], nn.Module] | None = None
     stream: tuple[tuple[str, ...], StreamStep] | None = None
+    blockwise: bool = False  # calibrates block by block and runs ``ctx.prepare_block`` on each block first
+    whole_model: bool = False  # needs the whole model in memory: cannot stream block by block
 
 
 _SCHEMES: list[_Scheme] = []
@@ -68,7 +75,8 @@ _SCHEMES: list[_Scheme] = []
 
 def register_scheme(pattern: str, description: str,
                     finish: Callable[[nn.Module, torch.dtype], nn.Module] | None = None,
-                    stream: tuple[tuple[str, ...], StreamStep] | None = None):
+                    stream: tuple[tuple[str, ...], StreamStep] | None = None, blockwise: bool = False,
+                    whole_model: bool = False):
     """Register ``fn(model, match, ctx) -> model`` for names matching ``pattern``.
 
     ``<g>`` in the pattern stands for a group size (digits). With ``finish(model, dtype)`` (freeze and cast), ``fn``
@@ -80,13 +88,16 @@ def register_scheme(pattern: str, description: str,
     the first block's inputs) and ``step(block, match, states, emit)``, which quantizes the block from
     ``states[name]`` (a :class:`~qcal.algorithms.sequential.BlockStates` per stream) and passes each stream's next
     hidden states to ``emit(name, batch_index, hidden)`` in batch order (``emit`` is None for the last block).
+    ``blockwise=True``: ``fn`` calibrates decoder block by decoder block and runs ``ctx.prepare_block`` (when a
+    transform set it) on each block and its inputs first. ``whole_model=True``: it cannot stream one block at a
+    time (:func:`streamable_scheme` refuses it).
     """
     regex = scheme_regex(pattern)
     if stream is not None and finish is None:
         raise ValueError(f"register_scheme({pattern!r}): stream= needs finish=")
 
     def deco(fn):
-        _SCHEMES.append(_Scheme(pattern, regex, fn, description, finish, stream))
+        _SCHEMES.append(_Scheme(pattern, regex, fn, description, finish, stream, blockwise, whole_model))
         return fn
 
     return deco
@@ -169,6 +180,8 @@ def apply_scheme(model: nn.Module, name: str, *, quantize_lm_head: bool = False,
                 rest = rest[len(p) + 1:]
                 model = _TRANSFORMS[p][1](model, ctx, rest)
             model = scheme.fn(model, match, ctx)
+            if ctx.prepare_block is not None or ctx.clip:
+                raise RuntimeError(f"scheme {name!r}: {scheme.pattern} left a transform's work undone")
             return model if scheme.finish is None else scheme.finish(model, ctx.dtype)
     except BaseException:
         if config is not None:
@@ -197,8 +210,10 @@ def streamable_scheme(name: str) -> StreamedScheme:
         raise ValueError(f"scheme {name!r} cannot be applied one block at a time: {prefixes[0]}- transforms the "
                          "whole model (embeddings and head included)")
     scheme, match = _find(name)
+    if scheme.whole_model:
+        raise ValueError(f"scheme {name!r} cannot be applied one block at a time: it needs the whole model in memory")
     if scheme.finish is None:
-        ok = [s.pattern for s in _SCHEMES if s.finish is not None]
+        ok = [s.pattern for s in _SCHEMES if s.finish is not None and not s.whole_model]
         raise ValueError(f"scheme {name!r} cannot be applied one block at a time yet; these can: {', '.join(ok)}")
     if scheme.stream is not None:
         names, custom = scheme.stream
@@ -263,7 +278,13 @@ def quantize_kwargs(name: str) -> dict:
 # Calibration-free schemes (:mod:`qcal.rtn`): each is one ``quantize`` call.
 def _rtn(kwargs: Callable[[re.Match], dict]):
     def apply(model, match, ctx):
-        return quantize(model, exclude=ctx.exclude, **kwargs(match))
+        model = quantize(model, exclude=ctx.exclude, **kwargs(match))
+        if ctx.clip:  # clip-: the weight ranges searched against the calibration inputs
+            from .algorithms.clip import clip_weights
+
+            clip_weights(model, ctx.calibration_inputs(f"clip-{match.string}"), progress=ctx.progress)
+            ctx.clip = False
+        return model
     return apply
 
 
@@ -333,11 +354,20 @@ def _gguf_rtn(kind: str):
     return apply
 
 
+def _gptq(model: nn.Module, match: re.Match, ctx: SchemeContext, **kwargs) -> nn.Module:
+    """GPTQ with ``kwargs`` on the context's calibration inputs, running (and taking) ``ctx.prepare_block`` and
+    ``ctx.clip`` (each static group's range searched against the inputs' mean squares)."""
+    prepare, ctx.prepare_block = ctx.prepare_block, None
+    if ctx.clip:
+        kwargs["mse"], ctx.clip = "act", False
+    return GPTQQuantizer(exclude=ctx.exclude, progress=ctx.progress, prepare_block=prepare, **kwargs).quantize(
+        model, ctx.calibration_inputs(match.string))
+
+
 def _gguf_gptq(kind: str):
     def apply(model, match, ctx):
         # shrink 0.5: half GPTQ, half importance-matrix rounding (llama-perplexity on SmolLM2: BENCHMARKS.md)
-        return GPTQQuantizer(gguf_type=kind, act_order=True, static_groups=True, shrink=0.5, exclude=ctx.exclude,
-                             progress=ctx.progress).quantize(model, ctx.calibration_inputs(match.string))
+        return _gptq(model, match, ctx, gguf_type=kind, act_order=True, static_groups=True, shrink=0.5)
     return apply
 
 
@@ -346,19 +376,19 @@ for _name, (_kind, _what) in _GGUF.items():
                     "(exports to GGUF bit for bit)", finish=_finish_gguf)(_gguf_rtn(_kind))
     register_scheme(f"gptq-gguf-{_name}", f"GPTQ (act_order, static groups, Hessian half-shrunk to its diagonal) "
                     f"to llama.cpp's {_kind}: {_what}, groups of 32, float16 scales searched against the input energy "
-                    "(calibrated; exports to GGUF bit for bit)", finish=_finish_gguf)(
+                    "(calibrated; exports to GGUF bit for bit)", finish=_finish_gguf, blockwise=True)(
         _gguf_gptq(_kind))
 
 
 # ---------------------------------------------------------------- the algorithms' schemes
 
 
-def _gptq_scheme(bits: int, per_channel: bool, act_order: bool, zero_point: str = "float"):
+def _gptq_scheme(bits: int, per_channel: bool, act_order: bool, zero_point: str = "float",
+                 float_target: bool = False):
     def apply(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
         group = None if per_channel else int(match.group("g"))
-        return GPTQQuantizer(bits=bits, groupsize=group, act_order=act_order, static_groups=act_order,
-                             zero_point=zero_point, exclude=ctx.exclude, progress=ctx.progress).quantize(
-            model, ctx.calibration_inputs(match.string))
+        return _gptq(model, match, ctx, bits=bits, groupsize=group, act_order=act_order, static_groups=act_order,
+                     zero_point=zero_point, float_target=float_target)
     return apply
 
 
@@ -368,25 +398,42 @@ def _gptq_scheme(bits: int, per_channel: bool, act_order: bool, zero_point: str 
 _GPTQ_VARIANTS = (("<g>", False, True, "act_order with static groups"),
                   ("<g>-actorder", False, True, "act_order with static groups (as the unsuffixed name)"),
                   ("<g>-noactorder", False, False, "columns in natural order (the reference GPTQ)"),
-                  ("pc", True, False, "columns in natural order"))
+                  ("pc", True, True, "act_order"),
+                  ("pc-noactorder", True, False, "columns in natural order (the reference GPTQ)"))
 for _bits in (2, 3, 4, 8):
     for _suffix, _pc, _ao, _what in _GPTQ_VARIANTS:
         _layout = "per output channel" if _pc else "groups of <g>"
         register_scheme(f"gptq-int{_bits}-{_suffix}", f"GPTQ int{_bits} weight-only, asymmetric {_layout}; "
-                        f"{_what} (calibrated)", finish=_finish)(_gptq_scheme(_bits, _pc, _ao))
+                        f"{_what} (calibrated)", finish=_finish, blockwise=True)(_gptq_scheme(_bits, _pc, _ao))
         register_scheme(f"gptq-int{_bits}-{_suffix}-intzp", f"gptq-int{_bits}-{_suffix} with integer zero-points "
-                        "(exports to compressed-tensors / vLLM)", finish=_finish)(_gptq_scheme(_bits, _pc, _ao, "int"))
+                        "(exports to compressed-tensors / vLLM)", finish=_finish, blockwise=True)(
+            _gptq_scheme(_bits, _pc, _ao, "int"))
+    # GPTAQ: GPTQ fitted to the float model's outputs (in memory only: the float and quantized streams side by side)
+    for _suffix, _pc in (("<g>", False), ("pc", True)):
+        _layout = "per output channel" if _pc else "groups of <g>"
+        for _zp, _zname in (("float", ""), ("int", "-intzp")):
+            register_scheme(f"gptaq-int{_bits}-{_suffix}{_zname}", f"GPTAQ int{_bits} weight-only, asymmetric "
+                            f"{_layout}: GPTQ (act_order) fitted to the float model's outputs on its own inputs, "
+                            f"correcting the earlier layers' error{' (integer zero-points)' if _zp == 'int' else ''} "
+                            "(calibrated; whole model in memory)", finish=_finish, blockwise=True, whole_model=True)(
+                _gptq_scheme(_bits, _pc, True, _zp, float_target=True))
 
 
-@register_scheme("8da4w-gptq-<g>", "8da4w with GPTQ weights: int8 dynamic per-token activations x int4 "
-                 "symmetric groups of <g>, act_order with static groups (calibrated)", finish=_finish)
-def _8da4w_gptq(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
-    """What ``Int8DynActInt4WeightGPTQQuantizer`` does, with the freeze and cast left to ``finish``."""
-    group = int(match.group("g"))
-    swap_8da4w(model, group, exclude=ctx.exclude)
-    quantizer = GPTQQuantizer(bits=4, groupsize=group, symmetric=True, act_order=True, static_groups=True,
-                              exclude=ctx.exclude, progress=ctx.progress)
-    return quantizer.quantize(model, ctx.calibration_inputs(match.string))
+def _8da4w_gptq(float_target: bool):
+    def apply(model: nn.Module, match, ctx: SchemeContext) -> nn.Module:
+        """What ``Int8DynActInt4WeightGPTQQuantizer`` does, with the freeze and cast left to ``finish``."""
+        group = int(match.group("g"))
+        swap_8da4w(model, group, exclude=ctx.exclude)
+        return _gptq(model, match, ctx, bits=4, groupsize=group, symmetric=True, act_order=True, static_groups=True,
+                     float_target=float_target)
+    return apply
+
+
+register_scheme("8da4w-gptq-<g>", "8da4w with GPTQ weights: int8 dynamic per-token activations x int4 symmetric "
+                "groups of <g>, act_order with static groups (calibrated)", finish=_finish, blockwise=True)(
+    _8da4w_gptq(False))
+register_scheme("8da4w-gptaq-<g>", "8da4w with GPTAQ weights (GPTQ fitted to the float model's outputs; calibrated; "
+                "whole model in memory)", finish=_finish, blockwise=True, whole_model=True)(_8da4w_gptq(True))
 
 
 def _smoothquant_scheme(dynamic: bool):
@@ -442,6 +489,20 @@ def _hadamard_inputs(model: nn.Module, ctx: SchemeContext, rest: str) -> nn.Modu
     return hadamard_mlp_inputs(model)
 
 
+@register_transform("clip", "clipping search: each weight group's range shrunk to minimise the rounding error "
+                    "weighted by the calibration inputs' mean squares, for round-to-nearest and inside GPTQ "
+                    "(calibrated)")
+def _clip(model: nn.Module, ctx: SchemeContext, rest: str) -> nn.Module:
+    scheme = _find(_split(rest)[1])[0]
+    searchable = scheme.pattern in RTN_SCHEMES or (scheme.blockwise and not scheme.pattern.startswith("gptq-gguf"))
+    if not searchable or ctx.clip:
+        why = "gptq-gguf already searches its scales against the input energy" if scheme.blockwise else \
+            "clip- applies to round-to-nearest and GPTQ schemes with integer weights"
+        raise ValueError(f"scheme 'clip-{rest}': {why}")
+    ctx.clip = True
+    return model
+
+
 def weight_format(name: str) -> tuple[qtype, int | None, bool]:
     """``(qtype, group_size or None for per channel, symmetric)`` of the weights scheme ``name`` produces;
     ValueError naming the scheme for one without integer weights."""
@@ -450,11 +511,11 @@ def weight_format(name: str) -> tuple[qtype, int | None, bool]:
     if rtn is not None:
         kw = RTN_SCHEMES[rtn[0]][1](rtn[1])
         return kw["weights"], kw.get("group_size"), kw.get("symmetric", True)
-    m = re.fullmatch(r"gptq-int(\d)-(\d+|pc)(-actorder|-noactorder)?(-intzp)?", base)
+    m = re.fullmatch(r"gpta?q-int(\d)-(\d+|pc)(-actorder|-noactorder)?(-intzp)?", base)
     if m:
         return {2: qint2, 3: qint3, 4: qint4, 8: qint8}[int(m.group(1))], \
             None if m.group(2) == "pc" else int(m.group(2)), False
-    m = re.fullmatch(r"8da4w-gptq-(\d+)", base)
+    m = re.fullmatch(r"8da4w-gpta?q-(\d+)", base)
     if m:
         return qint4, int(m.group(1)), True
     m = re.fullmatch(r"(?:gptq-)?gguf-(q4_0|q4_1|q8_0)", base)
@@ -468,8 +529,11 @@ def weight_format(name: str) -> tuple[qtype, int | None, bool]:
 @register_transform("awq", "AWQ: per-input-channel scales searched on the calibration activations against the "
                     "scheme's weight format, folded into the norms and producer linears (calibrated)")
 def _awq(model: nn.Module, ctx: SchemeContext, rest: str) -> nn.Module:
-    from .algorithms.awq import awq_smooth
+    from .algorithms.awq import awq_block, awq_smooth
 
     qt, group, symmetric = weight_format(rest)
-    awq_smooth(model, ctx.calibration_inputs(f"awq-{rest}"), qt, group, symmetric, progress=ctx.progress)
+    if _find(_split(rest)[1])[0].blockwise and ctx.prepare_block is None:  # searched on the scheme's own pass
+        ctx.prepare_block = lambda block, states: awq_block(block, states, qt, group, symmetric)
+    else:
+        awq_smooth(model, ctx.calibration_inputs(f"awq-{rest}"), qt, group, symmetric, progress=ctx.progress)
     return model

@@ -64,3 +64,39 @@ def test_awq_composes_with_gptq_and_rotation():
     assert weight_format("rot-awq-8da4w-gptq-32") == (qint4, 32, True)
     with pytest.raises(ValueError, match="no integer weight format"):
         apply_scheme(make_tiny_llama(), "awq-bf16", calib=lambda: CALIB)
+
+
+def test_awq_runs_on_gptqs_pass_with_the_float_statistics():
+    """``awq-gptq-*`` searches each block's scales on GPTQ's own pass (one forward per block less than a separate
+    AWQ pass): the first block, whose inputs both passes share, gets the very scales AWQ alone finds."""
+    from qcal.algorithms.awq import awq_block
+    from qcal.algorithms.gptq import GPTQQuantizer
+
+    alone = _salient()
+    awq_smooth(alone, CALIB, qint4, 32, False, progress=False)
+    fused, calls = _salient(), []
+    fused.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    GPTQQuantizer(bits=4, groupsize=32, act_order=True, static_groups=True, progress=False,
+                  prepare_block=lambda block, states: awq_block(block, states, qint4, 32, False)).quantize(
+        fused, [torch.cat(CALIB)])
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        assert torch.equal(fused.model.layers[0].get_submodule(norm).weight,
+                           alone.model.layers[0].get_submodule(norm).weight)
+    assert len(calls) == 3  # the model's call up to block 0, AWQ's statistics, GPTQ's solve
+    ref = _logits(_salient())
+    gptq = rel_err(_logits(apply_scheme(_salient(), "gptq-int4-32", calib=lambda: CALIB)), ref)
+    both = rel_err(_logits(apply_scheme(_salient(), "awq-gptq-int4-32", calib=lambda: CALIB)), ref)
+    assert both < gptq, (both, gptq)
+
+
+def test_unquantized_runs_a_swapped_model_in_float():
+    from qcal import quantize
+    from qcal.nn import unquantized
+
+    model = make_tiny_llama()
+    ref = _logits(model)
+    quantize(model, weights=qint4, group_size=32, exclude="lm_head")
+    assert rel_err(_logits(model), ref) > 1e-3
+    with unquantized(model):
+        assert torch.equal(_logits(model), ref)
+    assert rel_err(_logits(model), ref) > 1e-3  # quantized again after the with

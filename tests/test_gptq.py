@@ -290,3 +290,46 @@ def test_activation_weighted_clipping_never_worse_than_min_max():
     minmax, act = err(False), err("act")
     assert (act <= minmax + 1e-6).all()
     assert act.sum() < 0.8 * minmax.sum()
+
+
+def test_gptaq_fits_the_float_models_outputs():
+    """``float_target`` (GPTAQ): each linear fitted to the float model's output on the float inputs, correcting the
+    error of the layers quantized before it: on the calibration tokens, logits closer to the float model's than
+    GPTQ's on a 4-block model; the first linears (same inputs in both streams) get GPTQ's very weights; refused where
+    the two streams cannot sit side by side."""
+    from conftest import make_tiny_llama, rel_err
+
+    from qcal.algorithms.sequential import BlockStates
+    from qcal.schemes import apply_scheme, streamable_scheme
+
+    calib = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))
+    ids = calib
+
+    def logits(m):
+        with torch.no_grad():
+            return m(ids).logits.float()
+    ref = logits(make_tiny_llama(layers=4))
+    out = {}
+    for ft in (False, True):
+        m = make_tiny_llama(layers=4)
+        GPTQQuantizer(bits=4, groupsize=32, act_order=True, static_groups=True, float_target=ft,
+                      progress=False).quantize(m, [calib])
+        out[ft] = m
+    q0 = [out[ft].model.layers[0].self_attn.q_proj.weight for ft in (False, True)]
+    assert torch.equal(*q0)
+    err = {ft: rel_err(logits(m), ref) for ft, m in out.items()}
+    assert err[True] < 0.85 * err[False], err
+    scheme = rel_err(logits(apply_scheme(make_tiny_llama(layers=4), "gptaq-int4-32", calib=lambda: [calib])), ref)
+    assert scheme < err[False]
+    for bad in (dict(batch_size=2), ):
+        with pytest.raises(ValueError, match="float_target"):
+            GPTQQuantizer(bits=4, groupsize=32, float_target=True, progress=False, **bad).quantize(
+                make_tiny_llama(), [calib])
+    with pytest.raises(ValueError, match="float_target"):
+        GPTQQuantizer(bits=4, groupsize=32, float_target=True, progress=False).quantize(
+            make_tiny_llama(), list(calib.split(1)) + [calib[:1, :16]])
+    with pytest.raises(ValueError, match="float_target"):
+        GPTQQuantizer(bits=4, groupsize=32, float_target=True, progress=False).quantize(
+            nn.Linear(64, 8), BlockStates([((torch.randn(4, 64),), {})]))
+    with pytest.raises(ValueError, match="whole model"):
+        streamable_scheme("gptaq-int4-64")

@@ -14,25 +14,29 @@ grid in ``[0, 1)`` chosen to minimise the output error ``Σ tr(Δ H Δᵀ)`` of 
 ``Δ = W - Q(W diag(s)) diag(s)⁻¹``, ``H = XᵀX / n`` from the calibration inputs; ``α = 0`` (no scaling, plain
 round-to-nearest) is a candidate, so the error never grows. Blocks are walked in order
 (:mod:`qcal.algorithms.sequential`), each calibrated on the outputs of the blocks before it, already scaled
-(float). The result is a float model: quantize it next (round-to-nearest or GPTQ).
+(float); the result is a float model to quantize next (round-to-nearest or GPTQ). Before GPTQ the search can run on
+GPTQ's own pass instead (:func:`awq_block` as ``GPTQQuantizer(prepare_block=...)``, what ``awq-gptq-*`` does): each
+block is scaled from the float statistics of its inputs as the quantized blocks before it produce them, then
+solved, one forward per block less than two separate passes.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..granularity import PerAxis, PerGroup
+from ..nn import unquantized
 from ..nn.hadamard import input_hadamard
 from ..primitives import choose_qparams, fake_quantize
 from ..qtypes import qtype
 from .rotation import _is_rmsnorm
-from .sequential import run_sequential
+from .sequential import block_grams, run_sequential
 
-__all__ = ["awq_error", "awq_search", "awq_smooth"]
+__all__ = ["awq_block", "awq_error", "awq_search", "awq_smooth"]
 
 # first consumer -> (producer, the consumers sharing its input): a norm folds 1/s into its weight, a linear
 # into its output rows
@@ -93,33 +97,42 @@ def _fold(block: nn.Module, producer: str, consumers: Sequence[str], s: torch.Te
 
 
 @torch.no_grad()
+def awq_block(block: nn.Module, states: Sequence, qt: qtype, group_size: int | None, symmetric: bool, *,
+              grid: int = 20) -> dict[str, dict]:
+    """Search and fold AWQ scales into one decoder ``block`` (float, in place) from its inputs ``states`` (the
+    ``(args, kwargs)`` of each batch: one forward over them records each group's ``XᵀX / n``); returns
+    ``{producer: {"error", "rtn_error"}}``. Run by :func:`awq_smooth`, or on GPTQ's own pass before it solves the
+    block (``GPTQQuantizer(prepare_block=...)``: one forward less per block)."""
+    groups = [g for g in (_find_group(block, p, c) for p, c in _GROUPS.values()) if g is not None]
+    with unquantized(block):  # on GPTQ's pass the linears are already swapped: record the float function
+        grams = block_grams(block, states, {names[0]: block.get_submodule(names[0]) for _, names in groups})
+    report: dict[str, dict] = {}
+    for prod_name, names in groups:
+        if names[0] not in grams:  # the group never ran (e.g. a block that skips its MLP)
+            continue
+        weights = [block.get_submodule(n).weight for n in names]
+        s, err, base = awq_search(weights, grams.pop(names[0]).float(), qt, group_size, symmetric, grid)
+        _fold(block, prod_name, names, s)
+        report[prod_name] = {"error": err, "rtn_error": base}
+    return report
+
+
+@torch.no_grad()
 def awq_smooth(model: nn.Module, inputs: Sequence, qt: qtype, group_size: int | None, symmetric: bool, *,
                grid: int = 20, batch_size: int | None = None, progress: bool = True) -> dict[str, dict]:
     """Search and fold AWQ scales into ``model`` (float, in place) for quantization to ``qt`` with ``group_size``
     (None: per channel) and ``symmetric``; returns ``{"<block>.<producer>": {"error", "rtn_error"}}``. The float
     function is unchanged."""
     report: dict[str, dict] = {}
-    current: dict[str, Any] = {"count": 0}
+    blocks = itertools.count()
 
-    def select(block: nn.Module) -> dict[str, nn.Module]:
-        groups = [g for g in (_find_group(block, p, c) for p, c in _GROUPS.values()) if g is not None]
-        current.update(block=block, index=current["count"], count=current["count"] + 1,
-                       groups={names[0]: (prod, names) for prod, names in groups})
-        return {n: block.get_submodule(n) for _, names in groups for n in names}
+    def prepare(block: nn.Module, states: Sequence) -> None:
+        index = next(blocks)
+        for prod, r in awq_block(block, states, qt, group_size, symmetric, grid=grid).items():
+            report[f"{index}.{prod}"] = r
 
-    def solve(name: str, module: nn.Module, h: torch.Tensor) -> float:
-        if name not in current["groups"]:  # a later member of a group: solved with its first
-            return 0.0
-        block = current["block"]
-        prod_name, names = current["groups"][name]
-        weights = [block.get_submodule(n).weight for n in names]
-        s, err, base = awq_search(weights, h.float(), qt, group_size, symmetric, grid)
-        _fold(block, prod_name, names, s)
-        report[f"{current['index']}.{prod_name}"] = {"error": err, "rtn_error": base}
-        return err / base if base > 0 else 0.0
-
-    run_sequential(model, inputs, select, solve, true_sequential=False, batch_size=batch_size, progress=progress,
-                   desc="AWQ")
+    run_sequential(model, inputs, lambda block: {}, lambda *a: 0.0, true_sequential=False, batch_size=batch_size,
+                   progress=progress, desc="AWQ", prepare=prepare)
     return report
 
 

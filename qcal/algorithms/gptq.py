@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from ..qtypes import qint2, qint3, qint4, qint8, qtype
 from ..quantize import freeze, quantized_modules
 from ..quantize import quantize as swap_modules
 from .inputs import InputRecorder
-from .sequential import BlockStates, run_sequential
+from .sequential import BlockStates, _distributed, run_sequential
 
 __all__ = ["GPTQResult", "gptq_quantize_weight", "GPTQQuantizer", "Int4WeightOnlyGPTQQuantizer", "InputRecorder"]
 
@@ -314,6 +315,73 @@ def _gptq(weight, hessian, qt, group_size, symmetric, blocksize, percdamp, act_o
     )
 
 
+class _FloatReference:
+    """The float model's activations next to GPTQ's pass, for the asymmetric objective
+    ``‖W X_float - Q X_quant‖²`` (GPTAQ, Li et al., 2025): each decoder block is first run unquantized on the float
+    model's hidden states, recording every target linear's input ``X_float`` (and giving the next block's float
+    states); as GPTQ's pass reaches a linear, its input ``X_quant`` (from the blocks and linears quantized before it)
+    is captured, and :meth:`delta` gives ``(X_float - X_quant)ᵀ X_quant / n``. One batch, one process."""
+
+    def __init__(self, targets: Callable[[nn.Module], dict[str, nn.Module]]) -> None:
+        self.targets = targets
+        self.states: list | None = None
+        self.x_float: dict[str, torch.Tensor] = {}
+        self.x_quant: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+
+    def prepare(self, block: nn.Module, states: Sequence) -> None:
+        from ..nn import unquantized
+        from .sequential import _run, _with_hidden
+
+        self.close()
+        if len(states) != 1:
+            raise ValueError("GPTQ: float_target needs the calibration samples in one batch (equal lengths, "
+                             "batch_size=None)")
+        if self.states is None:  # the first block: both streams start from the same inputs
+            self.states = list(states)
+        layers = self.targets(block)
+        seen: dict[tuple, torch.Tensor] = {}  # linears reading the same tensor share one record
+
+        def record(name: str):
+            def hook(module, args):
+                x = args[0].detach()
+                key = (x.data_ptr(), tuple(x.shape), x.stride())
+                self.x_float[name] = seen.setdefault(key, x.reshape(-1, x.shape[-1]).float())
+            return hook
+
+        def capture(name: str):
+            def hook(module, args):
+                if name not in self.x_quant:
+                    self.x_quant[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+            return hook
+
+        handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+        try:
+            with unquantized(block):
+                outs = [_run(block, st) for st in self.states]
+        finally:
+            for h in handles:
+                h.remove()
+        self.states = [_with_hidden(st, out) for st, out in zip(self.states, outs, strict=True)]
+        self.handles = [m.register_forward_pre_hook(capture(n)) for n, m in layers.items()]
+
+    def delta(self, name: str) -> torch.Tensor | None:
+        """``(X_float - X_quant)ᵀ X_quant / n`` of linear ``name`` (None when the two inputs are equal)."""
+        xf, xq = self.x_float.pop(name, None), self.x_quant.pop(name, None)
+        if xf is None or xq is None or xf.shape != xq.shape:
+            raise RuntimeError(f"GPTQ: no float and quantized inputs recorded for {name}")
+        xq = xq.float()
+        if torch.equal(xf, xq):
+            return None
+        return (xf - xq).T @ xq / xq.shape[0]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.x_float, self.x_quant = {}, {}
+
+
 class GPTQQuantizer:
     """GPTQ for whole models: ``GPTQQuantizer(bits=4, groupsize=64).quantize(model, inputs)``.
 
@@ -332,7 +400,12 @@ class GPTQQuantizer:
     float16 as they are chosen so the error propagation sees them, and refitted to the codes; export with
     ``qcal.export(model, "m.gguf", format="gguf")``). ``shrink`` blends the Hessian with its diagonal (see
     :func:`gptq_quantize_weight`). After :meth:`quantize`, :attr:`report` holds each layer's errors and
-    :attr:`quantize_time_s` the time taken.
+    :attr:`quantize_time_s` the time taken. ``prepare_block(block, states)`` runs on each decoder block and its
+    calibration inputs before GPTQ solves it: a float transform calibrated on the same pass (e.g.
+    :func:`qcal.algorithms.awq.awq_block`, one forward per block less than a separate pass). ``float_target``
+    (GPTAQ): each linear is fitted to the float model's output on the float model's inputs rather than to its own
+    output on the inputs the quantized layers before it give (``‖W X_float - Q X_quant‖²``), correcting the error
+    those layers left; one extra forward per block and the block's float inputs in memory.
     """
 
     def __init__(
@@ -355,6 +428,8 @@ class GPTQQuantizer:
         batch_size: int | None = None,
         blocks: str | None = None,
         progress: bool = True,
+        prepare_block: Callable[[nn.Module, Sequence], Any] | None = None,
+        float_target: bool = False,
     ) -> None:
         self.gguf_type = gguf_type
         if gguf_type is not None:  # GGUF's block formats: groups of 32, float16 scales (see qcal.integrations.gguf)
@@ -386,6 +461,9 @@ class GPTQQuantizer:
         self.batch_size = batch_size
         self.blocks = blocks
         self.progress = progress
+        self.prepare_block = prepare_block
+        self.float_target = float_target
+        self._reference: _FloatReference | None = None
         self.report: dict[str, dict] = {}
         self.quantize_time_s: float | None = None
 
@@ -395,7 +473,21 @@ class GPTQQuantizer:
                 if isinstance(m, QLinear) and not m.frozen and m.weight_spec is not None
                 and not m.weight_spec.qtype.is_floating_point}
 
+    def _retarget(self, name: str, module: QLinear, hessian: torch.Tensor) -> None:
+        """``W ← W + W ΔC (H + λI)⁻¹``: the weight whose output on the quantized inputs best matches the float
+        layer's output on the float inputs (least squares), which GPTQ then rounds (GPTAQ's asymmetric target)."""
+        dc = self._reference.delta(name) if self._reference is not None else None
+        if dc is None:
+            return
+        h = hessian.float().clone()
+        h.diagonal().add_(self.percdamp * h.diagonal().mean() + 1e-12)
+        w = module.weight_2d().detach().float()
+        fix = torch.linalg.solve(h, (w @ dc).T).T
+        if torch.isfinite(fix).all():
+            module.weight.data.copy_((w + fix).reshape(module.weight.shape).to(module.weight.dtype))
+
     def _solve(self, name: str, module: QLinear, hessian: torch.Tensor) -> float:
+        self._retarget(name, module, hessian)
         spec = module.weight_spec
         qparams_fn = refit = None
         if self.gguf_type is not None:  # each linear's own GGUF type (a recipe may mix Q4_0 and Q4_1)
@@ -433,18 +525,33 @@ class GPTQQuantizer:
 
     def _quantize(self, model: nn.Module, inputs: Sequence) -> nn.Module:
         start = time.perf_counter()
+        if self.float_target and (isinstance(inputs, BlockStates) or self.batch_size is not None or _distributed()):
+            raise ValueError("GPTQ: float_target needs the whole model in memory, batch_size=None and one process "
+                             "(the float and the quantized activations of a block side by side)")
         if not any(True for _ in quantized_modules(model)):
             swap_modules(model, weights=self.qtype, group_size=self.groupsize, symmetric=self.symmetric,
                          include=self.include, exclude=self.exclude, zero_point=self.zero_point)
         self.report = {}
         was_training = model.training
         model.eval()
+        prepare = self.prepare_block
+        if self.float_target:
+            self._reference = reference = _FloatReference(self._targets)
+
+            def prepare(block, states):
+                if self.prepare_block is not None:
+                    self.prepare_block(block, states)
+                reference.prepare(block, states)
         try:
             inputs = inputs if isinstance(inputs, BlockStates) else list(inputs)
             run_sequential(model, inputs, self._targets, self._solve, true_sequential=self.true_sequential,
-                           batch_size=self.batch_size, blocks=self.blocks, progress=self.progress, desc="GPTQ")
+                           batch_size=self.batch_size, blocks=self.blocks, progress=self.progress, desc="GPTQ",
+                           prepare=prepare)
         finally:
             model.train(was_training)
+            if self._reference is not None:
+                self._reference.close()
+                self._reference = None
         self.quantize_time_s = time.perf_counter() - start
         left = [n for n, m in quantized_modules(model) if n not in self.report and self._targets(m)]
         if left:

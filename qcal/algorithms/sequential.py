@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["find_blocks", "run_sequential", "gram", "BlockStates"]
+__all__ = ["find_blocks", "run_sequential", "gram", "block_grams", "BlockStates"]
 
 Solve = Callable[[str, nn.Module, torch.Tensor], float]
 State = tuple[tuple, dict[str, Any]]  # (args, kwargs) of one block call
@@ -296,7 +296,17 @@ class _StageRecorder:
             self.tokens[name] = self.tokens.get(name, 0) + x2.shape[0]
         return hook
 
-    def run(self, block: nn.Module, states: list[State]) -> None:
+    def grams(self) -> dict[str, torch.Tensor]:
+        """``XᵀX / n`` of each stage linear that ran, in stage order (every rank the same); linears that read the
+        same tensor share one matrix. The sums are consumed."""
+        grams: dict[str, torch.Tensor] = {}
+        for n in self.stage:
+            if n in self.leader:
+                lead = self.leader[n]
+                grams[n] = grams[lead] if lead in grams else mean_gram(self.sums.pop(lead), self.tokens[lead])
+        return grams
+
+    def run(self, block: nn.Module, states: Sequence[State]) -> None:
         try:
             for state in states:
                 self.last = None
@@ -311,6 +321,15 @@ class _StageRecorder:
             self.last = None
 
 
+def block_grams(block: nn.Module, states: Sequence[State], layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """``XᵀX / n`` of the inputs of ``layers`` (``{name: linear}`` inside ``block``) over one forward of ``block``
+    on every batch of ``states`` (and, under ``torch.distributed``, every process's); linears that read the same
+    tensor share one matrix; a linear that never ran is left out."""
+    rec = _StageRecorder(dict(layers), true_sequential=False)
+    rec.run(block, states)
+    return rec.grams()
+
+
 def _solve_staged(block, states: list[State], layers: dict[str, nn.Module], solve: Solve,
                   true_sequential: bool, errors: dict[str, float]) -> None:
     """Stage by stage: a forward over all batches accumulates the stage's Gram matrices, then solve."""
@@ -320,11 +339,8 @@ def _solve_staged(block, states: list[State], layers: dict[str, nn.Module], solv
         rec.run(block, states)
         if not rec.stage:  # the remaining linears never ran: nothing to solve them from
             return
-        stage = [n for n in rec.stage if n in rec.leader]
-        grams = {}
-        for n in stage:  # every rank, same order; one matrix per distinct input
-            lead = rec.leader[n]
-            grams[n] = grams[lead] if lead in grams else mean_gram(rec.sums.pop(lead), rec.tokens[lead])
+        grams = rec.grams()
+        stage = list(grams)
         ran = rec.stage
         del rec
         if _distributed():
@@ -375,9 +391,12 @@ def run_sequential(
     blocks: str | None = None,
     progress: bool = True,
     desc: str = "sequential",
+    prepare: Callable[[nn.Module, Sequence[State]], Any] | None = None,
 ) -> dict[str, float]:
     """Walk ``model`` block by block; ``solve(name, linear, XᵀX/n)`` each linear ``select(block)`` returns
     (linears reading the same tensor are given the same matrix: ``solve`` must not write it).
+    ``prepare(block, states)``, when given, runs first on each block and its inputs (the ``(args, kwargs)`` of
+    each batch), e.g. a float transform calibrated on the same pass (AWQ's scales before GPTQ).
 
     ``inputs``: token-id tensors for a Hugging Face model (``(1, seqlen)`` or ``(b, seqlen)``),
     else whatever the module takes, or the :class:`BlockStates` of ``model`` as one block.
@@ -406,6 +425,8 @@ def run_sequential(
     results: dict[str, float] = {}
     bar = tqdm(block_list, desc=desc, disable=not progress, leave=False)
     for i, block in enumerate(bar):
+        if prepare is not None:
+            prepare(block, states)
         layers = select(block)
         errors: dict[str, float] = {}
         if true_sequential and len(states) == 1 and not _distributed():  # several processes share out solves

@@ -12,7 +12,8 @@ Modes
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from ..primitives import (
 from ..spec import ActivationSpec, WeightSpec
 from .hadamard import HADAMARD, input_hadamard
 
-__all__ = ["QModuleMixin"]
+__all__ = ["QModuleMixin", "unquantized"]
 
 
 class QModuleMixin:
@@ -302,6 +303,21 @@ class _ReferenceForward:
 
 
 _kernel_selector: Callable[[QModuleMixin], Any] = lambda module: _ReferenceForward()
+
+
+@contextlib.contextmanager
+def unquantized(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside the ``with``, the not-yet-frozen quantized modules under ``module`` run their float op on their float
+    weights and unquantized inputs (hooks still run): statistics of the float function of a model already swapped
+    for quantization, e.g. AWQ's on GPTQ's pass."""
+    mods = [m for m in module.modules() if isinstance(m, QModuleMixin) and not m.frozen and "forward" not in m.__dict__]
+    try:
+        for m in mods:
+            m.forward = lambda x, m=m: m.float_forward(x, m.weight)
+        yield module
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)
 
 
 def set_kernel_selector(selector: Callable[[QModuleMixin], Any]) -> None:
