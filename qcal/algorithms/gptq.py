@@ -328,6 +328,7 @@ class _FloatReference:
         self.x_float: dict[str, torch.Tensor] = {}
         self.x_quant: dict[str, torch.Tensor] = {}
         self.handles: list = []
+        self._last: tuple | None = None  # (inputs' key, their product) of the last linear
 
     def prepare(self, block: nn.Module, states: Sequence) -> None:
         from ..nn import unquantized
@@ -370,16 +371,18 @@ class _FloatReference:
         xf, xq = self.x_float.pop(name, None), self.x_quant.pop(name, None)
         if xf is None or xq is None or xf.shape != xq.shape:
             raise RuntimeError(f"GPTQ: no float and quantized inputs recorded for {name}")
-        xq = xq.float()
-        if torch.equal(xf, xq):
-            return None
-        return (xf - xq).T @ xq / xq.shape[0]
+        key = (xf.data_ptr(), xq.data_ptr(), tuple(xq.shape))
+        if self._last is None or self._last[0] != key:  # linears reading the same tensors share one product
+            xq = xq.float()
+            self._last = (key, None if torch.equal(xf, xq) else (xf - xq).T @ xq / xq.shape[0])
+        return self._last[1]
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
         self.x_float, self.x_quant = {}, {}
+        self._last = None
 
 
 class GPTQQuantizer:
