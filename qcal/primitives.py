@@ -13,6 +13,8 @@ Conventions
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .granularity import Granularity, block_size_for
@@ -22,6 +24,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "scale_dtype_for",
     "check_float",
+    "set_finite_checks",
     "block_view",
     "block_minmax",
     "choose_qparams_from_minmax",
@@ -37,6 +40,30 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_FINITE_MODES = ("auto", "always", "never")
+_finite_checks = os.environ.get("QCAL_FINITE_CHECKS", "auto")
+if _finite_checks not in _FINITE_MODES:
+    raise ValueError(f"QCAL_FINITE_CHECKS={_finite_checks!r}; choose one of {', '.join(_FINITE_MODES)}")
+
+
+def set_finite_checks(mode: str) -> str:
+    """Where the ranges qparams are chosen from are checked for NaN/Inf (a ``ValueError`` naming the tensor);
+    returns the previous mode. Observers check their calibration data in every mode (calibration is no hot loop);
+    this sets the fake-quant forward's own check. ``"auto"`` (the default, also ``$QCAL_FINITE_CHECKS``): on CPU
+    tensors only, so a forward on an accelerator never waits for the device (one host-device sync per quantized
+    tensor otherwise); ``"always"``: on every device (debugging NaNs on a GPU); ``"never"``: nowhere (NaN ranges
+    give NaN scales and outputs)."""
+    global _finite_checks
+    if mode not in _FINITE_MODES:
+        raise ValueError(f"set_finite_checks: mode={mode!r}; choose one of {', '.join(_FINITE_MODES)}")
+    previous, _finite_checks = _finite_checks, mode
+    return previous
+
+
+def _check_finite(t: torch.Tensor) -> bool:
+    """Whether the current mode checks ``t`` (see :func:`set_finite_checks`)."""
+    return _finite_checks == "always" or (_finite_checks == "auto" and t.device.type == "cpu")
 
 
 def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -110,7 +137,7 @@ def choose_qparams_from_minmax(
     and rounds the zero-point to an integer in ``[qmin, qmax]``, the convention of compressed-tensors,
     GPTQ checkpoints and AWQ (exportable to them exactly); the default keeps it unrounded.
     """
-    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+    if _check_finite(min_val) and not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
         raise ValueError("cannot choose quantization parameters: the observed values contain NaN or Inf")
     mn = min_val.float()
     mx = max_val.float()

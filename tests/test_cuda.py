@@ -196,7 +196,8 @@ def test_speed_harness_on_cuda_times_and_measures_memory():
 def test_autoquant_on_cuda_times_with_synchronization():
     model = _model().to(torch.bfloat16).cuda()
     ids = _ids(1, 1).cuda()
-    report = qcal.autoquant(model, ids, max_rel_error=0.05, candidates=("int8wo", "int4wo-64"), rounds=3)
+    qcal.autoquant(model, ids, max_rel_error=0.05, candidates=("int8wo", "int4wo-64"), rounds=3)
+    report = model.autoquant_report
     assert report and all(c.times["none"] > 1e-6 for c in report)  # a queued launch alone would read ~0
     assert {type(m).__name__ for _, m in qcal.quantized_modules(model)} <= {"QLinear"}
 
@@ -238,3 +239,19 @@ def test_streamed_quantization_on_cuda_matches_cpu(tmp_path):
     assert differ < 0.02, differ
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "cuda")
     assert torch.isfinite(_logits(model, _ids())).all()
+
+
+def test_fake_quant_training_step_never_syncs_with_the_host():
+    model = _model().cuda()
+    qcal.quantize(model, weights=qint4, activations=qint8, group_size=32, dynamic=True, exclude="lm_head")
+    ids = _ids().cuda()
+    loss = model(ids).logits.float().logsumexp(-1).mean()  # warm-up: caches, lazy inits
+    loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync raises
+    try:
+        loss = model(ids).logits.float().logsumexp(-1).mean()
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

@@ -136,6 +136,30 @@ def test_nan_rejected():
         choose_qparams(x, qint8, PerTensor(), name="act")
 
 
+def test_finite_checks_modes():
+    from qcal.primitives import set_finite_checks
+
+    x = torch.randn(2, 8)
+    x[1, 3] = float("nan")
+    meta = torch.empty(2, 8, device="meta")  # stands for an accelerator: checking it would read its values
+    previous = set_finite_checks("never")
+    try:
+        s, _ = choose_qparams(x, qint8, PerTensor(), name="act")
+        assert torch.isnan(s).all()  # unchecked: NaN scales, no exception
+        set_finite_checks("auto")
+        with pytest.raises(ValueError, match="act: .*NaN"):
+            choose_qparams(x, qint8, PerTensor(), name="act")
+        s, _ = choose_qparams(meta, qint8, PerTensor(), name="act")  # not read back: no sync on the device
+        assert s.device.type == "meta"
+        set_finite_checks("always")
+        with pytest.raises((NotImplementedError, RuntimeError)):  # read back, which a meta tensor cannot do
+            choose_qparams(meta, qint8, PerTensor(), name="act")
+        with pytest.raises(ValueError, match="mode='sometimes'"):
+            set_finite_checks("sometimes")
+    finally:
+        assert set_finite_checks(previous) in ("always", "auto", "never")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_low_precision_inputs(dtype):
     x = torch.randn(8, 64).to(dtype)

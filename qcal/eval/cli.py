@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", default=None,
                    help="write one JSON record per scheme with keys scheme, token_ppl, word_ppl, "
                    "prefill_tok_s, decode_tok_s, prefill_ratio, decode_ratio, model_bytes, peak_mem_bytes, "
-                   "quantize_s, speed_runtime")
+                   "quantize_s, quantize_peak_bytes, speed_runtime")
     p.add_argument("--export-gguf", metavar="FILE.gguf", default=None,
                    help="also write each quantized model as a GGUF file for llama.cpp (FILE-<scheme>.gguf when "
                    "several schemes are given); the gguf-* and gptq-gguf-* schemes map onto GGUF exactly")

@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict, dataclass
 
 JSON_KEYS = ("scheme", "token_ppl", "word_ppl", "prefill_tok_s", "decode_tok_s", "prefill_ratio",
-             "decode_ratio", "model_bytes", "peak_mem_bytes", "quantize_s", "speed_runtime")
+             "decode_ratio", "model_bytes", "peak_mem_bytes", "quantize_s", "quantize_peak_bytes", "speed_runtime")
 
 
 @dataclass
@@ -25,6 +25,7 @@ class SchemeResult:
     model_bytes: int | None = None
     peak_mem_bytes: int | None = None
     quantize_s: float | None = None
+    quantize_peak_bytes: int | None = None  # memory added while quantizing: the float copy, calibration, the solver
     speed_runtime: str | None = None  # "lean", "hf" or "compiled": what ran the timed generation (all models alike)
     speed_attention: str | None = None  # the Hugging Face attention of the timed models (None: each model's own)
 
@@ -47,7 +48,7 @@ def _mib(value: int | None) -> str:
 def format_table(results: list[SchemeResult], baseline: str = "bf16") -> str:
     """A fixed-width table, one row per scheme; ratios are versus ``baseline`` (higher is faster)."""
     header = ("scheme", "token ppl", "word ppl", "prefill tok/s", "decode tok/s", f"prefill/{baseline}",
-              f"decode/{baseline}", "size MiB", "peak MiB", "quant s")
+              f"decode/{baseline}", "size MiB", "peak MiB", "quant s", "quant peak MiB")
     rows = [header] + [
         (
             r.scheme,
@@ -60,6 +61,7 @@ def format_table(results: list[SchemeResult], baseline: str = "bf16") -> str:
             _mib(r.model_bytes),
             _mib(r.peak_mem_bytes),
             _fmt(r.quantize_s, ".2f"),
+            _mib(r.quantize_peak_bytes),
         )
         for r in results
     ]

@@ -104,7 +104,8 @@ def evaluate_schemes(
     ``input_ids`` (the tokenized test text) is needed for ``ppl``, ``docs`` (articles) for ``word_ppl``.
     Peak memory is the memory added by the scheme's model and its quality evaluation (or one prefill
     if none is asked): RSS high-water mark (CPU) or allocator peak (CUDA) above the level before the
-    copy, the quantization transient excluded.
+    copy, the quantization transient excluded; ``quantize_peak_bytes`` is that transient: the copy, the
+    calibration activations and the solver's work, above the same level.
     """
     device = next(model.parameters()).device
     calib = functools.cache(calib) if calib is not None else None  # shared by all schemes
@@ -118,6 +119,7 @@ def evaluate_schemes(
                 export_gguf_file(quantized, tokenizer, cfg, scheme if len(schemes) > 1 else None)
             runner = torch.compile(quantized) if cfg.compile else quantized
             gc.collect()
+            result.quantize_peak_bytes = peak.peak_bytes()
             peak.reset_peak()  # count the quantized model and its inference, not the quantization transient
             _evaluate_quality(runner, tokenizer, result, cfg, input_ids, docs)
         result.peak_mem_bytes = peak.bytes

@@ -93,14 +93,18 @@ class PeakMemory:
         else:
             self._reset = _reset_rss_peak()
 
-    def __exit__(self, *exc) -> None:
+    def peak_bytes(self) -> int | None:
+        """The peak above the entry level since the last reset (None where it cannot be measured)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-            return
+            return torch.cuda.max_memory_allocated(self.device) - self._base
         peak = _proc_status_kb("VmHWM")
         if self._reset and peak is not None and self._base is not None:
-            self.bytes = max(0, peak - self._base)
+            return max(0, peak - self._base)
+        return None
+
+    def __exit__(self, *exc) -> None:
+        self.bytes = self.peak_bytes()
 
 
 def _sync(device: torch.device) -> None:
