@@ -468,6 +468,21 @@ def test_cli_end_to_end(model, tokenizer, data_dir, tmp_path, capsys):
     assert out_png.stat().st_size > 0
 
 
+def test_cli_kv_cache_flag_measures_through_the_quantized_cache(model, tokenizer, data_dir, tmp_path, capsys):
+    folder = tmp_path / "tiny-kv"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out_json = tmp_path / "kv.json"
+    rc = main(["--model", str(folder), "--data-dir", str(data_dir), "--quant", "fp32", "--metrics", "ppl",
+               "--seqlen", "32", "--limit", "2", "--kv-cache", "int4", "--no-progress", "--json", str(out_json)])
+    assert rc == 0 and "int4 KV cache" in capsys.readouterr().out
+    ids = data.tokenize(tokenizer, data.load_wikitext("test", data_dir))
+    (record,) = json.loads(out_json.read_text())
+    expect = token_perplexity(model, ids, 32, limit=2, kv_cache="int4")
+    assert record["token_ppl"] == pytest.approx(expect, rel=1e-6)
+    assert expect != pytest.approx(token_perplexity(model, ids, 32, limit=2), rel=1e-6)
+
+
 def test_cli_times_every_model_with_one_runtime(tokenizer, tmp_path, capsys):
     from qcal.kernels import native
 

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-pre-tokenizer", default=None,
                    help="llama.cpp's pre-tokenizer name written with --export-gguf (default: smollm for the built-in "
                    "model, else 'default')")
+    p.add_argument("--kv-cache", choices=["int8", "int4"], default=None,
+                   help="token perplexity through a quantized KV cache (qcal.runtime.kv_cache: per token and head, "
+                   "asymmetric): attention reads keys and values as the cache stores them (default: float, no cache)")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="save a model-size vs perplexity scatter plot, one point per scheme")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -133,7 +136,8 @@ def _summary(args: argparse.Namespace, threads: int, results: Sequence[SchemeRes
     parts = [f"model {args.model}", f"task {args.task}", f"device {args.device}, {threads} threads"]
     if "ppl" in args.metrics:
         windows = "all" if args.limit is None else f"first {args.limit}"
-        parts.append(f"token ppl: {windows} windows of {args.seqlen}")
+        parts.append(f"token ppl: {windows} windows of {args.seqlen}"
+                     + (f", {args.kv_cache} KV cache" if getattr(args, "kv_cache", None) else ""))
     if "word_ppl" in args.metrics:
         parts.append(f"word ppl: {'all' if args.doc_limit is None else args.doc_limit} articles")
     if "speed" in args.metrics:
@@ -190,7 +194,7 @@ def run(args: argparse.Namespace) -> list[SchemeResult]:
         new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
         quantize_lm_head=args.quantize_lm_head, compile=args.compile, seed=args.seed,
         attention=args.attention, runtime=args.runtime,
-        progress=not args.no_progress, export_gguf=args.export_gguf,
+        progress=not args.no_progress, export_gguf=args.export_gguf, kv_cache=args.kv_cache,
         gguf_pre_tokenizer=args.gguf_pre_tokenizer or ("smollm" if args.model == DEFAULT_MODEL else "default"),
     )
     results = evaluate_schemes(model, tokenizer, args.quant, cfg, input_ids=input_ids, docs=docs, calib=calib)

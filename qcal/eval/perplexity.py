@@ -19,6 +19,20 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+def _kv_cache(model: torch.nn.Module, bits: int):
+    from qcal.runtime.kv_cache import QuantizedKVCache
+
+    return QuantizedKVCache(model.config, bits)
+
+
+def _cache_kwarg(model: torch.nn.Module, cache) -> dict:
+    """``{"cache": cache}`` where the model's forward takes it (recent transformers), else ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
 @torch.no_grad()
 def window_nlls(
     model: torch.nn.Module,
@@ -26,8 +40,15 @@ def window_nlls(
     seqlen: int = 2048,
     limit: int | None = None,
     progress: bool = False,
+    kv_cache: str | None = None,
 ) -> list[float]:
-    """Mean next-token NLL (nats) of each window ``input_ids[i*seqlen:(i+1)*seqlen]``; logits in float32."""
+    """Mean next-token NLL (nats) of each window ``input_ids[i*seqlen:(i+1)*seqlen]``; logits in float32.
+
+    ``kv_cache="int8"`` / ``"int4"``: each window runs through a fresh :class:`qcal.runtime.kv_cache.QuantizedKVCache`,
+    so attention reads the keys and values as that cache stores them (the perplexity of generating with it)."""
+    bits = {None: None, "int8": 8, "int4": 4}.get(kv_cache, -1)
+    if bits == -1:
+        raise ValueError(f"kv_cache={kv_cache!r}; choose None, 'int8' or 'int4'")
     ids = input_ids.reshape(-1)
     n = window_count(ids.numel(), seqlen, limit)
     if n == 0:
@@ -41,7 +62,11 @@ def window_nlls(
     nlls = []
     for i in windows:
         window = ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
-        logits = model(window, use_cache=False).logits[0, :-1].float()
+        if bits is None:
+            logits = model(window, use_cache=False).logits
+        else:
+            logits = model(window, use_cache=True, **_cache_kwarg(model, _kv_cache(model, bits))).logits
+        logits = logits[0, :-1].float()
         nlls.append(F.cross_entropy(logits, window[0, 1:]).item())
     return nlls
 
@@ -52,7 +77,9 @@ def token_perplexity(
     seqlen: int = 2048,
     limit: int | None = None,
     progress: bool = False,
+    kv_cache: str | None = None,
 ) -> float:
-    """exp of the mean NLL over the first ``limit`` (default: all) non-overlapping windows of ``seqlen``."""
-    nlls = window_nlls(model, input_ids, seqlen, limit, progress)
+    """exp of the mean NLL over the first ``limit`` (default: all) non-overlapping windows of ``seqlen``
+    (``kv_cache``: see :func:`window_nlls`)."""
+    nlls = window_nlls(model, input_ids, seqlen, limit, progress, kv_cache)
     return math.exp(sum(nlls) / len(nlls))

@@ -43,6 +43,7 @@ class EvalConfig:
     progress: bool = True
     export_gguf: str | None = None  # write each quantized model as GGUF here (``-<scheme>`` added for several)
     gguf_pre_tokenizer: str = "default"
+    kv_cache: str | None = None  # "int8" / "int4": token perplexity through a quantized KV cache
 
 
 class UnknownSchemeError(ValueError):
@@ -144,7 +145,7 @@ def _evaluate_quality(
 ) -> None:
     """Fill in token and word perplexity as ``cfg.metrics`` asks; one prefill if neither is asked."""
     if "ppl" in cfg.metrics:
-        result.token_ppl = token_perplexity(model, input_ids, cfg.seqlen, cfg.limit, cfg.progress)
+        result.token_ppl = token_perplexity(model, input_ids, cfg.seqlen, cfg.limit, cfg.progress, cfg.kv_cache)
     if "word_ppl" in cfg.metrics:
         result.word_ppl = lm_eval_wikitext(
             model, tokenizer, docs, limit=cfg.doc_limit, batch_size=cfg.batch_size, max_length=cfg.max_length

@@ -1,0 +1,120 @@
+"""Quantized KV cache: per-(token, head) int8 / int4 codes, appended without re-quantization; a transformers cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_llama, rel_err
+
+from qcal.eval.perplexity import token_perplexity
+from qcal.runtime.kv_cache import QuantizedKVCache, dequantize_kv, quantize_kv
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, None), (4, 16), (8, 32)])
+def test_round_trip_is_within_half_a_step(bits, group):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 17, 64) * torch.logspace(-2, 1, 17).view(1, 1, 17, 1)
+    codes, scale, mn = quantize_kv(x, bits, group)
+    g = group or 64
+    assert codes.dtype == torch.uint8 and codes.shape == (2, 3, 17, 64 if bits == 8 else 32)
+    assert scale.dtype == mn.dtype == torch.float16 and scale.shape == (2, 3, 17, 64 // g)
+    y = dequantize_kv(codes, scale, mn, bits, torch.float32)
+    step = scale.float().repeat_interleave(g, -1)
+    err = (y - x).abs()
+    # half a step, plus float16's rounding of the minimum (relative 2^-11)
+    assert (err <= step * 0.5 + mn.float().abs().repeat_interleave(g, -1) * 2.0**-11 + 1e-7).all()
+    if bits == 4:  # the two nibbles of a byte are two neighbouring codes
+        wide = ((x - mn.float().repeat_interleave(g, -1)) / step).round().clamp(0, 15).to(torch.uint8)
+        assert torch.equal(codes, wide[..., 0::2] | (wide[..., 1::2] << 4))
+
+
+def test_constant_non_finite_and_bad_inputs():
+    x = torch.full((1, 1, 2, 8), 3.0)
+    x[0, 0, 1] = float("nan")
+    codes, scale, mn = quantize_kv(x, 8)
+    y = dequantize_kv(codes, scale, mn, 8, torch.float32)
+    assert torch.equal(y[0, 0, 0], torch.full((8,), 3.0))  # a constant vector is exact
+    assert torch.isnan(y[0, 0, 1]).all()  # a NaN vector stays NaN, its neighbours unaffected
+    with pytest.raises(ValueError, match="odd"):
+        quantize_kv(torch.randn(1, 1, 1, 7), 4)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        quantize_kv(x, 3)
+    with pytest.raises(TypeError, match="float"):
+        quantize_kv(torch.ones(1, 1, 1, 8, dtype=torch.int32), 8)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        QuantizedKVCache(make_tiny_llama().config, bits=2)
+    with pytest.raises(ValueError, match="group_size 24 does not divide the head dimension 16"):
+        QuantizedKVCache(make_tiny_llama().config, bits=4, group_size=24)
+    with pytest.raises(ValueError, match="group_size 5 does not divide"):
+        quantize_kv(torch.randn(1, 1, 1, 8), 8, 5)
+
+
+@pytest.mark.parametrize("bits,group,tol", [(8, "default", 0.01), (4, "default", 0.1), (4, 8, 0.1)])
+def test_logits_through_the_cache_stay_close_and_the_cache_is_small(bits, group, tol):
+    model = make_tiny_llama()
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        cache = QuantizedKVCache(model.config, bits, group)
+        out = model(ids, past_key_values=cache, use_cache=True).logits
+    assert 0 < rel_err(out, ref) < tol
+    heads, d, layers = model.config.num_key_value_heads, model.config.hidden_size // 4, model.config.num_hidden_layers
+    groups = 1 if cache.group_size is None else d // cache.group_size
+    per_vector = (d if bits == 8 else d // 2) + 4 * groups  # codes + float16 scale and minimum per group
+    assert cache.get_seq_length() == 40
+    assert cache.nbytes() == layers * 2 * 2 * heads * 40 * per_vector
+    assert cache.nbytes() / (layers * 2 * 2 * heads * 40 * d * 2) == pytest.approx(per_vector / (2 * d))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decoding_token_by_token_equals_one_forward(bits):
+    """Each token is quantized once, on its own: chunked prefill and decode read the same cache as one forward."""
+    model = make_tiny_llama()
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = model(ids, past_key_values=QuantizedKVCache(model.config, bits), use_cache=True).logits
+        cache = QuantizedKVCache(model.config, bits)
+        steps = [model(ids[:, :20], past_key_values=cache, use_cache=True).logits]
+        for t in range(20, 30):
+            steps.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    assert torch.allclose(torch.cat(steps, 1), whole, atol=1e-5, rtol=1e-4)
+    assert cache.get_seq_length() == 30
+
+
+def test_generate_and_beam_search_run_through_it():
+    model = make_tiny_llama()
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    ref = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    out = model.generate(prompt, max_new_tokens=12, do_sample=False,
+                         past_key_values=QuantizedKVCache(model.config, 8))
+    assert out.shape == ref.shape and (out == ref).float().mean() > 0.8  # int8 rarely flips a greedy token
+    beams = model.generate(prompt, max_new_tokens=6, do_sample=False, num_beams=3,
+                           past_key_values=QuantizedKVCache(model.config, 8))
+    assert beams.shape == (1, 14)
+
+
+def test_batch_reorder_moves_codes_with_their_scales():
+    model = make_tiny_llama()
+    ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(4))
+    cache = QuantizedKVCache(model.config, 4)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    before = [t.clone() for t in layer._k.view()]
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    after = layer._k.view()
+    for b, a in zip(before, after, strict=True):
+        assert torch.equal(a, b[[2, 0]])
+
+
+def test_token_perplexity_through_a_quantized_cache():
+    model = make_tiny_llama()
+    ids = torch.randint(0, 256, (1, 4 * 48), generator=torch.Generator().manual_seed(5))
+    base = token_perplexity(model, ids, 48)
+    int8 = token_perplexity(model, ids, 48, kv_cache="int8")
+    int4 = token_perplexity(model, ids, 48, kv_cache="int4")
+    assert int8 != base and abs(math.log(int8 / base)) < 0.005 and abs(math.log(int4 / base)) < 0.05
+    with pytest.raises(ValueError, match="kv_cache='int2'"):
+        token_perplexity(model, ids, 48, kv_cache="int2")
