@@ -118,3 +118,74 @@ def test_token_perplexity_through_a_quantized_cache():
     assert int8 != base and abs(math.log(int8 / base)) < 0.005 and abs(math.log(int4 / base)) < 0.05
     with pytest.raises(ValueError, match="kv_cache='int2'"):
         token_perplexity(model, ids, 48, kv_cache="int2")
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 16), (4, None), (4, 16), (4, 2), (8, 48)])
+def test_native_dequantization_equals_the_reference_bit_for_bit(bits, group):
+    from qcal.kernels.native import available
+
+    if not available():
+        pytest.skip("qcal's native kernels are not built here")
+    torch.manual_seed(0)
+    d = 96 if group == 48 else 64
+    x = torch.randn(2, 3, 40, d) * 3
+    x[0, 1, 5] = float("nan")
+    codes, scale, mn = quantize_kv(x, bits, group)
+    # a store's view: the first 33 of 40 positions (strided), as the cache hands it over
+    codes, scale, mn = codes[:, :, :33], scale[:, :, :33], mn[:, :, :33]
+    native = torch.ops.qcal.kv_dequant(codes, scale, mn, bits)
+    groups = scale.shape[-1]
+    wide = torch.stack((codes & 0xF, codes >> 4), -1).flatten(-2) if bits == 4 else codes
+    ref = (wide.float().unflatten(-1, (groups, d // groups)) * scale.float().unsqueeze(-1)
+           + mn.float().unsqueeze(-1)).flatten(-2).to(torch.bfloat16)
+    assert native.is_contiguous() and native.shape == ref.shape
+    assert torch.equal(torch.isnan(native), torch.isnan(ref)) and torch.isnan(ref).any()
+    assert torch.equal(native.nan_to_num(0).view(torch.int16), ref.nan_to_num(0).view(torch.int16))
+    assert torch.equal(dequantize_kv(codes, scale, mn, bits, torch.bfloat16).nan_to_num(0), ref.nan_to_num(0))
+
+
+def test_native_dequantization_refuses_bad_arguments():
+    from qcal.kernels.native import available
+
+    if not available():
+        pytest.skip("qcal's native kernels are not built here")
+    codes = torch.zeros(1, 2, 3, 8, dtype=torch.uint8)
+    s = torch.ones(1, 2, 3, 2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        torch.ops.qcal.kv_dequant(codes, s, s, 3)
+    with pytest.raises(TypeError, match="float16"):
+        torch.ops.qcal.kv_dequant(codes, s.float(), s, 8)
+    with pytest.raises(TypeError, match="uint8"):
+        torch.ops.qcal.kv_dequant(codes.to(torch.int8), s, s, 8)
+    with pytest.raises(ValueError, match="groups do not split"):
+        torch.ops.qcal.kv_dequant(codes, torch.ones(1, 2, 3, 3, dtype=torch.float16),
+                                  torch.ones(1, 2, 3, 3, dtype=torch.float16), 8)
+    with pytest.raises(ValueError, match=r"\(B, H, n, bytes\)"):
+        torch.ops.qcal.kv_dequant(codes, s[:, :1], s[:, :1], 8)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.qcal.kv_dequant(torch.zeros(1, 2, 3, 16, dtype=torch.uint8)[..., ::2], s, s, 8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bf16_cache_native_and_pytorch_paths_agree_exactly(bits, monkeypatch):
+    from qcal.kernels.native import available
+    from qcal.runtime import kv_cache
+
+    if not available():
+        pytest.skip("qcal's native kernels are not built here")
+    model = make_tiny_llama(hidden=128).to(torch.bfloat16)  # head_dim 32: int4 in two groups of 16
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(6))
+
+    def run():
+        cache = QuantizedKVCache(model.config, bits)
+        with torch.no_grad():
+            first = model(ids[:, :20], past_key_values=cache, use_cache=True).logits
+            rest = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(20, 24)]
+        return torch.cat([first, *rest], 1), cache.layers[1]._k.view()
+
+    native, native_k = run()
+    monkeypatch.setattr(kv_cache, "_native", lambda: False)
+    ref, ref_k = run()
+    assert torch.equal(native, ref)
+    for a, b in zip(native_k, ref_k, strict=True):
+        assert torch.equal(a, b)

@@ -30,6 +30,16 @@ _F16_MAX = 65504.0
 _F16_TINY = 2.0**-14  # float16's smallest normal: scales below it would lose precision
 
 
+def _check_layout(d: int, bits: int, group_size: int | None) -> int:
+    """The group size for rows of ``d`` values (ValueError where it does not fit)."""
+    g = d if group_size is None else group_size
+    if g < 1 or d % g:
+        raise ValueError(f"quantize_kv: group_size {group_size} does not divide the head dimension {d}")
+    if bits == 4 and g % 2:
+        raise ValueError(f"quantize_kv: int4 packs two codes a byte; the group size {g} is odd")
+    return g
+
+
 def quantize_kv(x: torch.Tensor, bits: int, group_size: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(codes, scale, minimum)`` of ``x`` (``(..., d)``) per vector over its last dimension, or per group of
@@ -41,11 +51,7 @@ def quantize_kv(x: torch.Tensor, bits: int, group_size: int | None = None
     if not x.is_floating_point():
         raise TypeError(f"quantize_kv: expected a float tensor, got {x.dtype}")
     d = x.shape[-1]
-    g = d if group_size is None else group_size
-    if g < 1 or d % g:
-        raise ValueError(f"quantize_kv: group_size {group_size} does not divide the head dimension {d}")
-    if bits == 4 and g % 2:
-        raise ValueError(f"quantize_kv: int4 packs two codes a byte; the group size {g} is odd")
+    g = _check_layout(d, bits, group_size)
     qmax = (1 << bits) - 1
     xf = x.float().reshape(*x.shape[:-1], d // g, g)
     mn, mx = xf.amin(-1), xf.amax(-1)
@@ -63,7 +69,10 @@ def quantize_kv(x: torch.Tensor, bits: int, group_size: int | None = None
 
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int,
                   dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of :func:`quantize_kv`, in ``dtype`` (the group size is read from the shapes)."""
+    """The inverse of :func:`quantize_kv`, in ``dtype`` (the group size is read from the shapes). bf16 on an
+    AVX512-BF16 CPU: one native pass (``torch.ops.qcal.kv_dequant``), the same bits as the PyTorch ops below."""
+    if dtype == torch.bfloat16 and codes.dim() == 4 and codes.device.type == "cpu" and _native():
+        return torch.ops.qcal.kv_dequant(codes, scale, minimum, bits)
     if bits == 4:
         codes = torch.stack((codes & 0xF, codes >> 4), -1).flatten(-2)
     groups = scale.shape[-1]
@@ -71,29 +80,42 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tenso
     return (x * scale.float().unsqueeze(-1) + minimum.float().unsqueeze(-1)).flatten(-2).to(dtype)
 
 
+def _native() -> bool:
+    from qcal.kernels.native import available
+
+    return available()
+
+
 class _Store:
-    """Growable (batch, heads, tokens, ...) buffers of codes, scales and minima; capacity doubles."""
+    """Growable (batch, heads, tokens, ...) buffers of codes, scales and minima, sized for ``x``'s batch, heads and
+    head dimension; states are quantized straight into them (natively for bf16 on the CPU); capacity doubles."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> None:
-        self.length = codes.shape[2]
-        self.codes, self.scale, self.minimum = codes, scale, minimum
+    def __init__(self, x: torch.Tensor, bits: int, group_size: int | None) -> None:
+        b, h, t, d = x.shape
+        g = _check_layout(d, bits, group_size)
+        self.bits, self.group_size, self.d, self.length = bits, group_size, d, 0
+        self.codes = torch.empty(b, h, t, d if bits == 8 else d // 2, dtype=torch.uint8, device=x.device)
+        self.scale = torch.empty(b, h, t, d // g, dtype=torch.float16, device=x.device)
+        self.minimum = torch.empty_like(self.scale)
 
-    def check(self, codes: torch.Tensor) -> None:
-        if codes.shape[:2] != self.codes.shape[:2] or codes.shape[3:] != self.codes.shape[3:]:
-            raise ValueError(f"QuantizedKVCache: new states with codes of shape {tuple(codes.shape)} do not match the "
-                             f"cache's {tuple(self.codes.shape[:2])} x tokens x {tuple(self.codes.shape[3:])}")
+    def check(self, x: torch.Tensor) -> None:
+        if x.shape[:2] != self.codes.shape[:2] or x.shape[3] != self.d:
+            raise ValueError(f"QuantizedKVCache: new states of shape {tuple(x.shape)} do not match the cache's "
+                             f"{tuple(self.codes.shape[:2])} x tokens x {self.d}")
 
-    def append(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> None:
-        self.check(codes)
-        n, t = self.length, codes.shape[2]
+    def write(self, x: torch.Tensor) -> None:
+        """Quantize ``x`` (checked by :meth:`check`) into the next positions."""
+        n, t = self.length, x.shape[2]
         if n + t > self.codes.shape[2]:
             cap = max(n + t, 2 * self.codes.shape[2])
-            self.codes = self._grow(self.codes, cap)
-            self.scale = self._grow(self.scale, cap)
-            self.minimum = self._grow(self.minimum, cap)
-        self.codes[:, :, n:n + t] = codes
-        self.scale[:, :, n:n + t] = scale
-        self.minimum[:, :, n:n + t] = minimum
+            self.codes, self.scale, self.minimum = (self._grow(buf, cap) for buf in (self.codes, self.scale,
+                                                                                      self.minimum))
+        slots = self.codes[:, :, n:n + t], self.scale[:, :, n:n + t], self.minimum[:, :, n:n + t]
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.stride(3) == 1 and _native():
+            torch.ops.qcal.kv_quantize(x, *slots, self.bits)
+        else:
+            for slot, part in zip(slots, quantize_kv(x, self.bits, self.group_size), strict=True):
+                slot.copy_(part)
         self.length = n + t
 
     def _grow(self, buf: torch.Tensor, cap: int) -> torch.Tensor:
@@ -139,16 +161,18 @@ class QuantizedKVLayer(BaseQuantizedLayer):
         if key_states.dim() != 4 or value_states.dim() != 4 or key_states.shape[:3] != value_states.shape[:3]:
             raise ValueError("QuantizedKVCache: expected keys and values of shape (batch, heads, tokens, head_dim), "
                              f"got {tuple(key_states.shape)} and {tuple(value_states.shape)}")
-        qk, qv = self._quantize(key_states), self._quantize(value_states)  # both checked before either is stored
+        if not key_states.is_floating_point() or not value_states.is_floating_point():
+            raise TypeError(f"QuantizedKVCache: expected float keys and values, got {key_states.dtype} and "
+                            f"{value_states.dtype}")
         if not self.is_initialized:
+            k, v = _Store(key_states, self.bits, self.group_size), _Store(value_states, self.bits, self.group_size)
             self.lazy_initialization(key_states, value_states)
             self.dtype = key_states.dtype
-            self._k, self._v = _Store(*qk), _Store(*qv)
-        else:
-            self._k.check(qk[0])
-            self._v.check(qv[0])
-            self._k.append(*qk)
-            self._v.append(*qv)
+            self._k, self._v = k, v
+        self._k.check(key_states)  # both checked before either is stored
+        self._v.check(value_states)
+        self._k.write(key_states)
+        self._v.write(value_states)
         self.cumulative_length = self._k.length
         self._quantized_keys, self._quantized_values = self._k.view(), self._v.view()
         return self._dequantize(self._quantized_keys), self._dequantize(self._quantized_values)
