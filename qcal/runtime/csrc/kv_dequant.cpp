@@ -36,6 +36,18 @@ static void kv_dequant_row(const uint8_t *c, const uint16_t *s, const uint16_t *
     }
 }
 
+// Each (b, h, t) row of a (B, H, n, .) space over the thread team: f(flat row index, b, h, t).
+template <typename F> static void for_each_row(int64_t B, int64_t H, int64_t n, int64_t grain, const F &f) {
+    at::parallel_for(0, B * H * n, grain, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) f(r, r / (n * H), (r / n) % H, r % n);
+    });
+}
+
+// Row (b, h, t) of a tensor strided on its first three dimensions.
+template <typename T> static inline T *row_of(T *base, const at::Tensor &t, int64_t b, int64_t h, int64_t i) {
+    return base + b * t.stride(0) + h * t.stride(1) + i * t.stride(2);
+}
+
 static inline uint16_t half_bits(float f) {  // fp32 -> float16, round to nearest even (AVX512F's conversion)
     return (uint16_t)_mm_extract_epi16(
         _mm256_castsi256_si128(_mm512_cvtps_ph(_mm512_set1_ps(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), 0);
@@ -112,16 +124,10 @@ static void kv_quantize(const at::Tensor &x, at::Tensor &codes, at::Tensor &scal
     const uint16_t *xp = qcal::in<uint16_t>(x);
     uint8_t *cp = qcal::out<uint8_t>(codes);
     uint16_t *sp = qcal::out<uint16_t>(scale), *mp = qcal::out<uint16_t>(minimum);
-    const int64_t g = d / G, rows = B * H * n;
-    at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; r++) {
-            const int64_t t = r % n, h = (r / n) % H, b = r / (n * H);
-            kv_quantize_row(xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2),
-                            cp + b * codes.stride(0) + h * codes.stride(1) + t * codes.stride(2),
-                            sp + b * scale.stride(0) + h * scale.stride(1) + t * scale.stride(2),
-                            mp + b * minimum.stride(0) + h * minimum.stride(1) + t * minimum.stride(2), d, g,
-                            static_cast<int>(bits));
-        }
+    const int64_t g = d / G;
+    for_each_row(B, H, n, 256, [&](int64_t, int64_t b, int64_t h, int64_t t) {
+        kv_quantize_row(row_of(xp, x, b, h, t), row_of(cp, codes, b, h, t), row_of(sp, scale, b, h, t),
+                        row_of(mp, minimum, b, h, t), d, g, static_cast<int>(bits));
     });
 }
 
@@ -151,15 +157,10 @@ static at::Tensor kv_dequant(const at::Tensor &codes, const at::Tensor &scale, c
     const uint8_t *c = qcal::in<uint8_t>(codes);
     const uint16_t *s = qcal::in<uint16_t>(scale), *mn = qcal::in<uint16_t>(minimum);
     uint16_t *o = qcal::out<uint16_t>(y);
-    const int64_t g = d / G, rows = B * H * n;
-    at::parallel_for(0, rows, 512, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; r++) {
-            const int64_t t = r % n, h = (r / n) % H, b = r / (n * H);
-            kv_dequant_row(c + b * codes.stride(0) + h * codes.stride(1) + t * codes.stride(2),
-                           s + b * scale.stride(0) + h * scale.stride(1) + t * scale.stride(2),
-                           mn + b * minimum.stride(0) + h * minimum.stride(1) + t * minimum.stride(2), o + r * d, d,
-                           g, static_cast<int>(bits));
-        }
+    const int64_t g = d / G;
+    for_each_row(B, H, n, 512, [&](int64_t r, int64_t b, int64_t h, int64_t t) {
+        kv_dequant_row(row_of(c, codes, b, h, t), row_of(s, scale, b, h, t), row_of(mn, minimum, b, h, t), o + r * d,
+                       d, g, static_cast<int>(bits));
     });
     return y;
 }
