@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .qtypes import qint3, qint4, qint8
+from .qtypes import qfloat8_e4m3fn, qint3, qint4, qint8
 
 __all__ = ["RTN_SCHEMES", "scheme_regex", "match_rtn", "rtn_kwargs"]
 
@@ -40,6 +40,8 @@ RTN_SCHEMES: dict[str, tuple[str, Callable[[re.Match], dict]]] = {
                          lambda m: dict(weights=qint4, group_size=_group(m), symmetric=False, zero_point="int")),
     "int4wo-pc-intzp": ("int4wo-pc with integer zero-points (exports to compressed-tensors / vLLM)",
                         lambda m: dict(weights=qint4, symmetric=False, zero_point="int")),
+    "fp8wo": ("float8 e4m3 weight-only, per output channel (a scale maps each row's absmax to 448)",
+              lambda m: dict(weights=qfloat8_e4m3fn)),
     "8da4w-<g>": ("int8 dynamic per-token activations x int4 symmetric groups of <g> (ExecuTorch)",
                   lambda m: dict(weights=qint4, group_size=_group(m), symmetric=True, activations=qint8,
                                  dynamic=True)),

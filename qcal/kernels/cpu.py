@@ -1,4 +1,4 @@
-"""CPU tables of the frozen linear layers: int4 / int8 weight-only, dynamic A8W8 and 8da4w.
+"""CPU tables of the frozen linear layers: int4 / int8 / fp8 weight-only, dynamic A8W8 and 8da4w.
 
 On AVX512-BF16/VNNI CPUs qcal's native operators (:mod:`qcal.kernels.native`) come first: small-``M`` (decode)
 kernels reading the weight as it streams, and for large ``M`` (prefill) panel kernels that re-lay a few rows of the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..qtypes import qint4, qint8
+from ..qtypes import qfloat8_e4m3fn, qint4, qint8
 from . import native
 from .common import dequant_int4, int4_codes_u8, quantize_per_token, tinygemm_group_size, tinygemm_scales_zeros
 from .table import Impl, Layout, LinearTable
@@ -43,6 +43,10 @@ def _shape(m) -> tuple[int, int, int]:
     """``(N, K, group size)`` of a frozen linear (per channel: K)."""
     n, k = m.weight_shape[0], m.weight_shape[1]
     return n, k, k // m.weight_scale.shape[1]
+
+
+def per_channel_fp8(m) -> bool:
+    return m.weight_spec.qtype == qfloat8_e4m3fn and m.weight_zero_point is None and m.weight_scale.shape[1] == 1
 
 
 def tinygemm_int4(m) -> bool:
@@ -143,6 +147,14 @@ def _w8a16_panel(m, x2):
     return torch.ops.qcal.w8a16_mm_panel(x2, b["qweight"], b["_k_i8ws"])
 
 
+def _wf8a16_small(m, x2):
+    return torch.ops.qcal.wf8a16_mm_small(x2, m.qweight, m._buffers["_k_i8ws"])
+
+
+def _dequant_fp8(m, x2):
+    return F.linear(x2, (m.qweight.float() * m.weight_scale.float()).to(x2.dtype))
+
+
 def _int8pack_mm(m, x2):
     s = m.weight_scale.view(-1)
     return torch.ops.aten._weight_int8pack_mm(x2, m.qweight, s if s.dtype == x2.dtype else s.to(x2.dtype))
@@ -211,4 +223,10 @@ INT8DQ = LinearTable("int8dq", "cpu", lambda m: dynamic_int8(m) and per_channel_
     Impl("per-token quant + _int_mm + rescale", _int_mm),
 ))
 
-TABLES_CPU = [INT4WO, INT8DA_INT4, INT8DQ, INT8WO]
+FP8WO = LinearTable("fp8wo", "cpu", lambda m: weight_only(m) and per_channel_fp8(m), (
+    Impl("qcal avx512-bf16 fp8 mm (weight in place, widened in registers)", _wf8a16_small, native=True,
+         fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES),
+    Impl("dequant + bf16 mm", _dequant_fp8),
+), compute_dtype=torch.bfloat16)
+
+TABLES_CPU = [INT4WO, INT8DA_INT4, INT8DQ, INT8WO, FP8WO]

@@ -234,7 +234,15 @@ class QModuleMixin:
         wide = {k: b for k in _QPARAMS if isinstance(b := self._buffers.get(k), torch.Tensor)
                 and b.is_floating_point() and b.dtype != torch.float16}
         derived = {k: b for k, b in self._buffers.items() if k.startswith("_k_") and isinstance(b, torch.Tensor)}
-        out = super()._apply(fn, recurse)
+        codes = self._buffers.get("qweight")  # float8 codes are data, not a float: casts must not widen them
+        fp8 = isinstance(codes, torch.Tensor) and codes.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        if fp8:
+            self._buffers["qweight"] = codes.view(torch.uint8)  # an integer tensor moves but is never cast
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            if fp8:
+                self._buffers["qweight"] = self._buffers["qweight"].view(codes.dtype)
         for k, b in wide.items():  # .half() must not squeeze the scales into float16's range (scale_dtype_for)
             new = self._buffers.get(k)
             if isinstance(new, torch.Tensor) and new.dtype == torch.float16:

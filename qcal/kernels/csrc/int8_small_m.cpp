@@ -78,7 +78,27 @@ static int w8a8_small(const uint16_t *x, const int8_t *w, const int32_t *wsum, c
 
 /* A16W8 (int8 weight-only): y[m, n] = ws[n] * sum_k x[m, k] w[n, k] with bf16 x, in fp32. The weight is read
    in place (canonical (N, K) row-major int8): 32 codes of a row become 32 exact bf16 values (int8 fits bf16's
-   8-bit significand) and one vdpbf16ps multiplies them with 32 activations, one horizontal sum per output. */
+   8-bit significand) and one vdpbf16ps multiplies them with 32 activations, one horizontal sum per output.
+   FP8 = 1: the weight bytes are float8 e4m3fn codes (fp8 weight-only), widened exactly the same way (4 significant
+   bits); weights hold no NaN (quantization clamps them to +-448). */
+
+/* 16 float8 e4m3fn bytes -> 16 fp32, exact: normal e (1..15) -> exponent e + 120, subnormal m * 2^-9. */
+AI __m512 e4m3_to_ps(__m128i b) {
+    const __m512i v = _mm512_cvtepu8_epi32(b);
+    const __m512i em = _mm512_and_si512(v, _mm512_set1_epi32(0x7F));
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
+    const __m512 normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(em, 20), _mm512_set1_epi32(120 << 23)));
+    const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(em), _mm512_set1_ps(0x1p-9f));
+    const __m512 mag = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(em, _mm512_set1_epi32(8)), normal, sub);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag), sign));
+}
+
+template <int FP8> AI __m512 widen16(const int8_t *p, __mmask16 live) {
+    const __m128i b = _mm_maskz_loadu_epi8(live, p);
+    return FP8 ? e4m3_to_ps(b) : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+template <int FP8>
 AI void tile16(const uint16_t *x, int64_t K, const int8_t *w, const float *ws, uint16_t *y, int64_t ldy, int RB,
                int MM) {
     __m512 acc[4][4];
@@ -90,12 +110,8 @@ AI void tile16(const uint16_t *x, int64_t K, const int8_t *w, const float *ws, u
         __m512bh wv[4];
         if (!(k & 63))
             for (int r = 0; r < RB; r++) _mm_prefetch((const char *)(w + r * K + k + QCAL_STREAM_AHEAD), _MM_HINT_T0);
-        for (int r = 0; r < RB; r++) {
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lo_live, w + r * K + k)));
-            const __m512 hi = _mm512_cvtepi32_ps(
-                _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(hi_live, w + r * K + k + 16)));
-            wv[r] = _mm512_cvtne2ps_pbh(hi, lo);
-        }
+        for (int r = 0; r < RB; r++)
+            wv[r] = _mm512_cvtne2ps_pbh(widen16<FP8>(w + r * K + k + 16, hi_live), widen16<FP8>(w + r * K + k, lo_live));
         const __mmask32 xlive = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
         for (int m = 0; m < MM; m++) {
             const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(xlive, x + m * K + k);
@@ -114,22 +130,23 @@ typedef struct {
     int64_t N, K;
 } a16w8_ctx;
 
-static void a16w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
+template <int FP8> static void a16w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
     const a16w8_ctx *a = (const a16w8_ctx *)c;
     const int64_t n0 = 4 * p, N = a->N, K = a->K;
     const int rb = N - n0 < 4 ? (int)(N - n0) : 4;
-#define T16(RB, MM) tile16(a->x + m0 * K, K, a->w + n0 * K, a->ws + n0, a->y + m0 * N + n0, N, RB, MM)
+#define T16(RB, MM) tile16<FP8>(a->x + m0 * K, K, a->w + n0 * K, a->ws + n0, a->y + m0 * N + n0, N, RB, MM)
     QCAL_RB_X_MB(T16)
 #undef T16
 }
 
-/* x (M, K) bf16; w (N, K) int8 row-major; ws (N) fp32; y (M, N) bf16. Returns 0, or -1 for bad arguments. */
+/* x (M, K) bf16; w (N, K) int8 (or float8 e4m3fn bytes with fp8) row-major; ws (N) fp32; y (M, N) bf16. Returns 0,
+   or -1 for bad arguments. */
 static int w8a16_small(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *y, int64_t M, int64_t N,
-                       int64_t K, int nthreads) {
+                       int64_t K, int nthreads, bool fp8 = false) {
     if (K <= 0 || N < 0 || M < 0) return -1;
     const int64_t units = (N + 3) / 4;
     const a16w8_ctx ctx = {x, w, ws, y, N, K};
-    qcal_run_units(M, units, nthreads, &ctx, a16w8_unit);
+    qcal_run_units(M, units, nthreads, &ctx, fp8 ? a16w8_unit<1> : a16w8_unit<0>);
     return 0;
 }
 
@@ -162,14 +179,29 @@ static at::Tensor w8a16_mm_small(const at::Tensor &x, const at::Tensor &w, const
     return y;
 }
 
+/* fp8 weight-only: w (N, K) float8_e4m3fn, contiguous; ws (N) fp32. */
+static at::Tensor wf8a16_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws) {
+    const char *op = "qcal::wf8a16_mm_small";
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) > 0, op, ": w must be (N, K), got ", w.sizes());
+    qcal::check_tensor(op, "w", w, at::kFloat8_e4m3fn, w.sizes());
+    qcal::check_tensor(op, "ws", ws, at::kFloat, {w.size(0)});
+    at::Tensor xc = qcal::rows(op, x, w.size(1)), y = qcal::matmul_out(xc, w);
+    qcal::check_rc(op, w8a16_small(qcal::in<uint16_t>(xc), static_cast<const int8_t *>(w.const_data_ptr()),
+                                   qcal::in<float>(ws), qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1),
+                                   qcal::threads(), true));
+    return y;
+}
+
 TORCH_LIBRARY_FRAGMENT(qcal, m) {
     m.def("w8a8_mm_small(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor");
     m.def("w8a16_mm_small(Tensor x, Tensor w, Tensor ws) -> Tensor");
+    m.def("wf8a16_mm_small(Tensor x, Tensor w, Tensor ws) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qcal, CPU, m) {
     m.impl("w8a8_mm_small", &w8a8_mm_small);
     m.impl("w8a16_mm_small", &w8a16_mm_small);
+    m.impl("wf8a16_mm_small", &wf8a16_mm_small);
 }
 
 TORCH_LIBRARY_IMPL(qcal, Meta, m) {
@@ -177,6 +209,9 @@ TORCH_LIBRARY_IMPL(qcal, Meta, m) {
         return qcal::matmul_meta(x, w);
     });
     m.impl("w8a16_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &) {
+        return qcal::matmul_meta(x, w);
+    });
+    m.impl("wf8a16_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &) {
         return qcal::matmul_meta(x, w);
     });
 }
