@@ -42,6 +42,8 @@ RTN_SCHEMES: dict[str, tuple[str, Callable[[re.Match], dict]]] = {
                         lambda m: dict(weights=qint4, symmetric=False, zero_point="int")),
     "fp8wo": ("float8 e4m3 weight-only, per output channel (a scale maps each row's absmax to 448)",
               lambda m: dict(weights=qfloat8_e4m3fn)),
+    "fp8dq": ("float8 e4m3 dynamic per-token activations x float8 e4m3 per-channel weights",
+              lambda m: dict(weights=qfloat8_e4m3fn, activations=qfloat8_e4m3fn, dynamic=True)),
     "8da4w-<g>": ("int8 dynamic per-token activations x int4 symmetric groups of <g> (ExecuTorch)",
                   lambda m: dict(weights=qint4, group_size=_group(m), symmetric=True, activations=qint8,
                                  dynamic=True)),

@@ -290,10 +290,11 @@ def test_fp8_weight_only_kernel_against_float(m, n, k):
     assert torch.equal(ops.wf8a16_mm_small(x, w, torch.ones(n)), exact)
 
 
-def test_fp8wo_scheme_runs_the_native_kernel_near_the_reference():
+@pytest.mark.parametrize("scheme", ["fp8wo", "fp8dq"])
+def test_fp8_schemes_run_the_native_kernel_near_the_reference(scheme):
     torch.manual_seed(0)
-    q = apply_scheme(nn.Sequential(nn.Linear(576, 192)), "fp8wo", quantize_lm_head=True)[0]
-    assert q.kernel.name == "cpu_fp8wo_native" and q.qweight.dtype == torch.float8_e4m3fn
+    q = apply_scheme(nn.Sequential(nn.Linear(576, 192)), scheme, quantize_lm_head=True)[0]
+    assert q.kernel.name == f"cpu_{scheme}_native" and q.qweight.dtype == torch.float8_e4m3fn
     for rows in (1, 3, 40):  # the native kernel to M=4, dequantize + GEMM above
         x = torch.randn(rows, 576, dtype=torch.bfloat16)
         assert rel_err(q(x), q.frozen_forward_reference(x)) < 1e-2

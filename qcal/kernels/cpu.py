@@ -45,6 +45,11 @@ def _shape(m) -> tuple[int, int, int]:
     return n, k, k // m.weight_scale.shape[1]
 
 
+def dynamic_fp8(m) -> bool:
+    a = m.act_spec
+    return a is not None and a.dynamic and a.qtype == qfloat8_e4m3fn
+
+
 def per_channel_fp8(m) -> bool:
     return m.weight_spec.qtype == qfloat8_e4m3fn and m.weight_zero_point is None and m.weight_scale.shape[1] == 1
 
@@ -155,6 +160,26 @@ def _dequant_fp8(m, x2):
     return F.linear(x2, (m.qweight.float() * m.weight_scale.float()).to(x2.dtype))
 
 
+def _fp8_rows(x2):
+    """Per-row float8 e4m3 codes of ``x2`` (as ``x2``'s dtype: exact in bf16) and their float32 scales (M, 1), the
+    reference's dynamic per-token quantization."""
+    from ..granularity import PerToken
+    from ..primitives import choose_qparams, quantize
+
+    s, _ = choose_qparams(x2, qfloat8_e4m3fn, PerToken(), True, scale_dtype=torch.float32, name="fp8 input")
+    return quantize(x2, s, None, qfloat8_e4m3fn).to(x2.dtype), s
+
+
+def _fp8dq_native(m, x2):
+    xq, s = _fp8_rows(x2)
+    return _wf8a16_small(m, xq) * s
+
+
+def _fp8dq_dequant(m, x2):
+    xq, s = _fp8_rows(x2)
+    return _dequant_fp8(m, xq) * s
+
+
 def _int8pack_mm(m, x2):
     s = m.weight_scale.view(-1)
     return torch.ops.aten._weight_int8pack_mm(x2, m.qweight, s if s.dtype == x2.dtype else s.to(x2.dtype))
@@ -229,4 +254,10 @@ FP8WO = LinearTable("fp8wo", "cpu", lambda m: weight_only(m) and per_channel_fp8
     Impl("dequant + bf16 mm", _dequant_fp8),
 ), compute_dtype=torch.bfloat16)
 
-TABLES_CPU = [INT4WO, INT8DA_INT4, INT8DQ, INT8WO, FP8WO]
+FP8DQ = LinearTable("fp8dq", "cpu", lambda m: dynamic_fp8(m) and per_channel_fp8(m), (
+    Impl("per-row fp8 quant + qcal fp8 mm (codes widened in registers)", _fp8dq_native, native=True,
+         fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES),
+    Impl("per-row fp8 quant + dequant + bf16 mm", _fp8dq_dequant),
+), compute_dtype=torch.bfloat16)
+
+TABLES_CPU = [INT4WO, INT8DA_INT4, INT8DQ, INT8WO, FP8WO, FP8DQ]
