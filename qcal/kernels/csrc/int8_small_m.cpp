@@ -82,20 +82,18 @@ static int w8a8_small(const uint16_t *x, const int8_t *w, const int32_t *wsum, c
    FP8 = 1: the weight bytes are float8 e4m3fn codes (fp8 weight-only), widened exactly the same way (4 significant
    bits); weights hold no NaN (quantization clamps them to +-448). */
 
-/* 16 float8 e4m3fn bytes -> 16 fp32, exact: normal e (1..15) -> exponent e + 120, subnormal m * 2^-9. */
-AI __m512 e4m3_to_ps(__m128i b) {
-    const __m512i v = _mm512_cvtepu8_epi32(b);
-    const __m512i em = _mm512_and_si512(v, _mm512_set1_epi32(0x7F));
-    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
-    const __m512 normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(em, 20), _mm512_set1_epi32(120 << 23)));
-    const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(em), _mm512_set1_ps(0x1p-9f));
-    const __m512 mag = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(em, _mm512_set1_epi32(8)), normal, sub);
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag), sign));
-}
-
-template <int FP8> AI __m512 widen16(const int8_t *p, __mmask16 live) {
-    const __m128i b = _mm_maskz_loadu_epi8(live, p);
-    return FP8 ? e4m3_to_ps(b) : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+/* 32 float8 e4m3fn bytes -> 32 bf16, exact, in 16-bit lanes: a normal code (exponent e >= 1) moves its exponent
+   and mantissa bits into place and rebiases (e + 120); a subnormal one (m * 2^-9, m < 8) is looked up. */
+AI __m512i e4m3_to_bf16x32(__m256i b) {
+    const __m512i v = _mm512_cvtepu8_epi16(b);
+    const __m512i em = _mm512_and_si512(v, _mm512_set1_epi16(0x7F));
+    const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8);
+    const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(em, 4), _mm512_set1_epi16(120 << 7));
+    const __m512i subnormals = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                0x3C60, 0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0);
+    const __m512i sub = _mm512_permutexvar_epi16(em, subnormals);  // index: em's low 5 bits (em < 8 where used)
+    const __mmask32 is_sub = _mm512_cmplt_epu16_mask(em, _mm512_set1_epi16(8));
+    return _mm512_or_si512(_mm512_mask_blend_epi16(is_sub, normal, sub), sign);
 }
 
 template <int FP8>
@@ -110,9 +108,17 @@ AI void tile16(const uint16_t *x, int64_t K, const int8_t *w, const float *ws, u
         __m512bh wv[4];
         if (!(k & 63))
             for (int r = 0; r < RB; r++) _mm_prefetch((const char *)(w + r * K + k + QCAL_STREAM_AHEAD), _MM_HINT_T0);
-        for (int r = 0; r < RB; r++)
-            wv[r] = _mm512_cvtne2ps_pbh(widen16<FP8>(w + r * K + k + 16, hi_live), widen16<FP8>(w + r * K + k, lo_live));
         const __mmask32 xlive = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+        for (int r = 0; r < RB; r++) {
+            if (FP8) {
+                wv[r] = (__m512bh)e4m3_to_bf16x32(_mm256_maskz_loadu_epi8(xlive, w + r * K + k));
+            } else {
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(lo_live, w + r * K + k)));
+                const __m512 hi = _mm512_cvtepi32_ps(
+                    _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(hi_live, w + r * K + k + 16)));
+                wv[r] = _mm512_cvtne2ps_pbh(hi, lo);
+            }
+        }
         for (int m = 0; m < MM; m++) {
             const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(xlive, x + m * K + k);
             for (int r = 0; r < RB; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv, wv[r]);
