@@ -161,13 +161,11 @@ def _dequant_fp8(m, x2):
 
 
 def _fp8_rows(x2):
-    """Per-row float8 e4m3 codes of ``x2`` (as ``x2``'s dtype: exact in bf16) and their float32 scales (M, 1), the
-    reference's dynamic per-token quantization."""
-    from ..granularity import PerToken
-    from ..primitives import choose_qparams, quantize
-
-    s, _ = choose_qparams(x2, qfloat8_e4m3fn, PerToken(), True, scale_dtype=torch.float32, name="fp8 input")
-    return quantize(x2, s, None, qfloat8_e4m3fn).to(x2.dtype), s
+    """Per-row float8 e4m3 codes of ``x2`` (as ``x2``'s dtype: exact in bf16) and their float32 scales (M, 1): the
+    reference's dynamic per-token quantization (``amax / 448``); a row holding NaN or Inf gives a non-finite row."""
+    xf = x2.float()
+    s = (xf.abs().amax(dim=-1, keepdim=True) / 448.0).clamp_min(torch.finfo(torch.float32).tiny)
+    return (xf / s).clamp_(-448.0, 448.0).to(qfloat8_e4m3fn.dtype).to(x2.dtype), s
 
 
 def _fp8dq_native(m, x2):
