@@ -10,7 +10,19 @@ from .export import export, load_pretrained
 from .granularity import PerAxis, PerChannel, PerGroup, PerTensor, PerToken
 from .nn import QConv2d, QLinear, QModuleMixin
 from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
-from .qtypes import qfloat8, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint3, qint4, qint8, qtype
+from .qtypes import (
+    qfloat4_e2m1,
+    qfloat5_e2m2,
+    qfloat6_e3m2,
+    qfloat8,
+    qfloat8_e4m3fn,
+    qfloat8_e5m2,
+    qint2,
+    qint3,
+    qint4,
+    qint8,
+    qtype,
+)
 from .quantize import freeze, quantize, quantized_modules
 from .serialization import load, save
 
@@ -22,7 +34,8 @@ except ImportError:  # transformers absent (or too old for its quantizer API): q
 __all__ = [
     "quantize", "freeze", "Calibration", "quantized_modules", "explain", "autoquant", "save", "load",
     "QcalConfig", "export", "load_pretrained",
-    "qtype", "qint2", "qint3", "qint4", "qint8", "qfloat8", "qfloat8_e4m3fn", "qfloat8_e5m2",
+    "qtype", "qint2", "qint3", "qint4", "qint8", "qfloat8", "qfloat8_e4m3fn", "qfloat8_e5m2", "qfloat6_e3m2",
+    "qfloat5_e2m2", "qfloat4_e2m1",
     "PerTensor", "PerAxis", "PerChannel", "PerGroup", "PerToken",
     "QLinear", "QConv2d", "QModuleMixin",
     "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",

@@ -14,6 +14,7 @@ Conventions
 from __future__ import annotations
 
 import os
+from functools import cache
 
 import torch
 
@@ -37,6 +38,7 @@ __all__ = [
     "pack",
     "unpack",
     "packed_shape",
+    "float_grid",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -205,6 +207,38 @@ def _to_grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
     return v, zp
 
 
+@cache
+def _grid_cpu(e: int, m: int) -> torch.Tensor:
+    bias = (1 << (e - 1)) - 1
+    values = []
+    for code in range(1 << (1 + e + m)):
+        sign = -1.0 if code >> (e + m) else 1.0
+        exp, man = (code >> m) & ((1 << e) - 1), code & ((1 << m) - 1)
+        mag = man / (1 << m) * 2.0 ** (1 - bias) if exp == 0 else (1 + man / (1 << m)) * 2.0 ** (exp - bias)
+        values.append(sign * mag)
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def float_grid(qt: qtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The value of every code of the sub-byte float ``qt`` (float32, ``2^bits`` entries): code = sign bit, then the
+    exponent bits, then the mantissa bits."""
+    if not qt.is_subbyte_float:
+        raise ValueError(f"{qt} is not a sub-byte float type")
+    return _grid_cpu(qt.exponent_bits, qt.mantissa_bits).to(device)
+
+
+def _float_codes(v: torch.Tensor, qt: qtype) -> torch.Tensor:
+    """uint8 codes of the nearest ``qt`` values to ``v`` (float32, within ``±qt.qmax``), ties to the even code."""
+    half = 1 << (qt.exponent_bits + qt.mantissa_bits)
+    pos = float_grid(qt, v.device)[:half]  # ascending
+    mids = (pos[1:] + pos[:-1]) / 2
+    a = v.abs()
+    idx = torch.bucketize(a, mids)  # mids[idx - 1] < a <= mids[idx]
+    tie = (idx < half - 1) & (a == mids[idx.clamp(max=half - 2)]) & (idx % 2 == 1)  # halfway: the even code
+    idx = idx + tie.to(idx.dtype)
+    return (idx | (torch.signbit(v) & (idx > 0)).to(idx.dtype) * half).to(torch.uint8)
+
+
 def quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -212,10 +246,13 @@ def quantize(
     qt: qtype,
     name: str = "tensor",
 ) -> torch.Tensor:
-    """Quantize ``x`` to ``qt`` (int8 storage for integer types, float8 for float types), unpacked."""
+    """Quantize ``x`` to ``qt`` (int8 storage for integer types, float8 for float8 types, uint8 codes for sub-byte
+    floats), unpacked."""
     check_float(x, name)
     v, zp = _to_grid(x.detach(), scale, zero_point, name)
-    if qt.is_floating_point:
+    if qt.is_subbyte_float:
+        q = _float_codes(v.clamp(qt.qmin, qt.qmax), qt)
+    elif qt.is_floating_point:
         q = v.clamp(qt.qmin, qt.qmax).to(qt.dtype)
     else:
         if zp is not None:
@@ -280,7 +317,11 @@ def fake_quantize(
     s = _expand(scale.float())
     xv = block_view(x.float(), bs)
     zp = None if zero_point is None else _expand(zero_point.float())
-    if qt.is_floating_point:
+    if qt.is_subbyte_float:
+        c = (xv / s).clamp(qt.qmin, qt.qmax)
+        rounded = float_grid(qt, c.device)[_float_codes(c.detach(), qt).long()]
+        out = (c + (rounded - c).detach()) * s
+    elif qt.is_floating_point:
         c = (xv / s).clamp(qt.qmin, qt.qmax)
         out = (c + (c.to(qt.dtype).float() - c).detach()) * s
     elif s.requires_grad or (zp is not None and zp.requires_grad):
@@ -296,15 +337,55 @@ def fake_quantize(
 
 def packed_shape(shape: tuple[int, ...], qt: qtype) -> tuple[int, ...]:
     """Shape of the packed storage of a tensor of ``shape`` (last dim rounded up to whole bytes)."""
+    if qt.is_subbyte_float:  # bit planes over a last dim padded to a multiple of 8
+        return tuple(shape[:-1]) + (-(-shape[-1] // 8) * qt.bits,)
     per = qt.packed_per_byte
     return tuple(shape[:-1]) + (-(-shape[-1] // per),)
+
+
+def _pack_bits(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """``bits``-bit unsigned values (last dim a multiple of ``8 // bits``) packed low first into bytes."""
+    per = 8 // bits
+    u = u.reshape(*u.shape[:-1], u.shape[-1] // per, per)
+    out = torch.zeros(u.shape[:-1], dtype=torch.uint8, device=u.device)
+    for i in range(per):
+        out |= u[..., i] << (bits * i)
+    return out
+
+
+def _unpack_bits(p: torch.Tensor, bits: int) -> torch.Tensor:
+    per, mask = 8 // bits, (1 << bits) - 1
+    return torch.stack([(p >> (bits * i)) & mask for i in range(per)], dim=-1).reshape(*p.shape[:-1], -1)
+
+
+def _pack_float_planes(q: torch.Tensor, qt: qtype) -> torch.Tensor:
+    """Sub-byte float codes in bit planes, per row: the low 4 bits two a byte, then the remaining high bits (2 for
+    fp6, 1 for fp5, none for fp4) packed the same way; 6 / 5 / 4 bits a value."""
+    pad = -q.shape[-1] % 8
+    if pad:
+        q = torch.nn.functional.pad(q, (0, pad))
+    planes = [_pack_bits(q & 0xF, 4)]
+    if qt.bits > 4:
+        planes.append(_pack_bits(q >> 4, qt.bits - 4))
+    return torch.cat(planes, dim=-1)
+
+
+def _unpack_float_planes(p: torch.Tensor, qt: qtype, n: int | None) -> torch.Tensor:
+    k = p.shape[-1] * 8 // qt.bits
+    q = _unpack_bits(p[..., :k // 2], 4)
+    if qt.bits > 4:
+        q = q | (_unpack_bits(p[..., k // 2:], qt.bits - 4) << 4)
+    return q if n is None else q[..., :n]
 
 
 def pack(q: torch.Tensor, qt: qtype) -> torch.Tensor:
     """Pack int4 two per byte / int2 four per byte along the last dim (low bits first); others as-is.
 
-    A last dim that is not a multiple of the values per byte is padded (pass ``n`` to :func:`unpack`).
+    A last dim that is not a multiple of the values per byte is padded (pass ``n`` to :func:`unpack`). Sub-byte
+    float codes go into bit planes (see ``_pack_float_planes``).
     """
+    if qt.is_subbyte_float:
+        return _pack_float_planes(q, qt)
     per = qt.packed_per_byte
     if per == 1:
         return q
@@ -320,7 +401,10 @@ def pack(q: torch.Tensor, qt: qtype) -> torch.Tensor:
 
 
 def unpack(p: torch.Tensor, qt: qtype, n: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack`, returning int8 values in ``[qmin, qmax]``; ``n`` trims padding."""
+    """Inverse of :func:`pack`, returning int8 values in ``[qmin, qmax]`` (uint8 codes for sub-byte floats); ``n``
+    trims padding."""
+    if qt.is_subbyte_float:
+        return _unpack_float_planes(p, qt, n)
     per = qt.packed_per_byte
     if per == 1:
         return p

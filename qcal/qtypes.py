@@ -15,6 +15,9 @@ __all__ = [
     "qfloat8",
     "qfloat8_e4m3fn",
     "qfloat8_e5m2",
+    "qfloat6_e3m2",
+    "qfloat5_e2m2",
+    "qfloat4_e2m1",
     "qtypes",
     "get_qtype",
 ]
@@ -25,7 +28,10 @@ class qtype:  # noqa: N801 - lower-case like torch dtypes
     """A quantized type.
 
     ``qmin``/``qmax`` are the representable integer range (signed) for integer types,
-    or the finite range of the float format. ``dtype`` is the unpacked storage dtype.
+    or the finite range of the float format. ``dtype`` is the unpacked storage dtype. Sub-byte floats
+    (``exponent_bits`` + ``mantissa_bits`` + a sign bit, no Inf/NaN, subnormals, bias ``2^(E-1) - 1``, as
+    torchao's fpx and the OCP MX formats) have no torch dtype: their codes are stored as uint8 (see
+    :func:`qcal.primitives.float_grid`) and packed in bit planes.
     """
 
     name: str
@@ -34,11 +40,18 @@ class qtype:  # noqa: N801 - lower-case like torch dtypes
     qmin: float
     qmax: float
     dtype: torch.dtype
+    exponent_bits: int = 0
+    mantissa_bits: int = 0
+
+    @property
+    def is_subbyte_float(self) -> bool:
+        """A float format narrower than a byte (codes in uint8)."""
+        return self.is_floating_point and self.exponent_bits > 0
 
     @property
     def packed_per_byte(self) -> int:
         """How many values one byte holds once packed (1 for 8-bit and float types)."""
-        return 8 // self.bits if self.bits in (2, 4) else 1
+        return 8 // self.bits if self.bits in (2, 4) and not self.is_floating_point else 1
 
     def __str__(self) -> str:
         return self.name
@@ -61,8 +74,19 @@ qfloat8_e5m2 = qtype(
 )
 qfloat8 = qfloat8_e4m3fn
 
+
+def _subbyte_float(name: str, e: int, m: int) -> qtype:
+    top = 2.0 ** ((1 << e) - 1 - ((1 << (e - 1)) - 1)) * (2 - 2.0**-m)  # largest exponent, all mantissa bits set
+    return qtype(name, 1 + e + m, True, -top, top, torch.uint8, e, m)
+
+
+qfloat6_e3m2 = _subbyte_float("qfloat6_e3m2", 3, 2)  # max 28
+qfloat5_e2m2 = _subbyte_float("qfloat5_e2m2", 2, 2)  # max 7
+qfloat4_e2m1 = _subbyte_float("qfloat4_e2m1", 2, 1)  # max 6 (OCP FP4)
+
 qtypes: dict[str, qtype] = {
-    q.name: q for q in (qint2, qint3, qint4, qint8, qfloat8_e4m3fn, qfloat8_e5m2)
+    q.name: q for q in (qint2, qint3, qint4, qint8, qfloat8_e4m3fn, qfloat8_e5m2, qfloat6_e3m2, qfloat5_e2m2,
+                        qfloat4_e2m1)
 }
 qtypes["qfloat8"] = qfloat8_e4m3fn
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .qtypes import qfloat8_e4m3fn, qint3, qint4, qint8
+from .qtypes import qfloat4_e2m1, qfloat5_e2m2, qfloat6_e3m2, qfloat8_e4m3fn, qint3, qint4, qint8
 
 __all__ = ["RTN_SCHEMES", "scheme_regex", "match_rtn", "rtn_kwargs"]
 
@@ -42,6 +42,12 @@ RTN_SCHEMES: dict[str, tuple[str, Callable[[re.Match], dict]]] = {
                         lambda m: dict(weights=qint4, symmetric=False, zero_point="int")),
     "fp8wo": ("float8 e4m3 weight-only, per output channel (a scale maps each row's absmax to 448)",
               lambda m: dict(weights=qfloat8_e4m3fn)),
+    "fp6wo": ("float6 e3m2 weight-only, per output channel, bit-plane packed (6 bits a weight)",
+              lambda m: dict(weights=qfloat6_e3m2)),
+    "fp5wo": ("float5 e2m2 weight-only, per output channel, bit-plane packed (5 bits a weight)",
+              lambda m: dict(weights=qfloat5_e2m2)),
+    "fp4wo-<g>": ("float4 e2m1 weight-only, a scale per group of <g> along the input dim (4 bits a weight)",
+                  lambda m: dict(weights=qfloat4_e2m1, group_size=_group(m))),
     "fp8dq": ("float8 e4m3 dynamic per-token activations x float8 e4m3 per-channel weights",
               lambda m: dict(weights=qfloat8_e4m3fn, activations=qfloat8_e4m3fn, dynamic=True)),
     "8da4w-<g>": ("int8 dynamic per-token activations x int4 symmetric groups of <g> (ExecuTorch)",

@@ -27,3 +27,27 @@ def test_printable_comparable_serializable():
 def test_unknown_qtype_names_argument():
     with pytest.raises(TypeError, match="weights='int5'"):
         get_qtype("int5", "weights")
+
+
+@pytest.mark.parametrize("qt,top,positive", [
+    (qcal.qfloat6_e3m2, 28.0, 32), (qcal.qfloat5_e2m2, 7.0, 16), (qcal.qfloat4_e2m1, 6.0, 8)])
+def test_subbyte_float_grids_rounding_and_planes(qt, top, positive):
+    from qcal.primitives import float_grid, pack, packed_shape, quantize, unpack
+
+    grid = float_grid(qt)
+    assert qt.is_subbyte_float and qt.qmax == top and grid.max() == top and len(grid) == 2 * positive
+    assert torch.equal(grid[positive:], -grid[:positive]) and (grid[:positive].diff() > 0).all()
+    if qt is qcal.qfloat4_e2m1:  # the OCP FP4 values
+        assert grid[:8].tolist() == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    g = torch.Generator().manual_seed(0)
+    v = (torch.rand(4000, generator=g) * 2 - 1) * top * 1.2  # some beyond the range: saturate
+    codes = quantize(v.view(1, -1), torch.ones(1, 1), None, qt)
+    got = grid[codes.long()].view(-1)
+    best = grid[(grid[None, :] - v.clamp(-top, top)[:, None]).abs().argmin(1)]
+    assert torch.equal(got.abs(), best.abs()) and ((got == 0) | (got.sign() == v.sign())).all()
+    mids = (grid[1:positive] + grid[:positive - 1]) / 2  # halfway: the even code, as float rounding does
+    assert (quantize(mids.view(1, -1), torch.ones(1, 1), None, qt) % 2 == 0).all()
+    q = torch.randint(0, 2 * positive, (3, 45), generator=g, dtype=torch.uint8)
+    packed = pack(q, qt)
+    assert packed.dtype == torch.uint8 and packed.shape == packed_shape((3, 45), qt) == (3, 6 * qt.bits)
+    assert torch.equal(unpack(packed, qt, 45), q)

@@ -56,7 +56,7 @@ def test_native_operators_check_k():
 
 
 @pytest.mark.parametrize("native_on", [True, False])
-@pytest.mark.parametrize("scheme", ["int8dq", "8da4w-32", "int8wo", "int4wo-32", "fp8wo", "fp8dq"])
+@pytest.mark.parametrize("scheme", ["int8dq", "8da4w-32", "int8wo", "int4wo-32", "fp8wo", "fp8dq", "fp6wo", "fp4wo-32"])
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_nan_and_inf_rows_propagate(scheme, native_on, rows):
     with native.disabled(not native_on):
@@ -138,7 +138,7 @@ def test_empty_batches():
         m(torch.randn(4, 64))
     qcal.freeze(m)
     assert m(torch.randn(0, 64)).shape == (0, 32) and m(torch.randn(2, 0, 64)).shape == (2, 0, 32)
-    for scheme in ("int8wo", "int8dq", "int4wo-32", "8da4w-32", "fp8wo", "fp8dq"):
+    for scheme in ("int8wo", "int8dq", "int4wo-32", "8da4w-32", "fp8wo", "fp8dq", "fp6wo", "fp5wo", "fp4wo-32"):
         assert _frozen(scheme, k=64, n=32)(torch.randn(0, 64, dtype=torch.bfloat16)).shape == (0, 32)
 
 

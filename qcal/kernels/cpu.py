@@ -54,6 +54,15 @@ def per_channel_fp8(m) -> bool:
     return m.weight_spec.qtype == qfloat8_e4m3fn and m.weight_zero_point is None and m.weight_scale.shape[1] == 1
 
 
+def subbyte_float(m) -> bool:
+    return m.weight_spec.qtype.is_subbyte_float and m.weight_zero_point is None
+
+
+def _native_fpx(m) -> bool:
+    n, k, g = _shape(m)
+    return k % 32 == 0 and g % 32 == 0 and m.qweight.is_contiguous() and native.available()
+
+
 def tinygemm_int4(m) -> bool:
     return m.weight_spec.qtype == qint4 and m.qweight.shape[0] % 16 == 0 and tinygemm_group_size(m) is not None
 
@@ -94,11 +103,19 @@ def _int8_scales_sums(m) -> dict:
     return {**_int8_scales(m), "_k_i8sum": native.int8_row_sums(m.qweight)}
 
 
+def _fpx_tables(m) -> dict:
+    from ..primitives import float_grid
+
+    return {"_k_fxws": m.weight_scale.float().contiguous(),
+            "_k_fxlut": float_grid(m.weight_spec.qtype, m.qweight.device).to(torch.bfloat16)}
+
+
 TINYGEMM = Layout("tinygemm int4pack", _tinygemm)
 NATIVE_W4 = Layout("qcal int4 (vdpbf16ps order)", _native_w4(native.pack_int4))
 NATIVE_W4_VNNI = Layout("qcal int4 (vpdpbusd order)", _native_w4(native.pack_int4_vnni))
 INT8_SCALES = Layout("float32 weight scales", _int8_scales)
 INT8_SCALES_SUMS = Layout("float32 weight scales + int32 row sums", _int8_scales_sums)
+FPX_TABLES = Layout("float32 weight scales + the format's bf16 value table", _fpx_tables)
 
 
 # ---------------------------------------------------------------------------- implementations
@@ -176,6 +193,15 @@ def _fp8dq_native(m, x2):
 def _fp8dq_dequant(m, x2):
     xq, s = _fp8_rows(x2)
     return _dequant_fp8(m, xq) * s
+
+
+def _wfx_small(m, x2):
+    b = m._buffers
+    return torch.ops.qcal.wfx_mm_small(x2, m.qweight, b["_k_fxws"], b["_k_fxlut"], m.weight_spec.qtype.bits)
+
+
+def _dequant_fpx(m, x2):
+    return F.linear(x2, m.dequantized_weight(x2.dtype))
 
 
 def _int8pack_mm(m, x2):
@@ -258,4 +284,10 @@ FP8DQ = LinearTable("fp8dq", "cpu", lambda m: dynamic_fp8(m) and per_channel_fp8
     Impl("per-row fp8 quant + dequant + bf16 mm", _fp8dq_dequant),
 ), compute_dtype=torch.bfloat16)
 
-TABLES_CPU = [INT4WO, INT8DA_INT4, INT8DQ, INT8WO, FP8WO, FP8DQ]
+FPXWO = LinearTable("fpxwo", "cpu", lambda m: weight_only(m) and subbyte_float(m), (
+    Impl("qcal avx512-bf16 fp6/fp5/fp4 mm (bit planes read in place, values looked up in registers)", _wfx_small,
+         native=True, fits=_native_fpx, dtypes=_BF16, max_m=4, layout=FPX_TABLES),
+    Impl("dequant + bf16 mm", _dequant_fpx),
+), compute_dtype=torch.bfloat16)
+
+TABLES_CPU = [INT4WO, INT8DA_INT4, INT8DQ, INT8WO, FP8WO, FP8DQ, FPXWO]

@@ -26,6 +26,7 @@ from ..primitives import (
     choose_qparams,
     dequantize,
     fake_quantize,
+    float_grid,
     grad_scale,
     pack,
     quantize,
@@ -130,7 +131,10 @@ class QModuleMixin:
         if self.weight_spec is None:
             return self.__dict__["_parameters"]["weight"]
         dtype = dtype or self.weight_scale.dtype
-        w = dequantize(self.int_weight(), self.weight_scale, self.weight_zero_point, dtype)
+        q = self.int_weight()
+        if self.weight_spec.qtype.is_subbyte_float:  # codes -> their values
+            q = float_grid(self.weight_spec.qtype, q.device)[q.long()]
+        w = dequantize(q, self.weight_scale, self.weight_zero_point, dtype)
         return w.reshape(self.weight_shape)
 
     # ---------------------------------------------------------------- activations

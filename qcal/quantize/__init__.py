@@ -70,7 +70,7 @@ def _weight_spec(weights, group_size, symmetric, weight_observer, zero_point="fl
         raise TypeError(f"weights={qt} is not supported")
     if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0):
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
-    sym = (qt.bits == 8) if symmetric is None else bool(symmetric)
+    sym = (qt.bits == 8 or qt.is_floating_point) if symmetric is None else bool(symmetric)
     if qt.is_floating_point and not sym:
         raise ValueError(f"weights={qt} supports symmetric quantization only")
     get_observer(weight_observer)
@@ -116,7 +116,7 @@ def quantize(
         activations: input-activation qtype (``qint8``, ``qfloat8*``) or None.
         include / exclude: module-name globs (or lists); ``"lm_head"`` also matches ``*.lm_head``.
         group_size: per-group weight scales along the input dim; None = per output channel.
-        symmetric: symmetric weights; default True for 8-bit types, False (asymmetric) below.
+        symmetric: symmetric weights; default True for 8-bit and float types, False (asymmetric) for int4 and below.
         dynamic: activation scales computed per token at run time (no calibration needed);
             False = static per-tensor scales from ``Calibration``.
         act_symmetric: symmetric activation quantization.

@@ -1,0 +1,135 @@
+/* qcal: small-M weight-only matmul over sub-byte float weights (fp6 e3m2, fp5 e2m2, fp4 e2m1), AVX512-BF16.
+
+   y[m, n] = sum_g ws[n, g] * sum_{k in group g} x[m, k] * v(code[n, k]),   v = the format's value of a code.
+
+   The weight is read in place in its canonical bit planes (qcal.primitives.pack): per row, the low 4 bits of
+   every code two a byte, then the high bits (2 a code for fp6, 1 for fp5) packed low first. 32 codes become 32
+   exact bf16 values in registers (the nibbles interleaved, the high bits spread by a lane permute and a variable
+   shift, then a table lookup of 16 / 32 / 64 entries: every value of these formats has at most 3 significant
+   bits) and one vdpbf16ps multiplies them with 32 activations; each group's partial sums are scaled once. */
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "bf16.h"
+#include "parallel.h"
+#include "tiles.h"
+#include "ops.h"
+
+#define AI static inline __attribute__((always_inline))
+
+/* Codes k .. k + 31 of a row (k a multiple of 32) as 16-bit lanes: the nibbles interleaved, then (fp6, fp5) the
+   high bits, hb a code and 8 / hb codes a byte: lane j takes byte j / (8 / hb) shifted right by hb * (j % (8 / hb)). */
+AI __m512i fpx_codes32(const uint8_t *lo, const uint8_t *hi, int bits, int64_t k) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)(lo + k / 2));
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    const __m128i l = _mm_and_si128(b, nib), h = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+    const __m512i codes = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(l, h), _mm_unpacklo_epi8(l, h)));
+    if (bits == 4) return codes;
+    const int hb = bits - 4, per_log2 = hb == 2 ? 2 : 3;
+    int64_t raw = 0;
+    memcpy(&raw, hi + (k >> per_log2), 32 >> per_log2);
+    const __m512i lane = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13,
+                                          12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i idx = _mm512_srli_epi16(lane, per_log2);
+    const __m512i sh = _mm512_mullo_epi16(_mm512_and_si512(lane, _mm512_set1_epi16((1 << per_log2) - 1)),
+                                          _mm512_set1_epi16(hb));
+    const __m512i hw = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_cvtsi64_si128(raw)));
+    const __m512i top = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi16(idx, hw), sh),
+                                         _mm512_set1_epi16((1 << hb) - 1));
+    return _mm512_or_si512(codes, _mm512_slli_epi16(top, 4));
+}
+
+/* The bf16 values of 32 codes: lut0 holds codes 0..31, lut1 codes 32..63 (fp6 only). */
+AI __m512bh fpx_values32(__m512i codes, __m512i lut0, __m512i lut1, int bits) {
+    return (__m512bh)(bits == 6 ? _mm512_permutex2var_epi16(lut0, codes, lut1) : _mm512_permutexvar_epi16(codes, lut0));
+}
+
+typedef struct {
+    const uint16_t *x;
+    const uint8_t *w;
+    const float *ws;
+    const uint16_t *lut;
+    uint16_t *y;
+    int64_t N, K, G, row_bytes;
+    int bits;
+} fpx_ctx;
+
+/* RB weight rows (1..4) x MM input rows (1..4). */
+AI void fpx_tile(const fpx_ctx *a, int64_t m0, int64_t n0, int RB, int MM) {
+    const int64_t K = a->K, G = a->G, gs = K / G, N = a->N;
+    const __m512i lut0 = _mm512_loadu_si512(a->lut);
+    const __m512i lut1 = a->bits == 6 ? _mm512_loadu_si512(a->lut + 32) : lut0;
+    __m512 acc[4][4];
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < MM; m++) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512 part[4][4];
+        for (int r = 0; r < RB; r++)
+            for (int m = 0; m < MM; m++) part[r][m] = _mm512_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+            __m512bh wv[4];
+            for (int r = 0; r < RB; r++) {
+                const uint8_t *row = a->w + (n0 + r) * a->row_bytes;
+                wv[r] = fpx_values32(fpx_codes32(row, row + K / 2, a->bits, k), lut0, lut1, a->bits);
+            }
+            for (int m = 0; m < MM; m++) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(a->x + (m0 + m) * K + k);
+                for (int r = 0; r < RB; r++) part[r][m] = _mm512_dpbf16_ps(part[r][m], xv, wv[r]);
+            }
+        }
+        for (int r = 0; r < RB; r++) {
+            const __m512 s = _mm512_set1_ps(a->ws[(n0 + r) * G + g]);
+            for (int m = 0; m < MM; m++) acc[r][m] = _mm512_fmadd_ps(part[r][m], s, acc[r][m]);
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < MM; m++) a->y[(m0 + m) * N + n0 + r] = qcal_float_to_bf16(_mm512_reduce_add_ps(acc[r][m]));
+}
+
+static void fpx_unit(const void *c, int64_t m0, int mb, int64_t p) {
+    const fpx_ctx *a = (const fpx_ctx *)c;
+    const int64_t n0 = 4 * p;
+    const int rb = a->N - n0 < 4 ? (int)(a->N - n0) : 4;
+#define TFX(RB, MM) fpx_tile(a, m0, n0, RB, MM)
+    QCAL_RB_X_MB(TFX)
+#undef TFX
+}
+
+/* x (M, K) bf16; w (N, K * bits / 8) uint8 bit planes; ws (N, G) fp32; lut (2^bits) bf16; K and K / G multiples
+   of 32. */
+static at::Tensor wfx_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws, const at::Tensor &lut,
+                               int64_t bits) {
+    const char *op = "qcal::wfx_mm_small";
+    TORCH_CHECK_VALUE(bits == 4 || bits == 5 || bits == 6, op, ": bits must be 4, 5 or 6, got ", bits);
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) > 0 && (w.size(1) * 8) % bits == 0, op,
+                      ": w must be (N, K * bits / 8), got ", w.sizes());
+    const int64_t N = w.size(0), K = w.size(1) * 8 / bits;
+    qcal::check_tensor(op, "w", w, at::kByte, w.sizes());
+    TORCH_CHECK_VALUE(ws.dim() == 2 && ws.size(0) == N && ws.size(1) > 0, op, ": ws must be (N, groups), got ",
+                      ws.sizes());
+    qcal::check_tensor(op, "ws", ws, at::kFloat, ws.sizes());
+    const int64_t G = ws.size(1);
+    TORCH_CHECK_VALUE(K % 32 == 0 && K % G == 0 && (K / G) % 32 == 0, op, ": K = ", K, " in ", G,
+                      " groups: K and the group size must be multiples of 32");
+    qcal::check_tensor(op, "lut", lut, at::kBFloat16, {int64_t(1) << bits});
+    at::Tensor xc = qcal::rows(op, x, K), y = qcal::matmul_out(xc, w);
+    uint16_t lut_pad[64] = {0};
+    memcpy(lut_pad, lut.const_data_ptr(), sizeof(uint16_t) << bits);
+    const fpx_ctx ctx = {qcal::in<uint16_t>(xc), qcal::in<uint8_t>(w), qcal::in<float>(ws), lut_pad,
+                         qcal::out<uint16_t>(y), N, K, G, w.size(1), static_cast<int>(bits)};
+    qcal_run_units(xc.size(0), (N + 3) / 4, qcal::threads(), &ctx, fpx_unit);
+    return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("wfx_mm_small(Tensor x, Tensor w, Tensor ws, Tensor lut, int bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("wfx_mm_small", &wfx_mm_small); }
+
+TORCH_LIBRARY_IMPL(qcal, Meta, m) {
+    m.impl("wfx_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &, const at::Tensor &,
+                              int64_t) { return at::empty_symint({x.sym_size(0), w.sym_size(0)}, x.options()); });
+}
