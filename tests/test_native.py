@@ -297,7 +297,7 @@ def test_fp8_schemes_run_the_native_kernel_near_the_reference(scheme):
     assert q.kernel.name == f"cpu_{scheme}_native" and q.qweight.dtype == torch.float8_e4m3fn
     for rows in (1, 3, 40):  # the native kernel to M=4, dequantize + GEMM above
         x = torch.randn(rows, 576, dtype=torch.bfloat16)
-        assert rel_err(q(x), q.frozen_forward_reference(x)) < 1e-2
+        assert q(x).dtype == torch.bfloat16 and rel_err(q(x), q.frozen_forward_reference(x)) < 1e-2
     with pytest.raises(TypeError, match="wf8a16_mm_small: w must be a Float8_e4m3fn"):
         ops.wf8a16_mm_small(torch.randn(1, 576, dtype=torch.bfloat16), q.qweight.view(torch.uint8),
                             torch.ones(192))
@@ -336,7 +336,7 @@ def test_subbyte_float_schemes_run_the_native_kernel_near_the_reference(scheme):
     assert q.kernel.name == "cpu_fpxwo_native" and q.qweight.shape == (192, 576 * bits // 8)
     for rows in (1, 3, 40):
         x = torch.randn(rows, 576, dtype=torch.bfloat16)
-        assert rel_err(q(x), q.frozen_forward_reference(x)) < 1e-2
+        assert q(x).dtype == torch.bfloat16 and rel_err(q(x), q.frozen_forward_reference(x)) < 1e-2
     lut = q._buffers["_k_fxlut"]
     with pytest.raises(ValueError, match="multiples of 32"):
         ops.wfx_mm_small(torch.randn(1, 576, dtype=torch.bfloat16), q.qweight, torch.ones(192, 7), lut, bits)

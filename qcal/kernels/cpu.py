@@ -115,6 +115,8 @@ NATIVE_W4 = Layout("qcal int4 (vdpbf16ps order)", _native_w4(native.pack_int4))
 NATIVE_W4_VNNI = Layout("qcal int4 (vpdpbusd order)", _native_w4(native.pack_int4_vnni))
 INT8_SCALES = Layout("float32 weight scales", _int8_scales)
 INT8_SCALES_SUMS = Layout("float32 weight scales + int32 row sums", _int8_scales_sums)
+FP8DQ_SCALES = Layout("float32 weight scales + unit scales for the code product",
+                      lambda m: {**_int8_scales(m), "_k_ones": torch.ones(m.weight_shape[0], device=m.qweight.device)})
 FPX_TABLES = Layout("float32 weight scales + the format's bf16 value table", _fpx_tables)
 
 
@@ -185,14 +187,18 @@ def _fp8_rows(x2):
     return (xf / s).clamp_(-448.0, 448.0).to(qfloat8_e4m3fn.dtype).to(x2.dtype), s
 
 
+# fp8dq: the code product rounded to bf16 once, then both scales in fp32, rounded once more -- the same numbers
+# from the native kernel (unit scales) and from a bf16 GEMM on the codes, so every M computes alike.
 def _fp8dq_native(m, x2):
     xq, s = _fp8_rows(x2)
-    return _wf8a16_small(m, xq) * s
+    y = torch.ops.qcal.wf8a16_mm_small(xq, m.qweight, m._buffers["_k_ones"])
+    return (y.float() * m._buffers["_k_i8ws"] * s).to(x2.dtype)
 
 
 def _fp8dq_dequant(m, x2):
     xq, s = _fp8_rows(x2)
-    return _dequant_fp8(m, xq) * s
+    y = F.linear(xq, m.qweight.to(x2.dtype))
+    return (y.float() * m.weight_scale.float().view(1, -1) * s).to(x2.dtype)
 
 
 def _wfx_small(m, x2):
@@ -280,7 +286,7 @@ FP8WO = LinearTable("fp8wo", "cpu", lambda m: weight_only(m) and per_channel_fp8
 
 FP8DQ = LinearTable("fp8dq", "cpu", lambda m: dynamic_fp8(m) and per_channel_fp8(m), (
     Impl("per-row fp8 quant + qcal fp8 mm (codes widened in registers)", _fp8dq_native, native=True,
-         fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES),
+         fits=_native_int8, dtypes=_BF16, max_m=4, layout=FP8DQ_SCALES),
     Impl("per-row fp8 quant + dequant + bf16 mm", _fp8dq_dequant),
 ), compute_dtype=torch.bfloat16)
 
