@@ -21,29 +21,35 @@
 
 /* Codes k .. k + 31 of a row (k a multiple of 32) as 16-bit lanes: the nibbles interleaved, then (fp6, fp5) the
    high bits, hb a code and 8 / hb codes a byte: lane j takes byte j / (8 / hb) shifted right by hb * (j % (8 / hb)). */
-AI __m512i fpx_codes32(const uint8_t *lo, const uint8_t *hi, int bits, int64_t k) {
+template <int BITS> AI __m512i fpx_codes32(const uint8_t *lo, const uint8_t *hi, int64_t k) {
     const __m128i b = _mm_loadu_si128((const __m128i *)(lo + k / 2));
     const __m128i nib = _mm_set1_epi8(0x0F);
     const __m128i l = _mm_and_si128(b, nib), h = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
     const __m512i codes = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(l, h), _mm_unpacklo_epi8(l, h)));
-    if (bits == 4) return codes;
-    const int hb = bits - 4, per_log2 = hb == 2 ? 2 : 3;
-    int64_t raw = 0;
-    memcpy(&raw, hi + (k >> per_log2), 32 >> per_log2);
+    if (BITS == 4) return codes;
+    const int hb = BITS - 4, per_log2 = hb == 2 ? 2 : 3;
+    uint64_t raw;  /* constant-size loads: a 4-byte copy into 8 bytes would stall store forwarding */
+    if (BITS == 6) {
+        memcpy(&raw, hi + k / 4, 8);
+    } else {
+        uint32_t r32;
+        memcpy(&r32, hi + k / 8, 4);
+        raw = r32;
+    }
     const __m512i lane = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13,
                                           12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i idx = _mm512_srli_epi16(lane, per_log2);
     const __m512i sh = _mm512_mullo_epi16(_mm512_and_si512(lane, _mm512_set1_epi16((1 << per_log2) - 1)),
                                           _mm512_set1_epi16(hb));
-    const __m512i hw = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_cvtsi64_si128(raw)));
+    const __m512i hw = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_cvtsi64_si128((int64_t)raw)));
     const __m512i top = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi16(idx, hw), sh),
                                          _mm512_set1_epi16((1 << hb) - 1));
     return _mm512_or_si512(codes, _mm512_slli_epi16(top, 4));
 }
 
 /* The bf16 values of 32 codes: lut0 holds codes 0..31, lut1 codes 32..63 (fp6 only). */
-AI __m512bh fpx_values32(__m512i codes, __m512i lut0, __m512i lut1, int bits) {
-    return (__m512bh)(bits == 6 ? _mm512_permutex2var_epi16(lut0, codes, lut1) : _mm512_permutexvar_epi16(codes, lut0));
+template <int BITS> AI __m512bh fpx_values32(__m512i codes, __m512i lut0, __m512i lut1) {
+    return (__m512bh)(BITS == 6 ? _mm512_permutex2var_epi16(lut0, codes, lut1) : _mm512_permutexvar_epi16(codes, lut0));
 }
 
 typedef struct {
@@ -57,10 +63,10 @@ typedef struct {
 } fpx_ctx;
 
 /* RB weight rows (1..4) x MM input rows (1..4). */
-AI void fpx_tile(const fpx_ctx *a, int64_t m0, int64_t n0, int RB, int MM) {
+template <int BITS> AI void fpx_tile(const fpx_ctx *a, int64_t m0, int64_t n0, int RB, int MM) {
     const int64_t K = a->K, G = a->G, gs = K / G, N = a->N;
     const __m512i lut0 = _mm512_loadu_si512(a->lut);
-    const __m512i lut1 = a->bits == 6 ? _mm512_loadu_si512(a->lut + 32) : lut0;
+    const __m512i lut1 = BITS == 6 ? _mm512_loadu_si512(a->lut + 32) : lut0;
     __m512 acc[4][4];
     for (int r = 0; r < RB; r++)
         for (int m = 0; m < MM; m++) acc[r][m] = _mm512_setzero_ps();
@@ -72,7 +78,7 @@ AI void fpx_tile(const fpx_ctx *a, int64_t m0, int64_t n0, int RB, int MM) {
             __m512bh wv[4];
             for (int r = 0; r < RB; r++) {
                 const uint8_t *row = a->w + (n0 + r) * a->row_bytes;
-                wv[r] = fpx_values32(fpx_codes32(row, row + K / 2, a->bits, k), lut0, lut1, a->bits);
+                wv[r] = fpx_values32<BITS>(fpx_codes32<BITS>(row, row + K / 2, k), lut0, lut1);
             }
             for (int m = 0; m < MM; m++) {
                 const __m512bh xv = (__m512bh)_mm512_loadu_si512(a->x + (m0 + m) * K + k);
@@ -88,11 +94,11 @@ AI void fpx_tile(const fpx_ctx *a, int64_t m0, int64_t n0, int RB, int MM) {
         for (int m = 0; m < MM; m++) a->y[(m0 + m) * N + n0 + r] = qcal_float_to_bf16(_mm512_reduce_add_ps(acc[r][m]));
 }
 
-static void fpx_unit(const void *c, int64_t m0, int mb, int64_t p) {
+template <int BITS> static void fpx_unit(const void *c, int64_t m0, int mb, int64_t p) {
     const fpx_ctx *a = (const fpx_ctx *)c;
     const int64_t n0 = 4 * p;
     const int rb = a->N - n0 < 4 ? (int)(a->N - n0) : 4;
-#define TFX(RB, MM) fpx_tile(a, m0, n0, RB, MM)
+#define TFX(RB, MM) fpx_tile<BITS>(a, m0, n0, RB, MM)
     QCAL_RB_X_MB(TFX)
 #undef TFX
 }
@@ -119,7 +125,8 @@ static at::Tensor wfx_mm_small(const at::Tensor &x, const at::Tensor &w, const a
     memcpy(lut_pad, lut.const_data_ptr(), sizeof(uint16_t) << bits);
     const fpx_ctx ctx = {qcal::in<uint16_t>(xc), qcal::in<uint8_t>(w), qcal::in<float>(ws), lut_pad,
                          qcal::out<uint16_t>(y), N, K, G, w.size(1), static_cast<int>(bits)};
-    qcal_run_units(xc.size(0), (N + 3) / 4, qcal::threads(), &ctx, fpx_unit);
+    qcal_run_units(xc.size(0), (N + 3) / 4, qcal::threads(), &ctx,
+                   bits == 6 ? fpx_unit<6> : (bits == 5 ? fpx_unit<5> : fpx_unit<4>));
     return y;
 }
 
