@@ -392,12 +392,7 @@ def pack(q: torch.Tensor, qt: qtype) -> torch.Tensor:
     pad = -q.shape[-1] % per
     if pad:
         q = torch.nn.functional.pad(q, (0, pad))
-    u = (q.to(torch.int16) - int(qt.qmin)).to(torch.uint8)
-    u = u.reshape(*q.shape[:-1], q.shape[-1] // per, per)
-    out = torch.zeros(u.shape[:-1], dtype=torch.uint8, device=q.device)
-    for i in range(per):
-        out |= u[..., i] << (qt.bits * i)
-    return out
+    return _pack_bits((q.to(torch.int16) - int(qt.qmin)).to(torch.uint8), qt.bits)
 
 
 def unpack(p: torch.Tensor, qt: qtype, n: int | None = None) -> torch.Tensor:
@@ -408,9 +403,7 @@ def unpack(p: torch.Tensor, qt: qtype, n: int | None = None) -> torch.Tensor:
     per = qt.packed_per_byte
     if per == 1:
         return p
-    mask = (1 << qt.bits) - 1
-    parts = [((p >> (qt.bits * i)) & mask) for i in range(per)]
-    u = torch.stack(parts, dim=-1).reshape(*p.shape[:-1], p.shape[-1] * per)
+    u = _unpack_bits(p, qt.bits)
     if n is not None:
         u = u[..., :n]
     return (u.to(torch.int16) + int(qt.qmin)).to(torch.int8)

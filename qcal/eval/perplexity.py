@@ -54,6 +54,7 @@ def window_nlls(
     if n == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     device = model_device(model)
+    cache_kw = None if bits is None else _cache_kwarg(model, None)  # the forward's keyword for a cache, looked up once
     windows = range(n)
     if progress:
         from tqdm.auto import tqdm
@@ -65,7 +66,7 @@ def window_nlls(
         if bits is None:
             logits = model(window, use_cache=False).logits
         else:
-            logits = model(window, use_cache=True, **_cache_kwarg(model, _kv_cache(model, bits))).logits
+            logits = model(window, use_cache=True, **{k: _kv_cache(model, bits) for k in cache_kw}).logits
         logits = logits[0, :-1].float()
         nlls.append(F.cross_entropy(logits, window[0, 1:]).item())
     return nlls

@@ -175,8 +175,9 @@ def _wf8a16_small(m, x2):
     return torch.ops.qcal.wf8a16_mm_small(x2, m.qweight, m._buffers["_k_i8ws"])
 
 
-def _dequant_fp8(m, x2):
-    return F.linear(x2, (m.qweight.float() * m.weight_scale.float()).to(x2.dtype))
+def _dequant_weight_mm(m, x2):
+    """The module's dequantized weight (its codes' values times the scales, rounded once) into a GEMM."""
+    return F.linear(x2, m.dequantized_weight(x2.dtype))
 
 
 def _fp8_rows(x2):
@@ -204,10 +205,6 @@ def _fp8dq_dequant(m, x2):
 def _wfx_small(m, x2):
     b = m._buffers
     return torch.ops.qcal.wfx_mm_small(x2, m.qweight, b["_k_fxws"], b["_k_fxlut"], m.weight_spec.qtype.bits)
-
-
-def _dequant_fpx(m, x2):
-    return F.linear(x2, m.dequantized_weight(x2.dtype))
 
 
 def _int8pack_mm(m, x2):
@@ -281,7 +278,7 @@ INT8DQ = LinearTable("int8dq", "cpu", lambda m: dynamic_int8(m) and per_channel_
 FP8WO = LinearTable("fp8wo", "cpu", lambda m: weight_only(m) and per_channel_fp8(m), (
     Impl("qcal avx512-bf16 fp8 mm (weight in place, widened in registers)", _wf8a16_small, native=True,
          fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES),
-    Impl("dequant + bf16 mm", _dequant_fp8),
+    Impl("dequant + bf16 mm", _dequant_weight_mm),
 ), compute_dtype=torch.bfloat16)
 
 FP8DQ = LinearTable("fp8dq", "cpu", lambda m: dynamic_fp8(m) and per_channel_fp8(m), (
@@ -293,7 +290,7 @@ FP8DQ = LinearTable("fp8dq", "cpu", lambda m: dynamic_fp8(m) and per_channel_fp8
 FPXWO = LinearTable("fpxwo", "cpu", lambda m: weight_only(m) and subbyte_float(m), (
     Impl("qcal avx512-bf16 fp6/fp5/fp4 mm (bit planes read in place, values looked up in registers)", _wfx_small,
          native=True, fits=_native_fpx, dtypes=_BF16, max_m=4, layout=FPX_TABLES),
-    Impl("dequant + bf16 mm", _dequant_fpx),
+    Impl("dequant + bf16 mm", _dequant_weight_mm),
 ), compute_dtype=torch.bfloat16)
 
 TABLES_CPU = [INT4WO, INT8DA_INT4, INT8DQ, INT8WO, FP8WO, FP8DQ, FPXWO]
