@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Kernel", "ReferenceKernel", "KERNELS", "register_kernel", "select_kernel", "derived_bytes"]
+__all__ = ["Kernel", "ReferenceKernel", "KERNELS", "register_kernel", "select_kernel", "derived_bytes", "Opaque"]
 
 
 class Kernel:
@@ -54,6 +54,21 @@ class ReferenceKernel(Kernel):
         return module.frozen_forward_reference(x)
 
 
+class Opaque:
+    """Kernel-derived state that is not a plain tensor (e.g. oneDNN's packed weight), kept in a module attribute
+    whose name starts with ``_k_``: ``deepcopy`` and pickling leave it empty (the kernel derives it again on first
+    use), :func:`select_kernel` drops it, :func:`derived_bytes` counts it."""
+
+    def __init__(self, value=None, nbytes: int = 0) -> None:
+        self.value, self.nbytes = value, nbytes
+
+    def __deepcopy__(self, memo) -> Opaque:
+        return Opaque()
+
+    def __getstate__(self) -> dict:
+        return {"value": None, "nbytes": 0}
+
+
 REFERENCE = ReferenceKernel()
 KERNELS: list = []
 """Kernels and linear tables, tried in order by :func:`select_kernel`."""
@@ -76,6 +91,8 @@ def select_kernel(module) -> Kernel:
     for n in [n for n in module._buffers if n.startswith("_k_")]:
         del module._buffers[n]
         module._non_persistent_buffers_set.discard(n)
+    for n in [n for n, v in module.__dict__.items() if n.startswith("_k_") and isinstance(v, Opaque)]:
+        del module.__dict__[n]
     for k in KERNELS:
         if not k.supports(module):
             continue
@@ -90,9 +107,11 @@ def select_kernel(module) -> Kernel:
 
 
 def derived_bytes(module) -> int:
-    """Bytes of the non-persistent (kernel-derived) buffers of ``module``, not counting submodules."""
+    """Bytes of the non-persistent (kernel-derived) buffers and :class:`Opaque` state of ``module``, not counting
+    submodules."""
     return sum(b.numel() * b.element_size() for n, b in module._buffers.items()
-               if b is not None and n in module._non_persistent_buffers_set)
+               if b is not None and n in module._non_persistent_buffers_set) + \
+        sum(v.nbytes for v in module.__dict__.values() if isinstance(v, Opaque))
 
 
 def _native_hadamard(rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
@@ -106,10 +125,11 @@ def _native_hadamard(rows: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None
 
 def _install() -> None:
     from ..nn import hadamard, qmodule
+    from .conv import CONV_KERNELS
     from .cpu import TABLES_CPU
     from .cuda import TABLES_CUDA
 
-    KERNELS.extend(TABLES_CUDA + TABLES_CPU)
+    KERNELS.extend(TABLES_CUDA + TABLES_CPU + CONV_KERNELS)
     qmodule.set_kernel_selector(select_kernel)
     hadamard.set_fast_hadamard(_native_hadamard)
 

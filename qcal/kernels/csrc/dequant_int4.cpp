@@ -1,4 +1,4 @@
-/* qcal: int4 weight -> bf16, for the large-M (prefill) path that dequantizes once and runs a bf16 GEMM.
+/* qcal: int4 (and int8) weight -> bf16, for the large-M (prefill) path that dequantizes once and runs a bf16 GEMM.
 
    w[n, k] = (u[n, k] - 8 - zp[n, g]) * s[n, g],  g = k / gs, computed in fp32 and rounded once to bf16.
    u: canonical packed codes (N, K/2) uint8, low nibble = even column; s, zp: (N, G) fp32 (zp may be NULL).
@@ -34,6 +34,19 @@ static int dequant(const uint8_t *u, const float *s, const float *zp, uint16_t *
     return 0;
 }
 
+/* int8 weight -> bf16: w[n, k] = q[n, k] * s[n] in fp32, rounded once (weight-only convolutions dequantize per call). */
+static void dequant8(const int8_t *q, const float *s, uint16_t *w, int64_t N, int64_t K, int nthreads) {
+#pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const __m512 sv = _mm512_set1_ps(s[n]);
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + n * K + k)));
+            _mm256_mask_storeu_epi16(w + n * K + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, sv)));
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ operator */
 
 /* qweight (N, K/2) uint8 canonical codes; scale, zero_point (N, G) fp32 with K / G a multiple of 32. */
@@ -55,8 +68,24 @@ static at::Tensor dequant_w4(const at::Tensor &qweight, const at::Tensor &scale,
     return w;
 }
 
-TORCH_LIBRARY_FRAGMENT(qcal, m) {
-    m.def("dequant_w4(Tensor qweight, Tensor scale, Tensor? zero_point) -> Tensor");
+/* qweight (N, K) int8 codes; scale (N,) fp32: per output channel. */
+static at::Tensor dequant_w8(const at::Tensor &qweight, const at::Tensor &scale) {
+    const char *op = "qcal::dequant_w8";
+    TORCH_CHECK_VALUE(qweight.dim() == 2, op, ": qweight must be (N, K), got ", qweight.sizes());
+    const int64_t N = qweight.size(0), K = qweight.size(1);
+    qcal::check_tensor(op, "qweight", qweight, at::kChar, {N, K});
+    qcal::check_tensor(op, "scale", scale, at::kFloat, {N});
+    at::Tensor w = at::empty({N, K}, qweight.options().dtype(at::kBFloat16));
+    dequant8(qcal::in<int8_t>(qweight), qcal::in<float>(scale), qcal::out<uint16_t>(w), N, K, qcal::threads());
+    return w;
 }
 
-TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("dequant_w4", &dequant_w4); }
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("dequant_w4(Tensor qweight, Tensor scale, Tensor? zero_point) -> Tensor");
+    m.def("dequant_w8(Tensor qweight, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) {
+    m.impl("dequant_w4", &dequant_w4);
+    m.impl("dequant_w8", &dequant_w8);
+}
