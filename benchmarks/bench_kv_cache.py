@@ -1,6 +1,7 @@
 """Quantized KV cache (qcal.runtime.kv_cache) against transformers' bf16 dynamic cache: memory, decode, perplexity.
 
     python benchmarks/bench_kv_cache.py --context 4096 --new-tokens 32 --threads 2 --ppl-windows 8
+    python benchmarks/bench_kv_cache.py --runtime lean --context 4096 --new-tokens 32 --threads 1
 
 One bf16 model (the built-in SmolLM2-135M unless ``--model``), its own Hugging Face forward and attention; per
 cache (bf16, int8, int4), back to back in rounds: a prefill of ``--context`` tokens of WikiText-2 test text, then
@@ -8,6 +9,9 @@ cache (bf16, int8, int4), back to back in rounds: a prefill of ``--context`` tok
 the cache holds after the prefill (the bf16 cache's key and value tensors; the quantized cache's codes, scales and
 minima). Perplexity: token perplexity of the first ``--ppl-windows`` windows of ``--context`` tokens, attention
 reading the keys and values through each cache (``python -m qcal.eval --kv-cache``'s measure).
+
+``--runtime lean`` times qcal's :class:`~qcal.runtime.LeanGenerator` instead (``kv_bits`` 8 / 4: decode attention
+reads the codes in place; bytes are those of the filled positions).
 """
 
 from __future__ import annotations
@@ -54,6 +58,24 @@ def decode_round(model, prompt: torch.Tensor, kind: str, new_tokens: int) -> tup
     return prefill, steps, nbytes
 
 
+@torch.no_grad()
+def decode_round_lean(model, prompt: torch.Tensor, kind: str, new_tokens: int) -> tuple[float, list[float], int]:
+    """:func:`decode_round` through :class:`qcal.runtime.LeanGenerator` with a bf16 or quantized static cache."""
+    from qcal.runtime import LeanGenerator
+
+    n = prompt.shape[1]
+    gen = LeanGenerator(model, n + new_tokens, kv_bits=None if kind == "bf16" else int(kind[3:]))
+    t0 = time.perf_counter()
+    token = gen.prefill(prompt).argmax(-1, keepdim=True)
+    prefill = time.perf_counter() - t0
+    steps = []
+    for _ in range(new_tokens):
+        t0 = time.perf_counter()
+        token = gen.decode(token).argmax(-1, keepdim=True)
+        steps.append(time.perf_counter() - t0)
+    return prefill, steps, gen.cache_nbytes() * n // gen.max_cache_len
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="anything qcal.eval.models.load_model accepts")
@@ -63,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ppl-windows", type=int, default=0, help="perplexity windows of --context tokens (0: none)")
     p.add_argument("--caches", default="bf16,int8,int4")
+    p.add_argument("--runtime", choices=["hf", "lean"], default="hf",
+                   help="the model's own forward (hf) or qcal's LeanGenerator (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="WikiText-2 folder root (default: the copy bundled with qcal)")
     args = p.parse_args(argv)
     if args.threads:
@@ -84,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     best: dict[str, tuple[float, float, int]] = {}
     for r in range(args.rounds + 1):  # round 0 warms up
         for kind in kinds:
-            prefill, steps, nbytes = decode_round(model, prompt, kind, args.new_tokens)
+            run = decode_round_lean if args.runtime == "lean" else decode_round
+            prefill, steps, nbytes = run(model, prompt, kind, args.new_tokens)
             if r == 0:
                 continue
             step = statistics.median(steps)
@@ -95,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         ppl[kind] = token_perplexity(model, ids, args.context, args.ppl_windows,
                                      kv_cache=None if kind == "bf16" else kind)
     base = best.get("bf16")
-    print(f"\n{args.model}, bf16 weights, {torch.get_num_threads()} threads; context {args.context} tokens, "
+    print(f"\n{args.model}, bf16 weights, {args.runtime} runtime, {torch.get_num_threads()} threads; "
+          f"context {args.context} tokens, "
           f"{args.new_tokens} decode steps, fastest of {args.rounds} rounds (median step)"
           + (f"; token ppl over {args.ppl_windows} windows of {args.context}" if ppl else ""))
     print("| cache | bytes after prefill | x bf16 | prefill s | decode tok/s | x bf16 | token ppl | vs bf16 |")

@@ -318,3 +318,40 @@ def test_structure_and_config_checks_name_what_is_missing():
     mistral = _tiny(MistralConfig, MistralForCausalLM, sliding_window=8)
     assert unsupported_reason(mistral) == "sliding-window attention is not supported"
     assert unsupported_reason(_tiny(MistralConfig, MistralForCausalLM, sliding_window=None)) is None
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kv_cache_follows_hugging_face_with_the_same_cache(bits):
+    """kv_bits: teacher-forced along Hugging Face's greedy tokens with qcal's QuantizedKVCache, every step's logits
+    agree to bf16 rounding (the same stored codes; decode attention reads them in registers)."""
+    from qcal.runtime.kv_cache import QuantizedKVCache
+
+    model = _hf(make_tiny_llama(hidden=128, tie=False).to(torch.bfloat16))
+    prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    steps = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(4))
+    gen = LeanGenerator(model, 24, kv_bits=bits)
+    plain = LeanGenerator(model, 24)
+    assert gen.cache_nbytes() <= plain.cache_nbytes() * (0.625 if bits == 8 else 0.5)
+    cache = QuantizedKVCache(model.config, bits=bits)
+    with torch.no_grad():
+        got, want = gen.prefill(prompt), model(prompt, cache=cache, use_cache=True).logits[:, -1]
+        assert rel_err(got, want) < 2e-2
+        float_logits = plain.prefill(prompt)
+        for t in range(steps.shape[1]):
+            tok = steps[:, t:t + 1]
+            got, want = gen.decode(tok), model(tok, cache=cache, use_cache=True).logits[:, -1]
+            assert rel_err(got, want) < 2e-2
+            float_logits = plain.decode(tok)
+        assert 0 < rel_err(got, float_logits) < (0.05 if bits == 8 else 0.2)  # quantized, and close to float
+
+
+@needs_native
+def test_quantized_kv_cache_arguments_are_checked():
+    model = make_tiny_llama(hidden=128).to(torch.bfloat16)  # head_dim 32
+    with pytest.raises(ValueError, match="kv_bits must be 8, 4 or None"):
+        LeanGenerator(model, 8, kv_bits=2)
+    with pytest.raises(ValueError, match="multiple of 16 dividing head_dim=32"):
+        LeanGenerator(model, 8, kv_bits=4, kv_group_size=8)
+    gen = LeanGenerator(model, 8, kv_bits=4, kv_group_size=None)  # one group a head
+    assert gen.k_cache[1].shape[-1] == 1 and gen.generate(torch.zeros(1, 3, dtype=torch.long), 4).shape == (1, 4)

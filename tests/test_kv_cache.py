@@ -189,3 +189,39 @@ def test_bf16_cache_native_and_pytorch_paths_agree_exactly(bits, monkeypatch):
     assert torch.equal(native, ref)
     for a, b in zip(native_k, ref_k, strict=True):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- decode attention over the codes (LeanGenerator)
+
+
+@pytest.mark.parametrize("bits,group,hq,hkv,d", [(8, None, 9, 3, 64), (4, 16, 9, 3, 64), (4, 32, 4, 4, 128),
+                                                (8, 16, 6, 2, 32)])
+def test_decode_attention_over_codes_is_attention_over_the_dequantized_cache(native_kernels, bits, group, hq, hkv, d):
+    torch.manual_seed(0)
+    cap, n = 300, 257  # views of a larger buffer, as the generator passes them
+    q = torch.randn(1, hq, 1, d).bfloat16()
+    parts = []
+    for _ in range(2):
+        codes, scale, mn = quantize_kv(torch.randn(1, hkv, cap, d).bfloat16() * 3, bits, group)
+        parts.append((codes[:, :, :n], scale[:, :, :n], mn[:, :, :n]))
+    (kc, ks, km), (vc, vs, vm) = parts
+    k, v = (dequantize_kv(*p, bits, torch.bfloat16) for p in parts)
+    ref = torch.ops.qcal.decode_attention(q, k, v, None, d ** -0.5)
+    assert torch.equal(torch.ops.qcal.decode_attention_kv(q, kc, ks, km, vc, vs, vm, bits, d ** -0.5), ref)
+
+
+def test_decode_attention_over_codes_refuses_bad_arguments(native_kernels):
+    q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16)
+    c, s = torch.zeros(1, 2, 5, 64, dtype=torch.uint8), torch.ones(1, 2, 5, 1, dtype=torch.float16)
+    op = torch.ops.qcal.decode_attention_kv
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        op(q, c, s, s, c, s, s, 2, 1.0)
+    with pytest.raises(ValueError, match="k codes must be"):
+        op(q, c, s, s, c, s, s, 4, 1.0)  # int4 codes are 32 bytes a row of 64
+    with pytest.raises(ValueError, match="multiple of 16"):
+        op(q, c, torch.ones(1, 2, 5, 8, dtype=torch.float16), torch.ones(1, 2, 5, 8, dtype=torch.float16), c, s, s,
+           8, 1.0)
+    with pytest.raises(TypeError, match="v scale must be a Half"):
+        op(q, c, s, s, c, s.float(), s, 8, 1.0)
+    with pytest.raises(ValueError, match="v codes must be"):
+        op(q, c, s, s, c[:, :, :4], s, s, 8, 1.0)

@@ -13,6 +13,11 @@ kernel (fp32 softmax, bf16 probabilities; ~2x PyTorch's SDPA on the CPU).
     gen = LeanGenerator(model, max_cache_len=1024)      # model: bf16 (quantized or not) on the CPU
     ids = gen.generate(prompt_ids, new_tokens=64)
 
+``kv_bits=8`` (or 4) keeps the cache quantized as :class:`qcal.runtime.kv_cache.QuantizedKVCache` does (each
+token's key and value quantized once when stored, a float16 scale and minimum per group): decode attention reads
+the codes and dequantizes them in registers, prefill attention reads the cache dequantized, the new tokens included
+(the same values), so generation equals the Hugging Face model's with that cache.
+
 Which models qualify is decided by their structure (:mod:`qcal.runtime.family`); :func:`unsupported_reason` says
 why a model cannot run here (then use the model's own ``generate``).
 """
@@ -56,6 +61,31 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+def _kv_group(bits: int, group_size: int | None | str, head_dim: int) -> int | None:
+    """The quantized cache's group size (None: the whole head), checked for the decode kernel."""
+    from .kv_cache import DEFAULT_GROUP
+
+    if bits not in (4, 8):
+        raise ValueError(f"LeanGenerator: kv_bits must be 8, 4 or None, got {bits!r}")
+    if group_size == "default":
+        group_size = DEFAULT_GROUP[bits]
+        group_size = group_size if group_size is not None and head_dim % group_size == 0 else None
+    g = head_dim if group_size is None else group_size
+    if not isinstance(g, int) or g < 16 or g % 16 or head_dim % g:
+        raise ValueError(f"LeanGenerator: kv_group_size must be a multiple of 16 dividing head_dim={head_dim} (or "
+                         f"None), got {group_size!r}")
+    return group_size
+
+
+def _quantized_cache(layers: int, kv_heads: int, length: int, head_dim: int, bits: int, group: int | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scales and minima of one of a quantized cache's keys or values, every layer."""
+    groups = 1 if group is None else head_dim // group
+    codes = torch.zeros(layers, kv_heads, length, head_dim if bits == 8 else head_dim // 2, dtype=torch.uint8)
+    scale = torch.zeros(layers, kv_heads, length, groups, dtype=torch.float16)
+    return codes, scale, torch.zeros_like(scale)
+
+
 def _call_fn(mod: nn.Module, rows: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``mod`` as a function of contiguous bf16 rows without ``nn.Module.__call__`` where that is safe (no hooks):
     ``F.linear`` for a float ``nn.Linear``; for a frozen qcal linear without bias and a known number of ``rows``,
@@ -82,10 +112,13 @@ def _norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float]:
 class _Layer:
     """One decoder layer: its modules, norm weights and views of its slice of the KV cache, read once."""
 
-    def __init__(self, layer: nn.Module, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    def __init__(self, layer: nn.Module, k_cache, v_cache) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.modules = tuple(getattr(attn, p) for p in ATTENTION_PROJ) + tuple(getattr(mlp, p) for p in MLP_PROJ)
         self.norm_in, self.norm_post = layer.input_layernorm, layer.post_attention_layernorm
+        if isinstance(k_cache, tuple):  # quantized: (codes, scale, minimum), each (1, kv_heads, max_cache_len, .)
+            self.kq, self.vq = k_cache, v_cache
+            return self.bind()
         self.k, self.v = k_cache, v_cache  # (kv_heads, max_cache_len, head_dim): prefill attention reads these
         self.k_rows, self.v_rows = k_cache.transpose(0, 1), v_cache.transpose(0, 1)  # (positions, kv_heads, D)
         self.k4, self.v4 = k_cache.unsqueeze(0), v_cache.unsqueeze(0)  # (1, kv_heads, positions, D): decode
@@ -104,10 +137,13 @@ class LeanGenerator(TokenGenerator):
 
     ``max_cache_len`` bounds prompt + generated tokens. The model's modules are used as they are (nothing is
     copied; a module's hooks run); the static KV cache takes ``2 * layers * kv_heads * max_cache_len * head_dim``
-    bf16 values. Raises ``ValueError`` naming the reason where :func:`unsupported_reason` finds one.
+    bf16 values, or with ``kv_bits`` 8 / 4 int8 / int4 codes and a float16 scale and minimum per ``kv_group_size``
+    values (``"default"``: :data:`~qcal.runtime.kv_cache.DEFAULT_GROUP`; a multiple of 16 dividing ``head_dim``, or
+    None for the whole head). Raises ``ValueError`` naming the reason where :func:`unsupported_reason` finds one.
     """
 
-    def __init__(self, model: nn.Module, max_cache_len: int) -> None:
+    def __init__(self, model: nn.Module, max_cache_len: int, kv_bits: int | None = None,
+                 kv_group_size: int | None | str = "default") -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"LeanGenerator: {type(model).__name__} is not supported: {reason}")
@@ -120,20 +156,36 @@ class LeanGenerator(TokenGenerator):
         self.heads, self.kv_heads, self.head_dim = attention_shape(model.config)
         self.scale = self.head_dim ** -0.5
         self.embed, self.lm_head = model.get_input_embeddings(), model.lm_head
-        shape = (len(inner.layers), self.kv_heads, max_cache_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=torch.bfloat16)
-        self.v_cache = torch.zeros(shape, dtype=torch.bfloat16)
-        self.layers = [_Layer(layer, self.k_cache[i], self.v_cache[i]) for i, layer in enumerate(inner.layers)]
+        self.kv_bits = kv_bits
+        n_layers = len(inner.layers)
+        if kv_bits is None:
+            shape = (n_layers, self.kv_heads, max_cache_len, self.head_dim)
+            self.k_cache = torch.zeros(shape, dtype=torch.bfloat16)
+            self.v_cache = torch.zeros(shape, dtype=torch.bfloat16)
+            caches = [(self.k_cache[i], self.v_cache[i]) for i in range(n_layers)]
+        else:
+            self.kv_group = _kv_group(kv_bits, kv_group_size, self.head_dim)
+            k, v = (_quantized_cache(n_layers, self.kv_heads, max_cache_len, self.head_dim, kv_bits, self.kv_group)
+                    for _ in range(2))
+            self.k_cache, self.v_cache = k, v
+            caches = [(tuple(t[i].unsqueeze(0) for t in k), tuple(t[i].unsqueeze(0) for t in v))
+                      for i in range(n_layers)]
+        self.layers = [_Layer(layer, *caches[i]) for i, layer in enumerate(inner.layers)]
         self.final_norm = inner.norm
         self.w_final, self.eps_final = _norm_weight(inner.norm)
         with torch.no_grad():  # the rotary tables of every position, from the model's own rotary module
             positions = torch.arange(max_cache_len).unsqueeze(0)
-            cos, sin = inner.rotary_emb(self.k_cache[0, :1, :1], positions)
+            cos, sin = inner.rotary_emb(torch.zeros(1, 1, self.head_dim, dtype=torch.bfloat16), positions)
         if cos.shape[-1] != self.head_dim:
             raise ValueError(f"LeanGenerator: the rotary tables have {cos.shape[-1]} columns, not head_dim="
                              f"{self.head_dim}")
         self.cos, self.sin = cos[0].to(torch.bfloat16).contiguous(), sin[0].to(torch.bfloat16).contiguous()
         self.length = 0  # positions filled in the cache
+
+    def cache_nbytes(self) -> int:
+        """Bytes of the KV cache's storage (all ``max_cache_len`` positions)."""
+        ts = (self.k_cache, self.v_cache) if self.kv_bits is None else (*self.k_cache, *self.v_cache)
+        return sum(t.numel() * t.element_size() for t in ts)
 
     def reset(self) -> None:
         """Forget the cached positions and re-read the modules' functions and norm weights."""
@@ -141,6 +193,21 @@ class LeanGenerator(TokenGenerator):
         for layer in self.layers:
             layer.bind()
         self.w_final, self.eps_final = _norm_weight(self.final_norm)
+
+    def _quantized_attention(self, layer: _Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                             cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Store the new keys (rotated) and values quantized, then attend over the quantized cache."""
+        ops, bits = torch.ops.qcal, self.kv_bits
+        n = q.shape[0]
+        end = start + n
+        k_rot = torch.empty_like(k)
+        ops.rope_store(k, k_rot, cos, sin)
+        for x, cache in ((k_rot, layer.kq), (v, layer.vq)):  # (n, kv_heads, D) -> (1, kv_heads, n, D) rows
+            ops.kv_quantize(x.transpose(0, 1).unsqueeze(0), *(t[:, :, start:end] for t in cache), bits)
+        kq, vq = (tuple(t[:, :, :end] for t in cache) for cache in (layer.kq, layer.vq))
+        if n == 1:
+            return ops.decode_attention_kv(q.view(1, self.heads, 1, self.head_dim), *kq, *vq, bits, self.scale)
+        return ops.prefill_attention(q, ops.kv_dequant(*kq, bits)[0], ops.kv_dequant(*vq, bits)[0], start, self.scale)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -174,12 +241,17 @@ class LeanGenerator(TokenGenerator):
             f_q, f_k, f_v, f_o, f_gate, f_up, f_down = layer.fns1 if n == 1 else layer.fns
             q = f_q(h).view(n, heads, hd)
             rope_store(q, q, cos, sin)
-            rope_store(f_k(h).view(n, kvh, hd), layer.k_rows[start:end], cos, sin)
-            rope_store(f_v(h).view(n, kvh, hd), layer.v_rows[start:end], None, None)
-            if n == 1:
+            if self.kv_bits is not None:
+                attn = self._quantized_attention(layer, q, f_k(h).view(n, kvh, hd), f_v(h).view(n, kvh, hd), start,
+                                                 cos, sin)
+            elif n == 1:
+                rope_store(f_k(h).view(n, kvh, hd), layer.k_rows[start:end], cos, sin)
+                rope_store(f_v(h).view(n, kvh, hd), layer.v_rows[start:end], None, None)
                 attn = ops.decode_attention(q.view(1, heads, 1, hd), layer.k4[:, :, :end], layer.v4[:, :, :end],
                                             None, scale)
             else:
+                rope_store(f_k(h).view(n, kvh, hd), layer.k_rows[start:end], cos, sin)
+                rope_store(f_v(h).view(n, kvh, hd), layer.v_rows[start:end], None, None)
                 attn = ops.prefill_attention(q, layer.k, layer.v, start, scale)
             add_rmsnorm(x, f_o(attn.view(n, heads * hd)), layer.w_post, h, layer.eps_post)
             gate = f_gate(h)
