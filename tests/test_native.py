@@ -404,17 +404,24 @@ def test_panels_refuse_bad_input():
         ops.w4a16_mm_panel(x, torch.zeros(32, 288, dtype=torch.uint8), torch.ones(32, 48), None, 12)
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
 @pytest.mark.parametrize("scheme", ["int8dq", "int8wo", "int4wo-64"])
-def test_frozen_modules_take_the_panel_kernel_for_prefill(scheme):
+def test_frozen_modules_take_the_panel_kernel_for_prefill(scheme, amx, monkeypatch):
+    """Prefill: the panel kernels, except weight-only layers where PyTorch's bf16 GEMM runs on AMX (one
+    dequantization, then oneDNN's GEMM)."""
+    monkeypatch.setattr(native, "amx", lambda: amx)
     torch.manual_seed(0)
     q = apply_scheme(nn.Sequential(nn.Linear(576, 192)), scheme, quantize_lm_head=True)[0]
     x = torch.randn(1, 200, 576, dtype=torch.bfloat16)
-    panel = q.kernel.choose(torch.bfloat16, 200)
-    assert panel.name.startswith("qcal panel")
+    impl = q.kernel.choose(torch.bfloat16, 200)
+    assert impl.name.startswith("qcal panel") if scheme == "int8dq" or not amx else "dequant + bf16 mm" in impl.name
     y = q(x)
     assert y.shape == (1, 200, 192) and y.dtype == torch.bfloat16
-    assert torch.equal(y, (panel.run(q, x.view(200, 576)) + q.bias).view(1, 200, 192))
+    assert torch.equal(y, (impl.run(q, x.view(200, 576)) + q.bias).view(1, 200, 192))
     assert rel_err(y, q.frozen_forward_reference(x)) < 1e-2
+    if amx and scheme == "int8wo":  # the dequantized weight is the reference's, bit for bit
+        assert torch.equal(torch.ops.qcal.dequant_w8(q.qweight, q.weight_scale.reshape(-1).float()),
+                           q.dequantized_weight(torch.bfloat16).reshape(192, 576))
 
 
 @pytest.mark.parametrize("n", [8, 12, 64, 576, 1536])

@@ -216,6 +216,10 @@ def _dequant_int8(m, x2):
     return F.linear(x2, m.qweight * m.weight_scale.to(x2.dtype))
 
 
+def _native_dequant_int8(m, x2):
+    return F.linear(x2, torch.ops.qcal.dequant_w8(m.qweight, m._buffers["_k_i8ws"]))
+
+
 def _w8a8_small(m, x2):
     b = m._buffers
     return torch.ops.qcal.w8a8_mm_small(x2, b["qweight"], b["_k_i8sum"], b["_k_i8ws"])
@@ -237,14 +241,22 @@ def _panel(m) -> bool:
     return native.panel_fits(n, k, g if m.weight_spec.qtype == qint4 else 0)
 
 
+def _amx(m) -> bool:
+    """PyTorch's bf16 GEMM runs on AMX here: weight-only layers dequantize for large M (see :func:`native.amx`)."""
+    return native.amx()
+
+
 # Rows in order of preference. ``native`` rows need qcal's kernels built; a layer no row fits keeps the reference
 # kernel (int4: the group sizes of tinygemm or the native kernels).
 INT4WO = LinearTable("int4wo", "cpu", lambda m: weight_only(m) and m.weight_spec.qtype == qint4, (
-    Impl("qcal avx512-bf16 int4 mm", _w4a16_small, native=True, fits=_native_int4, dtypes=_BF16, max_m=64,
-         layout=NATIVE_W4),  # vs the panel kernel: small wins to M=64, panel from 128
-    Impl("qcal panel int4 mm", _w4a16_panel, native=True, fits=lambda m: _native_int4(m) and _panel(m), dtypes=_BF16,
-         eager=True),
-    Impl("tinygemm int4pack_mm", _tinygemm_mm, fits=tinygemm_int4, max_m=64, layout=TINYGEMM),
+    Impl("qcal avx512-bf16 int4 mm", _w4a16_small, native=True, fits=lambda m: _native_int4(m) and not _amx(m),
+         dtypes=_BF16, max_m=64, layout=NATIVE_W4),  # vs the panel kernel: small wins to M=64, panel from 128
+    Impl("qcal avx512-bf16 int4 mm", _w4a16_small, native=True, fits=lambda m: _native_int4(m) and _amx(m),
+         dtypes=_BF16, max_m=16, layout=NATIVE_W4),  # AMX: one dequantization + oneDNN's GEMM from M=32
+    Impl("qcal panel int4 mm", _w4a16_panel, native=True,
+         fits=lambda m: _native_int4(m) and _panel(m) and not _amx(m), dtypes=_BF16, eager=True),
+    Impl("tinygemm int4pack_mm", _tinygemm_mm, fits=lambda m: tinygemm_int4(m) and not _native_int4(m), max_m=64,
+         layout=TINYGEMM),
     Impl("dequant + bf16 mm", _dequant_mm, fits=lambda m: tinygemm_int4(m) or _native_int4(m)),
 ), compute_dtype=torch.bfloat16)
 
@@ -260,8 +272,13 @@ INT8DA_INT4 = LinearTable("8da4w", "cpu", lambda m: dynamic_int8(m) and m.weight
 INT8WO = LinearTable("int8wo", "cpu", lambda m: weight_only(m) and per_channel_int8(m), (
     Impl("qcal avx512-bf16 int8 mm (weight in place)", _w8a16_small, native=True, fits=_native_int8, dtypes=_BF16,
          max_m=4, layout=INT8_SCALES),  # vs the panel kernel: small wins to M=4, panel from 8
-    Impl("qcal panel avx512-bf16 int8 mm", _w8a16_panel, native=True, fits=lambda m: _native_int8(m) and _panel(m),
-         dtypes=_BF16, eager=True, layout=INT8_SCALES),
+    Impl("qcal panel avx512-bf16 int8 mm", _w8a16_panel, native=True,
+         fits=lambda m: _native_int8(m) and _panel(m) and not _amx(m), dtypes=_BF16, eager=True, layout=INT8_SCALES),
+    Impl("qcal panel avx512-bf16 int8 mm", _w8a16_panel, native=True,
+         fits=lambda m: _native_int8(m) and _panel(m) and _amx(m), dtypes=_BF16, eager=True, max_m=32,
+         layout=INT8_SCALES),  # AMX: one dequantization + oneDNN's GEMM from M=64
+    Impl("qcal int8 dequant + bf16 mm", _native_dequant_int8, native=True, fits=_native_int8, dtypes=_BF16,
+         eager=True, layout=INT8_SCALES),
     # _weight_int8pack_mm returns garbage (M=1) or crashes (M=2..16) where K % 32 != 0
     Impl("int8pack_mm", _int8pack_mm, max_m=16, fits=lambda m: m.weight_shape[1] % 32 == 0 and not _native_int8(m)),
     Impl("dequant + bf16 mm", _dequant_int8),

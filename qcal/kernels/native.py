@@ -19,13 +19,32 @@ Figures: ``benchmarks/bench_kernels.py``, BENCHMARKS.md.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 from .library import available, disabled
 from .library import status as native_status
 
 __all__ = ["available", "native_status", "disabled", "pack_int4", "pack_int4_vnni", "pack_scales", "w4_fits",
-           "panel_fits", "dequant_int4", "int8_row_sums"]
+           "panel_fits", "dequant_int4", "dequant_int8", "int8_row_sums", "amx"]
+
+
+@functools.cache
+def amx() -> bool:
+    """Whether PyTorch's bf16 GEMMs run on Intel AMX here (the CPU has AMX-BF16 and PyTorch has oneDNN; the
+    environment variable ``QCAL_AMX=0``/``1`` overrides). There a large-``M`` weight-only matmul is fastest as one
+    dequantization plus oneDNN's AMX GEMM, 2-7x qcal's AVX512 panel kernels (``benchmarks/bench_kernels.py``)."""
+    forced = os.environ.get("QCAL_AMX")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"amx_bf16", "amx_tile"} <= set(flags) and torch.backends.mkldnn.is_available()
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -80,6 +99,15 @@ def dequant_int4(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
         return None
     zp = None if zero_point is None else zero_point.float().contiguous()
     return torch.ops.qcal.dequant_w4(qweight.contiguous(), scale.float().contiguous(), zp)
+
+
+def dequant_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """The bf16 weight ``q * s`` of per-channel int8 codes ``(N, K)`` in one pass (fp32 math, rounded once: the
+    reference's dequantization), or None where the kernel does not apply."""
+    if torch.compiler.is_compiling() or qweight.device.type != "cpu" or not available() \
+            or not qweight.is_contiguous():
+        return None
+    return torch.ops.qcal.dequant_w8(qweight, scale.reshape(-1).float().contiguous())
 
 
 def int8_row_sums(qweight: torch.Tensor) -> torch.Tensor:
