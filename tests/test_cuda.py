@@ -255,3 +255,21 @@ def test_fake_quant_training_step_never_syncs_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+def test_quantize_onto_the_gpu_layer_by_layer_keeps_one_float_layer_there():
+    """quantize(device="cuda", freeze=True) from a CPU model: the GPU's peak holds the quantized model and about
+    one float layer, not the float model; the result equals quantizing on the GPU after moving the model."""
+    model = make_tiny_llama(hidden=256, layers=4).to(torch.bfloat16)
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ref = apply_scheme(copy.deepcopy(model).cuda(), "int8wo", quantize_lm_head=True)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    q = qcal.quantize(model, weights=qint8, device="cuda", freeze=True)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert all(m.qweight.is_cuda for _, m in qcal.quantized_modules(q)) and next(q.parameters()).is_cuda
+    assert peak < 0.8 * float_bytes
+    ids = _ids()
+    assert rel_err(_logits(q, ids), _logits(ref, ids)) < 1e-6

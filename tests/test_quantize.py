@@ -244,3 +244,24 @@ def test_mse_weight_observer_fixes_clipping():
     target = F.linear(x, lin.weight, lin.bias)
     assert lin.weight_scale is not None
     assert rel_err(lin(x), target) < rel_err(ref(x), target)
+
+
+def test_freeze_on_swap_equals_quantize_then_freeze(tiny_llama, token_batch):
+    """quantize(..., freeze=True) freezes each module as it is swapped: the same codes as quantize then freeze;
+    device= moves each module before it is quantized, then the rest of the model."""
+    a = qcal.quantize(copy.deepcopy(tiny_llama), weights=qint8, activations=qint8, dynamic=True)
+    freeze(a)
+    b = qcal.quantize(copy.deepcopy(tiny_llama), weights=qint8, activations=qint8, dynamic=True, freeze=True,
+                      device="cpu")
+    assert all(m.frozen for _, m in qcal.quantized_modules(b))
+    for (_, ma), (_, mb) in zip(qcal.quantized_modules(a), qcal.quantized_modules(b), strict=True):
+        assert torch.equal(ma.qweight, mb.qweight) and torch.equal(ma.weight_scale, mb.weight_scale)
+    with torch.no_grad():
+        assert torch.equal(a(token_batch).logits, b(token_batch).logits)
+
+
+def test_freeze_on_swap_refuses_static_activations_and_changes_nothing(tiny_llama):
+    model = copy.deepcopy(tiny_llama)
+    with pytest.raises(ValueError, match="freeze=True needs weight-only or dynamic"):
+        qcal.quantize(model, weights=qint8, activations=qint8, freeze=True)
+    assert not list(qcal.quantized_modules(model))

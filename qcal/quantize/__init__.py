@@ -81,16 +81,18 @@ def _weight_spec(weights, group_size, symmetric, weight_observer, zero_point="fl
                       zero_point == "int")
 
 
-def _act_spec(activations, dynamic, act_symmetric, observer) -> ActivationSpec | None:
+def _act_spec(activations, dynamic, act_symmetric, observer, per_token=True) -> ActivationSpec | None:
     if activations is None:
         return None
+    if not per_token and not dynamic:
+        raise ValueError("quantize: act_per_token=False applies to dynamic activations (static ones are per tensor)")
     qt = get_qtype(activations, "activations")
     if qt.bits != 8:
         raise TypeError(f"activations={qt} is not supported: use qint8, qfloat8_e4m3fn or qfloat8_e5m2")
     if qt.is_floating_point and not act_symmetric:
         raise ValueError(f"activations={qt} supports symmetric quantization only")
     get_observer(observer)
-    return ActivationSpec(qt, bool(dynamic), bool(act_symmetric), observer)
+    return ActivationSpec(qt, bool(dynamic), bool(act_symmetric), observer, bool(per_token))
 
 
 def quantize(
@@ -104,9 +106,12 @@ def quantize(
     symmetric: bool | None = None,
     dynamic: bool = False,
     act_symmetric: bool = True,
+    act_per_token: bool = True,
     observer: str = "moving_average",
     weight_observer: str = "minmax",
     zero_point: str = "float",
+    device: str | torch.device | None = None,
+    freeze: bool = False,
 ) -> nn.Module:
     """Swap every selected ``nn.Linear``/``nn.Conv2d`` for its quantized twin, in place.
 
@@ -120,19 +125,31 @@ def quantize(
         dynamic: activation scales computed per token at run time (no calibration needed);
             False = static per-tensor scales from ``Calibration``.
         act_symmetric: symmetric activation quantization.
+        act_per_token: dynamic activations: a scale per token (row) of a linear layer's input; False: one scale
+            per input tensor (torchao's per-tensor float8).
         observer: activation observer name (``moving_average``, ``minmax``, ``percentile``, ``mse``).
         weight_observer: ``minmax`` (qparams follow the weights, as QAT needs) or an observer name
             whose clipping is computed once and fixed (``mse``, ``percentile``).
         zero_point: asymmetric weights: ``"float"`` (unrounded, the default, as GGUF Q4_1 and tinygemm) or
             ``"int"`` (rounded to integers, as compressed-tensors/vLLM, GPTQ and AWQ checkpoints store them).
+        freeze: freeze each module as soon as it is swapped (weight-only or dynamic activations only), so that its
+            float weight is released before the next module is quantized.
+        device: move each selected module to ``device`` just before it is quantized, then the rest of the model:
+            with ``freeze=True`` the device holds one float layer at a time, so a model whose float weights do not
+            fit there can still be quantized onto it (torchao's ``quantize_(..., device=)``).
 
     Every selected module is validated before any is replaced, so on error the model is untouched.
     Returns the model.
     """
     wspec = _weight_spec(weights, group_size, symmetric, weight_observer, zero_point)
-    aspec = _act_spec(activations, dynamic, act_symmetric, observer)
+    aspec = _act_spec(activations, dynamic, act_symmetric, observer, act_per_token)
     if wspec is None and aspec is None:
         raise ValueError("quantize: nothing to do, weights and activations are both None")
+    if freeze and aspec is not None and not aspec.dynamic:
+        raise ValueError("quantize: freeze=True needs weight-only or dynamic activation quantization; static "
+                         "activations are calibrated first (quantize, `with qcal.Calibration(): ...`, then freeze)")
+    if device is not None:
+        device = torch.device(device)
     inc = _patterns(include, "include")
     replacements: list[tuple[str, nn.Module]] = []
     for name, module in match_names(model, include, exclude):
@@ -150,8 +167,20 @@ def quantize(
         replacements.append((name, qcls.from_module(module, name, wspec, aspec)))
     if not replacements:
         warnings.warn("quantize: no module matched; nothing was quantized", stacklevel=2)
-    for name, q in replacements:
+    if freeze:  # as freeze() refuses: a weight still on the meta device has no values
+        meta = next((n for n, q in replacements if q.weight.device.type == "meta"), None)
+        if meta is not None:
+            raise ValueError(f"quantize: module {meta!r} has its weight on the meta device (no values to quantize); "
+                             f"load the weights first, or quantize without freeze=True")
+    for i, (name, q) in enumerate(replacements):
+        if device is not None:
+            q.to(device)
         set_module(model, name, q)
+        if freeze:
+            q.freeze()
+        replacements[i] = (name, None)  # the float module is released as soon as it is done
+    if device is not None:
+        model.to(device)
     attach_to_transformers(model)
     return model
 
