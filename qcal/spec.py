@@ -41,8 +41,8 @@ class WeightSpec:
 class ActivationSpec:
     """Input-activation quantization.
 
-    ``dynamic=True``: scales computed at run time (per token for linear layers, per tensor for
-    convolutions); no calibration needed. ``dynamic=False``: static per-tensor scale from a
+    ``dynamic=True``: scales computed at run time (per token for linear layers unless ``per_token=False``, per
+    tensor for convolutions); no calibration needed. ``dynamic=False``: static per-tensor scale from a
     calibrated observer.
     """
 
@@ -50,15 +50,17 @@ class ActivationSpec:
     dynamic: bool = False
     symmetric: bool = True
     observer: str = "moving_average"
+    per_token: bool = True
 
     def granularity(self, per_token_ok: bool = True) -> Granularity:
-        return PerToken() if self.dynamic and per_token_ok else PerTensor()
+        return PerToken() if self.dynamic and self.per_token and per_token_ok else PerTensor()
 
     def to_dict(self) -> dict:
-        return {"qtype": self.qtype.name, "dynamic": self.dynamic, "symmetric": self.symmetric,
-                "observer": self.observer}
+        d = {"qtype": self.qtype.name, "dynamic": self.dynamic, "symmetric": self.symmetric,
+             "observer": self.observer}
+        return d if self.per_token or not self.dynamic else {**d, "per_token": False}
 
     @classmethod
     def from_dict(cls, d: dict) -> ActivationSpec:
         return cls(get_qtype(d["qtype"]), bool(d["dynamic"]), bool(d["symmetric"]),
-                   d.get("observer", "moving_average"))
+                   d.get("observer", "moving_average"), bool(d.get("per_token", True)))

@@ -7,6 +7,7 @@ exact fp32 integer, so its output must equal the exact integer matmul rounded on
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -289,11 +290,11 @@ def test_fp8_weight_only_kernel_against_float(m, n, k):
     assert torch.equal(ops.wf8a16_mm_small(x, w, torch.ones(n)), exact)
 
 
-@pytest.mark.parametrize("scheme", ["fp8wo", "fp8dq"])
+@pytest.mark.parametrize("scheme", ["fp8wo", "fp8dq", "fp8dq-pt"])
 def test_fp8_schemes_run_the_native_kernel_near_the_reference(scheme):
     torch.manual_seed(0)
     q = apply_scheme(nn.Sequential(nn.Linear(576, 192)), scheme, quantize_lm_head=True)[0]
-    assert q.kernel.name == f"cpu_{scheme}_native" and q.qweight.dtype == torch.float8_e4m3fn
+    assert q.kernel.name == f"cpu_{scheme.removesuffix('-pt')}_native" and q.qweight.dtype == torch.float8_e4m3fn
     for rows in (1, 3, 40):  # the native kernel to M=4, dequantize + GEMM above
         x = torch.randn(rows, 576, dtype=torch.bfloat16)
         assert q(x).dtype == torch.bfloat16 and rel_err(q(x), q.frozen_forward_reference(x)) < 1e-2
@@ -301,6 +302,22 @@ def test_fp8_schemes_run_the_native_kernel_near_the_reference(scheme):
         ops.wf8a16_mm_small(torch.randn(1, 576, dtype=torch.bfloat16), q.qweight.view(torch.uint8),
                             torch.ones(192))
 
+
+def test_fp8_per_tensor_activations_use_one_scale_an_input():
+    """fp8dq-pt: one scale for the whole input (a large row coarsens every row), per-token fp8dq one a row."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(576, 192, bias=False))
+    pt = apply_scheme(copy.deepcopy(lin), "fp8dq-pt", quantize_lm_head=True)[0]
+    tok = apply_scheme(copy.deepcopy(lin), "fp8dq", quantize_lm_head=True)[0]
+    assert pt.act_spec.to_dict()["per_token"] is False and "per_token" not in tok.act_spec.to_dict()
+    x = torch.randn(3, 576, dtype=torch.bfloat16)
+    x[0] *= 1e6  # its scale swamps the small rows' values: below e4m3's smallest subnormal they flush to zero
+    ref = lin.bfloat16()(x)
+    for rows in ((0, 1, 2), (1,)):  # the kernel (M <= 4) and, for one row alone, the same as per token
+        xs = x[list(rows)]
+        assert rel_err(pt(xs), pt.frozen_forward_reference(xs)) < 1e-2
+    assert rel_err(tok(x)[1:], ref[1:]) < 0.05 and rel_err(pt(x)[1:], ref[1:]) > 0.5
+    assert rel_err(pt(x[1:]), ref[1:]) < 0.05
 
 # ---------------------------------------------------------------- the fp6 / fp5 / fp4 weight-only kernel
 

@@ -79,6 +79,8 @@ def ct_input_args(name: str, spec: ActivationSpec | None):
     if spec.qtype is not qint8:
         raise _unsupported(name, f"activations {spec.qtype}: only int8 activations are exported")
     if spec.dynamic:
+        if not spec.per_token:
+            raise _unsupported(name, "dynamic per-tensor activations are not exported (vLLM's int8 is per token)")
         if not spec.symmetric:
             raise _unsupported(name, "asymmetric dynamic activations have no compressed-tensors kernel in vLLM")
         return QuantizationArgs(num_bits=8, type="int", symmetric=True, dynamic=True, strategy="token")

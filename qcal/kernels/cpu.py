@@ -32,7 +32,7 @@ def weight_only(m) -> bool:
 
 def dynamic_int8(m) -> bool:
     a = m.act_spec
-    return a is not None and a.dynamic and a.symmetric and a.qtype == qint8
+    return a is not None and a.dynamic and a.per_token and a.symmetric and a.qtype == qint8
 
 
 def per_channel_int8(m) -> bool:
@@ -180,24 +180,26 @@ def _dequant_weight_mm(m, x2):
     return F.linear(x2, m.dequantized_weight(x2.dtype))
 
 
-def _fp8_rows(x2):
-    """Per-row float8 e4m3 codes of ``x2`` (as ``x2``'s dtype: exact in bf16) and their float32 scales (M, 1): the
-    reference's dynamic per-token quantization (``amax / 448``); a row holding NaN or Inf gives a non-finite row."""
+def _fp8_codes(m, x2):
+    """Float8 e4m3 codes of ``x2`` (as ``x2``'s dtype: exact in bf16) and their float32 scales, (M, 1) per row or
+    (1, 1) per tensor (the module's spec): the reference's dynamic quantization (``amax / 448``); a row (per
+    tensor: any element) holding NaN or Inf gives non-finite output rows."""
     xf = x2.float()
-    s = (xf.abs().amax(dim=-1, keepdim=True) / 448.0).clamp_min(torch.finfo(torch.float32).tiny)
+    amax = xf.abs().amax(dim=-1, keepdim=True) if m.act_spec.per_token else xf.abs().amax().view(1, 1)
+    s = (amax / 448.0).clamp_min(torch.finfo(torch.float32).tiny)
     return (xf / s).clamp_(-448.0, 448.0).to(qfloat8_e4m3fn.dtype).to(x2.dtype), s
 
 
 # fp8dq: the code product rounded to bf16 once, then both scales in fp32, rounded once more -- the same numbers
 # from the native kernel (unit scales) and from a bf16 GEMM on the codes, so every M computes alike.
 def _fp8dq_native(m, x2):
-    xq, s = _fp8_rows(x2)
+    xq, s = _fp8_codes(m, x2)
     y = torch.ops.qcal.wf8a16_mm_small(xq, m.qweight, m._buffers["_k_ones"])
     return (y.float() * m._buffers["_k_i8ws"] * s).to(x2.dtype)
 
 
 def _fp8dq_dequant(m, x2):
-    xq, s = _fp8_rows(x2)
+    xq, s = _fp8_codes(m, x2)
     y = F.linear(xq, m.qweight.to(x2.dtype))
     return (y.float() * m.weight_scale.float().view(1, -1) * s).to(x2.dtype)
 
@@ -299,9 +301,9 @@ FP8WO = LinearTable("fp8wo", "cpu", lambda m: weight_only(m) and per_channel_fp8
 ), compute_dtype=torch.bfloat16)
 
 FP8DQ = LinearTable("fp8dq", "cpu", lambda m: dynamic_fp8(m) and per_channel_fp8(m), (
-    Impl("per-row fp8 quant + qcal fp8 mm (codes widened in registers)", _fp8dq_native, native=True,
+    Impl("per-row/tensor fp8 quant + qcal fp8 mm (codes widened in registers)", _fp8dq_native, native=True,
          fits=_native_int8, dtypes=_BF16, max_m=4, layout=FP8DQ_SCALES),
-    Impl("per-row fp8 quant + dequant + bf16 mm", _fp8dq_dequant),
+    Impl("per-row/tensor fp8 quant + dequant + bf16 mm", _fp8dq_dequant),
 ), compute_dtype=torch.bfloat16)
 
 FPXWO = LinearTable("fpxwo", "cpu", lambda m: weight_only(m) and subbyte_float(m), (

@@ -162,7 +162,7 @@ class QModuleMixin:
             return x
         x2 = x.reshape(-1, x.shape[-1])
         if spec.dynamic:
-            per_token = self._per_token_ok
+            per_token = self._per_token_ok and spec.per_token
             if per_token and self.frozen:
                 # a row holding NaN/Inf gives a NaN output row, as the fast kernels do; the other rows are unaffected
                 bad = ~torch.isfinite(x2).all(dim=-1, keepdim=True)
