@@ -4,6 +4,10 @@ scheme and calibrated static W8A8 quantize them, stay near the float model, and 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +89,22 @@ def test_group_size_that_does_not_fit_the_patch_embedding_names_it():
     model = copy.deepcopy(float_model)
     qcal.quantize(model, weights=qcal.qint4, group_size=32, exclude="pos_embed.proj")
     assert "pos_embed.proj" not in dict(qcal.quantized_modules(model))
+
+
+def test_benchmark_script_rows(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "bench_diffusion", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_diffusion.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    keys = {"model", "scheme", "compile", "model_mib", "inference_mib", "quantize_s", "warmup_s", "compile_s",
+            "step_s", "rel_err", "psnr_db", "float_modules", "notes"}
+    for name in ("pixart", "sd-unet"):
+        out = tmp_path / f"{name}.json"
+        bench.main(["--tiny", "--model", name, "--schemes", "bf16,int8wo", "--steps", "1", "--warmup", "0",
+                    "--threads", "1", "--json", str(out), "--no-progress"])
+        rows = {r["scheme"]: r for r in json.loads(out.read_text())["rows"]}
+        assert set(rows) == {"bf16", "int8wo"} and all(keys <= set(r) for r in rows.values())
+        bf16, q = rows["bf16"], rows["int8wo"]
+        assert q["model_mib"] < bf16["model_mib"] and q["float_modules"] == 0
+        assert bf16["rel_err"] == 0 and math.isfinite(q["rel_err"]) and math.isfinite(q["psnr_db"])
+        assert q["rel_err"] < 0.05 and q["step_s"] > 0
