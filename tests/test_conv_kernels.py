@@ -178,3 +178,20 @@ def test_weight_only_int8_conv_is_the_reference_bit_for_bit(native_kernels):
     with torch.no_grad():
         assert torch.equal(model(x), m.frozen_forward_reference(x))
         assert torch.equal(model(x.contiguous(memory_format=torch.channels_last)), m.frozen_forward_reference(x))
+
+
+@pytest.mark.parametrize("scheme", ["int4wo-32", "int8dq", "int8wo", "fp8wo"])
+def test_channels_last_cast_keeps_the_kernels_layouts(scheme):
+    """model.to(memory_format=torch.channels_last) (the diffusion recipe) re-strides 4-D tensors; kernel-derived
+    layouts (a 4-D packed int4 scale block) keep theirs, so the kernels still take them."""
+    from qcal.schemes import apply_scheme
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 80), nn.Conv2d(64, 64, 3, padding=1)).bfloat16()
+    q = apply_scheme(model, scheme, quantize_lm_head=True)
+    x, img = torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(1, 64, 6, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = q[0](x), q[1](img)
+        q = q.to(memory_format=torch.channels_last)
+        after = q[0](x), q[1](img.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])

@@ -251,9 +251,9 @@ class QModuleMixin:
             new = self._buffers.get(k)
             if isinstance(new, torch.Tensor) and new.dtype == torch.float16:
                 self._buffers[k] = b.to(device=new.device, dtype=torch.float32)
-        for k, b in derived.items():  # kernel-derived tensors keep the dtype their kernel reads; only the device moves
-            new = self._buffers.get(k)
-            if isinstance(new, torch.Tensor) and new.dtype != b.dtype:
+        for k, b in derived.items():  # kernel-derived tensors keep the dtype and layout their kernel reads (a
+            new = self._buffers.get(k)  # channels-last cast must not re-stride a 4-D packed layout); only the device
+            if isinstance(new, torch.Tensor) and (new.dtype != b.dtype or new.stride() != b.stride()):  # moves
                 self._buffers[k] = b.to(device=new.device)
         after = self._canonical_state()
         if after is not None and after != before and self.qweight.device.type != "meta":
