@@ -476,3 +476,31 @@ def test_hadamard_kernel_refuses_bad_input():
                         (torch.zeros(2, 20), a12, "power of two")]:
         with pytest.raises((ValueError, TypeError), match=match):
             ops.hadamard(x, a)
+
+
+# ---------------------------------------------------------------- bf16 x bf16, small M (a float model's decode)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1536, 576), (3, 70, 100), (4, 16, 5632), (2, 3, 31)])
+def test_bf16_small_m_kernel_is_the_fp32_product_rounded_once(m, n, k):
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    got = ops.w16a16_mm_small(x, w)
+    exact = x.double() @ w.double().t()
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    # fp32 sums in another order than float64's: within bf16's rounding of the exact value, plus fp32 noise
+    assert ((got.double() - exact).abs() <= exact.abs() * 2.0**-8 + 1e-5 * exact.abs().max()).all()
+    ints = torch.randint(-8, 9, (m, k), generator=g).to(torch.bfloat16)  # small integers: every sum exact in fp32
+    wints = torch.randint(-8, 9, (n, k), generator=g).to(torch.bfloat16)
+    assert torch.equal(ops.w16a16_mm_small(ints, wints), (ints.float() @ wints.float().t()).to(torch.bfloat16))
+
+
+def test_bf16_small_m_kernel_refuses_bad_input():
+    w = torch.zeros(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"x must be \(M, 64\)"):
+        ops.w16a16_mm_small(torch.zeros(1, 32, dtype=torch.bfloat16), w)
+    with pytest.raises(TypeError, match="w must be a BFloat16"):
+        ops.w16a16_mm_small(torch.zeros(1, 64, dtype=torch.bfloat16), w.float())
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.w16a16_mm_small(torch.zeros(1, 8, dtype=torch.bfloat16), w.t())

@@ -88,13 +88,20 @@ def _quantized_cache(layers: int, kv_heads: int, length: int, head_dim: int, bit
 
 def _call_fn(mod: nn.Module, rows: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``mod`` as a function of contiguous bf16 rows without ``nn.Module.__call__`` where that is safe (no hooks):
-    ``F.linear`` for a float ``nn.Linear``; for a frozen qcal linear without bias and a known number of ``rows``,
-    the implementation its kernel table chooses for them (what the module call would run, ~5 us less a call,
-    211 calls a token for SmolLM2); the module itself otherwise."""
+    for a float ``nn.Linear``, qcal's bf16 small-M kernel for up to 4 ``rows`` (the weight streamed in place,
+    2-6x ``F.linear``'s one-row GEMM on the CPU) and ``F.linear`` otherwise; for a frozen qcal linear without bias
+    and a known number of ``rows``, the implementation its kernel table chooses for them (what the module call
+    would run, ~5 us less a call, 211 calls a token for SmolLM2); the module itself otherwise."""
     if mod._forward_hooks or mod._forward_pre_hooks:
         return mod
     if type(mod) is nn.Linear:
         weight, bias = mod.weight, mod.bias
+        if rows is not None and rows <= 4 and weight.dtype == torch.bfloat16 and weight.is_contiguous():
+            mm = torch.ops.qcal.w16a16_mm_small
+            if bias is None:
+                return lambda x: mm(x, weight)
+            b = bias.to(torch.bfloat16)
+            return lambda x: mm(x, weight) + b
         return lambda x: F.linear(x, weight, bias)
     choose = getattr(getattr(mod, "kernel", None), "choose", None)
     if rows is not None and choose is not None and getattr(mod, "frozen", False) and mod._parameters.get("bias") \
@@ -173,6 +180,7 @@ class LeanGenerator(TokenGenerator):
         self.layers = [_Layer(layer, *caches[i]) for i, layer in enumerate(inner.layers)]
         self.final_norm = inner.norm
         self.w_final, self.eps_final = _norm_weight(inner.norm)
+        self.head = _call_fn(self.lm_head, rows=1)  # the logits of the last position only
         with torch.no_grad():  # the rotary tables of every position, from the model's own rotary module
             positions = torch.arange(max_cache_len).unsqueeze(0)
             cos, sin = inner.rotary_emb(torch.zeros(1, 1, self.head_dim, dtype=torch.bfloat16), positions)
@@ -193,6 +201,7 @@ class LeanGenerator(TokenGenerator):
         for layer in self.layers:
             layer.bind()
         self.w_final, self.eps_final = _norm_weight(self.final_norm)
+        self.head = _call_fn(self.lm_head, rows=1)
 
     def _quantized_attention(self, layer: _Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
                              cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -260,4 +269,4 @@ class LeanGenerator(TokenGenerator):
         last = x[-1:].contiguous()
         add_rmsnorm(last, delta[-1:].contiguous(), self.w_final, h[-1:], self.eps_final)
         self.length = end
-        return self.lm_head(h[-1:])
+        return self.head(h[-1:])
