@@ -243,7 +243,8 @@ def test_resolve_runtime_uses_one_runtime_and_attention_for_every_model():
     with pytest.raises(ValueError, match="unknown runtime 'fast'"):
         resolve_runtime(EvalConfig(runtime="fast"), [bf16])
     gen = speed_runner(bf16, "lean", "qcal", 12)
-    assert isinstance(gen, LeanGenerator) and gen.max_cache_len == 12
+    assert isinstance(gen, LeanGenerator) and gen.max_cache_len == 12 and gen.kv_bits is None
+    assert speed_runner(bf16, "lean", "qcal", 12, kv_bits=8).kv_bits == 8  # --kv-cache int8: decode with it
 
 
 def test_resolve_runtime_without_the_decode_kernel_on_the_device():

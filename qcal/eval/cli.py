@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .llamacpp import ENV_VAR as LLAMACPP_ENV
 from .models import DEFAULT_MODEL, SMOLLM2_INSTALL
 from .runner import METRICS
 
@@ -116,7 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", default=None,
                    help="write one JSON record per scheme with keys scheme, token_ppl, word_ppl, "
                    "prefill_tok_s, decode_tok_s, prefill_ratio, decode_ratio, model_bytes, peak_mem_bytes, "
-                   "quantize_s, quantize_peak_bytes, speed_runtime")
+                   "quantize_s, quantize_peak_bytes, speed_runtime, weight_bytes_per_token, decode_gb_s; and where "
+                   "measured stream_read_gb_s, stream_fraction (--stream-bandwidth), llamacpp_type, "
+                   "llamacpp_prefill_tok_s, llamacpp_decode_tok_s, decode_vs_llamacpp, llamacpp_build (--llamacpp)")
+    p.add_argument("--llamacpp", metavar="DIR", default=None,
+                   help=f"a llama.cpp build's bin folder (llama-bench, llama-quantize); default ${LLAMACPP_ENV}. With "
+                   "speed measured, the GGUF --model is requantized to the llama.cpp type of each scheme (bf16 BF16, "
+                   "int8wo Q8_0, int4wo-*/8da4w-* Q4_0) and timed by llama-bench at the same threads, prefill and "
+                   "decode lengths, as extra rows and a qcal/llama.cpp decode table; skipped with a note where the "
+                   "tools or a GGUF model are missing")
+    p.add_argument("--stream-bandwidth", action="store_true",
+                   help="also measure the machine's STREAM-like memory bandwidth at the same thread count (a few "
+                   "seconds, 1.5 GiB of arrays) and print each scheme's decode weight traffic (the decode GB/s "
+                   "column: weight bytes read per token x decode tok/s) as a fraction of its read bandwidth")
     p.add_argument("--export-gguf", metavar="FILE.gguf", default=None,
                    help="also write each quantized model as a GGUF file for llama.cpp (FILE-<scheme>.gguf when "
                    "several schemes are given); the gguf-* and gptq-gguf-* schemes map onto GGUF exactly")
@@ -125,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "model, else 'default')")
     p.add_argument("--kv-cache", choices=["int8", "int4"], default=None,
                    help="token perplexity through a quantized KV cache (qcal.runtime.kv_cache: per token and head, "
-                   "asymmetric): attention reads keys and values as the cache stores them (default: float, no cache)")
+                   "asymmetric): attention reads keys and values as the cache stores them; the lean runtime's speed "
+                   "rounds decode with it too (default: float, no cache)")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="save a model-size vs perplexity scatter plot, one point per scheme")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -161,9 +175,18 @@ def run(args: argparse.Namespace) -> list[SchemeResult]:
     import torch
 
     from ..data import calibration_windows, load_wikitext, tokenize, wikitext_documents
+    from .llamacpp import SKIPPED, resolve_folder, run_llamacpp
     from .models import load_model
-    from .report import format_table, plot_size_vs_ppl, write_json
-    from .runner import EvalConfig, UnknownSchemeError, check_schemes, evaluate_schemes
+    from .report import format_llamacpp_ratios, format_stream_line, format_table, plot_size_vs_ppl, write_json
+    from .runner import (
+        EvalConfig,
+        UnknownSchemeError,
+        add_llamacpp,
+        add_stream_bandwidth,
+        check_schemes,
+        evaluate_schemes,
+    )
+    from .speed import stream_bandwidth
 
     check_schemes(args.quant)
     if args.threads:
@@ -198,8 +221,31 @@ def run(args: argparse.Namespace) -> list[SchemeResult]:
         gguf_pre_tokenizer=args.gguf_pre_tokenizer or ("smollm" if args.model == DEFAULT_MODEL else "default"),
     )
     results = evaluate_schemes(model, tokenizer, args.quant, cfg, input_ids=input_ids, docs=docs, calib=calib)
-    print("\n" + _summary(args, torch.get_num_threads(), results))
-    print(format_table(results))
+    threads = torch.get_num_threads()
+    llamacpp, notes = None, []
+    if resolve_folder(args.llamacpp) is not None:
+        if "speed" in args.metrics:
+            llamacpp = run_llamacpp(args.llamacpp, args.model, args.quant, threads=threads,
+                                    prefill_len=args.prefill_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                                    log=lambda msg: print(msg, file=sys.stderr))
+            add_llamacpp(results, llamacpp)
+        else:
+            notes.append(f"{SKIPPED}: speed is not among --metrics")
+    stream = None
+    if args.stream_bandwidth:
+        stream = stream_bandwidth(threads)
+        add_stream_bandwidth(results, stream)
+    print("\n" + _summary(args, threads, results))
+    print(format_table(results, llamacpp=llamacpp))
+    if stream is not None:
+        print(format_stream_line(results, stream, threads))
+    if llamacpp is not None:
+        ratios = format_llamacpp_ratios(results)
+        if ratios:
+            print("\nqcal decode vs llama.cpp decode, same weight type:\n" + ratios)
+        notes.insert(0, llamacpp.footer())
+    for note in filter(None, notes):
+        print(note)
     if args.json:
         write_json(results, args.json)
     if args.plot and not plot_size_vs_ppl(results, args.plot, title=f"{args.model} on {args.task}"):

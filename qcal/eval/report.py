@@ -6,9 +6,17 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .llamacpp import LlamaCppReport
 
 JSON_KEYS = ("scheme", "token_ppl", "word_ppl", "prefill_tok_s", "decode_tok_s", "prefill_ratio",
-             "decode_ratio", "model_bytes", "peak_mem_bytes", "quantize_s", "quantize_peak_bytes", "speed_runtime")
+             "decode_ratio", "model_bytes", "peak_mem_bytes", "quantize_s", "quantize_peak_bytes", "speed_runtime",
+             "weight_bytes_per_token", "decode_gb_s")
+# in a record only when measured: --stream-bandwidth, and a llama.cpp row of the same weight type (--llamacpp)
+OPTIONAL_JSON_KEYS = ("stream_read_gb_s", "stream_fraction", "llamacpp_type", "llamacpp_prefill_tok_s",
+                      "llamacpp_decode_tok_s", "decode_vs_llamacpp", "llamacpp_build")
 
 
 @dataclass
@@ -28,11 +36,21 @@ class SchemeResult:
     quantize_peak_bytes: int | None = None  # memory added while quantizing: the float copy, calibration, the solver
     speed_runtime: str | None = None  # "lean", "hf" or "compiled": what ran the timed generation (all models alike)
     speed_attention: str | None = None  # the Hugging Face attention of the timed models (None: each model's own)
+    weight_bytes_per_token: int | None = None  # weights one decoded token reads (speed.weight_bytes_per_token)
+    decode_gb_s: float | None = None  # weight_bytes_per_token x decode_tok_s, 10^9 bytes/s
+    stream_read_gb_s: float | None = None  # the machine's STREAM-like read bandwidth at the same thread count
+    stream_fraction: float | None = None  # decode_gb_s / stream_read_gb_s
+    llamacpp_type: str | None = None  # the llama.cpp file type of the same weight format, when measured
+    llamacpp_prefill_tok_s: float | None = None
+    llamacpp_decode_tok_s: float | None = None
+    decode_vs_llamacpp: float | None = None  # decode_tok_s / llamacpp_decode_tok_s
+    llamacpp_build: str | None = None
 
     def record(self) -> dict:
-        """The JSON record: exactly :data:`JSON_KEYS`, NaN written as null."""
-        data = asdict(self)
-        return {k: None if isinstance(data[k], float) and math.isnan(data[k]) else data[k] for k in JSON_KEYS}
+        """The JSON record: :data:`JSON_KEYS`, then those of :data:`OPTIONAL_JSON_KEYS` that were measured; NaN
+        written as null."""
+        data = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
+        return {k: data[k] for k in JSON_KEYS} | {k: data[k] for k in OPTIONAL_JSON_KEYS if data[k] is not None}
 
 
 def _fmt(value: float | int | None, spec: str, suffix: str = "") -> str:
@@ -45,10 +63,14 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
 
-def format_table(results: list[SchemeResult], baseline: str = "bf16") -> str:
-    """A fixed-width table, one row per scheme; ratios are versus ``baseline`` (higher is faster)."""
+def format_table(results: list[SchemeResult], baseline: str = "bf16", llamacpp: LlamaCppReport | None = None) -> str:
+    """A fixed-width table, one row per scheme; ratios are versus ``baseline`` (higher is faster).
+
+    ``llamacpp`` adds a row per llama.cpp file type measured (prefill and decode tok/s, GGUF size).
+    """
     header = ("scheme", "token ppl", "word ppl", "prefill tok/s", "decode tok/s", f"prefill/{baseline}",
-              f"decode/{baseline}", "size MiB", "peak MiB", "quant s", "quant peak MiB")
+              f"decode/{baseline}", "size MiB", "peak MiB", "quant s", "quant peak MiB", "read/tok MiB",
+              "decode GB/s")
     rows = [header] + [
         (
             r.scheme,
@@ -62,9 +84,15 @@ def format_table(results: list[SchemeResult], baseline: str = "bf16") -> str:
             _mib(r.peak_mem_bytes),
             _fmt(r.quantize_s, ".2f"),
             _mib(r.quantize_peak_bytes),
+            _mib(r.weight_bytes_per_token),
+            _fmt(r.decode_gb_s, ".2f"),
         )
         for r in results
     ]
+    for row in llamacpp.rows if llamacpp is not None else ():
+        cells = (row.label, "-", "-", _fmt(row.prefill_tok_s, ".1f"), _fmt(row.decode_tok_s, ".2f"), "-", "-",
+                 _mib(row.file_bytes))
+        rows.append(cells + ("-",) * (len(header) - len(cells)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     def line(row: tuple[str, ...]) -> str:
         cells = zip(row, widths, strict=True)
@@ -72,7 +100,36 @@ def format_table(results: list[SchemeResult], baseline: str = "bf16") -> str:
 
     lines = [line(row) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if llamacpp is not None and llamacpp.rows:
+        lines.insert(len(results) + 2, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_llamacpp_ratios(results: list[SchemeResult]) -> str:
+    """A short table of qcal decode tok/s over llama.cpp's for the same weight type; "" when none was matched."""
+    matched = [r for r in results if r.decode_vs_llamacpp is not None]
+    if not matched:
+        return ""
+    header = ("scheme", "llama.cpp", "qcal decode tok/s", "llama.cpp decode tok/s", "qcal/llama.cpp")
+    rows = [header] + [(r.scheme, r.llamacpp_type or "-", _fmt(r.decode_tok_s, ".2f"),
+                        _fmt(r.llamacpp_decode_tok_s, ".2f"), _fmt(r.decode_vs_llamacpp, ".2f", "x"))
+                       for r in matched]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_stream_line(results: list[SchemeResult], stream: dict[str, float], threads: int) -> str:
+    """One line: the machine's STREAM-like bandwidth and each scheme's decode weight traffic as a fraction of the
+    read bandwidth."""
+    kernels = ", ".join(f"{k} {v:.1f}" for k, v in stream.items() if k != "read")
+    parts = [f"{r.scheme} {r.decode_gb_s:.2f} GB/s = {r.stream_fraction:.0%}" for r in results
+             if r.stream_fraction is not None and r.decode_gb_s is not None]
+    line = (f"memory bandwidth ({threads} threads, STREAM-like, GB/s): read {stream['read']:.1f} "
+            f"({kernels})")
+    return line + ("; decode weight traffic / read: " + ", ".join(parts) if parts else "")
 
 
 def write_json(results: list[SchemeResult], path: str | os.PathLike) -> None:

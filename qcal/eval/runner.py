@@ -12,10 +12,11 @@ import torch
 
 from ..runtime import LeanGenerator, StaticCacheGenerator, TokenGenerator, set_attention, unsupported_reason
 from ..runtime.hf_attention import resolve
+from .llamacpp import LlamaCppReport
 from .lmeval import lm_eval_wikitext
 from .perplexity import token_perplexity
 from .report import SchemeResult
-from .speed import PeakMemory, measure_speed, model_bytes, time_generation, timed
+from .speed import PeakMemory, measure_speed, model_bytes, time_generation, timed, weight_bytes_per_token
 
 METRICS = ("ppl", "word_ppl", "speed")
 BASELINE = "bf16"
@@ -115,7 +116,8 @@ def evaluate_schemes(
         gc.collect()
         with PeakMemory(device) as peak:
             quantized, seconds = quantized_copy(model, scheme, cfg, calib)
-            result = SchemeResult(scheme=scheme, model_bytes=model_bytes(quantized), quantize_s=seconds)
+            result = SchemeResult(scheme=scheme, model_bytes=model_bytes(quantized), quantize_s=seconds,
+                                  weight_bytes_per_token=weight_bytes_per_token(quantized))
             if cfg.export_gguf:
                 export_gguf_file(quantized, tokenizer, cfg, scheme if len(schemes) > 1 else None)
             runner = torch.compile(quantized) if cfg.compile else quantized
@@ -202,13 +204,13 @@ def resolve_runtime(cfg: EvalConfig, models: Sequence[torch.nn.Module]) -> tuple
 
 
 def speed_runner(model: torch.nn.Module, runtime: str, attention: str | None,
-                 max_cache_len: int) -> torch.nn.Module | TokenGenerator:
+                 max_cache_len: int, kv_bits: int | None = None) -> torch.nn.Module | TokenGenerator:
     """What the speed rounds time for ``model`` under :func:`resolve_runtime`'s answer: a
-    :class:`qcal.runtime.LeanGenerator` (``"lean"``), a compiled :class:`qcal.runtime.StaticCacheGenerator`
-    (``"compiled"``) using ``attention``, or the model itself (``"hf"``) switched to ``attention`` (None: left as
-    it is)."""
+    :class:`qcal.runtime.LeanGenerator` (``"lean"``; ``kv_bits`` 8 / 4: its quantized KV cache), a compiled
+    :class:`qcal.runtime.StaticCacheGenerator` (``"compiled"``) using ``attention``, or the model itself (``"hf"``)
+    switched to ``attention`` (None: left as it is)."""
     if runtime == "lean":
-        return LeanGenerator(model, max_cache_len)
+        return LeanGenerator(model, max_cache_len, kv_bits=kv_bits)
     if runtime == "compiled":
         return StaticCacheGenerator(model, max_cache_len, attn_implementation=attention)
     if runtime == "hf":
@@ -226,7 +228,8 @@ def _add_speed(
         baseline, _ = quantized_copy(model, BASELINE, cfg, None)
         models = {BASELINE: baseline} | models
     runtime, attention = resolve_runtime(cfg, list(models.values()))
-    runners = {name: speed_runner(m, runtime, attention, cfg.prefill_len + cfg.new_tokens)
+    kv_bits = {"int8": 8, "int4": 4}.get(cfg.kv_cache)
+    runners = {name: speed_runner(m, runtime, attention, cfg.prefill_len + cfg.new_tokens, kv_bits)
                for name, m in models.items()}
     speeds = measure_speed(
         runners, vocab_size=model.get_input_embeddings().num_embeddings, prefill_len=cfg.prefill_len,
@@ -239,3 +242,33 @@ def _add_speed(
         result.prefill_ratio = speed.prefill_tok_s / base.prefill_tok_s
         result.decode_ratio = speed.decode_tok_s / base.decode_tok_s
         result.speed_runtime, result.speed_attention = runtime, attention
+        result.decode_gb_s = decode_bandwidth(result.weight_bytes_per_token, speed.decode_tok_s)
+
+
+def decode_bandwidth(weight_bytes: int | None, decode_tok_s: float | None) -> float | None:
+    """Achieved weight bandwidth of decoding in GB/s (10^9 bytes/s): weight bytes per token x tokens/s."""
+    if weight_bytes is None or decode_tok_s is None or decode_tok_s != decode_tok_s:  # NaN: nothing decoded
+        return None
+    return weight_bytes * decode_tok_s / 1e9
+
+
+def add_stream_bandwidth(results: Sequence[SchemeResult], stream: dict[str, float]) -> None:
+    """Attach the machine's STREAM-like read bandwidth (``stream["read"]``) and each scheme's fraction of it."""
+    for result in results:
+        result.stream_read_gb_s = stream["read"]
+        if result.decode_gb_s is not None:
+            result.stream_fraction = result.decode_gb_s / stream["read"]
+
+
+def add_llamacpp(results: Sequence[SchemeResult], report: LlamaCppReport | None) -> None:
+    """Attach llama.cpp's row of the same weight type to each scheme's result, with qcal decode / llama.cpp decode."""
+    if report is None:
+        return
+    for result in results:
+        row = report.row_for(result.scheme)
+        if row is None:
+            continue
+        result.llamacpp_type, result.llamacpp_build = row.type, row.build
+        result.llamacpp_prefill_tok_s, result.llamacpp_decode_tok_s = row.prefill_tok_s, row.decode_tok_s
+        if result.decode_tok_s is not None and row.decode_tok_s:
+            result.decode_vs_llamacpp = result.decode_tok_s / row.decode_tok_s

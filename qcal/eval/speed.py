@@ -1,7 +1,9 @@
-"""Speed and size: prefill/decode tokens per second (models timed alternately), model bytes, peak memory."""
+"""Speed and size: prefill/decode tokens per second (models timed alternately), model bytes, weight bytes read
+per decoded token, peak memory, and the machine's streaming memory bandwidth."""
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 import time
@@ -43,6 +45,32 @@ def model_bytes(model: torch.nn.Module) -> int:
         for storage in _tensor_storages(t):
             seen[(str(storage.device), storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoded token reads: every parameter once, the input embedding table one row.
+
+    Quantized modules count their canonical state as :func:`qcal.explain.module_rows` reports it (integer weights,
+    scales, zero points, bias); float modules their parameters' bytes, a parameter shared by several modules once.
+    The input embedding is a lookup (one row per token), but an output head tied to it reads the whole table.
+    """
+    from ..explain import module_rows
+    from ..quantize import quantized_modules
+
+    quantized = {row["name"]: row["bytes"] for row in module_rows(model)}
+    skip = {name for name, _ in quantized_modules(model)}
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    total, seen = sum(quantized.values()), set()
+    for name, module in model.named_modules():
+        if name in skip or any(name.startswith(q + ".") for q in skip):
+            continue
+        for param in module.parameters(recurse=False):
+            if module is embedding and param is getattr(module, "weight", None):
+                total += math.prod(param.shape[1:]) * param.element_size()  # one row
+            elif id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel() * param.element_size()
+    return total
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -187,3 +215,41 @@ def timed() -> Iterator[list[float]]:
         yield box
     finally:
         box.append(time.perf_counter() - start)
+
+
+STREAM_BYTES = {"copy": 2, "scale": 2, "add": 3, "triad": 3, "read": 1}  # arrays each kernel moves, as STREAM counts
+
+
+@torch.no_grad()
+def stream_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> dict[str, float]:
+    """STREAM-like memory bandwidth in GB/s (10^9 bytes/s) per kernel, best of ``repeats``, on ``threads`` threads.
+
+    Kernels over float32 arrays of ``mib`` MiB each (pick far more than the caches): copy ``c = a``, scale
+    ``b = s*c``, add ``c = a + b``, triad ``a = b + s*c`` and read (``a . a``: a dot product reading ``a`` once);
+    bytes counted as STREAM does (2, 2, 3, 3 and 1 arrays; no write-allocate traffic). torch's thread count is
+    restored afterwards.
+    """
+    if threads <= 0 or mib <= 0 or repeats <= 0:
+        raise ValueError(f"threads, mib and repeats must be positive, got {threads}, {mib}, {repeats}")
+    n = mib * 2**20 // 4
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b, c = (torch.full((n,), v, dtype=torch.float32) for v in (1.0, 2.0, 0.0))  # filled: pages touched
+        s = math.sqrt(2) - 1  # a round of the four kernels then leaves a unchanged: (2s + s^2) a = a
+        kernels = {
+            "copy": lambda: c.copy_(a),
+            "scale": lambda: torch.mul(c, s, out=b),
+            "add": lambda: torch.add(a, b, out=c),
+            "triad": lambda: torch.add(b, c, alpha=s, out=a),
+            "read": lambda: torch.dot(a, a),  # one array read, both operands from it
+        }
+        best = dict.fromkeys(kernels, float("inf"))
+        for _ in range(repeats):
+            for name, kernel in kernels.items():
+                start = time.perf_counter()
+                kernel()
+                best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    return {name: STREAM_BYTES[name] * n * 4 / seconds / 1e9 for name, seconds in best.items()}
