@@ -168,12 +168,16 @@ def test_small_input_convolutions_stay_on_the_reference(native_kernels):
     assert q[0].kernel.name == "reference"
 
 
-def test_weight_only_int8_conv_is_the_reference_bit_for_bit(native_kernels):
-    model = _conv(groups=2, cin=64).bfloat16()
-    qcal.quantize(model, weights=qcal.qint8)
+@pytest.mark.parametrize("scheme", ["int8", "int4-96", "int4-32-sym"])
+def test_weight_only_conv_is_the_reference_bit_for_bit(native_kernels, scheme):
+    model = _conv(groups=2, cin=64).bfloat16()  # 32 x 3 x 3 = 288 inputs an output
+    bits, *rest = scheme.split("-")
+    kw = dict(weights=qcal.qint8) if bits == "int8" else dict(weights=qcal.qint4, group_size=int(rest[0]),
+                                                                symmetric="sym" in rest)
+    qcal.quantize(model, **kw)
     qcal.freeze(model)
     m = model[0]
-    assert m.kernel.name == "cpu_int8wo_conv2d"
+    assert m.kernel.name == "cpu_weight_only_conv2d"
     x = torch.randn(2, 64, 10, 10).bfloat16()
     with torch.no_grad():
         assert torch.equal(model(x), m.frozen_forward_reference(x))

@@ -12,10 +12,10 @@ Inputs it does not take (traced under ``torch.compile``, not bf16/float32, unbat
 NaN) run the reference path. Layers of fewer than 64 inputs per output (``in_channels / groups * kh * kw``, e.g. a
 latent's 4-channel input convolution) stay on the reference: oneDNN's int8 convolution is slower there than bf16.
 
-Weight-only int8 convolutions (``int8wo``) dequantize the weight to bf16 in one native pass per call (the same
-numbers as the reference's dequantization) and run PyTorch's bf16 convolution: the weight stays int8 in memory, the
-convolution's arithmetic is bf16's. Channels-last inputs are the fast layout for both (``model.to(
-memory_format=torch.channels_last)``); an NCHW input is converted (the int8 codes, or by PyTorch).
+Weight-only int8 and int4 convolutions (``int8wo``, ``int4wo-<g>``) dequantize the weight to bf16 in one native
+pass per call (the same numbers as the reference's dequantization) and run PyTorch's bf16 convolution: the weight
+stays int8 / int4 in memory, the convolution's arithmetic is bf16's. Channels-last inputs are the fast layout for
+both (``model.to(memory_format=torch.channels_last)``); an NCHW input is converted (the int8 codes, or by PyTorch).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..qtypes import qint8
+from ..qtypes import qint4, qint8
 from . import Kernel, Opaque, native
 
-__all__ = ["Int8Conv2d", "Int8WeightOnlyConv2d", "CONV_KERNELS", "onednn_int8_conv_available"]
+__all__ = ["Int8Conv2d", "WeightOnlyConv2d", "CONV_KERNELS", "onednn_int8_conv_available"]
 
 _ZP = 128  # uint8 codes = int8 codes + 128
 _MIN_INPUTS = 64  # inputs per output below which the int8 convolution loses to bf16 (measured: 4 x 3 x 3 = 36)
@@ -103,32 +103,42 @@ class Int8Conv2d(Kernel):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-class Int8WeightOnlyConv2d(Kernel):
-    """Weight-only int8 ``Conv2d``: one-pass native dequantization to bf16, then PyTorch's convolution."""
+def _dequant_conv_weight(m) -> torch.Tensor | None:
+    """The bf16 weight of a frozen weight-only convolution in one native pass (int8 per channel, int4 in groups of
+    a multiple of 32), the reference's numbers; None where no native pass applies."""
+    qt = m.weight_spec.qtype
+    if qt == qint8 and m.weight_zero_point is None and m.weight_scale.shape[1] == 1:
+        return native.dequant_int8(m.qweight, m.weight_scale)
+    if qt == qint4:
+        return native.dequant_int4(m.qweight, m.weight_scale, m.weight_zero_point)
+    return None
 
-    name = "cpu_int8wo_conv2d"
+
+class WeightOnlyConv2d(Kernel):
+    """Weight-only int8 / int4 ``Conv2d``: one-pass native dequantization to bf16, then PyTorch's convolution (the
+    weight stays int8 / int4 in memory)."""
+
+    name = "cpu_weight_only_conv2d"
 
     def supports(self, m) -> bool:
         w = m.weight_spec
-        return (isinstance(m, nn.Conv2d) and getattr(m, "frozen", False) and w is not None and w.qtype == qint8
+        return (isinstance(m, nn.Conv2d) and getattr(m, "frozen", False) and w is not None
                 and m.act_spec is None and getattr(m, "qweight", None) is not None
-                and m.qweight.device.type == "cpu" and m.qweight.is_contiguous() and m.weight_zero_point is None
-                and m.weight_scale.shape[1] == 1 and native.available())
-
-    def prepare(self, m) -> None:
-        m.register_buffer("_k_ws", m.weight_scale.reshape(-1).float().contiguous(), persistent=False)
+                and m.qweight.device.type == "cpu" and m.qweight.is_contiguous() and native.available()
+                and (w.qtype == qint8 and m.weight_zero_point is None and m.weight_scale.shape[1] == 1
+                     or w.qtype == qint4 and (m.weight_2d_cols // m.weight_scale.shape[1]) % 32 == 0))
 
     @property
     def dispatch(self) -> str:
-        return "bf16: qcal int8 -> bf16 dequant + bf16 conv; else dequant + float conv"
+        return "bf16: qcal one-pass dequant + bf16 conv; else dequant + float conv"
 
     def __call__(self, m, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        w = None
+        if not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            w = _dequant_conv_weight(m)
+        if w is None:
             return m.frozen_forward_reference(x)
-        w = torch.ops.qcal.dequant_w8(m.qweight, m._buffers["_k_ws"]).view(m.weight_shape)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            w = w.contiguous(memory_format=torch.channels_last)  # oneDNN's reorder of an NCHW weight is slower
-        return m.float_forward(x, w)
+        return m.float_forward(x, w.view(m.weight_shape))  # a channels-last input gets a channels-last weight
 
 
-CONV_KERNELS = [Int8Conv2d(), Int8WeightOnlyConv2d()]
+CONV_KERNELS = [Int8Conv2d(), WeightOnlyConv2d()]

@@ -17,4 +17,6 @@ class QConv2d(QModuleMixin, nn.Conv2d):
     _per_token_ok = False
 
     def float_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            weight = weight.contiguous(memory_format=torch.channels_last)  # mixed layouts take a slow path
         return self._conv_forward(x, weight, self.bias)

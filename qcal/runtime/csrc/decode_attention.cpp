@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include <type_traits>
+
 #include "bf16.h"
 #include "ops.h"
 #include "vexp.h"
@@ -41,34 +43,44 @@ static inline __m512 sum16(const __m512 *v) {
 }
 
 // Row readers: at(h) is head h's reader; block(b0, nb, D, scratch) a BlockRows over positions [b0, b0 + nb): the
-// cache itself for bf16, the rows dequantized once into `scratch` (nb x D bf16, the values kv_dequant writes) for a
-// quantized cache, so that the G query heads sharing the KV head read them from L1 instead of dequantizing G times.
-struct BlockRows {
-    const uint16_t *p;
+// cache itself for bf16, the rows dequantized once into `scratch` (nb x D fp32 holding the bf16 values kv_dequant
+// writes) for a quantized cache, so that the G query heads sharing the KV head read them from L1 without
+// dequantizing or widening them G times.
+template <typename E> struct BlockRows {
+    const E *p;
     int64_t rs, base;
-    __m512 load(int64_t j, int64_t t) const { return qcal_load_bf16(p + (j - base) * rs + 16 * t); }
+    __m512 load(int64_t j, int64_t t) const {
+        if constexpr (sizeof(E) == 2) return qcal_load_bf16(p + (j - base) * rs + 16 * t);
+        else return _mm512_loadu_ps(p + (j - base) * rs + 16 * t);
+    }
 };
 
 struct Bf16Rows {
+    using Elem = uint16_t;
+    static constexpr int64_t BLK = QCAL_ATTN_BLOCK;
     const uint16_t *p;
     int64_t hs, rs;
     Bf16Rows at(int64_t h) const { return {p + h * hs, hs, rs}; }
-    BlockRows block(int64_t, int64_t, int64_t, uint16_t *) const { return {p, rs, 0}; }
+    BlockRows<uint16_t> block(int64_t, int64_t, int64_t, uint16_t *) const { return {p, rs, 0}; }
 };
 
 static inline __m512 half_bcast(uint16_t h) { return _mm512_cvtph_ps(_mm256_set1_epi16((short)h)); }
 
-template <int BITS> struct QuantRows {  // codes (hs, rs bytes), scale / minimum float16 (ghs, grs), groups of g
+// F32: the block's rows as fp32 holding bf16 values, so that the G > 1 heads' loads need no widening (blocks of 32
+// positions: K and V stay in L1); else as bf16 (one head reads each row once).
+template <int BITS, bool F32> struct QuantRows {  // codes (hs, rs bytes), scale / minimum float16 (ghs, grs), groups
+    using Elem = std::conditional_t<F32, float, uint16_t>;
+    static constexpr int64_t BLK = F32 ? QCAL_ATTN_BLOCK / 4 : QCAL_ATTN_BLOCK;
     const uint8_t *c;
     const uint16_t *s, *mn;
     int64_t hs, rs, ghs, grs, g;
     QuantRows at(int64_t h) const { return {c + h * hs, s + h * ghs, mn + h * ghs, hs, rs, ghs, grs, g}; }
-    BlockRows block(int64_t b0, int64_t nb, int64_t D, uint16_t *scratch) const {
+    BlockRows<Elem> block(int64_t b0, int64_t nb, int64_t D, Elem *scratch) const {
         const __m128i nib = _mm_set1_epi8(0x0F);
         for (int64_t i = 0; i < nb; i++) {
             const int64_t j = b0 + i;
             const uint8_t *cr = c + j * rs;
-            uint16_t *out = scratch + i * D;
+            Elem *out = scratch + i * D;
             for (int64_t grp = 0; grp < D / g; grp++) {  // one broadcast of the scale and minimum a group
                 const __m512 sv = half_bcast(s[j * grs + grp]), mv = half_bcast(mn[j * grs + grp]);
                 for (int64_t t = grp * g / 16; t < (grp + 1) * g / 16; t++) {
@@ -80,7 +92,10 @@ template <int BITS> struct QuantRows {  // codes (hs, rs bytes), scale / minimum
                         b = _mm_unpacklo_epi8(_mm_and_si128(raw, nib), _mm_and_si128(_mm_srli_epi16(raw, 4), nib));
                     }
                     const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), sv), mv);
-                    _mm256_storeu_si256((__m256i *)(out + 16 * t), (__m256i)_mm512_cvtneps_pbh(y));
+                    if constexpr (F32)
+                        _mm512_storeu_ps(out + 16 * t, qcal_round_bf16(y));
+                    else
+                        _mm256_storeu_si256((__m256i *)(out + 16 * t), (__m256i)_mm512_cvtneps_pbh(y));
                 }
             }
         }
@@ -101,14 +116,15 @@ static inline __attribute__((always_inline)) void attend_slice(
         for (int64_t t = 0; t < T; t++) _mm512_storeu_ps(acc + r * D + 16 * t, _mm512_setzero_ps());
     }
     float s[QCAL_ATTN_MAX_G][QCAL_ATTN_BLOCK] __attribute__((aligned(64)));
-    for (int64_t b0 = j0; b0 < j1; b0 += QCAL_ATTN_BLOCK) {
-        const int64_t nb = (j1 - b0) < QCAL_ATTN_BLOCK ? (j1 - b0) : QCAL_ATTN_BLOCK;
+    constexpr int64_t BLK = KR::BLK;
+    for (int64_t b0 = j0; b0 < j1; b0 += BLK) {
+        const int64_t nb = (j1 - b0) < BLK ? (j1 - b0) : BLK;
         int any = 0;
         for (int64_t i = 0; i < nb && !any; i++) any = !mask || mask[b0 + i];
         if (!any) continue;
-        uint16_t kbuf[QCAL_ATTN_BLOCK * QCAL_ATTN_MAX_D] __attribute__((aligned(64)));
-        uint16_t vbuf[QCAL_ATTN_BLOCK * QCAL_ATTN_MAX_D] __attribute__((aligned(64)));
-        const BlockRows kh = k_rows.block(b0, nb, D, kbuf), vh = v_rows.block(b0, nb, D, vbuf);
+        typename KR::Elem kbuf[KR::BLK * QCAL_ATTN_MAX_D] __attribute__((aligned(64)));
+        typename VR::Elem vbuf[VR::BLK * QCAL_ATTN_MAX_D] __attribute__((aligned(64)));
+        const auto kh = k_rows.block(b0, nb, D, kbuf), vh = v_rows.block(b0, nb, D, vbuf);
         for (int64_t r = 0; r < G; r++) {  // scores of head r: the block's keys stay in L1 across heads
             __m512 qr[QCAL_ATTN_MAX_D / 16];
             for (int64_t t = 0; t < T; t++) qr[t] = _mm512_mul_ps(qcal_load_bf16(q + r * D + 16 * t), _mm512_set1_ps(scale));
@@ -305,10 +321,15 @@ static at::Tensor decode_attention_kv(const at::Tensor &q, const at::Tensor &kc,
         return decltype(tag){qcal::in<uint8_t>(c), qcal::in<uint16_t>(s), qcal::in<uint16_t>(mn), c.stride(1),
                              c.stride(2), s.stride(1), s.stride(2), g};
     };
-    if (bits == 8)
-        run(rows(QuantRows<8>{}, kc, ks, km), rows(QuantRows<8>{}, vc, vs, vm));
+    const bool shared = hq > hkv;  // grouped heads read each dequantized row several times
+    if (bits == 8 && shared)
+        run(rows(QuantRows<8, true>{}, kc, ks, km), rows(QuantRows<8, true>{}, vc, vs, vm));
+    else if (bits == 8)
+        run(rows(QuantRows<8, false>{}, kc, ks, km), rows(QuantRows<8, false>{}, vc, vs, vm));
+    else if (shared)
+        run(rows(QuantRows<4, true>{}, kc, ks, km), rows(QuantRows<4, true>{}, vc, vs, vm));
     else
-        run(rows(QuantRows<4>{}, kc, ks, km), rows(QuantRows<4>{}, vc, vs, vm));
+        run(rows(QuantRows<4, false>{}, kc, ks, km), rows(QuantRows<4, false>{}, vc, vs, vm));
     return o;
 }
 
