@@ -165,6 +165,7 @@ def quantize(
         if any(name.startswith(n + ".") for n, _ in replacements):
             continue
         replacements.append((name, qcls.from_module(module, name, wspec, aspec)))
+    module = None  # the swapped-out float modules are referenced by nothing here (freeze=True frees their weights)
     if not replacements:
         warnings.warn("quantize: no module matched; nothing was quantized", stacklevel=2)
     if freeze:  # as freeze() refuses: a weight still on the meta device has no values
@@ -172,13 +173,12 @@ def quantize(
         if meta is not None:
             raise ValueError(f"quantize: module {meta!r} has its weight on the meta device (no values to quantize); "
                              f"load the weights first, or quantize without freeze=True")
-    for i, (name, q) in enumerate(replacements):
+    for name, q in replacements:
         if device is not None:
             q.to(device)
         set_module(model, name, q)
-        if freeze:
+        if freeze:  # the float weight goes with it: the float module it was swapped for is no longer referenced
             q.freeze()
-        replacements[i] = (name, None)  # the float module is released as soon as it is done
     if device is not None:
         model.to(device)
     attach_to_transformers(model)
