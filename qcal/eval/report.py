@@ -93,15 +93,21 @@ def format_table(results: list[SchemeResult], baseline: str = "bf16", llamacpp: 
         cells = (row.label, "-", "-", _fmt(row.prefill_tok_s, ".1f"), _fmt(row.decode_tok_s, ".2f"), "-", "-",
                  _mib(row.file_bytes))
         rows.append(cells + ("-",) * (len(header) - len(cells)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    def line(row: tuple[str, ...]) -> str:
-        cells = zip(row, widths, strict=True)
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+    rules = (1 + len(results),) if llamacpp is not None and llamacpp.rows else ()  # above the llama.cpp rows
+    return _render(rows, left=1, rules=rules)
 
-    lines = [line(row) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    if llamacpp is not None and llamacpp.rows:
-        lines.insert(len(results) + 2, "  ".join("-" * w for w in widths))
+
+def _render(rows: list[tuple[str, ...]], left: int, rules: tuple[int, ...] = ()) -> str:
+    """Fixed-width text of ``rows`` (the first is the header, ruled below): the first ``left`` columns left-aligned,
+    the others right-aligned; a rule also above each row index in ``rules``."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    rule = "  ".join("-" * w for w in widths)
+    lines = []
+    for k, row in enumerate(rows):
+        if k == 1 or k in rules:
+            lines.append(rule)
+        lines.append("  ".join(c.ljust(w) if i < left else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths, strict=True))))
     return "\n".join(lines)
 
 
@@ -114,11 +120,7 @@ def format_llamacpp_ratios(results: list[SchemeResult]) -> str:
     rows = [header] + [(r.scheme, r.llamacpp_type or "-", _fmt(r.decode_tok_s, ".2f"),
                         _fmt(r.llamacpp_decode_tok_s, ".2f"), _fmt(r.decode_vs_llamacpp, ".2f", "x"))
                        for r in matched]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _render(rows, left=2)
 
 
 def format_stream_line(results: list[SchemeResult], stream: dict[str, float], threads: int) -> str:

@@ -15,17 +15,12 @@
 #include <cmath>
 #include <tuple>
 
+#include "bf16.h"
 #include "ops.h"
 
 static inline __m512 load16(const void *x, bool bf16, int64_t i, __mmask16 k) {
-    if (bf16) {
-        const __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)x + i);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_maskz_loadu_ps(k, (const float *)x + i);
+    return bf16 ? qcal_load_bf16_masked((const uint16_t *)x + i, k) : _mm512_maskz_loadu_ps(k, (const float *)x + i);
 }
-
-static inline __mmask16 tail(int64_t n, int64_t i) { return n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1); }
 
 /* min and max of x (NaN seen -> *nan = 1); n > 0 */
 static void minmax(const void *x, bool bf16, int64_t n, float *mn, float *mx, int *nan, int nthreads) {
@@ -37,7 +32,7 @@ static void minmax(const void *x, bool bf16, int64_t n, float *mn, float *mx, in
         __mmask16 unord = 0;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n; i += 16) {
-            const __mmask16 k = tail(n, i);
+            const __mmask16 k = qcal_tail16(n - i);
             const __m512 v = load16(x, bf16, i, k);
             unord |= _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q);
             vlo = _mm512_mask_min_ps(vlo, k, vlo, v);
@@ -59,7 +54,7 @@ static int quantize(const void *x, bool bf16, int64_t n, float s, uint8_t *q, in
     const __m512i off = _mm512_set1_epi32(128);
 #pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static) reduction(| : bad)
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 k = tail(n, i);
+        const __mmask16 k = qcal_tail16(n - i);
         const __m512 v = _mm512_div_ps(load16(x, bf16, i, k), sv);
         bad |= _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q) != 0;
         const __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -23,6 +23,9 @@ static inline __mmask16 qcal_tail16(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
 }
 
+/* A float16 bit pattern broadcast to 16 fp32 lanes (exact). */
+static inline __m512 qcal_half_broadcast(uint16_t h) { return _mm512_cvtph_ps(_mm256_set1_epi16((short)h)); }
+
 /* 16 bf16 bit patterns as fp32 (exact). */
 static inline __m512 qcal_bf16x16_to_ps(__m256i b) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "bf16.h"
 #include "ops.h"
 
 static int dequant(const uint8_t *u, const float *s, const float *zp, uint16_t *w, int64_t N, int64_t K,
@@ -40,7 +41,7 @@ static void dequant8(const int8_t *q, const float *s, uint16_t *w, int64_t N, in
     for (int64_t n = 0; n < N; n++) {
         const __m512 sv = _mm512_set1_ps(s[n]);
         for (int64_t k = 0; k < K; k += 16) {
-            const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __mmask16 m = qcal_tail16(K - k);
             const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + n * K + k)));
             _mm256_mask_storeu_epi16(w + n * K + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, sv)));
         }

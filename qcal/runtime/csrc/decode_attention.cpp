@@ -64,8 +64,6 @@ struct Bf16Rows {
     BlockRows<uint16_t> block(int64_t, int64_t, int64_t, uint16_t *) const { return {p, rs, 0}; }
 };
 
-static inline __m512 half_bcast(uint16_t h) { return _mm512_cvtph_ps(_mm256_set1_epi16((short)h)); }
-
 // F32: the block's rows as fp32 holding bf16 values, so that the G > 1 heads' loads need no widening (blocks of 32
 // positions: K and V stay in L1); else as bf16 (one head reads each row once).
 template <int BITS, bool F32> struct QuantRows {  // codes (hs, rs bytes), scale / minimum float16 (ghs, grs), groups
@@ -82,7 +80,8 @@ template <int BITS, bool F32> struct QuantRows {  // codes (hs, rs bytes), scale
             const uint8_t *cr = c + j * rs;
             Elem *out = scratch + i * D;
             for (int64_t grp = 0; grp < D / g; grp++) {  // one broadcast of the scale and minimum a group
-                const __m512 sv = half_bcast(s[j * grs + grp]), mv = half_bcast(mn[j * grs + grp]);
+                const __m512 sv = qcal_half_broadcast(s[j * grs + grp]);
+                const __m512 mv = qcal_half_broadcast(mn[j * grs + grp]);
                 for (int64_t t = grp * g / 16; t < (grp + 1) * g / 16; t++) {
                     __m128i b;
                     if (BITS == 8) {

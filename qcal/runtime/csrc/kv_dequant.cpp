@@ -10,15 +10,13 @@
 #include "bf16.h"
 #include "ops.h"
 
-// A float16 bit pattern broadcast to 16 fp32 lanes (AVX512F's conversion, exact).
-static inline __m512 half_broadcast(uint16_t h) { return _mm512_cvtph_ps(_mm256_set1_epi16((short)h)); }
 
 static void kv_dequant_row(const uint8_t *c, const uint16_t *s, const uint16_t *mn, uint16_t *y, int64_t d,
                            int64_t g, int bits) {
     const __m128i nibble = _mm_set1_epi8(0x0F);
     for (int64_t grp = 0; grp < d / g; grp++) {
-        const __m512 vs = half_broadcast(s[grp]);
-        const __m512 vm = half_broadcast(mn[grp]);
+        const __m512 vs = qcal_half_broadcast(s[grp]);
+        const __m512 vm = qcal_half_broadcast(mn[grp]);
         const int64_t end = (grp + 1) * g;
         for (int64_t j = grp * g; j < end; j += 16) {
             const int64_t left = end - j;
