@@ -85,6 +85,44 @@ def test_prefill_attention_matches_fp32_causal_sdpa(n, heads, kv_heads, d, start
 
 
 @needs_native
+@pytest.mark.parametrize("hq,hkv,d,pos", [(9, 3, 64, 0), (9, 3, 64, 37), (4, 4, 32, 5), (8, 2, 128, 200)])
+def test_decode_step_attention_is_rope_stores_and_decode_attention(hq, hkv, d, pos):
+    """The fused decode step: bit for bit rope_store (query, key into the cache, value copy) + decode_attention."""
+    length = 256
+    q, k, v = _bf16(1, hq * d, seed=1), _bf16(1, hkv * d, seed=2), _bf16(1, hkv * d, seed=3)
+    cos, sin = _bf16(length, d, seed=4), _bf16(length, d, seed=5)
+    kc, vc = _bf16(hkv, length, d, seed=6), _bf16(hkv, length, d, seed=7)
+    kc2, vc2, q2 = kc.clone(), vc.clone(), q.clone()
+    out = torch.ops.qcal.decode_step_attention(q, k, v, kc, vc, pos, cos, sin, d ** -0.5)
+    qh = q2.view(1, hq, d)
+    ops.rope_store(qh, qh, cos[pos:pos + 1], sin[pos:pos + 1])
+    ops.rope_store(k.view(1, hkv, d), kc2.transpose(0, 1)[pos:pos + 1], cos[pos:pos + 1], sin[pos:pos + 1])
+    ops.rope_store(v.view(1, hkv, d), vc2.transpose(0, 1)[pos:pos + 1], None, None)
+    ref = ops.decode_attention(q2.view(1, hq, 1, d), kc2[None, :, :pos + 1], vc2[None, :, :pos + 1], None, d ** -0.5)
+    assert torch.equal(q, q2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)  # cache rows beyond pos untouched
+    assert out.shape == (1, hq * d) and torch.equal(out, ref.view(1, hq * d))
+
+
+@needs_native
+def test_decode_step_attention_refuses_bad_arguments():
+    q, k, cos = _bf16(1, 9 * 64), _bf16(1, 3 * 64), _bf16(16, 64)
+    kc = torch.zeros(3, 16, 64, dtype=torch.bfloat16)
+    step = torch.ops.qcal.decode_step_attention
+    with pytest.raises(ValueError, match="pos 16 is outside"):
+        step(q, k, k, kc, kc.clone(), 16, cos, cos, 0.1)
+    with pytest.raises(ValueError, match="k must be"):
+        step(q, k[:, :96].contiguous(), k, kc, kc.clone(), 0, cos, cos, 0.1)
+    with pytest.raises(ValueError, match="q must be"):
+        step(q[:, :100].contiguous(), k, k, kc, kc.clone(), 0, cos, cos, 0.1)
+    with pytest.raises(ValueError, match="cos and sin"):
+        step(q, k, k, kc, kc.clone(), 3, cos[:3].contiguous(), cos[:3].contiguous(), 0.1)
+    with pytest.raises(ValueError, match="k_cache and v_cache"):
+        step(q, k, k, kc, kc[:, :8].contiguous(), 0, cos, cos, 0.1)
+    with pytest.raises(TypeError, match="bf16 CPU"):
+        step(q.float(), k, k, kc, kc.clone(), 0, cos, cos, 0.1)
+
+
+@needs_native
 def test_elementwise_kernels_reject_bad_arguments():
     x = _bf16(2, 64)
     with pytest.raises(TypeError, match="add_rmsnorm: x"):

@@ -44,8 +44,10 @@ value = lambda flag: argv[argv.index(flag) + 1]
 speed = {{"BF16": 100.0, "Q8_0": 200.0, "Q4_0": 300.0}}[value("-m").rsplit("-", 1)[1].removesuffix(".gguf")]
 common = {{"build_commit": "b11434", "build_number": 11434, "cpu_info": "fake CPU", "model_filename": value("-m"),
           "n_threads": int(value("-t"))}}
-tests = [dict(common, n_prompt=int(value("-p")), n_gen=0, avg_ts=10 * speed, stddev_ts=1.0),
-         dict(common, n_prompt=0, n_gen=int(value("-n")), avg_ts=speed, stddev_ts=0.5)]
+# every test at every depth of -d; a deeper context decodes slower
+tests = [t for d in map(int, value("-d").split(",")) for t in (
+    dict(common, n_prompt=int(value("-p")), n_gen=0, n_depth=d, avg_ts=10 * speed - d, stddev_ts=1.0),
+    dict(common, n_prompt=0, n_gen=int(value("-n")), n_depth=d, avg_ts=speed - d / 100, stddev_ts=0.5))]
 print(json.dumps(tests, indent=2))
 """
 
@@ -91,11 +93,12 @@ def test_rows_from_fake_tools(tools, gguf, tmp_path):
                           prefill_len=32, new_tokens=8, repeats=2, workdir=tmp_path / "work")
     assert [(r.label, r.schemes) for r in report.rows] == [
         ("llama.cpp BF16", ["bf16"]), ("llama.cpp Q8_0", ["int8wo"]), ("llama.cpp Q4_0", ["int4wo-64", "8da4w-32"])]
-    assert [(r.prefill_tok_s, r.decode_tok_s) for r in report.rows] == [(1000.0, 100.0), (2000.0, 200.0),
-                                                                       (3000.0, 300.0)]
+    # prefill on an empty context, decode at the depth of the prompt (the fake slows by depth / 100)
+    assert [(r.prefill_tok_s, r.decode_tok_s) for r in report.rows] == [(1000.0, 99.68), (2000.0, 199.68),
+                                                                       (3000.0, 299.68)]
     assert all(r.build == "b11434 (11434)" and r.file_bytes == 1024 and r.note is None for r in report.rows)
     assert report.notes == ["no llama.cpp counterpart for fp32"]
-    assert "b11434 (11434)" in report.footer() and "-t 2 -p 32 -n 8 -r 2" in report.footer()
+    assert "b11434 (11434)" in report.footer() and "-t 2 -p 32 -n 8 -d 0,32 -r 2" in report.footer()
 
     calls = _calls(log)
     quantize = [c for c in calls if c[0] == "llama-quantize"]  # one file per type, Q4_0 made once for two schemes
@@ -105,13 +108,13 @@ def test_rows_from_fake_tools(tools, gguf, tmp_path):
     bench = [c for c in calls if c[0] == "llama-bench"]
     assert len(bench) == 3
     assert bench[0][1:] == ["-m", str(tmp_path / "work" / "model.Q4_1-BF16.gguf"), "-t", "2", "-p", "32", "-n", "8",
-                            "-r", "2", "-o", "json"]
+                            "-d", "0,32", "-r", "2", "-o", "json"]
 
 
 def test_default_workdir_is_removed(tools, gguf):
     folder, log = tools
     report = run_llamacpp(folder, str(gguf), ["int8wo"], threads=1, prefill_len=4, new_tokens=2)
-    assert report.rows[0].decode_tok_s == 200.0
+    assert report.rows[0].decode_tok_s == 199.96
     made = Path(_calls(log)[0][3])
     assert made.name == "model.Q4_1-Q8_0.gguf" and not made.parent.exists()
 
@@ -120,7 +123,7 @@ def test_crash_with_repacking_is_retried_without(tools, gguf, monkeypatch):
     folder, log = tools
     monkeypatch.setenv("FAKE_BENCH_CRASH", "1")
     (row,) = run_llamacpp(folder, str(gguf), ["int4wo-32"], threads=1, prefill_len=4, new_tokens=2).rows
-    assert row.decode_tok_s == 300.0
+    assert row.decode_tok_s == 299.96
     assert "exit 139" in row.note and "--repack 0" in row.note
     assert [c[-2:] for c in _calls(log) if c[0] == "llama-bench"] == [["-o", "json"], ["--repack", "0"]]
 
@@ -133,7 +136,7 @@ def test_nothing_runs_without_the_option(tools, gguf, monkeypatch):
     assert not log.exists()
     monkeypatch.setenv(ENV_VAR, str(folder))  # the environment variable stands in for the option
     report = run_llamacpp(None, str(gguf), ["bf16"], threads=1, prefill_len=4, new_tokens=2)
-    assert report.rows[0].decode_tok_s == 100.0
+    assert report.rows[0].decode_tok_s == 99.96
 
 
 def test_skip_notes(tools, gguf, tmp_path):
@@ -166,6 +169,9 @@ def test_parse_bench_rejects_garbage():
     parsed = parse_bench(json.dumps([{"n_prompt": 512, "n_gen": 0, "avg_ts": 5.0, "build_commit": "abc",
                                       "build_number": 1}]), 512, 64)
     assert parsed == {"prefill_tok_s": 5.0, "decode_tok_s": None, "build": "abc (1)"}
+    tests = [{"n_prompt": 512, "n_gen": 0, "n_depth": 512, "avg_ts": 4.0}, {"n_prompt": 0, "n_gen": 64, "avg_ts": 9.0},
+             {"n_prompt": 0, "n_gen": 64, "n_depth": 512, "avg_ts": 7.0}]  # without n_depth: an empty context
+    assert parse_bench(json.dumps(tests), 512, 64) == {"prefill_tok_s": None, "decode_tok_s": 7.0, "build": None}
 
 
 def test_builtin_model_is_the_gguf_handed_over():
@@ -253,3 +259,23 @@ def test_bandwidth_script(tmp_path, capsys):
     assert set(rows) == {1} and all(v > 0 for v in rows[1].values())
     assert "| threads | copy GB/s" in capsys.readouterr().out
     assert set(json.loads(out.read_text())["gb_s"]["1"]) == set(STREAM_BYTES)
+
+
+def test_llamacpp_comparison_table():
+    """benchmarks/bench_llamacpp.py's table: pp from the long run, decode from both, ratios and weight traffic."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_llamacpp", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_llamacpp.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    common = {"scheme": "int8wo", "llamacpp_type": "Q8_0", "llamacpp_build": "b1 (1)"}
+    long = [dict(common, prefill_tok_s=900.0, llamacpp_prefill_tok_s=300.0, decode_tok_s=50.0,
+                 llamacpp_decode_tok_s=40.0), {"scheme": "fp32", "prefill_tok_s": 100.0}]
+    short = [dict(common, decode_tok_s=60.0, llamacpp_decode_tok_s=80.0, decode_gb_s=8.0, stream_fraction=0.4,
+                  stream_read_gb_s=20.0)]
+    args = bench.argparse.Namespace(new_tokens=128, long=512, short=16, threads=2)
+    lines = bench.table(long, short, args).splitlines()
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 13
+    assert lines[2] == ("| int8wo | Q8_0 | 900.0 | 300.0 | 3.00x | 60.0 | 80.0 | 0.75x | 50.0 | 40.0 | 1.25x | "
+                        "8.0 (40%) |")
+    assert lines[3].startswith("| fp32 | - | 100.0 | - | - | - |")
+    assert "b1 (1)" in lines[-1] and "20.0 GB/s" in lines[-1]

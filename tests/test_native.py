@@ -257,6 +257,60 @@ def test_int8_weight_only_kernel_is_exact_on_integers(m, n, k):
     assert torch.equal(scaled, (exact.float() * 0.5).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("n,k", [(16, 32), (5, 70), (192, 576), (576, 1536), (3, 130)])
+def test_int8_digit_kernel_is_exact(m, n, k):
+    """The activations as fixed-point digits: integer inputs give the exact integer sums, and values spanning 2^15
+    of their row's largest give the exact dot product rounded once (float64 reference), K tails included."""
+    g = torch.Generator().manual_seed(7 * m + n)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    wsum = native.int8_row_sums(w)
+    x = torch.randint(-15, 16, (m, k), generator=g).to(torch.bfloat16)
+    exact = (x.long() @ w.long().t()).float().to(torch.bfloat16)
+    assert torch.equal(ops.w8a16_mm_vnni(x, w, wsum, torch.ones(n)), exact)
+    mag = torch.exp2(torch.randint(-14, 1, (m, k), generator=g).float())  # a dynamic range of 2^15
+    x = (torch.randn(m, k, generator=g) * mag * 3.0).to(torch.bfloat16)
+    ws = torch.rand(n, generator=g) * 0.02 + 1e-3
+    ref = ((x.double() @ w.double().t()) * ws.double()).float().to(torch.bfloat16)
+    assert torch.equal(ops.w8a16_mm_vnni(x, w, wsum, ws), ref)
+    # where bf16 widening (fp32 partial sums) rounds, the digit kernel's error is no larger
+    full = (x.double() @ w.double().t()) * ws.double()
+    widened = ops.w8a16_mm_small(x, w, ws).double()
+    assert (ref.double() - full).abs().max() <= (widened - full).abs().max() + 1e-12
+
+
+def test_int8_digit_kernel_tiny_values_nan_and_zero_rows():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
+    wsum, ws = native.int8_row_sums(w), torch.full((32,), 0.5)
+    x = torch.randn(4, 64, generator=g).to(torch.bfloat16)
+    x[0] = 0  # an all-zero row
+    x[1] *= 1e-38  # subnormal scale: the exponent of the fixed point goes past 127
+    x[2, 0] = 1e4  # a large outlier: the rest of the row is within 2^-23 of it at worst
+    got = ops.w8a16_mm_vnni(x, w, wsum, ws)
+    assert torch.equal(got[0], torch.zeros(32, dtype=torch.bfloat16))
+    full = (x.double() @ w.double().t()) * 0.5
+    # one bf16 rounding of the result, plus at most 2^-24 of the row's largest |x| per element rounded to the grid
+    bound = 2.0 ** -8 * full.abs() + 2.0 ** -24 * x.double().abs().amax(1, keepdim=True) * w.double().abs().sum(1) * 0.5
+    assert ((got.double() - full).abs() <= bound).all()
+    x[3, 5] = float("nan")  # a non-finite value: the bf16 kernel's IEEE semantics for the whole call
+    got = ops.w8a16_mm_vnni(x, w, wsum, ws)
+    assert torch.isnan(got[3]).all() and torch.equal(got[:3], ops.w8a16_mm_small(x, w, ws)[:3])
+    x[3, 5] = float("inf")
+    assert torch.equal(ops.w8a16_mm_vnni(x, w, wsum, ws), ops.w8a16_mm_small(x, w, ws))
+
+
+def test_int8_digit_kernel_refuses_bad_input():
+    w = torch.randint(-127, 128, (192, 576), dtype=torch.int8)
+    x = torch.randn(1, 576, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="w8a16_mm_vnni.*wsum"):
+        ops.w8a16_mm_vnni(x, w, torch.zeros(191, dtype=torch.int32), torch.ones(192))
+    with pytest.raises(TypeError, match="w8a16_mm_vnni.*wsum"):
+        ops.w8a16_mm_vnni(x, w, torch.zeros(192), torch.ones(192))
+    with pytest.raises(ValueError, match="w8a16_mm_vnni"):
+        ops.w8a16_mm_vnni(torch.randn(1, 575, dtype=torch.bfloat16), w, native.int8_row_sums(w), torch.ones(192))
+
+
 def test_int8wo_kernel_refuses_bad_input():
     w = torch.randint(-127, 128, (192, 576), dtype=torch.int8)
     with pytest.raises(TypeError, match="w8a16_mm_small"):

@@ -46,7 +46,8 @@ def test_native_operators_check_k():
     w8, ws = torch.zeros(32, 64, dtype=torch.int8), torch.ones(32)
     w4, sz = torch.zeros(32, 32, dtype=torch.uint8), torch.zeros(2, 2, 2, 16, dtype=torch.bfloat16)
     x = torch.zeros(2, 128, dtype=torch.bfloat16)
-    calls = [lambda: ops.w8a16_mm_small(x, w8, ws), lambda: ops.w8a8_mm_small(x, w8, native.int8_row_sums(w8), ws),
+    calls = [lambda: ops.w8a16_mm_small(x, w8, ws), lambda: ops.w8a16_mm_vnni(x, w8, native.int8_row_sums(w8), ws),
+             lambda: ops.w8a8_mm_small(x, w8, native.int8_row_sums(w8), ws),
              lambda: ops.w8a16_mm_panel(x, w8, ws), lambda: ops.w8a8_mm_panel(x, w8, native.int8_row_sums(w8), ws),
              lambda: ops.w4a16_mm_small(x, w4, sz, False, 32), lambda: ops.w4a8_mm(x, w4, sz, 32),
              lambda: ops.w4a16_mm_panel(x, w4, torch.ones(32, 2), None, 32)]

@@ -107,7 +107,10 @@ def gguf_source(model: str) -> tuple[Path | None, str | None]:
 
 
 def parse_bench(output: str, prefill_len: int, new_tokens: int) -> dict:
-    """Prefill and decode tokens/s (``avg_ts`` of the pp and tg tests) and the build from ``llama-bench -o json``."""
+    """Prefill and decode tokens/s and the build from ``llama-bench -o json``: the ``avg_ts`` of the pp test of
+    ``prefill_len`` tokens on an empty context and of the tg test of ``new_tokens`` at a context depth of
+    ``prefill_len`` (after a prompt of that length, as qcal's decode is timed); builds without ``n_depth`` in their
+    output ran every test on an empty context."""
     try:
         tests = json.loads(output)
     except json.JSONDecodeError as error:
@@ -116,9 +119,10 @@ def parse_bench(output: str, prefill_len: int, new_tokens: int) -> dict:
         raise ValueError("llama-bench printed no test results")
     result: dict = {"prefill_tok_s": None, "decode_tok_s": None}
     for test in tests:
-        if test.get("n_gen", 0) == 0 and test.get("n_prompt") == prefill_len:
+        depth = test.get("n_depth", 0)
+        if test.get("n_gen", 0) == 0 and test.get("n_prompt") == prefill_len and depth == 0:
             result["prefill_tok_s"] = float(test["avg_ts"])
-        elif test.get("n_prompt", 0) == 0 and test.get("n_gen") == new_tokens:
+        elif test.get("n_prompt", 0) == 0 and test.get("n_gen") == new_tokens and depth == prefill_len:
             result["decode_tok_s"] = float(test["avg_ts"])
     first = tests[0]
     commit, number = first.get("build_commit"), first.get("build_number")
@@ -172,13 +176,17 @@ def run_llamacpp(
 
     The GGUF ``model`` is requantized once per type with ``llama-quantize --allow-requantize SRC DST TYPE threads``
     into ``workdir`` (default: a temporary folder, removed afterwards), then timed with ``llama-bench -t threads
-    -p prefill_len -n new_tokens -r repeats -o json``. What cannot be done is reported in the notes, never raised.
+    -p prefill_len -n new_tokens -d 0,prefill_len -r repeats -o json``: prefill on an empty context, decode after
+    ``prefill_len`` tokens, as qcal's harness times them. What cannot be done is reported in the notes, never
+    raised.
     """
     folder = resolve_folder(folder)
     if folder is None:
         return None
     say = log or (lambda _msg: None)
-    report = LlamaCppReport(settings=f"-t {threads} -p {prefill_len} -n {new_tokens} -r {repeats}")
+    depths = f"0,{prefill_len}"
+    report = LlamaCppReport(settings=f"-t {threads} -p {prefill_len} -n {new_tokens} -d {depths} -r {repeats} "
+                                     f"(decode at depth {prefill_len})")
     reason = missing_tools(folder)
     if reason is not None:
         report.notes.append(f"{SKIPPED}: {reason}")
@@ -200,7 +208,7 @@ def run_llamacpp(
         return report
     report.source = src.name
     tools = Path(folder).expanduser()
-    bench_args = ["-t", str(threads), "-p", str(prefill_len), "-n", str(new_tokens), "-r", str(repeats)]
+    bench_args = ["-t", str(threads), "-p", str(prefill_len), "-n", str(new_tokens), "-d", depths, "-r", str(repeats)]
     with tempfile.TemporaryDirectory(prefix="qcal-llamacpp-") as tmp:
         out_dir = Path(workdir) if workdir is not None else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -161,9 +161,9 @@ _tinygemm_a8 = per_token_int8(_tinygemm_mm)
 dequant_a8 = per_token_int8(_dequant_mm)
 
 
-def _w8a16_small(m, x2):
+def _w8a16_vnni(m, x2):
     b = m._buffers
-    return torch.ops.qcal.w8a16_mm_small(x2, b["qweight"], b["_k_i8ws"])
+    return torch.ops.qcal.w8a16_mm_vnni(x2, b["qweight"], b["_k_i8sum"], b["_k_i8ws"])
 
 
 def _w8a16_panel(m, x2):
@@ -272,8 +272,8 @@ INT8DA_INT4 = LinearTable("8da4w", "cpu", lambda m: dynamic_int8(m) and m.weight
 ))
 
 INT8WO = LinearTable("int8wo", "cpu", lambda m: weight_only(m) and per_channel_int8(m), (
-    Impl("qcal avx512-bf16 int8 mm (weight in place)", _w8a16_small, native=True, fits=_native_int8, dtypes=_BF16,
-         max_m=4, layout=INT8_SCALES),  # vs the panel kernel: small wins to M=4, panel from 8
+    Impl("qcal avx512-vnni int8 mm (weight in place, activations as exact fixed-point digits)", _w8a16_vnni,
+         native=True, fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES_SUMS),  # panel from 8
     Impl("qcal panel avx512-bf16 int8 mm", _w8a16_panel, native=True,
          fits=lambda m: _native_int8(m) and _panel(m) and not _amx(m), dtypes=_BF16, eager=True, layout=INT8_SCALES),
     Impl("qcal panel avx512-bf16 int8 mm", _w8a16_panel, native=True,

@@ -5,7 +5,9 @@ C++ next to each kernel, so nothing here restates a signature):
 
 * ``w4a16_mm_small`` (int4 weight-only, small M: a nibble becomes a bf16 in one bit operation, 32 weights per
   ``vdpbf16ps``), ``w4a16_mm_panel`` (large M: panels of the canonical codes re-laid per thread);
-* ``w8a16_mm_small`` / ``w8a16_mm_panel`` (int8 weight-only, the weight read in place);
+* ``w8a16_mm_vnni`` (int8 weight-only, small M: each activation row as three exact fixed-point digit bytes times the
+  int8 weight through VNNI, the weight read in place), ``w8a16_mm_small`` (the same product widening the weight to
+  bf16; fp8 weights), ``w8a16_mm_panel`` (large M);
 * ``w8a8_mm_small`` / ``w8a8_mm_panel`` (dynamic A8W8: per-row quantization fused, VNNI, the integers of
   ``torch._int_mm``);
 * ``w4a8_mm`` (8da4w: int8 codes times 4-bit codes through VNNI, any number of rows);

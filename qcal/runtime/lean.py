@@ -6,7 +6,8 @@ every step) against ~26 ms for the bf16 matmuls and ~7 ms for int4 ones: the sam
 quantized model's speed-up. :class:`LeanGenerator` runs the same modules (float or frozen quantized
 linears, embeddings, lm_head) through a flat loop with a static bf16 KV cache and one native call for
 each elementwise step (:mod:`qcal.kernels.native`: residual add + RMSNorm, rotary embedding into the
-cache, SiLU x up, attention); the elementwise steps follow Hugging Face's bf16 rounding step by step,
+cache, SiLU x up, attention; a decode step's rotations, cache stores and attention are one call); the elementwise
+steps follow Hugging Face's bf16 rounding step by step,
 decode attention is qcal's kernel (as ``attn_implementation="qcal"``) and prefill attention qcal's flash-style
 kernel (fp32 softmax, bf16 probabilities; ~2x PyTorch's SDPA on the CPU).
 
@@ -126,9 +127,8 @@ class _Layer:
         if isinstance(k_cache, tuple):  # quantized: (codes, scale, minimum), each (1, kv_heads, max_cache_len, .)
             self.kq, self.vq = k_cache, v_cache
             return self.bind()
-        self.k, self.v = k_cache, v_cache  # (kv_heads, max_cache_len, head_dim): prefill attention reads these
+        self.k, self.v = k_cache, v_cache  # (kv_heads, max_cache_len, head_dim): attention reads these
         self.k_rows, self.v_rows = k_cache.transpose(0, 1), v_cache.transpose(0, 1)  # (positions, kv_heads, D)
-        self.k4, self.v4 = k_cache.unsqueeze(0), v_cache.unsqueeze(0)  # (1, kv_heads, positions, D): decode
         self.bind()
 
     def bind(self) -> None:
@@ -245,24 +245,24 @@ class LeanGenerator(TokenGenerator):
         delta = None
         ops = torch.ops.qcal  # each operator checks its arguments (the wrappers in native add nothing here)
         add_rmsnorm, rope_store, silu_mul = ops.add_rmsnorm, ops.rope_store, ops.silu_mul
+        step_attention = ops.decode_step_attention
         for layer in self.layers:
             add_rmsnorm(x, delta, layer.w_in, h, layer.eps_in)
             f_q, f_k, f_v, f_o, f_gate, f_up, f_down = layer.fns1 if n == 1 else layer.fns
-            q = f_q(h).view(n, heads, hd)
-            rope_store(q, q, cos, sin)
-            if self.kv_bits is not None:
-                attn = self._quantized_attention(layer, q, f_k(h).view(n, kvh, hd), f_v(h).view(n, kvh, hd), start,
-                                                 cos, sin)
-            elif n == 1:
-                rope_store(f_k(h).view(n, kvh, hd), layer.k_rows[start:end], cos, sin)
-                rope_store(f_v(h).view(n, kvh, hd), layer.v_rows[start:end], None, None)
-                attn = ops.decode_attention(q.view(1, heads, 1, hd), layer.k4[:, :, :end], layer.v4[:, :, :end],
-                                            None, scale)
+            if n == 1 and self.kv_bits is None:  # rotations, cache stores and attention in one call: (1, heads * hd)
+                attn = step_attention(f_q(h), f_k(h), f_v(h), layer.k, layer.v, start, self.cos, self.sin, scale)
             else:
-                rope_store(f_k(h).view(n, kvh, hd), layer.k_rows[start:end], cos, sin)
-                rope_store(f_v(h).view(n, kvh, hd), layer.v_rows[start:end], None, None)
-                attn = ops.prefill_attention(q, layer.k, layer.v, start, scale)
-            add_rmsnorm(x, f_o(attn.view(n, heads * hd)), layer.w_post, h, layer.eps_post)
+                q = f_q(h).view(n, heads, hd)
+                rope_store(q, q, cos, sin)
+                if self.kv_bits is not None:
+                    attn = self._quantized_attention(layer, q, f_k(h).view(n, kvh, hd), f_v(h).view(n, kvh, hd),
+                                                     start, cos, sin)
+                else:
+                    rope_store(f_k(h).view(n, kvh, hd), layer.k_rows[start:end], cos, sin)
+                    rope_store(f_v(h).view(n, kvh, hd), layer.v_rows[start:end], None, None)
+                    attn = ops.prefill_attention(q, layer.k, layer.v, start, scale)
+                attn = attn.view(n, heads * hd)
+            add_rmsnorm(x, f_o(attn), layer.w_post, h, layer.eps_post)
             gate = f_gate(h)
             silu_mul(gate, f_up(h))
             delta = f_down(gate)

@@ -20,6 +20,7 @@
 
 #include "bf16.h"
 #include "ops.h"
+#include "rope.h"
 #include "vexp.h"
 
 #define QCAL_ATTN_MAX_G 16
@@ -271,6 +272,50 @@ static at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, con
     return o;
 }
 
+// One decode step's attention of a Llama layer over its static bf16 cache, in one call: the query rotated in place and
+// the key rotated into position `pos` of k_cache, the value copied to v_cache, then the query attends to positions
+// 0..pos -- rope_store three times and decode_attention, bit for bit, without their Python calls and views. q
+// (1, hq * D), k and v (1, hkv * D) contiguous (the projections' outputs); k_cache and v_cache (hkv, Lmax, D)
+// contiguous; cos and sin the rotary tables (>= pos + 1, D). Returns (1, hq * D).
+static at::Tensor decode_step_attention(at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &kc,
+                                        at::Tensor &vc, int64_t pos, const at::Tensor &cos, const at::Tensor &sin,
+                                        double scale) {
+    const char *op = "qcal::decode_step_attention";
+    for (const at::Tensor *t : std::initializer_list<const at::Tensor *>{&q, &k, &v, &kc, &vc, &cos, &sin})
+        TORCH_CHECK_TYPE(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), op,
+                         ": q, k, v, the caches and the rotary tables must be bf16 CPU tensors, got ", t->scalar_type(),
+                         " on ", t->device());
+    TORCH_CHECK_VALUE(kc.dim() == 3 && kc.is_contiguous() && vc.sizes() == kc.sizes() && vc.is_contiguous(), op,
+                      ": k_cache and v_cache must be contiguous (kv_heads, length, head_dim), got ", kc.sizes(), " and ",
+                      vc.sizes());
+    const int64_t hkv = kc.size(0), Lmax = kc.size(1), D = kc.size(2);
+    TORCH_CHECK_VALUE(D > 0 && D % 16 == 0 && D <= QCAL_ATTN_MAX_D && hkv > 0, op, ": head_dim ", D,
+                      " must be a multiple of 16 up to ", QCAL_ATTN_MAX_D);
+    TORCH_CHECK_VALUE(q.dim() == 2 && q.size(0) == 1 && q.is_contiguous() && q.size(1) % (hkv * D) == 0 &&
+                          q.size(1) / (hkv * D) <= QCAL_ATTN_MAX_G && q.size(1) > 0,
+                      op, ": q must be a contiguous (1, heads * ", D, ") with heads a multiple of ", hkv,
+                      " up to ", QCAL_ATTN_MAX_G, " per KV head, got ", q.sizes());
+    qcal::check_tensor(op, "k", k, at::kBFloat16, {1, hkv * D});
+    qcal::check_tensor(op, "v", v, at::kBFloat16, {1, hkv * D});
+    TORCH_CHECK_VALUE(pos >= 0 && pos < Lmax, op, ": pos ", pos, " is outside the cache's ", Lmax, " positions");
+    TORCH_CHECK_VALUE(cos.dim() == 2 && cos.is_contiguous() && cos.size(0) > pos && cos.size(1) == D &&
+                          sin.sizes() == cos.sizes() && sin.is_contiguous(),
+                      op, ": cos and sin must be contiguous (positions > ", pos, ", ", D, ") tables, got ", cos.sizes(),
+                      " and ", sin.sizes());
+    const int64_t hq = q.size(1) / D;
+    uint16_t *qp = qcal::out<uint16_t>(q), *kp = qcal::out<uint16_t>(kc), *vp = qcal::out<uint16_t>(vc);
+    const uint16_t *c = qcal::in<uint16_t>(cos) + pos * D, *sn = qcal::in<uint16_t>(sin) + pos * D;
+    qcal::check_rc(op, rope_rows(qp, hq * D, qp, hq * D, D, 1, hq, D, c, sn));
+    qcal::check_rc(op, rope_rows(qcal::in<uint16_t>(k), hkv * D, kp + pos * D, D, Lmax * D, 1, hkv, D, c, sn));
+    qcal::check_rc(op, rope_rows(qcal::in<uint16_t>(v), hkv * D, vp + pos * D, D, Lmax * D, 1, hkv, D, nullptr,
+                                 nullptr));
+    at::Tensor o = at::empty({1, hq * D}, q.options());
+    const Bf16Rows kr{kp, Lmax * D, D}, vr{vp, Lmax * D, D};
+    qcal::check_rc(op, attend(qp, kr, vr, nullptr, qcal::out<uint16_t>(o), hq, hkv, pos + 1, D,
+                              static_cast<float>(scale), qcal::threads()));
+    return o;
+}
+
 // One of the quantized cache's tensors: (1, hkv, L, cols) of `dtype`, last dimension contiguous.
 static void check_kv(const char *op, const char *name, const at::Tensor &t, at::ScalarType dtype, int64_t hkv,
                      int64_t L, int64_t cols) {
@@ -334,12 +379,15 @@ static at::Tensor decode_attention_kv(const at::Tensor &q, const at::Tensor &kc,
 
 TORCH_LIBRARY_FRAGMENT(qcal, m) {
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+    m.def("decode_step_attention(Tensor(a!) q, Tensor k, Tensor v, Tensor(b!) k_cache, Tensor(c!) v_cache, int pos, "
+          "Tensor cos, Tensor sin, float scale) -> Tensor");
     m.def("decode_attention_kv(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_min, Tensor v_codes, "
           "Tensor v_scale, Tensor v_min, int bits, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qcal, CPU, m) {
     m.impl("decode_attention", &decode_attention);
+    m.impl("decode_step_attention", &decode_step_attention);
     m.impl("decode_attention_kv", &decode_attention_kv);
 }
 
