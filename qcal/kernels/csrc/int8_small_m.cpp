@@ -157,7 +157,7 @@ static int w8a16_small(const uint16_t *x, const int8_t *w, const float *ws, uint
 }
 
 /* A16W8 through VNNI with the activations as exact fixed-point digits (int8 weight-only, small M). Each row of x
-   is scaled by a power of two 2^E (E = 22 - the exponent of its largest |x|) and rounded to an integer xf, |xf| <
+   is scaled by a power of two 2^E (E = 22 - floor(log2 max |x|)) and rounded to an integer xf, |xf| <
    2^23: exact for every element within 2^15 of the row's largest (bf16 holds 8 significant bits), otherwise off by
    at most 2^-23 of that largest. xf + 2^23 is written as three unsigned bytes d0 + 2^8 d1 + 2^16 d2, and
        sum_k x[k] w[n, k] = 2^-E (S0 + 2^8 S1 + 2^16 S2 - 2^23 wsum[n]),   Sd = sum_k d[k] w[n, k]
