@@ -174,15 +174,9 @@ static int w8a16_small(const uint16_t *x, const int8_t *w, const float *ws, uint
 /* Row m's three digit planes (K bytes each, at d, d + Kp, d + 2 Kp) and its exponent; returns 1 (nothing usable)
    where the row holds NaN or Inf. */
 static int row_digits(const uint16_t *x, int64_t K, int64_t Kp, uint8_t *d, int *E) {
-    __m512 amax = _mm512_setzero_ps();
-    __mmask16 bad = 0;
-    for (int64_t k = 0; k < K; k += 16) {
-        const __m512 v = qcal_load_bf16_masked(x + k, qcal_tail16(K - k));
-        bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_NEQ_UQ);  // NaN or +-Inf
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-    }
+    int bad;
+    const float top = qcal_row_amax(x, K, &bad);
     if (bad) return 1;
-    const float top = _mm512_reduce_max_ps(amax);
     int p = 0;
     if (top > 0.f) {
         frexpf(top, &p); /* top = f 2^p, f in [0.5, 1): top < 2^p */
@@ -290,26 +284,28 @@ static at::Tensor w8_checked(const char *op, const at::Tensor &x, const at::Tens
     return qcal::rows(op, x, w.size(1));
 }
 
-static at::Tensor w8a8_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &wsum,
-                                const at::Tensor &ws) {
-    const char *op = "qcal::w8a8_mm_small";
+/* The operators over an int8 weight with its row sums (A8W8, and A16W8 through the activation digits): the same
+   arguments, checked once, for `kernel`. */
+typedef int (*w8_sums_kernel)(const uint16_t *, const int8_t *, const int32_t *, const float *, uint16_t *, int64_t,
+                              int64_t, int64_t, int);
+
+static at::Tensor w8_sums_op(const char *op, w8_sums_kernel kernel, const at::Tensor &x, const at::Tensor &w,
+                             const at::Tensor &wsum, const at::Tensor &ws) {
     at::Tensor xc = w8_checked(op, x, w, ws), y = qcal::matmul_out(xc, w);
     qcal::check_tensor(op, "wsum", wsum, at::kInt, {w.size(0)});
-    qcal::check_rc(op, w8a8_small(qcal::in<uint16_t>(xc), qcal::in<int8_t>(w), qcal::in<int32_t>(wsum),
-                                  qcal::in<float>(ws), qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1),
-                                  qcal::threads()));
+    qcal::check_rc(op, kernel(qcal::in<uint16_t>(xc), qcal::in<int8_t>(w), qcal::in<int32_t>(wsum), qcal::in<float>(ws),
+                              qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1), qcal::threads()));
     return y;
+}
+
+static at::Tensor w8a8_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &wsum,
+                                const at::Tensor &ws) {
+    return w8_sums_op("qcal::w8a8_mm_small", w8a8_small, x, w, wsum, ws);
 }
 
 static at::Tensor w8a16_mm_vnni(const at::Tensor &x, const at::Tensor &w, const at::Tensor &wsum,
                                 const at::Tensor &ws) {
-    const char *op = "qcal::w8a16_mm_vnni";
-    at::Tensor xc = w8_checked(op, x, w, ws), y = qcal::matmul_out(xc, w);
-    qcal::check_tensor(op, "wsum", wsum, at::kInt, {w.size(0)});
-    qcal::check_rc(op, w8a16_digits(qcal::in<uint16_t>(xc), qcal::in<int8_t>(w), qcal::in<int32_t>(wsum),
-                                    qcal::in<float>(ws), qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1),
-                                    qcal::threads()));
-    return y;
+    return w8_sums_op("qcal::w8a16_mm_vnni", w8a16_digits, x, w, wsum, ws);
 }
 
 static at::Tensor w8a16_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws) {

@@ -16,16 +16,24 @@
 
 /* Quantize one row of K values into bytes q[0..K) and return its scale. The bytes are the int8 codes XOR
    `flip`: 0 gives signed codes, 0x80 gives code + 128 as unsigned (for vpdpbusd's unsigned operand). */
-static inline float qcal_quantize_row(const uint16_t *x, int64_t K, uint8_t *q, uint8_t flip) {
+/* The largest |x| of a row of K bf16 values; *nonfinite is set where the row holds NaN or Inf (vmaxps alone would
+   drop a NaN depending on its position). */
+static inline float qcal_row_amax(const uint16_t *x, int64_t K, int *nonfinite) {
     __m512 amax = _mm512_setzero_ps();
-    __mmask16 nan = 0;
+    __mmask16 bad = 0;
     for (int64_t k = 0; k < K; k += 16) {
         const __m512 v = qcal_load_bf16_masked(x + k, qcal_tail16(K - k));
-        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_NEQ_UQ);  // NaN or +-Inf
         amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
     }
-    const float top = _mm512_reduce_max_ps(amax);
-    const float scale = (nan || top == INFINITY) ? NAN : FLT_MIN + top / 127.f;
+    *nonfinite = bad != 0;
+    return _mm512_reduce_max_ps(amax);
+}
+
+static inline float qcal_quantize_row(const uint16_t *x, int64_t K, uint8_t *q, uint8_t flip) {
+    int nonfinite;
+    const float top = qcal_row_amax(x, K, &nonfinite);
+    const float scale = nonfinite ? NAN : FLT_MIN + top / 127.f;
     const __m512 vs = _mm512_set1_ps(scale);
     const __m128i vf = _mm_set1_epi8((char)flip);
     for (int64_t k = 0; k < K; k += 16) {
