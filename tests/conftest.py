@@ -49,8 +49,33 @@ def native_kernels(_native_build):
     from qcal.kernels import native
 
     if not native.available():
-        pytest.skip(f"native kernels {native.native_status()}")
+        pytest.skip(f"needs the AVX-512 native library (native kernels: {native.native_status()})")
     return native
+
+
+@pytest.fixture(scope="session")
+def runtime_kernels(_native_build):
+    """The generation runtime's native operators (the AVX-512 or the AVX2 library); skips the test without them."""
+    from qcal.kernels import native
+    from qcal.runtime import ops
+
+    if not ops.available():
+        pytest.skip(f"native runtime operators unavailable (kernels {native.native_status()})")
+    return native
+
+
+@pytest.fixture(autouse=True)
+def _native_ops(request):
+    """``@pytest.mark.native_ops("op", ...)``: skips unless the loaded native library (either instruction set)
+    registers every named operator."""
+    marker = request.node.get_closest_marker("native_ops")
+    if marker is not None:
+        from qcal.kernels import native
+
+        request.getfixturevalue("_native_build")
+        missing = [op for op in marker.args if not native.has(op)]
+        if missing:
+            pytest.skip(f"native operators {', '.join(missing)} unavailable (kernels {native.native_status()})")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,7 +83,8 @@ def pytest_collection_modifyitems(config, items):
     import inspect
 
     for item in items:
-        if "native_kernels" in getattr(item, "fixturenames", ()):
+        if {"native_kernels", "runtime_kernels"} & set(getattr(item, "fixturenames", ())) or \
+                item.get_closest_marker("native_ops") is not None:
             item.add_marker(pytest.mark.native)
         fn = getattr(item, "function", None)
         try:

@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 from conftest import greedy_reference, make_tiny_llama, rel_err
 
-from qcal.kernels import native
 from qcal.runtime import ops
 from qcal.runtime.hf_attention import attention_forward, available, register, resolve, set_attention
 
-needs_native = pytest.mark.usefixtures("native_kernels")
+needs_native = pytest.mark.usefixtures("runtime_kernels")
 TOL = 5e-3  # fp32 accumulation, one bf16 rounding of the output (observed ~1.7e-3)
 
 
@@ -91,9 +90,9 @@ def test_unsupported_inputs_are_refused_and_the_hf_function_falls_back_to_sdpa()
 def test_resolve_and_set_attention():
     assert resolve("sdpa") == "sdpa" and resolve("eager", compiled=True) == "eager"
     assert resolve("model") is None and resolve(None) is None
-    assert available("cpu") == native.available() and not available("cuda")
-    assert resolve("auto") == ("qcal" if native.available() else None)  # else the model's own
-    assert resolve("auto", compiled=True) == ("qcal" if native.available() else "eager")
+    assert available("cpu") == ops.available() and not available("cuda")
+    assert resolve("auto") == ("qcal" if ops.available() else None)  # else the model's own
+    assert resolve("auto", compiled=True) == ("qcal" if ops.available() else "eager")
     assert resolve("auto", "cuda", compiled=True) == "eager"  # the kernel is CPU-only
     assert resolve("auto", "cuda") is None
     model = make_tiny_llama()

@@ -23,6 +23,7 @@ from qcal.eval.cli import main  # noqa: E402
 from qcal.eval.lmeval import _wikitext_preprocess, lm_eval_wikitext  # noqa: E402
 from qcal.eval.perplexity import token_perplexity  # noqa: E402
 from qcal.eval.report import JSON_KEYS, SchemeResult, format_table, write_json  # noqa: E402
+from qcal.runtime import ops as runtime_ops  # noqa: E402
 
 WORDS = "the cat dog sat ran on a mat far away river city king war song film year team".split()
 
@@ -453,9 +454,9 @@ def test_cli_end_to_end(model, tokenizer, data_dir, tmp_path, capsys):
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "token ppl" in stdout and "int8wo" in stdout
-    from qcal.kernels import native
 
-    assert ("attention qcal (all models)" if native.available() else "attention model's own (all models)") in stdout
+    own = "attention model's own (all models)"
+    assert ("attention qcal (all models)" if runtime_ops.available() else own) in stdout
     records = json.loads(out_json.read_text())
     assert [r["scheme"] for r in records] == ["fp32", "int8wo"]
     ids = data.tokenize(tokenizer, data.load_wikitext("test", data_dir))
@@ -484,7 +485,6 @@ def test_cli_kv_cache_flag_measures_through_the_quantized_cache(model, tokenizer
 
 
 def test_cli_times_every_model_with_one_runtime(tokenizer, tmp_path, capsys):
-    from qcal.kernels import native
 
     folder = tmp_path / "tiny64"  # head_dim 16: a shape the lean runtime takes
     _tiny_llama(len(tokenizer), hidden=64).save_pretrained(folder)
@@ -494,7 +494,7 @@ def test_cli_times_every_model_with_one_runtime(tokenizer, tmp_path, capsys):
               "--repeats", "1", "--warmup", "0", "--no-progress"]
     assert main([*common, "--quant", "bf16,int8dq", "--json", str(out_json)]) == 0
     stdout = capsys.readouterr().out
-    runtime = "lean" if native.available() else "hf"
+    runtime = "lean" if runtime_ops.available() else "hf"
     assert f"runtime {runtime}" in stdout
     assert [r["speed_runtime"] for r in json.loads(out_json.read_text())] == [runtime, runtime]
     assert main([*common, "--quant", "fp32", "--runtime", "lean"]) == 2  # fp32: the lean runtime refuses, clearly

@@ -11,7 +11,7 @@ from qcal.kernels import native
 from qcal.runtime import LeanGenerator, TokenGenerator, ops, set_attention, unsupported_reason
 from qcal.schemes import apply_scheme
 
-needs_native = pytest.mark.usefixtures("native_kernels")
+needs_native = pytest.mark.usefixtures("runtime_kernels")
 
 
 def _bf16(*shape, seed=0, scale=1.0):
@@ -242,7 +242,7 @@ def test_hooks_are_kept_and_rebound_modules_are_seen():
 
 def test_unsupported_models_are_refused_with_the_reason():
     fp32 = make_tiny_llama(hidden=64)
-    if native.available():
+    if ops.available():
         assert "bf16" in unsupported_reason(fp32)
         with pytest.raises(ValueError, match="not supported: the model is not in bf16"):
             LeanGenerator(fp32, 8)
@@ -282,7 +282,13 @@ def test_resolve_runtime_uses_one_runtime_and_attention_for_every_model():
         resolve_runtime(EvalConfig(runtime="fast"), [bf16])
     gen = speed_runner(bf16, "lean", "qcal", 12)
     assert isinstance(gen, LeanGenerator) and gen.max_cache_len == 12 and gen.kv_bits is None
-    assert speed_runner(bf16, "lean", "qcal", 12, kv_bits=8).kv_bits == 8  # --kv-cache int8: decode with it
+    if ops.has_kv():
+        assert speed_runner(bf16, "lean", "qcal", 12, kv_bits=8).kv_bits == 8  # --kv-cache int8: decode with it
+        assert resolve_runtime(EvalConfig(kv_cache="int8"), [bf16]) == ("lean", "qcal")
+    else:  # a library without the quantized cache's operators: the model's own generate with qcal's cache
+        assert resolve_runtime(EvalConfig(kv_cache="int8"), [bf16]) == ("hf", "qcal")
+        with pytest.raises(ValueError, match="kv_bits=8 needs the quantized-cache operators"):
+            LeanGenerator(bf16, 12, kv_bits=8)
 
 
 def test_resolve_runtime_without_the_decode_kernel_on_the_device():
@@ -323,12 +329,13 @@ def test_extra_weights_in_a_layer_are_refused_with_the_module_named():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     qwen3 = _tiny(Qwen3Config, Qwen3ForCausalLM, head_dim=16)  # RMSNorms of q and k inside the attention
-    assert unsupported_reason(qwen3) in (f"qcal native kernels {native.native_status()}",
+    assert unsupported_reason(qwen3) in (f"qcal native runtime operators unavailable (kernels "
+                                         f"{native.native_status()})",
                                          "model.layers.0.self_attn.q_norm (Qwen3RMSNorm) holds weights the lean "
                                          "runtime does not apply")
     llama = make_tiny_llama(hidden=64).to(torch.bfloat16)
     llama.model.layers[1].pre_feedforward_layernorm = torch.nn.LayerNorm(64)  # as Gemma's extra norms
-    if native.available():
+    if ops.available():
         with pytest.raises(ValueError, match=r"model.layers.1.pre_feedforward_layernorm \(LayerNorm\) holds weights"):
             LeanGenerator(llama, 8)
 
@@ -360,6 +367,7 @@ def test_structure_and_config_checks_name_what_is_missing():
 
 
 @needs_native
+@pytest.mark.native_ops(*ops.KV_OPS)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_kv_cache_follows_hugging_face_with_the_same_cache(bits):
     """kv_bits: teacher-forced along Hugging Face's greedy tokens with qcal's QuantizedKVCache, every step's logits
@@ -386,6 +394,7 @@ def test_quantized_kv_cache_follows_hugging_face_with_the_same_cache(bits):
 
 
 @needs_native
+@pytest.mark.native_ops(*ops.KV_OPS)
 def test_quantized_kv_cache_arguments_are_checked():
     model = make_tiny_llama(hidden=128).to(torch.bfloat16)  # head_dim 32
     with pytest.raises(ValueError, match="kv_bits must be 8, 4 or None"):

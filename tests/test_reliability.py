@@ -39,21 +39,26 @@ def test_int8_weight_only_pytorch_path_any_k(rows):
     assert torch.allclose(m(x).bfloat16().float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.usefixtures("native_kernels")
+@pytest.mark.native_ops("w8a16_mm_vnni", "w4a8_mm")  # either library: each registered operator is tried
 def test_native_operators_check_k():
     """Every native matmul refuses an input whose width is not the weight's (it would read out of bounds)."""
     ops = torch.ops.qcal
     w8, ws = torch.zeros(32, 64, dtype=torch.int8), torch.ones(32)
     w4, sz = torch.zeros(32, 32, dtype=torch.uint8), torch.zeros(2, 2, 2, 16, dtype=torch.bfloat16)
     x = torch.zeros(2, 128, dtype=torch.bfloat16)
-    calls = [lambda: ops.w8a16_mm_small(x, w8, ws), lambda: ops.w8a16_mm_vnni(x, w8, native.int8_row_sums(w8), ws),
-             lambda: ops.w8a8_mm_small(x, w8, native.int8_row_sums(w8), ws),
-             lambda: ops.w8a16_mm_panel(x, w8, ws), lambda: ops.w8a8_mm_panel(x, w8, native.int8_row_sums(w8), ws),
-             lambda: ops.w4a16_mm_small(x, w4, sz, False, 32), lambda: ops.w4a8_mm(x, w4, sz, 32),
-             lambda: ops.w4a16_mm_panel(x, w4, torch.ones(32, 2), None, 32)]
-    for call in calls:
+    calls = {"w8a16_mm_small": lambda: ops.w8a16_mm_small(x, w8, ws),
+             "w8a16_mm_vnni": lambda: ops.w8a16_mm_vnni(x, w8, native.int8_row_sums(w8), ws),
+             "w8a8_mm_small": lambda: ops.w8a8_mm_small(x, w8, native.int8_row_sums(w8), ws),
+             "w8a16_mm_panel": lambda: ops.w8a16_mm_panel(x, w8, ws),
+             "w8a8_mm_panel": lambda: ops.w8a8_mm_panel(x, w8, native.int8_row_sums(w8), ws),
+             "w4a16_mm_small": lambda: ops.w4a16_mm_small(x, w4, sz, False, 32),
+             "w4a8_mm": lambda: ops.w4a8_mm(x, w4, sz, 32),
+             "w4a16_mm_panel": lambda: ops.w4a16_mm_panel(x, w4, torch.ones(32, 2), None, 32)}
+    tried = [name for name in calls if native.has(name)]
+    assert len(tried) >= 5  # the AVX2 library's five matmuls, all eight with AVX-512
+    for name in tried:
         with pytest.raises(ValueError, match=r"x must be \(M, 64\)"):
-            call()
+            calls[name]()
 
 
 @pytest.mark.parametrize("native_on", [True, False])
@@ -80,7 +85,7 @@ def test_group_size_true_is_refused():
         qcal.quantize(nn.Sequential(nn.Linear(64, 64)), weights=qcal.qint4, group_size=True)
 
 
-_PROBE = "from qcal.kernels import library as n; print(n.available(), n._cache_dir())"
+_PROBE = "from qcal.kernels import library as n; print(n.isa() is not None, n._cache_dir())"
 
 
 def _probe(cache, code: str = _PROBE, **env):
@@ -95,7 +100,7 @@ def _probe(cache, code: str = _PROBE, **env):
     return ok == "True", where, run.stderr
 
 
-@pytest.mark.usefixtures("native_kernels")
+@pytest.mark.native_ops("w4a8_mm")  # either library
 def test_kernel_cache_is_private_and_verified(tmp_path):
     import shutil
     import subprocess
@@ -104,7 +109,7 @@ def test_kernel_cache_is_private_and_verified(tmp_path):
 
     cache = tmp_path / "cache"
     libdir = cache / "native"
-    built = library._build_dir()  # this session's build: its objects spare the copy a full compile
+    built = library._build_dir(native.isa())  # this run's build: its objects spare the copy a full compile
     libdir.mkdir(parents=True, mode=0o700)
     shutil.copytree(built, libdir / built.name, copy_function=shutil.copy2)
     ok, where, _ = _probe(cache)

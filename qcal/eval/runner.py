@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..runtime import LeanGenerator, StaticCacheGenerator, TokenGenerator, set_attention, unsupported_reason
+from ..runtime import ops as runtime_ops
 from ..runtime.hf_attention import resolve
 from .llamacpp import LlamaCppReport
 from .lmeval import lm_eval_wikitext
@@ -196,6 +197,8 @@ def resolve_runtime(cfg: EvalConfig, models: Sequence[torch.nn.Module]) -> tuple
         raise RuntimeUnavailableError(f"runtime 'lean' runs qcal's attention kernels, not attention {attention!r}")
     if cfg.runtime != "hf" and attention in ("auto", "qcal"):
         reason = next((r for r in map(unsupported_reason, models) if r is not None), None)
+        if reason is None and cfg.kv_cache in ("int8", "int4") and not runtime_ops.has_kv():
+            reason = "this CPU's native library has no quantized-KV-cache operators"
         if reason is None:
             return "lean", "qcal"
         if cfg.runtime == "lean":

@@ -1,13 +1,16 @@
-"""Shared pieces of the linear kernels: per-token int8 quantization, int4 codes and tinygemm layouts."""
+"""Shared pieces of the linear kernels: per-token int8 quantization, int4 codes, tinygemm layouts, bf16 GEMMs."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 from .native import dequant_int4 as _native_dequant
 
 __all__ = ["quantize_per_token", "int4_codes_u8", "dequant_int4", "tinygemm_group_size", "tinygemm_scales_zeros",
-           "is_frozen_linear"]
+           "is_frozen_linear", "linear"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -16,6 +19,26 @@ def is_frozen_linear(module) -> bool:
     """A frozen qcal linear layer with quantized weights."""
     return (getattr(module, "frozen", False) and getattr(module, "weight_spec", None) is not None
             and hasattr(module, "in_features") and getattr(module, "qweight", None) is not None)
+
+
+@functools.cache
+def _bf16_gemm_emulated() -> bool:
+    """PyTorch's CPU bf16 GEMM has no bf16 hardware here (no AVX512-BF16 / AMX): oneDNN then runs it 4-6x slower
+    than its fp32 GEMM on the same cores (AVX2 CPUs)."""
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; for bf16 on a CPU without bf16 GEMM hardware and more than 4 rows, computed as an fp32 GEMM
+    of the (exactly widened) bf16 operands and rounded once to bf16 -- what the bf16 GEMM computes (fp32
+    accumulation), in another summation order, several times faster there."""
+    if (not torch.compiler.is_compiling() and x2.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and x2.device.type == "cpu" and x2.dim() == 2 and x2.shape[0] > 4 and _bf16_gemm_emulated()):
+        return F.linear(x2.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
+    return F.linear(x2, weight, bias)
 
 
 _SCALE_DIV: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

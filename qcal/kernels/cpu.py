@@ -2,9 +2,11 @@
 
 On AVX512-BF16/VNNI CPUs qcal's native operators (:mod:`qcal.kernels.native`) come first: small-``M`` (decode)
 kernels reading the weight as it streams, and for large ``M`` (prefill) panel kernels that re-lay a few rows of the
-canonical weight at a time. Elsewhere PyTorch's ops: tinygemm int4 and ``_weight_int8pack_mm`` in bf16 for small
-``M`` (10-100x slower with fp32 inputs), dequantize + GEMM above, ``torch._int_mm`` for dynamic int8 activations.
-The ``max_m`` crossovers were measured with ``benchmarks/bench_kernels.py --crossover`` on 2 AVX512 cores.
+canonical weight at a time. On AVX2/FMA CPUs without them, the AVX2 library's small-``M`` kernels (int8 / int4
+weight-only) and its 8da4w kernel (every ``M``), with the same layouts and results. Elsewhere PyTorch's ops: tinygemm
+int4 and ``_weight_int8pack_mm`` in bf16 for small ``M`` (10-100x slower with fp32 inputs), dequantize + GEMM above,
+``torch._int_mm`` for dynamic int8 activations. The ``max_m`` crossovers were measured with
+``benchmarks/bench_kernels.py --crossover`` on 2 AVX512 cores.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 
 from ..qtypes import qfloat8_e4m3fn, qint4, qint8
 from . import native
-from .common import dequant_int4, int4_codes_u8, quantize_per_token, tinygemm_group_size, tinygemm_scales_zeros
+from .common import dequant_int4, int4_codes_u8, linear, quantize_per_token, tinygemm_group_size, tinygemm_scales_zeros
 from .table import Impl, Layout, LinearTable
 
 __all__ = ["TABLES_CPU", "weight_only", "dynamic_int8", "per_channel_int8", "tinygemm_int4", "per_token_int8",
@@ -154,7 +156,7 @@ def per_token_int8(mm):
 
 
 def _dequant_mm(m, x2):
-    return F.linear(x2, dequant_int4(m, x2.dtype))
+    return linear(x2, dequant_int4(m, x2.dtype))
 
 
 _tinygemm_a8 = per_token_int8(_tinygemm_mm)
@@ -177,7 +179,7 @@ def _wf8a16_small(m, x2):
 
 def _dequant_weight_mm(m, x2):
     """The module's dequantized weight (its codes' values times the scales, rounded once) into a GEMM."""
-    return F.linear(x2, m.dequantized_weight(x2.dtype))
+    return linear(x2, m.dequantized_weight(x2.dtype))
 
 
 def _fp8_codes(m, x2):
@@ -215,11 +217,11 @@ def _int8pack_mm(m, x2):
 
 
 def _dequant_int8(m, x2):
-    return F.linear(x2, m.qweight * m.weight_scale.to(x2.dtype))
+    return linear(x2, m.qweight * m.weight_scale.to(x2.dtype))
 
 
 def _native_dequant_int8(m, x2):
-    return F.linear(x2, torch.ops.qcal.dequant_w8(m.qweight, m._buffers["_k_i8ws"]))
+    return linear(x2, torch.ops.qcal.dequant_w8(m.qweight, m._buffers["_k_i8ws"]))
 
 
 def _w8a8_small(m, x2):
@@ -248,7 +250,8 @@ def _amx(m) -> bool:
     return native.amx()
 
 
-# Rows in order of preference. ``native`` rows need qcal's kernels built; a layer no row fits keeps the reference
+# Rows in order of preference. ``native=True`` rows need qcal's AVX-512 library, ``native="<operator>"`` rows the
+# AVX2 library with that operator; a layer no row fits keeps the reference
 # kernel (int4: the group sizes of tinygemm or the native kernels).
 INT4WO = LinearTable("int4wo", "cpu", lambda m: weight_only(m) and m.weight_spec.qtype == qint4, (
     Impl("qcal avx512-bf16 int4 mm", _w4a16_small, native=True, fits=lambda m: _native_int4(m) and not _amx(m),
@@ -257,6 +260,8 @@ INT4WO = LinearTable("int4wo", "cpu", lambda m: weight_only(m) and m.weight_spec
          dtypes=_BF16, max_m=16, layout=NATIVE_W4),  # AMX: one dequantization + oneDNN's GEMM from M=32
     Impl("qcal panel int4 mm", _w4a16_panel, native=True,
          fits=lambda m: _native_int4(m) and _panel(m) and not _amx(m), dtypes=_BF16, eager=True),
+    Impl("qcal avx2 int4 mm", _w4a16_small, native="w4a16_mm_small", fits=_native_int4, dtypes=_BF16, max_m=16,
+         layout=NATIVE_W4),
     Impl("tinygemm int4pack_mm", _tinygemm_mm, fits=lambda m: tinygemm_int4(m) and not _native_int4(m), max_m=64,
          layout=TINYGEMM),
     Impl("dequant + bf16 mm", _dequant_mm, fits=lambda m: tinygemm_int4(m) or _native_int4(m)),
@@ -266,6 +271,8 @@ INT8DA_INT4 = LinearTable("8da4w", "cpu", lambda m: dynamic_int8(m) and m.weight
                           and m.weight_spec.qtype == qint4, (
     Impl("qcal avx512-vnni int8 x int4 mm, row quantization fused", _w4a8, native=True, fits=_native_int4,
          dtypes=_BF16, layout=NATIVE_W4_VNNI),  # ahead of dequantize + GEMM at every M measured, to 2048
+    Impl("qcal avx2 int8 x int4 mm, row quantization fused", _w4a8, native="w4a8_mm", fits=_native_int4,
+         dtypes=_BF16, layout=NATIVE_W4_VNNI),
     Impl("per-token quant + tinygemm int4pack_mm", _tinygemm_a8, max_m=64, layout=TINYGEMM,
          fits=lambda m: tinygemm_int4(m) and not _native_int4(m)),  # native layers' fp32 inputs: dequantize
     Impl("per-token quant + dequant + bf16 mm", dequant_a8, fits=lambda m: tinygemm_int4(m) or _native_int4(m)),
@@ -281,6 +288,9 @@ INT8WO = LinearTable("int8wo", "cpu", lambda m: weight_only(m) and per_channel_i
          layout=INT8_SCALES),  # AMX: one dequantization + oneDNN's GEMM from M=64
     Impl("qcal int8 dequant + bf16 mm", _native_dequant_int8, native=True, fits=_native_int8, dtypes=_BF16,
          eager=True, layout=INT8_SCALES),
+    Impl("qcal avx2 int8 mm (weight in place, activations as exact fixed-point digits)", _w8a16_vnni,
+         native="w8a16_mm_vnni", fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=4,
+         layout=INT8_SCALES_SUMS),
     # _weight_int8pack_mm returns garbage (M=1) or crashes (M=2..16) where K % 32 != 0
     Impl("int8pack_mm", _int8pack_mm, max_m=16, fits=lambda m: m.weight_shape[1] % 32 == 0 and not _native_int8(m)),
     Impl("dequant + bf16 mm", _dequant_int8),
@@ -291,6 +301,8 @@ INT8DQ = LinearTable("int8dq", "cpu", lambda m: dynamic_int8(m) and per_channel_
          dtypes=_BF16, max_m=8, layout=INT8_SCALES_SUMS),  # vs the panel kernel: small wins to M=8, panel from 16
     Impl("qcal panel avx512-vnni int8 mm", _w8a8_panel, native=True, fits=lambda m: _native_int8(m) and _panel(m),
          dtypes=_BF16, eager=True, layout=INT8_SCALES_SUMS),
+    Impl("qcal avx2 int8 mm, row quantization fused", _w8a8_small, native="w8a8_mm_small",
+         fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=8, layout=INT8_SCALES_SUMS),
     Impl("per-token quant + _int_mm + rescale", _int_mm),
 ))
 

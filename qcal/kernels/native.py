@@ -16,6 +16,11 @@ C++ next to each kernel, so nothing here restates a signature):
 * the generation runtime's steps (``qcal/runtime/csrc``, :mod:`qcal.runtime.ops`): ``decode_attention``,
   ``prefill_attention``, ``add_rmsnorm``, ``rope_store``, ``silu_mul``.
 
+On AVX2/FMA CPUs without AVX512-BF16/VNNI the library holds AVX2 versions of a subset of these (``qcal/kernels/
+csrc_avx2``: ``w16a16_mm_small``, ``w8a16_mm_vnni``, ``w4_fits``, ``w4a16_mm_small``, ``w4a8_mm`` and the runtime's
+steps), with the same schemas and checks: :func:`has` tells which are registered, :func:`available` is True only
+with the full set.
+
 Figures: ``benchmarks/bench_kernels.py``, BENCHMARKS.md.
 """
 
@@ -26,11 +31,11 @@ import os
 
 import torch
 
-from .library import available, disabled
+from .library import available, disabled, has, isa
 from .library import status as native_status
 
-__all__ = ["available", "native_status", "disabled", "pack_int4", "pack_int4_vnni", "pack_scales", "w4_fits",
-           "panel_fits", "dequant_int4", "dequant_int8", "int8_row_sums", "amx"]
+__all__ = ["available", "native_status", "disabled", "has", "isa", "pack_int4", "pack_int4_vnni", "pack_scales",
+           "w4_fits", "panel_fits", "dequant_int4", "dequant_int8", "int8_row_sums", "amx"]
 
 
 @functools.cache
@@ -83,12 +88,12 @@ def pack_scales(scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tenso
 
 def w4_fits(n: int, k: int, group_size: int) -> bool:
     """Whether ``w4a16_mm_small`` / ``w4a8_mm`` take an ``(n, k)`` weight in groups of ``group_size``."""
-    return available() and torch.ops.qcal.w4_fits(n, k, group_size)
+    return has("w4_fits") and torch.ops.qcal.w4_fits(n, k, group_size)
 
 
 def panel_fits(n: int, k: int, group_size: int = 0) -> bool:
     """Whether the panel (large-M) kernels take an ``(n, k)`` weight (int4: in groups of ``group_size``)."""
-    return available() and torch.ops.qcal.panel_fits(n, k, group_size)
+    return has("panel_fits") and torch.ops.qcal.panel_fits(n, k, group_size)
 
 
 def dequant_int4(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor | None:
@@ -97,7 +102,7 @@ def dequant_int4(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     with PyTorch ops."""
     k = qweight.shape[1] * 2
     if (k // scale.shape[1]) % 32 or torch.compiler.is_compiling() or qweight.device.type != "cpu" \
-            or not available():
+            or not has("dequant_w4"):
         return None
     zp = None if zero_point is None else zero_point.float().contiguous()
     return torch.ops.qcal.dequant_w4(qweight.contiguous(), scale.float().contiguous(), zp)
@@ -106,7 +111,7 @@ def dequant_int4(qweight: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 def dequant_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """The bf16 weight ``q * s`` of per-channel int8 codes ``(N, K)`` in one pass (fp32 math, rounded once: the
     reference's dequantization), or None where the kernel does not apply."""
-    if torch.compiler.is_compiling() or qweight.device.type != "cpu" or not available() \
+    if torch.compiler.is_compiling() or qweight.device.type != "cpu" or not has("dequant_w8") \
             or not qweight.is_contiguous():
         return None
     return torch.ops.qcal.dequant_w8(qweight, scale.reshape(-1).float().contiguous())

@@ -44,7 +44,7 @@ class Impl:
 
     name: str
     run: _Run
-    native: bool = False                                   # needs qcal's native kernels (built, AVX512-BF16 CPU)
+    native: bool | str = False  # True: needs qcal's AVX-512 library; an operator's name: the AVX2 library with it
     fits: Callable[[torch.nn.Module], bool] | None = None  # shapes/layouts of the module it takes
     dtypes: tuple[torch.dtype, ...] | None = None          # input dtypes (after the compute cast)
     max_m: int | None = None                               # M <= max_m
@@ -53,7 +53,11 @@ class Impl:
 
     def usable(self, module: torch.nn.Module) -> bool:
         """The static conditions."""
-        return (not self.native or native.available()) and (self.fits is None or self.fits(module))
+        if isinstance(self.native, str):
+            ok = native.isa() == "avx2" and native.has(self.native)
+        else:
+            ok = not self.native or native.available()
+        return ok and (self.fits is None or self.fits(module))
 
     def takes(self, dtype: torch.dtype, compiling: bool) -> bool:
         """The per-call conditions other than M."""

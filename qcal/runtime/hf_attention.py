@@ -30,7 +30,7 @@ _registered = False
 
 
 def available(device: torch.device | str = "cpu") -> bool:
-    """Whether the decode kernel runs on ``device`` (a CPU with AVX512-BF16 and the built native kernels)."""
+    """Whether the decode kernel runs on ``device`` (a CPU with the native kernels built: AVX512-BF16 or AVX2)."""
     return torch.device(device).type == "cpu" and ops.available()
 
 

@@ -81,9 +81,9 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tenso
 
 
 def _native() -> bool:
-    from qcal.kernels.native import available
+    from qcal.kernels.native import has
 
-    return available()
+    return has("kv_quantize", "kv_dequant")
 
 
 class _Store:

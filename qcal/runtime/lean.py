@@ -28,10 +28,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import native
+from ..kernels.common import linear
+from . import ops as runtime_ops
 from .base import TokenGenerator
 from .family import ATTENTION_PROJ, MLP_PROJ, attention_shape, structure_reason
 
@@ -40,8 +41,8 @@ __all__ = ["LeanGenerator", "unsupported_reason"]
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """None when :class:`LeanGenerator` can run ``model``, else the reason it cannot."""
-    if not native.available():
-        return f"qcal native kernels {native.native_status()}"
+    if not runtime_ops.available():
+        return f"qcal native runtime operators unavailable (kernels {native.native_status()})"
     reason = structure_reason(model)
     if reason is not None:
         return reason
@@ -90,25 +91,31 @@ def _quantized_cache(layers: int, kv_heads: int, length: int, head_dim: int, bit
 def _call_fn(mod: nn.Module, rows: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``mod`` as a function of contiguous bf16 rows without ``nn.Module.__call__`` where that is safe (no hooks):
     for a float ``nn.Linear``, qcal's bf16 small-M kernel for up to 4 ``rows`` (the weight streamed in place,
-    2-6x ``F.linear``'s one-row GEMM on the CPU) and ``F.linear`` otherwise; for a frozen qcal linear without bias
-    and a known number of ``rows``, the implementation its kernel table chooses for them (what the module call
-    would run, ~5 us less a call, 211 calls a token for SmolLM2); the module itself otherwise."""
+    2-6x ``F.linear``'s one-row GEMM on the CPU) and :func:`qcal.kernels.common.linear` otherwise; for a frozen
+    qcal linear without bias and a known number of ``rows``, the implementation its kernel table chooses for them
+    (what the module call would run, ~5 us less a call, 211 calls a token for SmolLM2); the module itself
+    otherwise."""
     if mod._forward_hooks or mod._forward_pre_hooks:
         return mod
     if type(mod) is nn.Linear:
         weight, bias = mod.weight, mod.bias
-        if rows is not None and rows <= 4 and weight.dtype == torch.bfloat16 and weight.is_contiguous():
+        if rows is not None and rows <= 4 and weight.dtype == torch.bfloat16 and weight.is_contiguous() \
+                and native.has("w16a16_mm_small"):
             mm = torch.ops.qcal.w16a16_mm_small
             if bias is None:
                 return lambda x: mm(x, weight)
             b = bias.to(torch.bfloat16)
             return lambda x: mm(x, weight) + b
-        return lambda x: F.linear(x, weight, bias)
+        return lambda x: linear(x, weight, bias)
     choose = getattr(getattr(mod, "kernel", None), "choose", None)
     if rows is not None and choose is not None and getattr(mod, "frozen", False) and mod._parameters.get("bias") \
             is None:
         run = choose(torch.bfloat16, rows).run
-        return lambda x: run(mod, x)
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            y = run(mod, x)
+            return y if y.dtype == x.dtype else y.to(x.dtype)  # as the module call casts (int8dq's _int_mm: fp32)
+        return call
     return mod
 
 
@@ -172,6 +179,9 @@ class LeanGenerator(TokenGenerator):
             caches = [(self.k_cache[i], self.v_cache[i]) for i in range(n_layers)]
         else:
             self.kv_group = _kv_group(kv_bits, kv_group_size, self.head_dim)
+            if not runtime_ops.has_kv():
+                raise ValueError(f"LeanGenerator: kv_bits={kv_bits} needs the quantized-cache operators, which this "
+                                 f"CPU's native library ({native.isa()}) lacks; use kv_bits=None")
             k, v = (_quantized_cache(n_layers, self.kv_heads, max_cache_len, self.head_dim, kv_bits, self.kv_group)
                     for _ in range(2))
             self.k_cache, self.v_cache = k, v

@@ -6,9 +6,25 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.native import available, native_status
+from ..kernels.native import has, native_status
 
-__all__ = ["attention_supported", "decode_attention", "prefill_attention", "add_rmsnorm", "rope_store", "silu_mul"]
+__all__ = ["RUNTIME_OPS", "KV_OPS", "available", "has_kv", "attention_supported", "decode_attention",
+           "prefill_attention", "add_rmsnorm", "rope_store", "silu_mul"]
+
+# the operators of a bf16-cache generation step, and those a quantized cache adds (the AVX2 library lacks these)
+RUNTIME_OPS = ("add_rmsnorm", "rope_store", "silu_mul", "decode_attention", "decode_step_attention",
+               "prefill_attention")
+KV_OPS = ("kv_quantize", "kv_dequant", "decode_attention_kv")
+
+
+def available() -> bool:
+    """Whether the loaded native library has the runtime's operators (AVX-512 or AVX2)."""
+    return has(*RUNTIME_OPS)
+
+
+def has_kv() -> bool:
+    """Whether the loaded native library also has the quantized KV cache's operators."""
+    return has(*KV_OPS)
 
 
 def attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -24,7 +40,7 @@ def attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 def _library() -> None:
     if not available():
-        raise RuntimeError(f"qcal native kernels {native_status()}")
+        raise RuntimeError(f"qcal native runtime operators unavailable: kernels {native_status()}")
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

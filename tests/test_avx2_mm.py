@@ -1,0 +1,371 @@
+"""The small-M matmul operators (``w16a16_mm_small``, ``w8a16_mm_vnni``, ``w8a8_mm_small``, ``w8a16_mm_small``) on
+whichever native library is loaded (AVX-512 or AVX2): numbers against float64 references, the documented
+arithmetic bit for bit, tails of M, N and K, outlier, zero and non-finite rows, and argument checks.
+
+bf16 products: fp32 lanes accumulate ``2 ceil(K / 32)`` products each (one rounding per FMA), 16 lanes are summed
+pairwise (4 more roundings) and the sum is rounded once to bf16, so with ``u = 2^-24``, ``n = 2 ceil(K / 32) + 4``
+and ``e = n u / (1 - n u) * sum_k |x_k w_k|``, the result is within ``2^-8 (|exact| + e) + e`` of the exact dot
+product.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qcal.kernels import native
+
+pytestmark = pytest.mark.native_ops("w16a16_mm_small", "w8a16_mm_vnni")
+ops = torch.ops.qcal
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+def _gen(*key: int) -> torch.Generator:
+    seed = 0
+    for v in key:
+        seed = (seed * 1000003 + v) % (2**31)
+    return torch.Generator().manual_seed(seed)
+
+
+def _bf16_bound(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact product (float64) and the bound on a bf16-product kernel's error (module docstring)."""
+    exact = x.double() @ w.double().t()
+    n = 2 * math.ceil(x.shape[1] / 32) + 4
+    e = n * 2.0**-24 / (1 - n * 2.0**-24) * (x.double().abs() @ w.double().abs().t())
+    return exact, 2.0**-8 * (exact.abs() + e) + e
+
+
+def _vdpbf16ps(x: torch.Tensor, w: torch.Tensor, tree: bool = True) -> torch.Tensor:
+    """The bf16 kernels' sums (fp32, before any scale): per lane j of 16 and 32 columns, fma(x[2j+1], w[2j+1], acc)
+    then fma(x[2j], w[2j], acc), rounded to nearest even, denormal inputs as zero and tiny results flushed to zero
+    (vdpbf16ps); then _mm512_reduce_add_ps's order (upper 8 lanes + lower 8, the 128-bit halves, lanes {0,1} + {2,3},
+    lane 0 + lane 1; ``tree=False``: a running sum over the lanes instead). A bf16 x bf16 product is exact in
+    float64 and so is its sum with an fp32 lane wherever that sum can round differently, so float64 then one
+    rounding to fp32 is the FMA."""
+    m, k = x.shape
+    kp = -(-k // 32) * 32
+    xf = torch.zeros(m, kp, dtype=torch.float64)
+    wf = torch.zeros(w.shape[0], kp, dtype=torch.float64)
+    xf[:, :k], wf[:, :k] = x.double(), w.double()
+    xf[xf.abs() < FLT_MIN], wf[wf.abs() < FLT_MIN] = 0.0, 0.0
+    acc = torch.zeros(m, w.shape[0], 16, dtype=torch.float64)
+    for s in range(kp // 32):
+        xs = xf[:, None, 32 * s:32 * s + 32].reshape(m, 1, 16, 2)
+        ws = wf[None, :, 32 * s:32 * s + 32].reshape(1, -1, 16, 2)
+        for pair in (1, 0):
+            acc = (acc + xs[..., pair] * ws[..., pair]).float().double()
+            acc = torch.where(acc.abs() < FLT_MIN, acc * 0.0, acc)
+    a = acc.float()
+    if not tree:
+        out = a[..., 0]
+        for lane in range(1, 16):
+            out = out + a[..., lane]
+        return out
+    a = a[..., 8:] + a[..., :8]
+    a = a[..., 4:] + a[..., :4]
+    return (a[..., 0] + a[..., 2]) + (a[..., 1] + a[..., 3])
+
+
+def _digits(x: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """``w8a16_mm_vnni``'s documented arithmetic for finite rows: x scaled by 2^E, E = 23 - p with max |x| in
+    [2^(p-1), 2^p), rounded half to even to xf; s = sum_k (xf + 2^23) w[n, k] - 2^23 wsum[n] (exact); then
+    2^-E s ws[n] in double, rounded to fp32 and to bf16."""
+    rows = []
+    for row in x.double():
+        top = row.abs().max().item()
+        e = 23 - (math.frexp(top)[1] if top > 0 else 0)
+        u = torch.round(row * 2.0**e).long() + (1 << 23)
+        s = w.long() @ u - wsum.long() * (1 << 23)
+        rows.append((s.double() * 2.0**-e * ws.double()).float())
+    return torch.stack(rows).to(torch.bfloat16)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits, any NaN matching any NaN."""
+    return bool(((a.view(torch.int16) == b.view(torch.int16)) | (a.isnan() & b.isnan())).all())
+
+
+def _bf16_bits(shape, lo: int, hi: int, g: torch.Generator) -> torch.Tensor:
+    """bf16 values of random sign and mantissa with biased exponents in [lo, hi] (0: zero and denormals)."""
+    sign = torch.randint(0, 2, shape, generator=g) << 15
+    exp = torch.randint(lo, hi + 1, shape, generator=g) << 7
+    return (sign | exp | torch.randint(0, 128, shape, generator=g)).to(torch.int16).view(torch.bfloat16)
+
+
+# ---------------------------------------------------------------- bf16 x bf16
+
+
+@pytest.mark.parametrize("m", range(1, 10))
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 31), (5, 33), (70, 100), (16, 576), (9, 1000)])
+def test_bf16_within_the_fp32_bound_and_exact_on_integers(m, n, k):
+    g = _gen(m, n, k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    got = ops.w16a16_mm_small(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    exact, bound = _bf16_bound(x, w)
+    assert ((got.double() - exact).abs() <= bound).all()
+    ints = torch.randint(-8, 9, (m, k), generator=g).to(torch.bfloat16)  # every partial sum exact in fp32
+    wints = torch.randint(-8, 9, (n, k), generator=g).to(torch.bfloat16)
+    assert torch.equal(ops.w16a16_mm_small(ints, wints), (ints.long() @ wints.long().t()).float().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("lo,hi", [(100, 154), (0, 70), (1, 64), (180, 254), (0, 255)])
+def test_bf16_is_the_documented_vdpbf16ps_arithmetic(lo, hi):
+    """Bit for bit, over exponent ranges reaching denormals (DAZ, FTZ), overflow and NaN/Inf. The AVX-512 library
+    runs the instruction itself; the AVX2 library reproduces the Intel SDM's definition."""
+    if native.isa() != "avx2":
+        pytest.skip("the AVX-512 library runs vdpbf16ps itself")
+    g = _gen(lo, hi)
+    for m, n, k in [(1, 7, 64), (3, 5, 47), (4, 9, 130), (6, 2, 17)]:
+        x, w = _bf16_bits((m, k), lo, hi, g), _bf16_bits((n, k), lo, hi, g)
+        assert _same(ops.w16a16_mm_small(x, w), _vdpbf16ps(x, w).to(torch.bfloat16))
+
+
+def test_bf16_lane_sum_order():
+    """Lanes that cancel across the halves (lane j + 8 = -lane j + a small part): summing the upper and lower halves
+    first, as _mm512_reduce_add_ps does, keeps the small parts that a running sum over the lanes rounds away."""
+    if native.isa() != "avx2":
+        pytest.skip("the AVX-512 library runs _mm512_reduce_add_ps itself")
+    g = _gen(31)
+    x = torch.zeros(64, 32)
+    big = torch.exp2(torch.randint(19, 22, (64, 8), generator=g).float())
+    big *= 1 + torch.randint(0, 128, (64, 8), generator=g) / 128  # bf16 values in [2^19, 2^22)
+    small = torch.randint(16, 256, (64, 8), generator=g) / 16 * (torch.randint(0, 2, (64, 8), generator=g) * 2 - 1)
+    x[:, 1:16:2], x[:, 17:32:2], x[:, 16:32:2] = big, -big, small
+    x, w = x.to(torch.bfloat16), torch.ones(5, 32, dtype=torch.bfloat16)
+    got = torch.cat([ops.w16a16_mm_small(x[i:i + 4], w) for i in range(0, 64, 4)])
+    assert _same(got, _vdpbf16ps(x, w).to(torch.bfloat16))
+    assert not torch.equal(got, _vdpbf16ps(x, w, tree=False).to(torch.bfloat16))
+
+
+def test_bf16_zero_outlier_and_nonfinite_rows():
+    g = _gen(11)
+    x = torch.randn(5, 200, generator=g).to(torch.bfloat16)
+    w = torch.randn(37, 200, generator=g).to(torch.bfloat16)
+    w[:, 7] = 1.0
+    x[0] = 0.0
+    x[1, 3] = 1e30  # an outlier: the row's result is its term, the rest within the bound
+    clean = ops.w16a16_mm_small(x, w)
+    assert torch.equal(clean[0].view(torch.int16), torch.zeros(37, dtype=torch.int16))  # +0
+    exact, bound = _bf16_bound(x, w)
+    assert ((clean.double() - exact).abs() <= bound).all()
+    x[2, 50] = float("nan")
+    x[3, 7] = float("inf")
+    got = ops.w16a16_mm_small(x, w)
+    assert torch.isnan(got[2]).all() and torch.equal(got[3], torch.full((37,), float("inf"), dtype=torch.bfloat16))
+    assert torch.equal(got[[0, 1, 4]], clean[[0, 1, 4]])  # rows are independent
+
+
+# ---------------------------------------------------------------- int8 weight-only through activation digits
+
+
+@pytest.mark.parametrize("m", range(1, 10))
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 15), (3, 17), (6, 70), (13, 130), (192, 576)])
+def test_int8_digits_exact(m, n, k):
+    """Integer activations give the exact integer sums; values spanning 2^15 of their row's largest give the exact
+    dot product rounded once."""
+    g = _gen(m, n, k)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    wsum = native.int8_row_sums(w)
+    x = torch.randint(-15, 16, (m, k), generator=g).to(torch.bfloat16)
+    exact = (x.long() @ w.long().t()).float().to(torch.bfloat16)
+    assert torch.equal(ops.w8a16_mm_vnni(x, w, wsum, torch.ones(n)), exact)
+    mag = torch.exp2(torch.randint(-14, 1, (m, k), generator=g).float()) * (1 + torch.rand(m, k, generator=g))
+    sign = torch.randint(0, 2, (m, k), generator=g) * 2 - 1
+    x = (sign * mag * 3.0).to(torch.bfloat16)  # |x| in [3 2^-14, 6): within 2^15 of the row's largest
+    ws = torch.rand(n, generator=g) * 0.02 + 1e-3
+    ref = ((x.double() @ w.double().t()) * ws.double()).float().to(torch.bfloat16)
+    assert torch.equal(ops.w8a16_mm_vnni(x, w, wsum, ws), ref)
+
+
+def test_int8_digits_are_the_documented_fixed_point():
+    """Rows spanning more than 2^23 (their small values rounded to the grid of 2^-E), tiny and huge rows, and row sums
+    that are not the weight's (the kernel subtracts the wsum it is given): the documented integers, bit for bit."""
+    g = _gen(21)
+    for m, n, k in [(3, 11, 100), (5, 6, 333), (2, 4, 2049)]:
+        w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        x = _bf16_bits((m, k), 1, 254, g)  # every finite exponent: most values below the grid
+        x[0] = (torch.randn(k, generator=g) * 1e-38).to(torch.bfloat16)  # E past 127
+        x[-1] = (torch.randn(k, generator=g) * 1e37).to(torch.bfloat16)  # E negative
+        ws = torch.rand(n, generator=g) + 0.5
+        for wsum in (native.int8_row_sums(w), torch.randint(-2**31, 2**31 - 1, (n,), generator=g, dtype=torch.int32)):
+            assert torch.equal(ops.w8a16_mm_vnni(x, w, wsum, ws), _digits(x, w, wsum, ws))
+
+
+def test_int8_digits_worst_case_magnitudes_over_long_rows():
+    """Digits and weights at their extremes over K up to the digit kernel's limit (2^16): the int32 partial sums
+    must not wrap."""
+    for k in (16385, 65536):
+        x = torch.full((2, k), 1 - 2**-8, dtype=torch.bfloat16)  # u = xf + 2^23 close to 2^24
+        x[1, ::2] = -1.0
+        w = torch.full((3, k), -128, dtype=torch.int8)
+        w[1] = 127
+        ws = torch.tensor([1e-5, 2e-5, 3e-5])
+        ref = ((x.double() @ w.double().t()) * ws.double()).float().to(torch.bfloat16)
+        assert torch.equal(ops.w8a16_mm_vnni(x, w, native.int8_row_sums(w), ws), ref)
+
+
+@pytest.mark.native_ops("w8a16_mm_small")
+def test_int8_digits_zero_outlier_and_nonfinite_rows():
+    g = _gen(3)
+    w = torch.randint(-127, 128, (33, 64), generator=g, dtype=torch.int8)
+    wsum, ws = native.int8_row_sums(w), torch.full((33,), 0.5)
+    x = torch.randn(4, 64, generator=g).to(torch.bfloat16)
+    x[0] = 0
+    x[1] *= 1e-38
+    x[2, 0] = 1e4  # the rest of the row within 2^-23 of it at worst
+    got = ops.w8a16_mm_vnni(x, w, wsum, ws)
+    assert torch.equal(got[0], torch.zeros(33, dtype=torch.bfloat16))
+    full = (x.double() @ w.double().t()) * 0.5
+    bound = 2.0**-8 * full.abs() + 2.0**-24 * x.double().abs().amax(1, keepdim=True) * w.double().abs().sum(1) * 0.5
+    assert ((got.double() - full).abs() <= bound).all()
+    x[3, 5] = float("nan")  # a non-finite value: the widening kernel's IEEE semantics for the whole call
+    got = ops.w8a16_mm_vnni(x, w, wsum, ws)
+    assert torch.isnan(got[3]).all() and torch.equal(got[:3], ops.w8a16_mm_small(x, w, ws)[:3])
+    assert not torch.equal(got[:3], ops.w8a16_mm_vnni(x[:3], w, wsum, ws))  # the digits differ somewhere
+    x[3, 5] = float("inf")
+    assert _same(ops.w8a16_mm_vnni(x, w, wsum, ws), ops.w8a16_mm_small(x, w, ws))
+
+
+@pytest.mark.native_ops("w8a16_mm_small")
+def test_int8_digits_past_their_k_limit_take_the_widening_kernel():
+    g = _gen(5)
+    w = torch.randint(-128, 128, (3, 65537), generator=g, dtype=torch.int8)
+    x = torch.randn(2, 65537, generator=g).to(torch.bfloat16)
+    ws = torch.rand(3, generator=g)
+    assert torch.equal(ops.w8a16_mm_vnni(x, w, native.int8_row_sums(w), ws), ops.w8a16_mm_small(x, w, ws))
+
+
+# ---------------------------------------------------------------- int8 weight-only, widened (the digits' fallback)
+
+
+@pytest.mark.native_ops("w8a16_mm_small")
+@pytest.mark.parametrize("m,n,k", [(1, 5, 70), (3, 16, 32), (4, 7, 100), (9, 3, 576)])
+def test_int8_widened_within_the_fp32_bound(m, n, k):
+    g = _gen(m, n, k, 1)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    got = ops.w8a16_mm_small(x, w, torch.ones(n))
+    exact, bound = _bf16_bound(x, w)
+    assert ((got.double() - exact).abs() <= bound).all()
+    ints = torch.randint(-15, 16, (m, k), generator=g).to(torch.bfloat16)
+    exact = (ints.long() @ w.long().t()).float()
+    assert torch.equal(ops.w8a16_mm_small(ints, w, torch.full((n,), 0.5)), (exact * 0.5).to(torch.bfloat16))
+    if native.isa() == "avx2":  # the documented arithmetic: the lanes' sum times ws in fp32, rounded once
+        ws = torch.rand(n, generator=g)
+        want = (_vdpbf16ps(x, w.to(torch.bfloat16)) * ws).to(torch.bfloat16)
+        assert _same(ops.w8a16_mm_small(x, w, ws), want)
+
+
+# ---------------------------------------------------------------- dynamic A8W8
+
+
+def _a8w8_reference(x, w, ws):
+    from qcal.kernels.common import quantize_per_token
+
+    xq, xs = quantize_per_token(x)
+    return ((xq.long() @ w.long().t()).float() * xs).mul_(ws.view(1, -1)).to(torch.bfloat16)
+
+
+@pytest.mark.native_ops("w8a8_mm_small")
+@pytest.mark.parametrize("m", range(1, 10))
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 70), (6, 15), (48, 576), (9, 130)])
+def test_a8w8_equals_quantize_per_token_and_int_mm(m, n, k):
+    g = _gen(m, n, k, 2)
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16)
+    x[0, 0] = 40.0  # an outlier: the row's scale
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, generator=g) * 0.01
+    assert torch.equal(ops.w8a8_mm_small(x, w, native.int8_row_sums(w), ws), _a8w8_reference(x, w, ws))
+
+
+@pytest.mark.native_ops("w8a8_mm_small")
+def test_a8w8_zero_and_nonfinite_rows():
+    g = _gen(8)
+    x = torch.randn(4, 100, generator=g).to(torch.bfloat16)
+    w = torch.randint(-128, 128, (10, 100), generator=g, dtype=torch.int8)
+    ws = torch.rand(10, generator=g)
+    x[0] = 0
+    x[1, 10] = float("nan")
+    x[2, 20] = float("-inf")
+    got = ops.w8a8_mm_small(x, w, native.int8_row_sums(w), ws)
+    assert torch.equal(got[0].view(torch.int16), torch.zeros(10, dtype=torch.int16))
+    assert torch.isnan(got[1]).all() and torch.isnan(got[2]).all()
+    assert torch.equal(got[3], _a8w8_reference(x[3:], w, ws)[0])
+
+
+# ---------------------------------------------------------------- every operator
+
+
+def test_threads_do_not_change_the_results():
+    g = _gen(9)
+    x = torch.randn(5, 300, generator=g).to(torch.bfloat16)
+    wb = torch.randn(37, 300, generator=g).to(torch.bfloat16)
+    w = torch.randint(-128, 128, (37, 300), generator=g, dtype=torch.int8)
+    wsum, ws = native.int8_row_sums(w), torch.rand(37, generator=g)
+    calls = [lambda: ops.w16a16_mm_small(x, wb), lambda: ops.w8a16_mm_vnni(x, w, wsum, ws)]
+    if native.has("w8a8_mm_small"):
+        calls.append(lambda: ops.w8a8_mm_small(x, w, wsum, ws))
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append([c() for c in calls])
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0], strict=True))
+
+
+def test_empty_shapes_and_meta():
+    assert ops.w16a16_mm_small(torch.zeros(0, 8, dtype=torch.bfloat16), torch.zeros(3, 8, dtype=torch.bfloat16)).shape \
+        == (0, 3)
+    assert ops.w16a16_mm_small(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(0, 8, dtype=torch.bfloat16)).shape \
+        == (2, 0)
+    w = torch.zeros(0, 8, dtype=torch.int8)
+    assert ops.w8a16_mm_vnni(torch.zeros(2, 8, dtype=torch.bfloat16), w, torch.zeros(0, dtype=torch.int32),
+                             torch.zeros(0)).shape == (2, 0)
+    meta = ops.w16a16_mm_small(torch.empty(3, 64, dtype=torch.bfloat16, device="meta"),
+                               torch.empty(5, 64, dtype=torch.bfloat16, device="meta"))
+    assert meta.shape == (3, 5) and meta.device.type == "meta"
+
+
+def test_bf16_refuses_bad_input():
+    op = "qcal::w16a16_mm_small"
+    w = torch.zeros(8, 64, dtype=torch.bfloat16)
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    for call, exc, match in [
+        (lambda: ops.w16a16_mm_small(x.float(), w), TypeError, "x must be a bf16 CPU tensor"),
+        (lambda: ops.w16a16_mm_small(x[:, :32], w), ValueError, r"x must be \(M, 64\)"),
+        (lambda: ops.w16a16_mm_small(x[None], w), ValueError, r"x must be \(M, 64\)"),
+        (lambda: ops.w16a16_mm_small(x, w.float()), TypeError, "w must be a BFloat16"),
+        (lambda: ops.w16a16_mm_small(x, w[0]), ValueError, r"w must be \(N, K\)"),
+        (lambda: ops.w16a16_mm_small(x, w[:, :0]), ValueError, r"w must be \(N, K\)"),
+        (lambda: ops.w16a16_mm_small(x[:, :8], w.t()), ValueError, "w must be a contiguous"),
+    ]:
+        with pytest.raises(exc, match=f"{op}: {match}"):
+            call()
+
+
+@pytest.mark.parametrize("name", ["w8a16_mm_vnni",
+                                  pytest.param("w8a8_mm_small", marks=pytest.mark.native_ops("w8a8_mm_small"))])
+def test_int8_with_row_sums_refuses_bad_input(name):
+    fn, op = getattr(ops, name), f"qcal::{name}"
+    w = torch.zeros(6, 64, dtype=torch.int8)
+    wsum, ws, x = native.int8_row_sums(w), torch.ones(6), torch.zeros(2, 64, dtype=torch.bfloat16)
+    for args, exc, match in [
+        ((x.float(), w, wsum, ws), TypeError, "x must be a bf16 CPU tensor"),
+        ((x[:, :63], w, wsum, ws), ValueError, r"x must be \(M, 64\)"),
+        ((x, w.to(torch.uint8), wsum, ws), TypeError, "w must be a Char"),
+        ((x, w.t().contiguous().t(), wsum, ws), ValueError, "w must be a contiguous"),
+        ((x, w[0], wsum, ws), ValueError, r"w must be \(N, K\)"),
+        ((x, w, wsum[:5], ws), ValueError, "wsum must be a contiguous"),
+        ((x, w, wsum.long(), ws), TypeError, "wsum must be a Int"),
+        ((x, w, wsum, ws.to(torch.bfloat16)), TypeError, "ws must be a Float"),
+        ((x, w, wsum, torch.ones(7)), ValueError, "ws must be a contiguous"),
+    ]:
+        with pytest.raises(exc, match=f"{op}: {match}"):
+            fn(*args)
