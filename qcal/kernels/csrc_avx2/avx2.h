@@ -91,7 +91,7 @@ static inline __m256 qcal_exp8_nonpos(__m256 x) {
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    /* n in [-145, 0]: 2^a * 2^b with a = n / 2 rounded toward zero, b = n - a, both normal */
+    /* n in [-145, 0]: 2^a * 2^b with a = floor(n / 2) (an arithmetic shift), b = n - a, both normal */
     const __m256i ni = _mm256_cvtps_epi32(n);
     const __m256i a = _mm256_srai_epi32(ni, 1), b = _mm256_sub_epi32(ni, a);
     const __m256 pa = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(127)), 23));
