@@ -18,6 +18,7 @@
 #include <omp.h>
 
 #include "bf16.h"
+#include "int4_shape.h"
 #include "parallel.h"
 #include "rowquant.h"
 #include "tiles.h"
@@ -28,7 +29,6 @@
 #include <string.h>
 
 #define AI static inline __attribute__((always_inline))
-#define MAX_GROUPS 1024
 
 AI __m512bh nibbles(__m512i v, int q) {
     __m512i sh = q ? _mm512_srli_epi16(v, 4 * q) : v;
@@ -130,12 +130,6 @@ static int mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_z
     qcal_run_units(M, units, nthreads, &ctx, int4_unit);
     free(X);
     return 0;
-}
-
-/* The shapes both kernels take: blocks of 16 rows, octets of 8 columns, groups of a multiple of 8 dividing K. */
-static bool w4_fits(int64_t N, int64_t K, int64_t gs) {
-    return N > 0 && K > 0 && N % 16 == 0 && K % 8 == 0 && gs > 0 && gs % 8 == 0 && K % gs == 0 &&
-           K / gs <= MAX_GROUPS && K <= (1 << 26);
 }
 
 static int bad_args(int64_t M, int64_t N, int64_t K, int64_t gs) { return !w4_fits(N, K, gs) || M < 0; }

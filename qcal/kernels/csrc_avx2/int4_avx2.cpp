@@ -41,12 +41,12 @@
 #include <string.h>
 
 #include "avx2.h"
+#include "int4_shape.h"
 #include "ops.h"
 #include "parallel.h"
 #include "rowquant_avx2.h"
 
 #define AI static inline __attribute__((always_inline))
-#define MAX_GROUPS 1024
 
 /* ------------------------------------------------------------------ the thread split */
 
@@ -210,7 +210,6 @@ static void share_quads(int64_t M, int t, int T, int64_t *lo, int64_t *hi) {
 }
 
 /* y = x @ W^T. Returns 0, -1 for unsupported arguments (nothing written), -2 (memory). */
-static bool w4_fits(int64_t N, int64_t K, int64_t gs);
 
 static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_zero, uint16_t *y,
                        int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
@@ -382,12 +381,6 @@ static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_
     free(xs);
     free(X);
     return 0;
-}
-
-/* The shapes both kernels take: blocks of 16 rows, octets of 8 columns, groups of a multiple of 8 dividing K. */
-static bool w4_fits(int64_t N, int64_t K, int64_t gs) {
-    return N > 0 && K > 0 && N % 16 == 0 && K % 8 == 0 && gs > 0 && gs % 8 == 0 && K % gs == 0 &&
-           K / gs <= MAX_GROUPS && K <= (1 << 26);
 }
 
 #include "int4_api.h"  // the operators (ISA-neutral): shared with the other instruction set's build
