@@ -213,6 +213,62 @@ def test_greedy_decoding_follows_hugging_face(scheme):
 
 
 @needs_native
+@pytest.mark.parametrize("scheme", ["bf16", "int4wo-64", "8da4w-64", "int8dq", "int8wo", "fp8wo", "fp6wo"])
+def test_native_decode_step_is_the_python_loop_bit_for_bit(scheme):
+    """qcal::decode_layers (the decode step's layer loop in one call) against the same loop in Python: the same
+    logits and caches, bit for bit; it runs wherever every projection is one qcal operator."""
+    model = apply_scheme(make_tiny_llama(hidden=128, layers=3, tie=False), scheme, quantize_lm_head=True)
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
+    step, loop = LeanGenerator(model, 24), LeanGenerator(model, 24, native_step=False)
+    assert loop.step_args is None
+    if scheme in ("bf16", "int4wo-64", "8da4w-64", "int8dq", "int8wo") or native.available():
+        assert step.step_args is not None and len(step.step_args[2]) == 7 * 3
+    with torch.no_grad():
+        assert torch.equal(step.prefill(prompt), loop.prefill(prompt))
+        tokens = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(5))
+        for t in range(8):
+            a, b = step.decode(tokens[:, t:t + 1]), loop.decode(tokens[:, t:t + 1])
+            assert torch.equal(a, b), f"step {t}: {(a.float() - b.float()).abs().max()}"
+    assert torch.equal(step.k_cache, loop.k_cache) and torch.equal(step.v_cache, loop.v_cache)
+
+
+@needs_native
+@pytest.mark.native_ops("decode_layers")
+def test_native_decode_step_checks_its_arguments_before_touching_the_stream():
+    model = apply_scheme(make_tiny_llama(hidden=128, layers=2, tie=False), "int4wo-64")
+    gen = LeanGenerator(model, 8)
+    assert gen.step_args is not None
+    norms, eps, names, tensors, ints = gen.step_args
+    x, h = _bf16(1, 128, seed=1), torch.zeros(1, 128, dtype=torch.bfloat16)
+
+    def call(**change):
+        a = {"norms": norms, "eps": eps, "ops": names, "tensors": tensors, "ints": ints, "x": x.clone(), "h": h,
+             **change}
+        before = a["x"].clone()
+        try:
+            return torch.ops.qcal.decode_layers(a["x"], a["h"], None, a["norms"], a["eps"], gen.k_cache, gen.v_cache,
+                                                0, gen.cos, gen.sin, gen.scale, a["ops"], a["tensors"], a["ints"])
+        finally:
+            assert torch.equal(a["x"], before) or not change  # an error leaves the residual stream as it was
+
+    out = call()
+    assert out.shape == (1, 128) and out.dtype == torch.bfloat16
+    bad = [({"ops": ["nope"] + names[1:]}, "no operator qcal::nope"),
+           ({"ops": ["add_rmsnorm"] + names[1:]}, "is not a projection"),
+           ({"ops": names[:-1]}, "take 14 projections, got 13"),
+           ({"tensors": tensors[:-1]}, "tensors ends before"),
+           ({"ints": ints + [3]}, "take .* ints, got"),
+           ({"ints": [2] + ints[1:]}, "is a bool, got 2"),
+           ({"norms": norms[:-1]}, "take 4 norm weights"),
+           ({"norms": [norms[0].float()] + norms[1:]}, "norm weight"),
+           ({"x": _bf16(2, 128)}, r"x must be a contiguous \(1, hidden\)"),
+           ({"h": torch.zeros(1, 64, dtype=torch.bfloat16)}, "h")]
+    for change, message in bad:
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
+            call(**change)
+
+
+@needs_native
 def test_time_generation_and_cache_bounds():
     model = make_tiny_llama(hidden=64).to(torch.bfloat16)
     gen = LeanGenerator(model, 16)

@@ -125,9 +125,13 @@ FPX_TABLES = Layout("float32 weight scales + the format's bf16 value table", _fp
 # ---------------------------------------------------------------------------- implementations
 
 
-def _w4a16_small(m, x2):
+def _w4a16_args(m) -> tuple:
     b, d = m._buffers, m.__dict__
-    return torch.ops.qcal.w4a16_mm_small(x2, b["_k_n4w"], b["_k_n4sz"], d["_k_has_zero"], d["_k_group"])
+    return b["_k_n4w"], b["_k_n4sz"], d["_k_has_zero"], d["_k_group"]
+
+
+def _w4a16_small(m, x2):
+    return torch.ops.qcal.w4a16_mm_small(x2, *_w4a16_args(m))
 
 
 def _w4a16_panel(m, x2):
@@ -136,9 +140,13 @@ def _w4a16_panel(m, x2):
                                          None if zp is None else zp.float().contiguous(), _shape(m)[2])
 
 
-def _w4a8(m, x2):
+def _w4a8_args(m) -> tuple:
     b = m._buffers
-    return torch.ops.qcal.w4a8_mm(x2, b["_k_n4w"], b["_k_n4sz"], m.__dict__["_k_group"])
+    return b["_k_n4w"], b["_k_n4sz"], m.__dict__["_k_group"]
+
+
+def _w4a8(m, x2):
+    return torch.ops.qcal.w4a8_mm(x2, *_w4a8_args(m))
 
 
 def _tinygemm_mm(m, xb):
@@ -163,9 +171,13 @@ _tinygemm_a8 = per_token_int8(_tinygemm_mm)
 dequant_a8 = per_token_int8(_dequant_mm)
 
 
-def _w8a16_vnni(m, x2):
+def _int8_sums_args(m) -> tuple:
     b = m._buffers
-    return torch.ops.qcal.w8a16_mm_vnni(x2, b["qweight"], b["_k_i8sum"], b["_k_i8ws"])
+    return b["qweight"], b["_k_i8sum"], b["_k_i8ws"]
+
+
+def _w8a16_vnni(m, x2):
+    return torch.ops.qcal.w8a16_mm_vnni(x2, *_int8_sums_args(m))
 
 
 def _w8a16_panel(m, x2):
@@ -173,8 +185,12 @@ def _w8a16_panel(m, x2):
     return torch.ops.qcal.w8a16_mm_panel(x2, b["qweight"], b["_k_i8ws"])
 
 
+def _wf8a16_args(m) -> tuple:
+    return m.qweight, m._buffers["_k_i8ws"]
+
+
 def _wf8a16_small(m, x2):
-    return torch.ops.qcal.wf8a16_mm_small(x2, m.qweight, m._buffers["_k_i8ws"])
+    return torch.ops.qcal.wf8a16_mm_small(x2, *_wf8a16_args(m))
 
 
 def _dequant_weight_mm(m, x2):
@@ -206,9 +222,13 @@ def _fp8dq_dequant(m, x2):
     return (y.float() * m.weight_scale.float().view(1, -1) * s).to(x2.dtype)
 
 
-def _wfx_small(m, x2):
+def _wfx_args(m) -> tuple:
     b = m._buffers
-    return torch.ops.qcal.wfx_mm_small(x2, m.qweight, b["_k_fxws"], b["_k_fxlut"], m.weight_spec.qtype.bits)
+    return m.qweight, b["_k_fxws"], b["_k_fxlut"], m.weight_spec.qtype.bits
+
+
+def _wfx_small(m, x2):
+    return torch.ops.qcal.wfx_mm_small(x2, *_wfx_args(m))
 
 
 def _int8pack_mm(m, x2):
@@ -225,8 +245,7 @@ def _native_dequant_int8(m, x2):
 
 
 def _w8a8_small(m, x2):
-    b = m._buffers
-    return torch.ops.qcal.w8a8_mm_small(x2, b["qweight"], b["_k_i8sum"], b["_k_i8ws"])
+    return torch.ops.qcal.w8a8_mm_small(x2, *_int8_sums_args(m))
 
 
 def _w8a8_panel(m, x2):
@@ -250,18 +269,25 @@ def _amx(m) -> bool:
     return native.amx()
 
 
+_W4A16 = ("w4a16_mm_small", _w4a16_args)
+_W4A8 = ("w4a8_mm", _w4a8_args)
+_W8A8 = ("w8a8_mm_small", _int8_sums_args)
+_W8A16 = ("w8a16_mm_vnni", _int8_sums_args)
+
 # Rows in order of preference. ``native=True`` rows need qcal's AVX-512 library, ``native="<operator>"`` rows the
 # AVX2 library with that operator; a layer no row fits keeps the reference
 # kernel (int4: the group sizes of tinygemm or the native kernels).
 INT4WO = LinearTable("int4wo", "cpu", lambda m: weight_only(m) and m.weight_spec.qtype == qint4, (
+    # vs the panel kernel: small wins to M=64, panel from 128
     Impl("qcal avx512-bf16 int4 mm", _w4a16_small, native=True, fits=lambda m: _native_int4(m) and not _amx(m),
-         dtypes=_BF16, max_m=64, layout=NATIVE_W4),  # vs the panel kernel: small wins to M=64, panel from 128
+         dtypes=_BF16, max_m=64, layout=NATIVE_W4, direct=_W4A16),
+    # AMX: one dequantization + oneDNN's GEMM from M=32
     Impl("qcal avx512-bf16 int4 mm", _w4a16_small, native=True, fits=lambda m: _native_int4(m) and _amx(m),
-         dtypes=_BF16, max_m=16, layout=NATIVE_W4),  # AMX: one dequantization + oneDNN's GEMM from M=32
+         dtypes=_BF16, max_m=16, layout=NATIVE_W4, direct=_W4A16),
     Impl("qcal panel int4 mm", _w4a16_panel, native=True,
          fits=lambda m: _native_int4(m) and _panel(m) and not _amx(m), dtypes=_BF16, eager=True),
     Impl("qcal avx2 int4 mm", _w4a16_small, native="w4a16_mm_small", fits=_native_int4, dtypes=_BF16, max_m=16,
-         layout=NATIVE_W4),
+         layout=NATIVE_W4, direct=_W4A16),
     Impl("tinygemm int4pack_mm", _tinygemm_mm, fits=lambda m: tinygemm_int4(m) and not _native_int4(m), max_m=64,
          layout=TINYGEMM),
     Impl("dequant + bf16 mm", _dequant_mm, fits=lambda m: tinygemm_int4(m) or _native_int4(m)),
@@ -270,9 +296,9 @@ INT4WO = LinearTable("int4wo", "cpu", lambda m: weight_only(m) and m.weight_spec
 INT8DA_INT4 = LinearTable("8da4w", "cpu", lambda m: dynamic_int8(m) and m.weight_zero_point is None
                           and m.weight_spec.qtype == qint4, (
     Impl("qcal avx512-vnni int8 x int4 mm, row quantization fused", _w4a8, native=True, fits=_native_int4,
-         dtypes=_BF16, layout=NATIVE_W4_VNNI),  # ahead of dequantize + GEMM at every M measured, to 2048
+         dtypes=_BF16, layout=NATIVE_W4_VNNI, direct=_W4A8),  # ahead of dequantize + GEMM at every M measured, to 2048
     Impl("qcal avx2 int8 x int4 mm, row quantization fused", _w4a8, native="w4a8_mm", fits=_native_int4,
-         dtypes=_BF16, layout=NATIVE_W4_VNNI),
+         dtypes=_BF16, layout=NATIVE_W4_VNNI, direct=_W4A8),
     Impl("per-token quant + tinygemm int4pack_mm", _tinygemm_a8, max_m=64, layout=TINYGEMM,
          fits=lambda m: tinygemm_int4(m) and not _native_int4(m)),  # native layers' fp32 inputs: dequantize
     Impl("per-token quant + dequant + bf16 mm", dequant_a8, fits=lambda m: tinygemm_int4(m) or _native_int4(m)),
@@ -280,7 +306,8 @@ INT8DA_INT4 = LinearTable("8da4w", "cpu", lambda m: dynamic_int8(m) and m.weight
 
 INT8WO = LinearTable("int8wo", "cpu", lambda m: weight_only(m) and per_channel_int8(m), (
     Impl("qcal avx512-vnni int8 mm (weight in place, activations as exact fixed-point digits)", _w8a16_vnni,
-         native=True, fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES_SUMS),  # panel from 8
+         native=True, fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES_SUMS,
+         direct=_W8A16),  # panel from 8
     Impl("qcal panel avx512-bf16 int8 mm", _w8a16_panel, native=True,
          fits=lambda m: _native_int8(m) and _panel(m) and not _amx(m), dtypes=_BF16, eager=True, layout=INT8_SCALES),
     Impl("qcal panel avx512-bf16 int8 mm", _w8a16_panel, native=True,
@@ -290,25 +317,26 @@ INT8WO = LinearTable("int8wo", "cpu", lambda m: weight_only(m) and per_channel_i
          eager=True, layout=INT8_SCALES),
     Impl("qcal avx2 int8 mm (weight in place, activations as exact fixed-point digits)", _w8a16_vnni,
          native="w8a16_mm_vnni", fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=4,
-         layout=INT8_SCALES_SUMS),
+         layout=INT8_SCALES_SUMS, direct=_W8A16),
     # _weight_int8pack_mm returns garbage (M=1) or crashes (M=2..16) where K % 32 != 0
     Impl("int8pack_mm", _int8pack_mm, max_m=16, fits=lambda m: m.weight_shape[1] % 32 == 0 and not _native_int8(m)),
     Impl("dequant + bf16 mm", _dequant_int8),
 ), compute_dtype=torch.bfloat16)
 
 INT8DQ = LinearTable("int8dq", "cpu", lambda m: dynamic_int8(m) and per_channel_int8(m), (
+    # vs the panel kernel: small wins to M=8, panel from 16
     Impl("qcal avx512-vnni int8 mm, row quantization fused", _w8a8_small, native=True, fits=_native_int8,
-         dtypes=_BF16, max_m=8, layout=INT8_SCALES_SUMS),  # vs the panel kernel: small wins to M=8, panel from 16
+         dtypes=_BF16, max_m=8, layout=INT8_SCALES_SUMS, direct=_W8A8),
     Impl("qcal panel avx512-vnni int8 mm", _w8a8_panel, native=True, fits=lambda m: _native_int8(m) and _panel(m),
          dtypes=_BF16, eager=True, layout=INT8_SCALES_SUMS),
     Impl("qcal avx2 int8 mm, row quantization fused", _w8a8_small, native="w8a8_mm_small",
-         fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=8, layout=INT8_SCALES_SUMS),
+         fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=8, layout=INT8_SCALES_SUMS, direct=_W8A8),
     Impl("per-token quant + _int_mm + rescale", _int_mm),
 ))
 
 FP8WO = LinearTable("fp8wo", "cpu", lambda m: weight_only(m) and per_channel_fp8(m), (
     Impl("qcal avx512-bf16 fp8 mm (weight in place, widened in registers)", _wf8a16_small, native=True,
-         fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES),
+         fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES, direct=("wf8a16_mm_small", _wf8a16_args)),
     Impl("dequant + bf16 mm", _dequant_weight_mm),
 ), compute_dtype=torch.bfloat16)
 
@@ -320,7 +348,8 @@ FP8DQ = LinearTable("fp8dq", "cpu", lambda m: dynamic_fp8(m) and per_channel_fp8
 
 FPXWO = LinearTable("fpxwo", "cpu", lambda m: weight_only(m) and subbyte_float(m), (
     Impl("qcal avx512-bf16 fp6/fp5/fp4 mm (bit planes read in place, values looked up in registers)", _wfx_small,
-         native=True, fits=_native_fpx, dtypes=_BF16, max_m=4, layout=FPX_TABLES),
+         native=True, fits=_native_fpx, dtypes=_BF16, max_m=4, layout=FPX_TABLES,
+         direct=("wfx_mm_small", _wfx_args)),
     Impl("dequant + bf16 mm", _dequant_weight_mm),
 ), compute_dtype=torch.bfloat16)
 

@@ -50,6 +50,9 @@ class Impl:
     max_m: int | None = None                               # M <= max_m
     eager: bool = False                                    # not under torch.compile
     layout: Layout | None = None
+    # ``run`` as one qcal operator: ``torch.ops.qcal.<name>(x2, *args(module))`` (tensors, ints and bools), for
+    # callers that run it outside Python (the lean runtime's native decode step)
+    direct: tuple[str, Callable[[torch.nn.Module], tuple]] | None = None
 
     def usable(self, module: torch.nn.Module) -> bool:
         """The static conditions."""

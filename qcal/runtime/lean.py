@@ -19,6 +19,11 @@ token's key and value quantized once when stored, a float16 scale and minimum pe
 the codes and dequantizes them in registers, prefill attention reads the cache dequantized, the new tokens included
 (the same values), so generation equals the Hugging Face model's with that cache.
 
+With a bf16 cache, a decode step whose projections are all single qcal operators (float linears and the native
+rows of the quantized kernel tables) runs its layer loop as one native call (``torch.classes.qcal.DecodeStep``: the
+same operators on the same arguments, bit for bit the Python loop, without ~330 Python-level operator calls a token);
+``native_step=False`` keeps the Python loop.
+
 Which models qualify is decided by their structure (:mod:`qcal.runtime.family`); :func:`unsupported_reason` says
 why a model cannot run here (then use the model's own ``generate``).
 """
@@ -119,6 +124,24 @@ def _call_fn(mod: nn.Module, rows: int | None = None) -> Callable[[torch.Tensor]
     return mod
 
 
+def _direct(mod: nn.Module) -> tuple[str, tuple] | None:
+    """``mod`` on one bf16 row as one qcal operator, ``(name, args after the input)``, where its one-row function
+    (:func:`_call_fn`) is exactly that call; None otherwise (hooks, a bias, another kernel)."""
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        return None
+    if type(mod) is nn.Linear:
+        weight = mod.weight
+        if mod.bias is None and weight.dtype == torch.bfloat16 and weight.is_contiguous() \
+                and native.has("w16a16_mm_small"):
+            return "w16a16_mm_small", (weight,)
+        return None
+    choose = getattr(getattr(mod, "kernel", None), "choose", None)
+    if choose is None or not getattr(mod, "frozen", False) or mod._parameters.get("bias") is not None:
+        return None
+    direct = getattr(choose(torch.bfloat16, 1), "direct", None)
+    return None if direct is None else (direct[0], tuple(direct[1](mod)))
+
+
 def _norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float]:
     """An RMSNorm's weight as the native step reads it (contiguous bf16) and its epsilon."""
     return norm.weight.detach().to(torch.bfloat16).contiguous(), float(norm.variance_epsilon)
@@ -142,6 +165,7 @@ class _Layer:
         """(Re)read the norm weights and the projections' functions (after weights or modules changed)."""
         self.fns = tuple(_call_fn(m) for m in self.modules)
         self.fns1 = tuple(_call_fn(m, rows=1) for m in self.modules)  # decode: one row
+        self.direct = tuple(_direct(m) for m in self.modules)  # the same, as operator calls (None: not all are)
         self.w_in, self.eps_in = _norm_weight(self.norm_in)
         self.w_post, self.eps_post = _norm_weight(self.norm_post)
 
@@ -153,11 +177,12 @@ class LeanGenerator(TokenGenerator):
     copied; a module's hooks run); the static KV cache takes ``2 * layers * kv_heads * max_cache_len * head_dim``
     bf16 values, or with ``kv_bits`` 8 / 4 int8 / int4 codes and a float16 scale and minimum per ``kv_group_size``
     values (``"default"``: :data:`~qcal.runtime.kv_cache.DEFAULT_GROUP`; a multiple of 16 dividing ``head_dim``, or
-    None for the whole head). Raises ``ValueError`` naming the reason where :func:`unsupported_reason` finds one.
+    None for the whole head). ``native_step``: run eligible decode steps' layer loops natively (see the module
+    docstring). Raises ``ValueError`` naming the reason where :func:`unsupported_reason` finds one.
     """
 
     def __init__(self, model: nn.Module, max_cache_len: int, kv_bits: int | None = None,
-                 kv_group_size: int | None | str = "default") -> None:
+                 kv_group_size: int | None | str = "default", native_step: bool = True) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"LeanGenerator: {type(model).__name__} is not supported: {reason}")
@@ -199,6 +224,8 @@ class LeanGenerator(TokenGenerator):
                              f"{self.head_dim}")
         self.cos, self.sin = cos[0].to(torch.bfloat16).contiguous(), sin[0].to(torch.bfloat16).contiguous()
         self.length = 0  # positions filled in the cache
+        self.native_step = native_step
+        self._bind_step()
 
     def cache_nbytes(self) -> int:
         """Bytes of the KV cache's storage (all ``max_cache_len`` positions)."""
@@ -212,6 +239,32 @@ class LeanGenerator(TokenGenerator):
             layer.bind()
         self.w_final, self.eps_final = _norm_weight(self.final_norm)
         self.head = _call_fn(self.lm_head, rows=1)
+        self._bind_step()
+
+    def _bind_step(self) -> None:
+        """The arguments of the native decode step (``qcal::decode_layers``): None unless ``native_step``, a bf16
+        cache and every projection of every layer a qcal operator call."""
+        self.step_args = self._step = None
+        if not self.native_step or self.kv_bits is not None or not native.has("decode_layers"):
+            return
+        norms, eps, names, tensors, ints = [], [], [], [], []
+        for layer in self.layers:
+            if any(d is None for d in layer.direct):
+                return
+            norms += [layer.w_in, layer.w_post]
+            eps += [layer.eps_in, layer.eps_post]
+            for name, args in layer.direct:
+                names.append(name)
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        tensors.append(a)
+                    elif isinstance(a, int):  # bools too
+                        ints.append(int(a))
+                    else:
+                        return
+        self.step_args = (norms, eps, names, tensors, ints)
+        self._step = torch.classes.qcal.DecodeStep(norms, eps, self.k_cache, self.v_cache, self.cos, self.sin,
+                                                   self.scale, names, tensors, ints)
 
     def _quantized_attention(self, layer: _Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
                              cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -256,7 +309,11 @@ class LeanGenerator(TokenGenerator):
         ops = torch.ops.qcal  # each operator checks its arguments (the wrappers in native add nothing here)
         add_rmsnorm, rope_store, silu_mul = ops.add_rmsnorm, ops.rope_store, ops.silu_mul
         step_attention = ops.decode_step_attention
-        for layer in self.layers:
+        layers = self.layers
+        if n == 1 and self._step is not None:  # the loop below as one native call, bit for bit
+            delta = self._step.run(x, h, None, start)
+            layers = ()
+        for layer in layers:
             add_rmsnorm(x, delta, layer.w_in, h, layer.eps_in)
             f_q, f_k, f_v, f_o, f_gate, f_up, f_down = layer.fns1 if n == 1 else layer.fns
             if n == 1 and self.kv_bits is None:  # rotations, cache stores and attention in one call: (1, heads * hd)

@@ -70,4 +70,6 @@ TORCH_LIBRARY_IMPL(qcal, CPU, m) {
     m.impl("silu_mul", &silu_mul);
 }
 
+#include "decode_step_api.h"  // the decode step of a decoder stack, calling add_rmsnorm and silu_mul
+
 #endif
