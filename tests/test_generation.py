@@ -269,6 +269,36 @@ def test_native_decode_step_checks_its_arguments_before_touching_the_stream():
 
 
 @needs_native
+@pytest.mark.native_ops("decode_layers")
+def test_native_decode_step_recovers_from_an_error_inside_a_layer():
+    """A projection that fails after the step has started (its own argument check, layer 2 of 3) raises the
+    operator's message; the threads are released and the next step runs (serial and with two threads)."""
+    model = apply_scheme(make_tiny_llama(hidden=128, layers=3, tie=False), "8da4w-64")
+    gen = LeanGenerator(model, 8)
+    norms, eps, names, tensors, ints = gen.step_args
+    broken = list(tensors)
+    per_layer = len(tensors) // 3
+    broken[per_layer + 1] = broken[per_layer + 1][:1]  # layer 1's q_proj scales: wrong shape
+    bad = torch.classes.qcal.DecodeStep(norms, eps, gen.k_cache, gen.v_cache, gen.cos, gen.sin, gen.scale, names,
+                                        broken, ints)
+    good = gen._step
+    x, h = _bf16(1, 128, seed=1), torch.zeros(1, 128, dtype=torch.bfloat16)
+    for threads in (2, 1):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with pytest.raises((RuntimeError, ValueError), match="qcal::w4a8_mm"):
+                bad.run(x.clone(), h, None, 0)
+            ref = good.run(x.clone(), h, None, 0)
+            assert torch.equal(good.run(x.clone(), h, None, 0), ref)
+        finally:
+            torch.set_num_threads(before)
+    on = good.set_team(False)
+    assert on is True and torch.equal(good.run(x.clone(), h, None, 0), ref)  # the team changes no number
+    good.set_team(True)
+
+
+@needs_native
 def test_time_generation_and_cache_bounds():
     model = make_tiny_llama(hidden=64).to(torch.bfloat16)
     gen = LeanGenerator(model, 16)

@@ -17,6 +17,8 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "parallel.h"
+
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -110,6 +112,7 @@ struct DecodeStep : torch::CustomClassHolder {
     at::Tensor k_cache, v_cache, cos, sin;
     double scale;
     int64_t layers, hidden;
+    bool team = true;
 
     DecodeStep(std::vector<at::Tensor> norms_, std::vector<double> eps_, at::Tensor k_cache_, at::Tensor v_cache_,
                at::Tensor cos_, at::Tensor sin_, double scale_, const std::vector<std::string> &ops,
@@ -145,6 +148,26 @@ struct DecodeStep : torch::CustomClassHolder {
                           ": x must be a contiguous (1, hidden) with hidden = ", hidden, ", got ", x.sizes());
         qcal::check_tensor(step, "h", h, at::kBFloat16, x.sizes());
         if (delta.has_value()) qcal::check_tensor(step, "delta", *delta, at::kBFloat16, x.sizes());
+#if QCAL_STEP_TEAM
+        const int threads = qcal::threads();
+        if (team && threads > 1) { // one OpenMP region for the step, its kernels' parallel parts posted to its team
+            at::Tensor out;
+            qcal_lead_team(threads, [&] { out = layer_loop(x, h, delta, pos); });
+            return out;
+        }
+#endif
+        return layer_loop(x, h, delta, pos);
+    }
+
+    // Whether run keeps the threads in one team for the step (where the build's step operators all post to it).
+    bool set_team(bool on) {
+        const bool was = team;
+        team = on;
+        return was;
+    }
+
+    at::Tensor layer_loop(at::Tensor &x, at::Tensor &h, const std::optional<at::Tensor> &delta, int64_t pos) {
+        const char *step = "qcal::decode_layers";
         static const c10::OperatorHandle &attention = qcal_step::find_op(step, "decode_step_attention");
         at::Tensor d = delta.has_value() ? *delta : at::Tensor();
         auto project = [&](const qcal_step::Projection &p, const at::Tensor &in) {
@@ -187,7 +210,8 @@ TORCH_LIBRARY_FRAGMENT(qcal, m) {
     m.class_<DecodeStep>("DecodeStep")
         .def(torch::init<std::vector<at::Tensor>, std::vector<double>, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                          double, const std::vector<std::string> &, std::vector<at::Tensor>, std::vector<int64_t>>())
-        .def("run", &DecodeStep::run);
+        .def("run", &DecodeStep::run)
+        .def("set_team", &DecodeStep::set_team);
     m.def("decode_layers(Tensor(a!) x, Tensor(b!) h, Tensor? delta, Tensor[] norms, float[] eps, Tensor(c!) k_cache, "
           "Tensor(d!) v_cache, int pos, Tensor cos, Tensor sin, float scale, str[] ops, Tensor[] tensors, int[] ints) "
           "-> Tensor");

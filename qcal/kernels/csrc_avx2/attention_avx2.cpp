@@ -39,6 +39,7 @@
 
 #include "avx2.h"
 #include "ops.h"
+#include "parallel.h"
 #include "rope_avx2.h"
 
 #define QCAL_ATTN_MAX_G 16
@@ -279,6 +280,37 @@ static void attend_slice(const uint16_t *q, const uint16_t *kg, int64_t krs, con
     }
 }
 
+typedef struct {
+    const uint16_t *q, *k;
+    int64_t khs, krs;
+    const uint16_t *v;
+    int64_t vhs, vrs;
+    const uint8_t *mask;
+    int64_t L, D, G, slices, items;
+    float scale;
+    float *ml, *accs;
+} attend_job;
+
+// Thread t's items (KV heads x position slices), a contiguous share as OpenMP's static schedule gives.
+static void attend_share(const void *arg, int t, int T) {
+    const attend_job *a = (const attend_job *)arg;
+    const int64_t G = a->G, D = a->D, L = a->L, slices = a->slices;
+    int64_t lo, hi;
+    qcal_share(a->items, t, T, &lo, &hi);
+    for (int64_t it = lo; it < hi; it++) {
+        const int64_t g = it / slices, c = it % slices;
+        const int64_t j0 = L * c / slices, j1 = L * (c + 1) / slices;
+        float *m = a->ml + it * G * 2, *l = m + G, *acc = a->accs + it * G * D;
+        const uint16_t *qg = a->q + g * G * D, *kg = a->k + g * a->khs, *vg = a->v + g * a->vhs;
+        if (D == 64)
+            attend_slice<4>(qg, kg, a->krs, vg, a->vrs, a->mask, j0, j1, G, 64, a->scale, m, l, acc);
+        else if (D == 128)
+            attend_slice<8>(qg, kg, a->krs, vg, a->vrs, a->mask, j0, j1, G, 128, a->scale, m, l, acc);
+        else
+            attend_slice<0>(qg, kg, a->krs, vg, a->vrs, a->mask, j0, j1, G, D, a->scale, m, l, acc);
+    }
+}
+
 // q (hq, D) bf16 contiguous; k / v: head h, position j at k + h khs + j krs (v likewise); mask: L bytes (0 = masked)
 // or NULL; out (hq, D) bf16. Returns 0, or -1 on an unsupported shape, -2 on allocation failure.
 static int attend(const uint16_t *q, const uint16_t *k, int64_t khs, int64_t krs, const uint16_t *v, int64_t vhs,
@@ -295,19 +327,9 @@ static int attend(const uint16_t *q, const uint16_t *k, int64_t khs, int64_t krs
     float *ml = (float *)scratch_get(sizeof(float) * items * G * (2 + D));
     if (!ml) return -2;
     float *accs = ml + items * G * 2;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && items > 1)
-    for (int64_t it = 0; it < items; it++) {
-        const int64_t g = it / slices, c = it % slices;
-        const int64_t j0 = L * c / slices, j1 = L * (c + 1) / slices;
-        float *m = ml + it * G * 2, *l = m + G, *acc = accs + it * G * D;
-        const uint16_t *qg = q + g * G * D, *kg = k + g * khs, *vg = v + g * vhs;
-        if (D == 64)
-            attend_slice<4>(qg, kg, krs, vg, vrs, mask, j0, j1, G, 64, scale, m, l, acc);
-        else if (D == 128)
-            attend_slice<8>(qg, kg, krs, vg, vrs, mask, j0, j1, G, 128, scale, m, l, acc);
-        else
-            attend_slice<0>(qg, kg, krs, vg, vrs, mask, j0, j1, G, D, scale, m, l, acc);
-    }
+    const attend_job job = {q, k, khs, krs, v, vhs, vrs, mask, L, D, G, slices, items, scale, ml, accs};
+    if (nthreads > 1 && items > 1) qcal_parallel(nthreads, attend_share, &job);
+    else attend_share(&job, 0, 1);
     for (int64_t g = 0; g < hkv; g++) {
         for (int64_t r = 0; r < G; r++) {
             float mx = -INFINITY;

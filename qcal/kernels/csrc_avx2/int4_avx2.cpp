@@ -50,20 +50,19 @@
 
 /* ------------------------------------------------------------------ the thread split */
 
-typedef void (*unit_fn)(const void *ctx, int64_t m0, int mb, int64_t unit);
-
 /* Units (pairs of blocks) shared among the threads as qcal_run_units shares them; each unit then walks every
    quad of input rows, so that its weight stays in L1 for all of them. The outputs are disjoint. */
-static void run_units(int64_t M, int64_t units, int nthreads, const void *ctx, unit_fn fn) {
-    if (nthreads < 1) nthreads = 1;
-#pragma omp parallel num_threads(nthreads)
-    {
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        int64_t lo, hi;
-        qcal_share(units, t, T, &lo, &hi);
-        for (int64_t p = lo; p < hi; p++)
-            for (int64_t m0 = 0; m0 < M; m0 += 4) fn(ctx, m0, M - m0 < 4 ? (int)(M - m0) : 4, p);
-    }
+static void units_share(const void *arg, int t, int T) {
+    const qcal_units_job *j = (const qcal_units_job *)arg;
+    int64_t lo, hi;
+    qcal_share(j->units, t, T, &lo, &hi);
+    for (int64_t p = lo; p < hi; p++)
+        for (int64_t m0 = 0; m0 < j->M; m0 += 4) j->fn(j->ctx, m0, j->M - m0 < 4 ? (int)(j->M - m0) : 4, p);
+}
+
+static void run_units(int64_t M, int64_t units, int nthreads, const void *ctx, qcal_unit_fn fn) {
+    const qcal_units_job job = {M, units, ctx, fn};
+    qcal_parallel(nthreads, units_share, &job);
 }
 
 /* ------------------------------------------------------------------ w4a16: bf16 activations */
