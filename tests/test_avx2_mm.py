@@ -369,3 +369,49 @@ def test_int8_with_row_sums_refuses_bad_input(name):
     ]:
         with pytest.raises(exc, match=f"{op}: {match}"):
             fn(*args)
+
+
+# ---------------------------------------------------------------- dequantization for the large-M paths
+
+
+@pytest.mark.native_ops("dequant_w4")
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("n,k,gs", [(48, 576, 32), (16, 576, 64), (5, 96, 96), (3, 1536, 1536)])
+def test_dequant_w4_is_the_weight_in_fp32_rounded_once(zero, n, k, gs):
+    from qcal.kernels.common import int4_codes_u8
+
+    g = _gen(n, k, gs, zero)
+    qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, k // gs, generator=g) * 2.0 ** torch.randint(-20, 4, (n, k // gs), generator=g)
+    zp = (torch.randn(n, k // gs, generator=g) * 3).round() + torch.rand(n, k // gs, generator=g) if zero else None
+    scale[0, 0] = 1e-39  # a denormal product survives (vcvtneps2bf16 would flush it)
+    u = int4_codes_u8(qweight).float().view(n, k // gs, gs)
+    off = torch.full((), 8.0) if zp is None else (zp + 8.0).unsqueeze(-1)
+    want = ((u - off) * scale.unsqueeze(-1)).view(n, k).to(torch.bfloat16)
+    got = ops.dequant_w4(qweight, scale, zp)
+    if native.isa() == "avx512":
+        got, want = got[1:], want[1:]
+    assert got.dtype == torch.bfloat16 and torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.native_ops("dequant_w8")
+@pytest.mark.parametrize("n,k", [(4, 8), (7, 100), (192, 576), (3, 5)])
+def test_dequant_w8_is_the_weight_in_fp32_rounded_once(n, k):
+    g = _gen(n, k)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g) * 2.0 ** torch.randint(-30, 8, (n,), generator=g)
+    want = (q.float() * s.view(n, 1)).to(torch.bfloat16)
+    assert torch.equal(ops.dequant_w8(q, s).view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.native_ops("dequant_w4", "dequant_w8")
+def test_dequant_operators_refuse_bad_arguments():
+    u8, f = torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 1)
+    for call, match in [(lambda: ops.dequant_w4(u8, torch.ones(4, 3), None), "multiple of 32"),
+                        (lambda: ops.dequant_w4(u8.to(torch.int8), f, None), "qweight"),
+                        (lambda: ops.dequant_w4(u8, f.double(), None), "scale"),
+                        (lambda: ops.dequant_w4(u8, f, torch.ones(3, 1)), "zero_point"),
+                        (lambda: ops.dequant_w8(torch.zeros(4, 8, dtype=torch.int8), torch.ones(5)), "scale"),
+                        (lambda: ops.dequant_w8(torch.zeros(4, 8, dtype=torch.uint8), torch.ones(4)), "qweight")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            call()

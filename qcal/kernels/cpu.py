@@ -320,6 +320,8 @@ INT8WO = LinearTable("int8wo", "cpu", lambda m: weight_only(m) and per_channel_i
          layout=INT8_SCALES_SUMS, direct=_W8A16),
     # _weight_int8pack_mm returns garbage (M=1) or crashes (M=2..16) where K % 32 != 0
     Impl("int8pack_mm", _int8pack_mm, max_m=16, fits=lambda m: m.weight_shape[1] % 32 == 0 and not _native_int8(m)),
+    Impl("qcal int8 dequant + bf16 mm", _native_dequant_int8, native="dequant_w8",
+         fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, eager=True, layout=INT8_SCALES),
     Impl("dequant + bf16 mm", _dequant_int8),
 ), compute_dtype=torch.bfloat16)
 
