@@ -2,6 +2,7 @@
 
     python benchmarks/bench_llamacpp.py --llamacpp benchmarks/llamacpp/build/bin          # build: llamacpp/build.sh
     python benchmarks/bench_llamacpp.py --llamacpp DIR --threads 2 --new-tokens 128 --short 16
+    python benchmarks/bench_llamacpp.py --llamacpp DIR --rounds 3      # medians of 3 back-to-back rounds
 
 Runs the eval harness (``python -m qcal.eval --metrics speed --quantize-lm-head --llamacpp DIR``) twice: once with a
 ``--long``-token prompt (pp at that length on an empty context, then decode after it) and once with a ``--short``
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,19 @@ def run_eval(args: argparse.Namespace, prompt: int, path: str) -> list[dict]:
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=sys.stderr)  # its table too
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def median_records(runs: list[list[dict]]) -> list[dict]:
+    """One record per scheme: each numeric field's median over the runs (other fields from the first run)."""
+    out = []
+    for i, first in enumerate(runs[0]):
+        rec = dict(first)
+        for key, value in first.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values = [run[i][key] for run in runs if isinstance(run[i].get(key), (int, float))]
+                rec[key] = statistics.median(values)
+        out.append(rec)
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -80,11 +95,18 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=512, help="the long prompt and pp length (default: 512)")
     ap.add_argument("--short", type=int, default=16, help="the short prompt (default: 16)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run both harness calls this many times in turn and report each figure's median (on a "
+                         "machine whose speed drifts, the ratios of single runs vary by 10-20%%)")
     args = ap.parse_args()
+    longs, shorts = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        long = run_eval(args, args.long, os.path.join(tmp, "long.json"))
-        short = run_eval(args, args.short, os.path.join(tmp, "short.json"))
-    print(table(long, short, args))
+        for r in range(args.rounds):
+            longs.append(run_eval(args, args.long, os.path.join(tmp, f"long{r}.json")))
+            shorts.append(run_eval(args, args.short, os.path.join(tmp, f"short{r}.json")))
+    print(table(median_records(longs), median_records(shorts), args))
+    if args.rounds > 1:
+        print(f"\nmedians of {args.rounds} rounds (each figure separately; a ratio is of the medians)")
 
 
 if __name__ == "__main__":
