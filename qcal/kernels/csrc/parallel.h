@@ -53,14 +53,17 @@ static inline void qcal_parallel(int nthreads, qcal_job_fn fn, const void *arg) 
     fn(arg, omp_get_thread_num(), omp_get_num_threads());
 }
 
-/* Runs body() on the calling thread as the leader of a team of nthreads (helpers serving qcal_parallel's jobs until
-   body returns); body's exception, if any, is rethrown after the team is released. */
+/* Runs body() on the calling thread as the leader of a team of nthreads, at most one a processor (the helpers spin:
+   more would wait on each other's time slices), the helpers serving qcal_parallel's jobs until body returns; body's
+   exception, if any, is rethrown after the team is released. */
 template <class Body> static inline void qcal_lead_team(int nthreads, Body &&body) {
     qcal_team team;
     std::exception_ptr error;
-#pragma omp parallel num_threads(nthreads)
+    const int procs = omp_get_num_procs();
+#pragma omp parallel num_threads(nthreads < procs ? nthreads : procs)
     {
         if (omp_get_thread_num() == 0) {
+            qcal_team *outer = qcal_my_team; /* a team led inside another (nested: one thread) */
             team.T = omp_get_num_threads();
             qcal_my_team = &team;
             try {
@@ -68,7 +71,7 @@ template <class Body> static inline void qcal_lead_team(int nthreads, Body &&bod
             } catch (...) {
                 error = std::current_exception();
             }
-            qcal_my_team = nullptr;
+            qcal_my_team = outer;
             team.quit.store(true, std::memory_order_release);
         } else {
             uint64_t seen = 0;
