@@ -3,11 +3,12 @@
     python benchmarks/bench_decode_profile.py                           # bundled SmolLM2-135M, 2 threads
     python benchmarks/bench_decode_profile.py --schemes bf16,int8wo --threads 1 --prompt 512
 
-A decode step of ``LeanGenerator`` is timed after a ``--prompt``-token prompt (median of ``--tokens`` steps); then the
-same step's linear layers are called alone, in decode order with the same one-row inputs and their weights streamed
-from memory as in the step, grouped by role (q/o, k/v, gate/up, down, lm_head). "rest" is the step minus the linear
-layers: norms, rotary embeddings, attention, the Python loop and operator dispatch. GB/s: weight bytes read by a group
-/ its time. Prints a markdown table.
+A decode step of ``LeanGenerator``'s Python layer loop (``native_step=False``: its linear calls are the ones timed
+alone; ``bench_decode_step.py`` gives what the native step saves) is timed after a ``--prompt``-token prompt (median
+of ``--tokens`` steps); then the same step's linear layers are called alone, in decode order with the same one-row
+inputs and their weights streamed from memory as in the step, grouped by role (q/o, k/v, gate/up, down, lm_head).
+"rest" is the step minus the linear layers: norms, rotary embeddings, attention, the Python loop and operator
+dispatch. GB/s: weight bytes read by a group / its time. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -34,7 +36,7 @@ def profile(model: torch.nn.Module, prompt: int, tokens: int, rounds: int) -> di
     from qcal.runtime.family import ATTENTION_PROJ, MLP_PROJ
     from qcal.runtime.lean import LeanGenerator
 
-    gen = LeanGenerator(model, prompt + tokens + 1)
+    gen = LeanGenerator(model, prompt + tokens + 1, native_step=False)  # the loop whose calls are timed below
     ids = torch.randint(0, 1000, (1, prompt), generator=torch.Generator().manual_seed(0))
     token = gen.prefill(ids).argmax(-1).view(1, 1)
     steps = []
@@ -65,28 +67,37 @@ def profile(model: torch.nn.Module, prompt: int, tokens: int, rounds: int) -> di
     return result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def decode_parser(doc: str) -> argparse.ArgumentParser:
+    """The decode benchmarks' shared arguments: --schemes, --model, --threads."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemes", default="bf16,int8wo,int4wo-64,8da4w-64")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before the timed steps (default: 16)")
-    ap.add_argument("--tokens", type=int, default=64, help="decode steps timed (default: 64)")
-    ap.add_argument("--rounds", type=int, default=10, help="rounds of the linear layers alone, fastest kept")
-    args = ap.parse_args()
+    return ap
+
+
+def scheme_models(args: argparse.Namespace) -> Iterator[tuple[str, torch.nn.Module]]:
+    """``(scheme, model)`` for each of ``--schemes``: ``--model`` in bf16, quantized (lm_head too) unless bf16; sets
+    ``--threads``."""
     torch.set_num_threads(args.threads)
     from qcal.eval.models import load_model
     from qcal.schemes import apply_scheme
 
-    rows = []
     for scheme in args.schemes.split(","):
         model, _ = load_model(args.model)
         model = model.to(torch.bfloat16).eval()
         if scheme != "bf16":
             apply_scheme(model, scheme, quantize_lm_head=True)
-        rows.append((scheme, profile(model, args.prompt, args.tokens, args.rounds)))
-        del model
+        yield scheme, model
+
+
+def main() -> None:
+    ap = decode_parser(__doc__)
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before the timed steps (default: 16)")
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps timed (default: 64)")
+    ap.add_argument("--rounds", type=int, default=10, help="rounds of the linear layers alone, fastest kept")
+    args = ap.parse_args()
+    rows = [(scheme, profile(model, args.prompt, args.tokens, args.rounds)) for scheme, model in scheme_models(args)]
     roles = ["q/o", "k/v", "gate/up", "down", "lm_head"]
     print(f"decode step after a {args.prompt}-token prompt, {args.threads} threads; ms per token (weight GB/s)\n")
     print("| scheme | step ms | tok/s | " + " | ".join(roles) + " | linear total | rest (norms, rope, attention, "

@@ -12,7 +12,6 @@ per token. Interleaving keeps a noisy machine's drift out of the comparison. Pri
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -50,32 +49,21 @@ def measure(model: torch.nn.Module, prompt: int, tokens: int, rounds: int) -> di
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--schemes", default="bf16,int8wo,int4wo-64,8da4w-64")
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--threads", type=int, default=2)
+    from bench_decode_profile import decode_parser, scheme_models
+
+    ap = decode_parser(__doc__)
     ap.add_argument("--prompt", type=int, default=16, help="cache depth of the timed steps (default: 16)")
     ap.add_argument("--tokens", type=int, default=10, help="steps per variant and round (default: 10)")
     ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default: 20)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from qcal.eval.models import load_model
-    from qcal.schemes import apply_scheme
-
     print(f"decode step at depth {args.prompt}, {args.threads} threads, {args.rounds} interleaved rounds of "
           f"{args.tokens} steps; ms per token, median round (fastest round)\n")
     print("| scheme | " + " | ".join(VARIANTS) + " |")
     print("|---" * (len(VARIANTS) + 1) + "|")
-    for scheme in args.schemes.split(","):
-        model, _ = load_model(args.model)
-        model = model.to(torch.bfloat16).eval()
-        if scheme != "bf16":
-            apply_scheme(model, scheme, quantize_lm_head=True)
+    for scheme, model in scheme_models(args):
         res = measure(model, args.prompt, args.tokens, args.rounds)
         cells = [f"{statistics.median(v):.2f} ({min(v):.2f})" if v else "-" for v in res.values()]
         print(f"| {scheme} | " + " | ".join(cells) + " |", flush=True)
-        del model
 
 
 if __name__ == "__main__":

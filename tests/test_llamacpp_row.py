@@ -288,8 +288,8 @@ def test_llamacpp_comparison_medians_over_rounds():
         "bench_llamacpp", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_llamacpp.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    runs = [[{"scheme": "bf16", "decode_tok_s": d, "llamacpp_decode_tok_s": l, "llamacpp_type": "BF16",
-              "decode_gb_s": None}] for d, l in ((50.0, 40.0), (70.0, 30.0), (60.0, 45.0))]
+    runs = [[{"scheme": "bf16", "decode_tok_s": d, "llamacpp_decode_tok_s": theirs, "llamacpp_type": "BF16",
+              "decode_gb_s": None}] for d, theirs in ((50.0, 40.0), (70.0, 30.0), (60.0, 45.0))]
     (rec,) = bench.median_records(runs)
     assert rec == {"scheme": "bf16", "decode_tok_s": 60.0, "llamacpp_decode_tok_s": 40.0, "llamacpp_type": "BF16",
                    "decode_gb_s": None}
