@@ -209,16 +209,17 @@ def test_int8_digits_worst_case_magnitudes_over_long_rows():
 
 
 @pytest.mark.native_ops("w8a16_mm_small")
-def test_int8_digits_zero_outlier_and_nonfinite_rows():
+@pytest.mark.parametrize("n", [32, 33])
+def test_int8_digits_zero_outlier_and_nonfinite_rows(n):
     g = _gen(3)
-    w = torch.randint(-127, 128, (33, 64), generator=g, dtype=torch.int8)
-    wsum, ws = native.int8_row_sums(w), torch.full((33,), 0.5)
+    w = torch.randint(-127, 128, (n, 64), generator=g, dtype=torch.int8)
+    wsum, ws = native.int8_row_sums(w), torch.full((n,), 0.5)
     x = torch.randn(4, 64, generator=g).to(torch.bfloat16)
-    x[0] = 0
-    x[1] *= 1e-38
+    x[0] = 0  # an all-zero row
+    x[1] *= 1e-38  # subnormal scale: the exponent of the fixed point goes past 127
     x[2, 0] = 1e4  # the rest of the row within 2^-23 of it at worst
     got = ops.w8a16_mm_vnni(x, w, wsum, ws)
-    assert torch.equal(got[0], torch.zeros(33, dtype=torch.bfloat16))
+    assert torch.equal(got[0], torch.zeros(n, dtype=torch.bfloat16))
     full = (x.double() @ w.double().t()) * 0.5
     bound = 2.0**-8 * full.abs() + 2.0**-24 * x.double().abs().amax(1, keepdim=True) * w.double().abs().sum(1) * 0.5
     assert ((got.double() - full).abs() <= bound).all()

@@ -130,10 +130,6 @@ def _w4a16_args(m) -> tuple:
     return b["_k_n4w"], b["_k_n4sz"], d["_k_has_zero"], d["_k_group"]
 
 
-def _w4a16_small(m, x2):
-    return torch.ops.qcal.w4a16_mm_small(x2, *_w4a16_args(m))
-
-
 def _w4a16_panel(m, x2):
     zp = m.weight_zero_point
     return torch.ops.qcal.w4a16_mm_panel(x2, m.qweight, m.weight_scale.float().contiguous(),
@@ -143,10 +139,6 @@ def _w4a16_panel(m, x2):
 def _w4a8_args(m) -> tuple:
     b = m._buffers
     return b["_k_n4w"], b["_k_n4sz"], m.__dict__["_k_group"]
-
-
-def _w4a8(m, x2):
-    return torch.ops.qcal.w4a8_mm(x2, *_w4a8_args(m))
 
 
 def _tinygemm_mm(m, xb):
@@ -176,10 +168,6 @@ def _int8_sums_args(m) -> tuple:
     return b["qweight"], b["_k_i8sum"], b["_k_i8ws"]
 
 
-def _w8a16_vnni(m, x2):
-    return torch.ops.qcal.w8a16_mm_vnni(x2, *_int8_sums_args(m))
-
-
 def _w8a16_panel(m, x2):
     b = m._buffers
     return torch.ops.qcal.w8a16_mm_panel(x2, b["qweight"], b["_k_i8ws"])
@@ -187,10 +175,6 @@ def _w8a16_panel(m, x2):
 
 def _wf8a16_args(m) -> tuple:
     return m.qweight, m._buffers["_k_i8ws"]
-
-
-def _wf8a16_small(m, x2):
-    return torch.ops.qcal.wf8a16_mm_small(x2, *_wf8a16_args(m))
 
 
 def _dequant_weight_mm(m, x2):
@@ -227,10 +211,6 @@ def _wfx_args(m) -> tuple:
     return m.qweight, b["_k_fxws"], b["_k_fxlut"], m.weight_spec.qtype.bits
 
 
-def _wfx_small(m, x2):
-    return torch.ops.qcal.wfx_mm_small(x2, *_wfx_args(m))
-
-
 def _int8pack_mm(m, x2):
     s = m.weight_scale.view(-1)
     return torch.ops.aten._weight_int8pack_mm(x2, m.qweight, s if s.dtype == x2.dtype else s.to(x2.dtype))
@@ -242,10 +222,6 @@ def _dequant_int8(m, x2):
 
 def _native_dequant_int8(m, x2):
     return linear(x2, torch.ops.qcal.dequant_w8(m.qweight, m._buffers["_k_i8ws"]))
-
-
-def _w8a8_small(m, x2):
-    return torch.ops.qcal.w8a8_mm_small(x2, *_int8_sums_args(m))
 
 
 def _w8a8_panel(m, x2):
@@ -269,10 +245,23 @@ def _amx(m) -> bool:
     return native.amx()
 
 
+def _op_run(direct: tuple):
+    """The ``run`` of a row that is one qcal operator, ``direct = (name, args)``: ``op(x2, *args(module))``."""
+    name, args = direct
+
+    def run(m, x2):
+        return getattr(torch.ops.qcal, name)(x2, *args(m))
+    return run
+
+
 _W4A16 = ("w4a16_mm_small", _w4a16_args)
 _W4A8 = ("w4a8_mm", _w4a8_args)
 _W8A8 = ("w8a8_mm_small", _int8_sums_args)
 _W8A16 = ("w8a16_mm_vnni", _int8_sums_args)
+_WF8A16 = ("wf8a16_mm_small", _wf8a16_args)
+_WFX = ("wfx_mm_small", _wfx_args)
+_w4a16_small, _w4a8, _w8a8_small = _op_run(_W4A16), _op_run(_W4A8), _op_run(_W8A8)
+_w8a16_vnni, _wf8a16_small, _wfx_small = _op_run(_W8A16), _op_run(_WF8A16), _op_run(_WFX)
 
 # Rows in order of preference. ``native=True`` rows need qcal's AVX-512 library, ``native="<operator>"`` rows the
 # AVX2 library with that operator; a layer no row fits keeps the reference
@@ -338,7 +327,7 @@ INT8DQ = LinearTable("int8dq", "cpu", lambda m: dynamic_int8(m) and per_channel_
 
 FP8WO = LinearTable("fp8wo", "cpu", lambda m: weight_only(m) and per_channel_fp8(m), (
     Impl("qcal avx512-bf16 fp8 mm (weight in place, widened in registers)", _wf8a16_small, native=True,
-         fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES, direct=("wf8a16_mm_small", _wf8a16_args)),
+         fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES, direct=_WF8A16),
     Impl("dequant + bf16 mm", _dequant_weight_mm),
 ), compute_dtype=torch.bfloat16)
 
@@ -351,7 +340,7 @@ FP8DQ = LinearTable("fp8dq", "cpu", lambda m: dynamic_fp8(m) and per_channel_fp8
 FPXWO = LinearTable("fpxwo", "cpu", lambda m: weight_only(m) and subbyte_float(m), (
     Impl("qcal avx512-bf16 fp6/fp5/fp4 mm (bit planes read in place, values looked up in registers)", _wfx_small,
          native=True, fits=_native_fpx, dtypes=_BF16, max_m=4, layout=FPX_TABLES,
-         direct=("wfx_mm_small", _wfx_args)),
+         direct=_WFX),
     Impl("dequant + bf16 mm", _dequant_weight_mm),
 ), compute_dtype=torch.bfloat16)
 

@@ -1,4 +1,5 @@
-/* The int8-weight operators (w8a8_mm_small, w8a16_mm_vnni, w8a16_mm_small): argument checks and calls, shared by the
+/* The int8-weight operators (w8a8_mm_small, w8a16_mm_vnni, w8a16_mm_small): argument checks, calls and
+   registrations, shared by the
    AVX-512 (int8_small_m.cpp) and AVX2 (csrc_avx2/mm_avx2.cpp) builds. Included after the kernels they call:
    w8a8_small, w8a16_digits, w8a16_small. */
 #ifndef QCAL_INT8_API_H
@@ -43,6 +44,30 @@ static at::Tensor w8a16_mm_small(const at::Tensor &x, const at::Tensor &w, const
     qcal::check_rc(op, w8a16_small(qcal::in<uint16_t>(xc), qcal::in<int8_t>(w), qcal::in<float>(ws),
                                    qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1), qcal::threads()));
     return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("w8a8_mm_small(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor");
+    m.def("w8a16_mm_small(Tensor x, Tensor w, Tensor ws) -> Tensor");
+    m.def("w8a16_mm_vnni(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) {
+    m.impl("w8a8_mm_small", &w8a8_mm_small);
+    m.impl("w8a16_mm_small", &w8a16_mm_small);
+    m.impl("w8a16_mm_vnni", &w8a16_mm_vnni);
+}
+
+TORCH_LIBRARY_IMPL(qcal, Meta, m) {
+    m.impl("w8a8_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &, const at::Tensor &) {
+        return qcal::matmul_meta(x, w);
+    });
+    m.impl("w8a16_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &) {
+        return qcal::matmul_meta(x, w);
+    });
+    m.impl("w8a16_mm_vnni", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &, const at::Tensor &) {
+        return qcal::matmul_meta(x, w);
+    });
 }
 
 #endif

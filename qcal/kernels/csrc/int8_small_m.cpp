@@ -242,30 +242,11 @@ static at::Tensor wf8a16_mm_small(const at::Tensor &x, const at::Tensor &w, cons
     return y;
 }
 
-TORCH_LIBRARY_FRAGMENT(qcal, m) {
-    m.def("w8a8_mm_small(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor");
-    m.def("w8a16_mm_small(Tensor x, Tensor w, Tensor ws) -> Tensor");
-    m.def("w8a16_mm_vnni(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor");
-    m.def("wf8a16_mm_small(Tensor x, Tensor w, Tensor ws) -> Tensor");
-}
+TORCH_LIBRARY_FRAGMENT(qcal, m) { m.def("wf8a16_mm_small(Tensor x, Tensor w, Tensor ws) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(qcal, CPU, m) {
-    m.impl("w8a8_mm_small", &w8a8_mm_small);
-    m.impl("w8a16_mm_small", &w8a16_mm_small);
-    m.impl("w8a16_mm_vnni", &w8a16_mm_vnni);
-    m.impl("wf8a16_mm_small", &wf8a16_mm_small);
-}
+TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("wf8a16_mm_small", &wf8a16_mm_small); }
 
 TORCH_LIBRARY_IMPL(qcal, Meta, m) {
-    m.impl("w8a8_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &, const at::Tensor &) {
-        return qcal::matmul_meta(x, w);
-    });
-    m.impl("w8a16_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &) {
-        return qcal::matmul_meta(x, w);
-    });
-    m.impl("w8a16_mm_vnni", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &, const at::Tensor &) {
-        return qcal::matmul_meta(x, w);
-    });
     m.impl("wf8a16_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &) {
         return qcal::matmul_meta(x, w);
     });
