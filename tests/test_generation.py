@@ -270,24 +270,55 @@ def test_native_decode_step_checks_its_arguments_before_touching_the_stream():
 
 @needs_native
 @pytest.mark.native_ops("decode_layers")
-def test_native_decode_step_recovers_from_an_error_inside_a_layer():
-    """A projection that fails after the step has started (its own argument check, layer 2 of 3) raises the
-    operator's message; the threads are released and the next step runs (serial and with two threads)."""
+def test_native_decode_step_checks_bound_projections_when_planned():
+    """Projections whose kernels the step binds (bound.h) have their arguments checked as their operators check
+    them, and their shapes chained, when the step is planned; the step's result is not a buffer the next run
+    writes."""
     model = apply_scheme(make_tiny_llama(hidden=128, layers=3, tie=False), "8da4w-64")
     gen = LeanGenerator(model, 8)
     norms, eps, names, tensors, ints = gen.step_args
+    step = torch.classes.qcal.DecodeStep
     broken = list(tensors)
     per_layer = len(tensors) // 3
     broken[per_layer + 1] = broken[per_layer + 1][:1]  # layer 1's q_proj scales: wrong shape
-    bad = torch.classes.qcal.DecodeStep(norms, eps, gen.k_cache, gen.v_cache, gen.cos, gen.sin, gen.scale, names,
-                                        broken, ints)
+    with pytest.raises(ValueError, match=r"qcal::w4a8_mm: sz must be a contiguous \[8, 2, 2, 16\]"):
+        step(norms, eps, gen.k_cache, gen.v_cache, gen.cos, gen.sin, gen.scale, names, broken, ints)
+    model = make_tiny_llama(hidden=128, layers=3, tie=False).to(torch.bfloat16)
+    gen = LeanGenerator(model, 8)
+    norms, eps, names, tensors, ints = gen.step_args
+    assert names[:7] == ["w16a16_mm_small"] * 7 and len(tensors) == 21
+    swapped = list(tensors)
+    swapped[10] = tensors[11]  # layer 1's o projection given the gate's weight: (128 -> 256)
+    with pytest.raises(ValueError, match=r"layer 1's o projection \(qcal::w16a16_mm_small\) is \(128 -> 256\), "
+                                         r"expected \(128 -> 128\)"):
+        step(norms, eps, gen.k_cache, gen.v_cache, gen.cos, gen.sin, gen.scale, names, swapped, ints)
+    x, h = _bf16(1, 128, seed=1), torch.zeros(1, 128, dtype=torch.bfloat16)
+    first = gen._step.run(x.clone(), h, None, 0)
+    kept = first.clone()
+    second = gen._step.run(_bf16(1, 128, seed=2), h, None, 1)
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+
+
+@needs_native
+@pytest.mark.native_ops("decode_layers")
+def test_native_decode_step_recovers_from_an_error_inside_a_layer():
+    """A projection that fails after the step has started (an operator called through the dispatcher refusing its
+    input, layer 2 of 3) raises the operator's message; the threads are released and the next step runs (serial
+    and with two threads)."""
+    model = make_tiny_llama(hidden=128, layers=3, tie=False).to(torch.bfloat16)
+    gen = LeanGenerator(model, 8)
+    norms, eps, names, tensors, ints = gen.step_args
+    broken = list(names)
+    broken[7] = "dequant_w8"  # layer 1's q projection: one tensor argument as before, but h is not int8 codes
+    bad = torch.classes.qcal.DecodeStep(norms, eps, gen.k_cache, gen.v_cache, gen.cos, gen.sin, gen.scale, broken,
+                                        tensors, ints)
     good = gen._step
     x, h = _bf16(1, 128, seed=1), torch.zeros(1, 128, dtype=torch.bfloat16)
     for threads in (2, 1):
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            with pytest.raises((RuntimeError, ValueError), match="qcal::w4a8_mm"):
+            with pytest.raises((RuntimeError, ValueError, TypeError), match="qcal::dequant_w8"):
                 bad.run(x.clone(), h, None, 0)
             ref = good.run(x.clone(), h, None, 0)
             assert torch.equal(good.run(x.clone(), h, None, 0), ref)

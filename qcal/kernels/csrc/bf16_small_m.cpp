@@ -51,24 +51,11 @@ static void a16w16_unit(const void *c, int64_t m0, int mb, int64_t p) {
 #undef TB
 }
 
-/* ------------------------------------------------------------------ operator */
-
-/* x (M, K) bf16; w (N, K) bf16, contiguous. Returns (M, N) bf16. */
-static at::Tensor w16a16_mm_small(const at::Tensor &x, const at::Tensor &w) {
-    const char *op = "qcal::w16a16_mm_small";
-    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) > 0, op, ": w must be (N, K), got ", w.sizes());
-    qcal::check_tensor(op, "w", w, at::kBFloat16, w.sizes());
-    at::Tensor xc = qcal::rows(op, x, w.size(1)), y = qcal::matmul_out(xc, w);
-    const a16w16_ctx ctx = {qcal::in<uint16_t>(xc), qcal::in<uint16_t>(w), qcal::out<uint16_t>(y), w.size(0),
-                            w.size(1)};
-    qcal_run_units(xc.size(0), (w.size(0) + 3) / 4, qcal::threads(), &ctx, a16w16_unit);
-    return y;
+/* x (M, K) bf16; w (N, K) bf16 row-major. */
+static void w16a16_small(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K,
+                         int nthreads) {
+    const a16w16_ctx ctx = {x, w, y, N, K};
+    qcal_run_units(M, (N + 3) / 4, nthreads, &ctx, a16w16_unit);
 }
 
-TORCH_LIBRARY_FRAGMENT(qcal, m) { m.def("w16a16_mm_small(Tensor x, Tensor w) -> Tensor"); }
-
-TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("w16a16_mm_small", &w16a16_mm_small); }
-
-TORCH_LIBRARY_IMPL(qcal, Meta, m) {
-    m.impl("w16a16_mm_small", [](const at::Tensor &x, const at::Tensor &w) { return qcal::matmul_meta(x, w); });
-}
+#include "bf16_api.h"  // the operator (ISA-neutral): shared with the other instruction set's build

@@ -5,18 +5,21 @@
        add_rmsnorm(x, delta, w_in, h);  attn = decode_step_attention(q(h), k(h), v(h), caches, pos, cos, sin, scale)
        add_rmsnorm(x, o(attn), w_post, h);  g = gate(h);  silu_mul(g, up(h));  delta = down(g)
 
-   and returns the last delta. The same operators run on the same arguments (the elementwise steps called directly,
-   the attention and the seven projections through the dispatcher), so the results are those of the Python loop bit
-   for bit. A projection is any qcal operator whose first argument is the input rows and whose others are tensors,
+   and returns the last delta. The same kernels run on the same arguments (the elementwise steps called directly,
+   the attention through the dispatcher, each projection as its kernel bound once to its weights where its operator
+   registers a binder (bound.h), else through the dispatcher), so the results are those of the Python loop bit for
+   bit. A projection is any qcal operator whose first argument is the input rows and whose others are tensors,
    ints or bools: its name in `ops` and its other arguments, in schema order, taken in turn from `tensors` and `ints`
    (bools as 0 / 1). Shared by the AVX-512 and AVX2 builds; included at the end of decode_ops_api.h (it calls
-   add_rmsnorm and silu_mul). The lists' structure is checked before x is touched; each operator checks its own
-   arguments. */
+   add_rmsnorm and silu_mul). The lists' structure, the bound projections' arguments and their shapes' chaining
+   are checked when the step is planned, before x is touched; operators called through the dispatcher check their
+   own arguments at the call. */
 #ifndef QCAL_DECODE_STEP_API_H
 #define QCAL_DECODE_STEP_API_H
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "bound.h"
 #include "parallel.h"
 
 #include <mutex>
@@ -42,10 +45,14 @@ static const c10::OperatorHandle &find_op(const char *step, const std::string &n
     return it->second;
 }
 
-// A projection's call: its operator and where its arguments start in `tensors` / `ints`.
+// A projection's call: its operator and where its arguments start in `tensors` / `ints`; where the operator has a
+// binder (bound.h), the bound kernel and its output buffer (shared by the layers whose projection has its shape).
 struct Projection {
     const c10::OperatorHandle *op;
     size_t tensor0, int0;
+    std::string name; // "qcal::<operator>"
+    qcal::Bound bound;
+    at::Tensor out;
 };
 
 // Checks a projection's operator and arguments (the count of each kind its schema takes from the lists; the
@@ -58,7 +65,7 @@ static Projection plan(const char *step, const std::string &name, const std::vec
     TORCH_CHECK_VALUE(!args.empty() && args[0].type()->kind() == c10::TypeKind::TensorType && schema.returns().size() == 1
                           && schema.returns()[0].type()->kind() == c10::TypeKind::TensorType,
                       step, ": qcal::", name, " is not a projection (input rows first, one tensor returned): ", schema);
-    Projection p{&op, ti, ii};
+    Projection p{&op, ti, ii, "qcal::" + name, {}, {}};
     for (size_t a = 1; a < args.size(); a++) {
         const c10::TypeKind kind = args[a].type()->kind();
         if (kind == c10::TypeKind::TensorType) {
@@ -79,19 +86,44 @@ static Projection plan(const char *step, const std::string &name, const std::vec
     return p;
 }
 
-static at::Tensor project(const Projection &p, const at::Tensor &x, const std::vector<at::Tensor> &tensors,
-                          const std::vector<int64_t> &ints) {
+// The projection's operator arguments, in schema order: x first where given, then those from `tensors` / `ints`.
+static torch::jit::Stack arguments(const Projection &p, const std::vector<at::Tensor> &tensors,
+                                   const std::vector<int64_t> &ints, const at::Tensor *x = nullptr) {
     const auto &args = p.op->schema().arguments();
-    torch::jit::Stack stack;
-    stack.reserve(args.size());
-    stack.emplace_back(x);
+    torch::jit::Stack out;
+    out.reserve(args.size());
+    if (x) out.emplace_back(*x);
     size_t ti = p.tensor0, ii = p.int0;
     for (size_t a = 1; a < args.size(); a++) {
         const c10::TypeKind kind = args[a].type()->kind();
-        if (kind == c10::TypeKind::TensorType) stack.emplace_back(tensors[ti++]);
-        else if (kind == c10::TypeKind::BoolType) stack.emplace_back(ints[ii++] != 0);
-        else stack.emplace_back(ints[ii++]);
+        if (kind == c10::TypeKind::TensorType) out.emplace_back(tensors[ti++]);
+        else if (kind == c10::TypeKind::BoolType) out.emplace_back(ints[ii++] != 0);
+        else out.emplace_back(ints[ii++]);
     }
+    return out;
+}
+
+// Binds p's kernel where its operator has a binder (checking its arguments as the operator would) and gives it an
+// output buffer: `prev`'s where the shape is the same.
+static void bind(Projection &p, const Projection *prev, const std::vector<at::Tensor> &tensors,
+                 const std::vector<int64_t> &ints) {
+    const auto it = qcal::binders().find(p.name.substr(6));
+    if (it == qcal::binders().end()) return;
+    p.bound = it->second(p.name.c_str(), arguments(p, tensors, ints));
+    p.out = prev && prev->bound.run && prev->bound.N == p.bound.N ? prev->out
+                                                                   : at::empty({1, p.bound.N}, at::kBFloat16);
+}
+
+static at::Tensor project(const Projection &p, const at::Tensor &x, const std::vector<at::Tensor> &tensors,
+                          const std::vector<int64_t> &ints) {
+    if (p.bound.run) { // x: h, the attention's output or the gate buffer, (1, K) contiguous bf16 by construction
+        TORCH_CHECK_VALUE(x.numel() == p.bound.K, p.name, ": x must be (1, ", p.bound.K, "), got ",
+                          x.sizes());
+        qcal::check_rc(p.name.c_str(),
+                       p.bound.run(qcal::in<uint16_t>(x), static_cast<uint16_t *>(p.out.mutable_data_ptr())));
+        return p.out;
+    }
+    torch::jit::Stack stack = arguments(p, tensors, ints, &x);
     p.op->callBoxed(stack);
     return stack[0].toTensor();
 }
@@ -110,6 +142,7 @@ struct DecodeStep : torch::CustomClassHolder {
     std::vector<int64_t> ints;
     std::vector<qcal_step::Projection> plans;
     at::Tensor k_cache, v_cache, cos, sin;
+    std::vector<at::Tensor> k_layers, v_layers; // the caches' layers, as views made once
     double scale;
     int64_t layers, hidden;
     bool team = true;
@@ -139,6 +172,34 @@ struct DecodeStep : torch::CustomClassHolder {
         for (const std::string &name : ops) plans.push_back(qcal_step::plan(step, name, tensors, ints, ti, ii));
         TORCH_CHECK_VALUE(ti == tensors.size() && ii == ints.size(), step, ": the projections take ", ti,
                           " tensors and ", ii, " ints, got ", tensors.size(), " and ", ints.size());
+        constexpr int P = qcal_step::kProjections;
+        for (size_t i = 0; i < plans.size(); i++)
+            qcal_step::bind(plans[i], i >= P ? &plans[i - P] : nullptr, tensors, ints);
+        for (int64_t l = 0; l < layers; l++) check_shapes(step, l);
+        for (int64_t l = 0; l < layers; l++) {
+            k_layers.push_back(k_cache.select(0, l));
+            v_layers.push_back(v_cache.select(0, l));
+        }
+    }
+
+    // The bound projections of layer l chain: q, k, v, gate and up read (1, hidden), o the attention's (1, q's N),
+    // down (1, gate's N); o and down give (1, hidden). (Operators called through the dispatcher check at the call.)
+    void check_shapes(const char *step, int64_t l) const {
+        static const char *names[qcal_step::kProjections] = {"q", "k", "v", "o", "gate", "up", "down"};
+        const qcal_step::Projection *p = plans.data() + qcal_step::kProjections * l;
+        auto expect = [&](int j, int64_t K, int64_t N) {
+            if (!p[j].bound.run) return;
+            TORCH_CHECK_VALUE((K < 0 || p[j].bound.K == K) && (N < 0 || p[j].bound.N == N), step, ": layer ", l,
+                              "'s ", names[j], " projection (", p[j].name, ") is (", p[j].bound.K, " -> ",
+                              p[j].bound.N, "), expected (", K < 0 ? std::string("any") : std::to_string(K), " -> ",
+                              N < 0 ? std::string("any") : std::to_string(N), ")");
+        };
+        const auto n_of = [&](int j) { return p[j].bound.run ? p[j].bound.N : int64_t(-1); };
+        for (int j : {0, 1, 2}) expect(j, hidden, -1);
+        expect(3, n_of(0), hidden);
+        expect(4, hidden, -1);
+        expect(5, hidden, n_of(4));
+        expect(6, n_of(4) >= 0 ? n_of(4) : n_of(5), hidden);
     }
 
     at::Tensor run(at::Tensor x, at::Tensor h, const std::optional<at::Tensor> &delta, int64_t pos) {
@@ -179,8 +240,8 @@ struct DecodeStep : torch::CustomClassHolder {
             torch::jit::Stack stack;
             stack.reserve(9);
             for (int j = 0; j < 3; j++) stack.emplace_back(project(p[j], h));
-            stack.emplace_back(k_cache.select(0, l));
-            stack.emplace_back(v_cache.select(0, l));
+            stack.emplace_back(k_layers[l]);
+            stack.emplace_back(v_layers[l]);
             stack.emplace_back(pos);
             stack.emplace_back(cos);
             stack.emplace_back(sin);
@@ -192,7 +253,7 @@ struct DecodeStep : torch::CustomClassHolder {
             silu_mul(gate, project(p[5], h));
             d = project(p[6], gate);
         }
-        return d;
+        return plans.back().bound.run ? d.clone() : d; // not the buffer the next step writes
     }
 };
 

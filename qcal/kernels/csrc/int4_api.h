@@ -6,9 +6,10 @@
 
 /* ------------------------------------------------------------------ operators */
 
-/* x (M, K) bf16; w (N, K/2) uint8 in `layout`; sz (N/16, K/gs, 2, 16) bf16 (pack_scales). */
-static at::Tensor w4_checked(const char *op, const at::Tensor &x, const at::Tensor &w, const at::Tensor &sz,
-                             int64_t group_size) {
+#include "bound.h"
+
+/* w (N, K/2) uint8 in `layout`; sz (N/16, K/gs, 2, 16) bf16 (pack_scales). Returns K. */
+static int64_t w4_weight_checked(const char *op, const at::Tensor &w, const at::Tensor &sz, int64_t group_size) {
     TORCH_CHECK_VALUE(w.dim() == 2, op, ": w must be (N, K/2), got ", w.sizes());
     const int64_t N = w.size(0), K = 2 * w.size(1);
     TORCH_CHECK_VALUE(w4_fits(N, K, group_size), op, ": unsupported shape N=", N, " K=", K, " group_size=",
@@ -16,7 +17,13 @@ static at::Tensor w4_checked(const char *op, const at::Tensor &x, const at::Tens
                       " groups)");
     qcal::check_tensor(op, "w", w, at::kByte, {N, K / 2});
     qcal::check_tensor(op, "sz", sz, at::kBFloat16, {N / 16, K / group_size, 2, 16});
-    return qcal::rows(op, x, K);
+    return K;
+}
+
+/* x (M, K) bf16 and the weight as above. */
+static at::Tensor w4_checked(const char *op, const at::Tensor &x, const at::Tensor &w, const at::Tensor &sz,
+                             int64_t group_size) {
+    return qcal::rows(op, x, w4_weight_checked(op, w, sz, group_size));
 }
 
 static at::Tensor w4a16_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &sz, bool has_zero,
@@ -36,6 +43,30 @@ static at::Tensor w4a8_mm(const at::Tensor &x, const at::Tensor &w, const at::Te
                             qcal::out<uint16_t>(y), xc.size(0), w.size(0), xc.size(1), group_size, qcal::threads()));
     return y;
 }
+
+/* The decode step's bindings (bound.h): args (w, sz, has_zero, group_size) and (w, sz, group_size). */
+static qcal::Bound w4a16_bind(const char *op, const std::vector<c10::IValue> &a) {
+    const at::Tensor w = a[0].toTensor(), sz = a[1].toTensor();
+    const int has_zero = a[2].toBool() ? 1 : 0;
+    const int64_t gs = a[3].toInt(), K = w4_weight_checked(op, w, sz, gs), N = w.size(0);
+    const uint8_t *wp = qcal::in<uint8_t>(w);
+    const uint16_t *szp = qcal::in<uint16_t>(sz);
+    return {K, N, {w, sz}, [=](const uint16_t *x, uint16_t *y) {
+                return w4a16_small(x, wp, szp, has_zero, y, 1, N, K, gs, qcal::threads());
+            }};
+}
+
+static qcal::Bound w4a8_bind(const char *op, const std::vector<c10::IValue> &a) {
+    const at::Tensor w = a[0].toTensor(), sz = a[1].toTensor();
+    const int64_t gs = a[2].toInt(), K = w4_weight_checked(op, w, sz, gs), N = w.size(0);
+    const uint8_t *wp = qcal::in<uint8_t>(w);
+    const uint16_t *szp = qcal::in<uint16_t>(sz);
+    return {K, N, {w, sz}, [=](const uint16_t *x, uint16_t *y) {
+                return w4a8(x, wp, szp, y, 1, N, K, gs, qcal::threads());
+            }};
+}
+
+static const qcal::BindAs w4a16_bound("w4a16_mm_small", w4a16_bind), w4a8_bound("w4a8_mm", w4a8_bind);
 
 TORCH_LIBRARY_FRAGMENT(qcal, m) {
     m.def("w4_fits(int n, int k, int group_size) -> bool", [](int64_t n, int64_t k, int64_t gs) {

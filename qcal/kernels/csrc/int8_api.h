@@ -5,11 +5,18 @@
 #ifndef QCAL_INT8_API_H
 #define QCAL_INT8_API_H
 
-/* x (M, K) bf16; w (N, K) int8, contiguous; ws (N) fp32 [; wsum (N) int32]. */
-static at::Tensor w8_checked(const char *op, const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws) {
+#include "bound.h"
+
+/* w (N, K) int8, contiguous; ws (N) fp32. */
+static void w8_weight_checked(const char *op, const at::Tensor &w, const at::Tensor &ws) {
     TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) > 0, op, ": w must be (N, K), got ", w.sizes());
     qcal::check_tensor(op, "w", w, at::kChar, w.sizes());
     qcal::check_tensor(op, "ws", ws, at::kFloat, {w.size(0)});
+}
+
+/* x (M, K) bf16 and the weight as above [; wsum (N) int32]. */
+static at::Tensor w8_checked(const char *op, const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws) {
+    w8_weight_checked(op, w, ws);
     return qcal::rows(op, x, w.size(1));
 }
 
@@ -45,6 +52,34 @@ static at::Tensor w8a16_mm_small(const at::Tensor &x, const at::Tensor &w, const
                                    qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1), qcal::threads()));
     return y;
 }
+
+/* The decode step's bindings (bound.h): args (w, wsum, ws) for the operators with row sums, (w, ws). */
+template <w8_sums_kernel kernel> static qcal::Bound w8_sums_bind(const char *op, const std::vector<c10::IValue> &a) {
+    const at::Tensor w = a[0].toTensor(), wsum = a[1].toTensor(), ws = a[2].toTensor();
+    w8_weight_checked(op, w, ws);
+    qcal::check_tensor(op, "wsum", wsum, at::kInt, {w.size(0)});
+    const int64_t N = w.size(0), K = w.size(1);
+    const int8_t *wp = qcal::in<int8_t>(w);
+    const int32_t *sp = qcal::in<int32_t>(wsum);
+    const float *wsp = qcal::in<float>(ws);
+    return {K, N, {w, wsum, ws}, [=](const uint16_t *x, uint16_t *y) {
+                return kernel(x, wp, sp, wsp, y, 1, N, K, qcal::threads());
+            }};
+}
+
+static qcal::Bound w8a16_bind(const char *op, const std::vector<c10::IValue> &a) {
+    const at::Tensor w = a[0].toTensor(), ws = a[1].toTensor();
+    w8_weight_checked(op, w, ws);
+    const int64_t N = w.size(0), K = w.size(1);
+    const int8_t *wp = qcal::in<int8_t>(w);
+    const float *wsp = qcal::in<float>(ws);
+    return {K, N, {w, ws}, [=](const uint16_t *x, uint16_t *y) {
+                return w8a16_small(x, wp, wsp, y, 1, N, K, qcal::threads());
+            }};
+}
+
+static const qcal::BindAs w8a8_bound("w8a8_mm_small", w8_sums_bind<w8a8_small>),
+    w8a16_vnni_bound("w8a16_mm_vnni", w8_sums_bind<w8a16_digits>), w8a16_bound("w8a16_mm_small", w8a16_bind);
 
 TORCH_LIBRARY_FRAGMENT(qcal, m) {
     m.def("w8a8_mm_small(Tensor x, Tensor w, Tensor wsum, Tensor ws) -> Tensor");

@@ -94,30 +94,81 @@ template <class Body> static inline void qcal_lead_team(int nthreads, Body &&bod
 }
 
 /* The driver every small-M matmul kernel shares: input rows in blocks of 4 (the tiles' MM), units of output
-   rows split among the threads with qcal_share, fn(ctx, m0, mb, unit) computing one tile. */
+   rows shared among the threads (qcal_units_share), fn(ctx, m0, mb, unit) computing one tile. */
 typedef void (*qcal_unit_fn)(const void *ctx, int64_t m0, int mb, int64_t unit);
 
+/* A thread's share of a job's units, [front, back) packed in one word: its owner claims from the front, a thread out
+   of work steals from the back. */
+struct alignas(64) qcal_share_range {
+    std::atomic<uint64_t> fb;
+};
+#define QCAL_MAX_SHARES 64
+
 typedef struct {
-    int64_t M, units;
+    int64_t M, units, first; /* units first .. first + units - 1 (fewer than 2^32) */
     const void *ctx;
     qcal_unit_fn fn;
+    int shares;
+    mutable qcal_share_range share[QCAL_MAX_SHARES];
 } qcal_units_job;
 
-/* Thread t's units, each for every block of input rows (its part of the weight stays warm in its cache); the outputs
-   are disjoint, so no barrier is needed. */
-static void qcal_units_share(const void *arg, int t, int T) {
-    const qcal_units_job *j = (const qcal_units_job *)arg;
-    int64_t lo, hi;
-    qcal_share(j->units, t, T, &lo, &hi);
-    for (int64_t m0 = 0; m0 < j->M; m0 += 4) {
-        const int mb = j->M - m0 < 4 ? (int)(j->M - m0) : 4;
-        for (int64_t p = lo; p < hi; p++) j->fn(j->ctx, m0, mb, p);
+/* Takes one unit from the front (own) or back (steal) of a share; false when it is empty. */
+static inline bool qcal_take(std::atomic<uint64_t> &fb, bool front, int64_t *p) {
+    uint64_t cur = fb.load(std::memory_order_relaxed);
+    for (;;) {
+        const uint64_t f = cur & 0xffffffffu, b = cur >> 32;
+        if (f >= b) return false;
+        const uint64_t next = front ? cur + 1 : cur - (uint64_t(1) << 32);
+        if (fb.compare_exchange_weak(cur, next, std::memory_order_relaxed)) {
+            *p = (int64_t)(front ? f : b - 1);
+            return true;
+        }
     }
 }
 
+/* Thread t's units: its own share front to back, then the rest of the others' shares from their backs, so that a
+   thread slowed for a while (its core shared with another process, a busier cache) does fewer units instead of
+   holding the others at the join. Each unit runs for every block of input rows (its weight stays in L1); the outputs
+   are disjoint, so no barrier is needed. */
+static void qcal_units_share(const void *arg, int t, int T) {
+    const qcal_units_job *j = (const qcal_units_job *)arg;
+    auto unit = [j](int64_t p) {
+        for (int64_t m0 = 0; m0 < j->M; m0 += 4)
+            j->fn(j->ctx, m0, j->M - m0 < 4 ? (int)(j->M - m0) : 4, j->first + p);
+    };
+    int64_t p;
+    if (t < j->shares)
+        while (qcal_take(j->share[t].fb, true, &p)) unit(p);
+    for (int s = 1; s < j->shares; s++) {
+        const int o = (t + s) % j->shares;
+        while (qcal_take(j->share[o].fb, false, &p)) unit(p);
+    }
+}
+
+static inline void qcal_units_init(qcal_units_job *j, int64_t M, int64_t first, int64_t units, int nthreads,
+                                   const void *ctx, qcal_unit_fn fn) {
+    j->M = M;
+    j->first = first;
+    j->units = units;
+    j->ctx = ctx;
+    j->fn = fn;
+    j->shares = nthreads < 1 ? 1 : nthreads < QCAL_MAX_SHARES ? nthreads : QCAL_MAX_SHARES;
+    for (int s = 0; s < j->shares; s++) {
+        int64_t lo, hi;
+        qcal_share(units, s, j->shares, &lo, &hi);
+        j->share[s].fb.store((uint64_t)lo | (uint64_t)hi << 32, std::memory_order_relaxed);
+    }
+}
+
+/* Shares the units of fn among the threads (one share per thread of nthreads, at most QCAL_MAX_SHARES; a share's
+   bounds are 32-bit, so more than 2^31 units run as several jobs). */
 static inline void qcal_run_units(int64_t M, int64_t units, int nthreads, const void *ctx, qcal_unit_fn fn) {
-    const qcal_units_job job = {M, units, ctx, fn};
-    qcal_parallel(nthreads, qcal_units_share, &job);
+    const int64_t most = int64_t(1) << 31;
+    for (int64_t first = 0; first < units; first += most) {
+        qcal_units_job job;
+        qcal_units_init(&job, M, first, units - first < most ? units - first : most, nthreads, ctx, fn);
+        qcal_parallel(nthreads, qcal_units_share, &job);
+    }
 }
 
 #endif

@@ -50,21 +50,6 @@
 
 /* ------------------------------------------------------------------ the thread split */
 
-/* Units (pairs of blocks) shared among the threads as qcal_run_units shares them; each unit then walks every
-   quad of input rows, so that its weight stays in L1 for all of them. The outputs are disjoint. */
-static void units_share(const void *arg, int t, int T) {
-    const qcal_units_job *j = (const qcal_units_job *)arg;
-    int64_t lo, hi;
-    qcal_share(j->units, t, T, &lo, &hi);
-    for (int64_t p = lo; p < hi; p++)
-        for (int64_t m0 = 0; m0 < j->M; m0 += 4) j->fn(j->ctx, m0, j->M - m0 < 4 ? (int)(j->M - m0) : 4, p);
-}
-
-static void run_units(int64_t M, int64_t units, int nthreads, const void *ctx, qcal_unit_fn fn) {
-    const qcal_units_job job = {M, units, ctx, fn};
-    qcal_parallel(nthreads, units_share, &job);
-}
-
 /* ------------------------------------------------------------------ w4a16: bf16 activations */
 
 /* Keeps the compiler from re-deriving a shared value per use (it would expand one and + or into two pairs:
@@ -232,7 +217,7 @@ static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, 
         }
     }
     const w4a16_ctx ctx = {xf, X, w, sz, y, N, K, G, gs, 16 * K / 2, blocks};
-    run_units(M, units, nthreads, &ctx, has_zero ? w4a16_unit<true> : w4a16_unit<false>);
+    qcal_run_units(M, units, nthreads, &ctx, has_zero ? w4a16_unit<true> : w4a16_unit<false>);
     free(xf);
     free(X);
     return 0;
@@ -375,7 +360,7 @@ static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_
         }
     }
     const w4a8_ctx ctx = {xq, X, xs, w, sz, y, N, K, G, gs, 16 * K / 2, blocks};
-    run_units(M, units, nthreads, &ctx, w4a8_unit);
+    qcal_run_units(M, units, nthreads, &ctx, w4a8_unit);
     free(xq);
     free(xs);
     free(X);

@@ -414,23 +414,5 @@ static int w8a8_small(const uint16_t *x, const int8_t *w, const int32_t *wsum, c
 
 /* ------------------------------------------------------------------ operators */
 
-/* x (M, K) bf16; w (N, K) bf16, contiguous. Returns (M, N) bf16. */
-static at::Tensor w16a16_mm_small(const at::Tensor &x, const at::Tensor &w) {
-    const char *op = "qcal::w16a16_mm_small";
-    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) > 0, op, ": w must be (N, K), got ", w.sizes());
-    qcal::check_tensor(op, "w", w, at::kBFloat16, w.sizes());
-    at::Tensor xc = qcal::rows(op, x, w.size(1)), y = qcal::matmul_out(xc, w);
-    w16a16_small(qcal::in<uint16_t>(xc), qcal::in<uint16_t>(w), qcal::out<uint16_t>(y), xc.size(0), w.size(0),
-                 w.size(1), qcal::threads());
-    return y;
-}
-
-#include "int8_api.h"  // the operators (ISA-neutral): shared with the other instruction set's build
-
-TORCH_LIBRARY_FRAGMENT(qcal, m) { m.def("w16a16_mm_small(Tensor x, Tensor w) -> Tensor"); }
-
-TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("w16a16_mm_small", &w16a16_mm_small); }
-
-TORCH_LIBRARY_IMPL(qcal, Meta, m) {
-    m.impl("w16a16_mm_small", [](const at::Tensor &x, const at::Tensor &w) { return qcal::matmul_meta(x, w); });
-}
+#include "bf16_api.h"  // the operators (ISA-neutral): shared with the other instruction set's build
+#include "int8_api.h"
