@@ -116,8 +116,9 @@ static void bind(Projection &p, const Projection *prev, const std::vector<at::Te
 
 static at::Tensor project(const Projection &p, const at::Tensor &x, const std::vector<at::Tensor> &tensors,
                           const std::vector<int64_t> &ints) {
-    if (p.bound.run) { // x: h, the attention's output or the gate buffer, (1, K) contiguous bf16 by construction
-        TORCH_CHECK_VALUE(x.numel() == p.bound.K, p.name, ": x must be (1, ", p.bound.K, "), got ",
+    if (p.bound.run) { // x: h, the attention's output or the gate buffer (another operator's output if unbound)
+        TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.numel() == p.bound.K, p.name,
+                          ": x must be a contiguous bf16 (1, ", p.bound.K, "), got ", x.scalar_type(), " ",
                           x.sizes());
         qcal::check_rc(p.name.c_str(),
                        p.bound.run(qcal::in<uint16_t>(x), static_cast<uint16_t *>(p.out.mutable_data_ptr())));
