@@ -48,8 +48,6 @@
 
 #define AI static inline __attribute__((always_inline))
 
-/* ------------------------------------------------------------------ the thread split */
-
 /* ------------------------------------------------------------------ w4a16: bf16 activations */
 
 /* Keeps the compiler from re-deriving a shared value per use (it would expand one and + or into two pairs:
