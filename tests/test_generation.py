@@ -234,6 +234,28 @@ def test_native_decode_step_is_the_python_loop_bit_for_bit(scheme):
 
 @needs_native
 @pytest.mark.native_ops("decode_layers")
+@pytest.mark.parametrize("scheme", ["bf16", "int4wo-64"])
+def test_native_decode_step_is_the_one_thread_loop_whatever_the_threads(scheme):
+    """The matmuls' threads take their own share of the units and then steal the rest (a share per thread asked
+    for, a team of at most one thread a processor): with 2 and 5 threads asked for, the step's logits are the
+    one-thread Python loop's bit for bit."""
+    model = apply_scheme(make_tiny_llama(hidden=128, layers=2, tie=False), scheme, quantize_lm_head=True)
+    tokens = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(6))
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads, native_step in ((1, False), (2, True), (5, True)):
+            torch.set_num_threads(threads)
+            gen = LeanGenerator(model, 8, native_step=native_step)
+            with torch.no_grad():
+                outs.append([gen.prefill(tokens[:, :2])] + [gen.decode(tokens[:, t:t + 1]) for t in range(2, 6)])
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0], strict=True))
+
+
+@needs_native
+@pytest.mark.native_ops("decode_layers")
 def test_native_decode_step_checks_its_arguments_before_touching_the_stream():
     model = apply_scheme(make_tiny_llama(hidden=128, layers=2, tie=False), "int4wo-64")
     gen = LeanGenerator(model, 8)
