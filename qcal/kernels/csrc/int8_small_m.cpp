@@ -215,7 +215,7 @@ AI void tile_digits(const uint8_t *d, int64_t Kp, int64_t K, const int8_t *w, co
     for (int r = 0; r < RB; r++) {
         const int64_t s = (int64_t)_mm512_reduce_add_epi32(acc[r][0]) + ((int64_t)_mm512_reduce_add_epi32(acc[r][1]) << 8) +
                           ((int64_t)_mm512_reduce_add_epi32(acc[r][2]) << 16) - ((int64_t)wsum[r] << 23);
-        y[r] = qcal_float_to_bf16((float)(ldexp((double)s, -E) * (double)ws[r]));
+        y[r] = qcal_float_to_bf16((float)((double)s * qcal::pow2(-E) * (double)ws[r])); /* ldexp(s, -E): exact */
     }
 }
 

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace qcal {
 
@@ -20,6 +21,15 @@ template <typename T> inline T *out(at::Tensor &t) { return static_cast<T *>(t.m
 template <typename T> inline const T *in_opt(const at::Tensor &t) { return t.defined() ? in<T>(t) : nullptr; }
 
 inline int threads() { return at::get_num_threads(); }
+
+/* 2^e as a double for -1022 <= e <= 1023, built from its bits: x * pow2(e) is ldexp(x, e) whenever the product is
+   a normal double, without a library call per value. */
+inline double pow2(int e) {
+    const uint64_t bits = (uint64_t)(1023 + e) << 52;
+    double d;
+    std::memcpy(&d, &bits, sizeof d);
+    return d;
+}
 
 /* A C kernel's return code: 0 done, -2 out of memory, anything else arguments it refused. */
 inline void check_rc(const char *op, int rc) {

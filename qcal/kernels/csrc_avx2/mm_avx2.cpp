@@ -299,7 +299,7 @@ AI void tile_digits(const int16_t *d, int64_t Kp, int64_t K, const int8_t *w, co
     }
     for (int r = 0; r < R; r++) {
         const int64_t s = sum[r] - (int64_t)wsum[r] * ((int64_t)1 << 23);
-        y[r] = qcal_float_to_bf16((float)(ldexp((double)s, -E) * (double)ws[r]));
+        y[r] = qcal_float_to_bf16((float)((double)s * qcal::pow2(-E) * (double)ws[r])); /* ldexp(s, -E): exact */
     }
 }
 
