@@ -21,8 +21,8 @@ the codes and dequantizes them in registers, prefill attention reads the cache d
 
 With a bf16 cache, a decode step whose projections are all single qcal operators (float linears and the native
 rows of the quantized kernel tables) runs its layer loop as one native call (``torch.classes.qcal.DecodeStep``: the
-same operators on the same arguments, bit for bit the Python loop, without ~330 Python-level operator calls a token);
-``native_step=False`` keeps the Python loop.
+same kernels on the same arguments, each projection's kernel bound to its weights once, bit for bit the Python loop,
+without ~330 Python-level operator calls a token); ``native_step=False`` keeps the Python loop.
 
 Which models qualify is decided by their structure (:mod:`qcal.runtime.family`); :func:`unsupported_reason` says
 why a model cannot run here (then use the model's own ``generate``).
