@@ -10,6 +10,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import mmap  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 
@@ -404,10 +405,20 @@ def test_static_cache_generator_prefill_and_decode_follow_the_model():
         assert gen.length == 0 and torch.allclose(gen.prefill(ids), ref[:, 9], atol=1e-5)
 
 
+def _touch_fresh_pages(nbytes: int) -> None:
+    """Make ``nbytes`` of new resident memory and give it back (an anonymous mapping, every page written).
+
+    Not a tensor: the allocator may serve a large tensor from free heap memory that is already resident,
+    which would not raise the RSS at all.
+    """
+    with mmap.mmap(-1, nbytes) as block:
+        for offset in range(0, nbytes, mmap.PAGESIZE):
+            block[offset] = 1
+
+
 def test_peak_memory_sees_a_large_allocation():
     with speed.PeakMemory("cpu") as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        del block
+        _touch_fresh_pages(64 * 2**20)
     if peak.bytes is None:
         pytest.skip("no /proc RSS peak reset here")
     assert 48 * 2**20 < peak.bytes < 512 * 2**20
@@ -415,12 +426,10 @@ def test_peak_memory_sees_a_large_allocation():
 
 def test_peak_memory_reads_the_peak_so_far_and_restarts_it():
     with speed.PeakMemory("cpu") as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        del block
+        _touch_fresh_pages(64 * 2**20)
         first = peak.peak_bytes()
         peak.reset_peak()
-        small = torch.ones(4 * 2**20 // 4)
-        del small
+        _touch_fresh_pages(4 * 2**20)
     if first is None or peak.bytes is None:
         pytest.skip("no /proc RSS peak reset here")
     assert 48 * 2**20 < first < 512 * 2**20
