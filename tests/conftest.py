@@ -117,3 +117,16 @@ def reference_kernels(monkeypatch):
     import qcal.kernels
 
     monkeypatch.setattr(qcal.kernels, "KERNELS", [])
+
+
+def pair_chain(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` as the panel kernels sum it: per output one fp32 chain over k, of each pair of columns the odd
+    one first (vdpbf16ps's order), inputs below 2^-126 read as zero. ``x`` (M, K) and ``w`` (N, K) hold values whose
+    products are exact in fp32 (bf16 x bf16, bf16 x int8), so each step's one rounding is fp32's add."""
+    tiny = torch.finfo(torch.float32).tiny
+    x, w = (torch.where(t.float().abs() < tiny, 0.0, t.float()) for t in (x, w))
+    acc = torch.zeros(x.shape[0], w.shape[0])
+    for k in range(0, x.shape[1], 2):
+        acc = acc + x[:, k + 1, None] * w[None, :, k + 1]
+        acc = acc + x[:, k, None] * w[None, :, k]
+    return acc

@@ -411,47 +411,13 @@ def test_a8w8_panel_equals_quantize_per_token_and_int_mm(m, n, k, threads):
         torch.set_num_threads(saved)
 
 
-@pytest.mark.parametrize("m", [1, 5, 64])
-@pytest.mark.parametrize("n,k", [(16, 4), (192, 576), (576, 1536)])
-def test_weight_only_panels_are_exact_on_integers(m, n, k):
-    """Integer activations, unit scales, integer offsets: every product and fp32 sum is an exact integer."""
-    g = torch.Generator().manual_seed(m + n)
-    x = torch.randint(-127, 128, (m, k), generator=g).to(torch.bfloat16)
-    w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    exact8 = (x.long() @ w8.long().t()).float()
-    assert torch.equal(ops.w8a16_mm_panel(x, w8, torch.ones(n)), exact8.to(torch.bfloat16))
-    assert torch.equal(ops.w8a16_mm_panel(x, w8, torch.full((n,), 0.5)), (exact8 * 0.5).to(torch.bfloat16))
-    if k % 8:
-        return
-    gs = 8 if k < 64 else 64
-    u = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    qweight = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()  # canonical: low nibble = even column
-    zp = torch.randint(-3, 4, (n, k // gs), generator=g).float()
-    w4 = u.long().view(n, k // gs, gs) - 8 - zp.long().unsqueeze(-1)
-    exact4 = (x.long() @ w4.view(n, k).t()).float().to(torch.bfloat16)
-    assert torch.equal(ops.w4a16_mm_panel(x, qweight, torch.ones(n, k // gs), zp, gs), exact4)
-    no_zp = (x.long() @ (u.long() - 8).t()).float().to(torch.bfloat16)
-    assert torch.equal(ops.w4a16_mm_panel(x, qweight, torch.ones(n, k // gs), None, gs), no_zp)
-
-
-def test_int4_panel_uses_the_dequantizers_weight():
-    torch.manual_seed(0)
-    q = apply_scheme(nn.Sequential(nn.Linear(576, 192, bias=False)), "int4wo-64", quantize_lm_head=True)[0]
-    x = torch.randn(100, 576, dtype=torch.bfloat16)
-    w = native.dequant_int4(q.qweight, q.weight_scale, q.weight_zero_point)
-    got = ops.w4a16_mm_panel(x, q.qweight, q.weight_scale.float(), q.weight_zero_point.float(), 64)
-    assert rel_err(got, x.float() @ w.float().t()) < 4e-3  # fp32 sums of the same bf16 weight, one rounding
-
-
-def test_panels_refuse_bad_input():
+def test_a8w8_panel_refuses_bad_input():  # the weight-only panels': tests/test_panel.py
     x = torch.randn(8, 576, dtype=torch.bfloat16)
     w = torch.randint(-127, 128, (40, 576), dtype=torch.int8)
-    with pytest.raises(ValueError, match="w8a16_mm_panel: unsupported shape"):
-        ops.w8a16_mm_panel(x, w, torch.ones(40))  # 40 rows: not a multiple of 16
+    with pytest.raises(ValueError, match="w8a8_mm_panel: unsupported shape"):
+        ops.w8a8_mm_panel(x, w, native.int8_row_sums(w), torch.ones(40))  # 40 rows: not a multiple of 16
     with pytest.raises(TypeError, match="w8a8_mm_panel"):
         ops.w8a8_mm_panel(x.float(), w[:32], native.int8_row_sums(w[:32]), torch.ones(32))
-    with pytest.raises(ValueError, match="w4a16_mm_panel"):
-        ops.w4a16_mm_panel(x, torch.zeros(32, 288, dtype=torch.uint8), torch.ones(32, 48), None, 12)
 
 
 @pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import pair_chain
 
 from qcal.kernels import common, library, native
 from qcal.kernels.table import Impl
@@ -57,7 +58,8 @@ def test_has_names_registered_operators_only():
     else:  # both libraries register the decode path
         assert native.has("w16a16_mm_small", "w4a8_mm", "add_rmsnorm", "decode_step_attention")
         assert native.available() == (isa == "avx512")
-        assert native.has("w4a16_mm_panel") == (isa == "avx512")  # the panel kernels are AVX-512 only
+        assert native.has("w8a16_mm_panel", "w4a16_mm_panel")  # the weight-only panels too
+        assert native.has("w8a8_mm_panel") == (isa == "avx512") and native.has("w16a16_mm_panel") == (isa == "avx2")
     with native.disabled():
         assert native.isa() is None and not native.has("w16a16_mm_small") and not native.available()
 
@@ -79,8 +81,11 @@ def test_bf16_linear_without_bf16_hardware_is_the_fp32_product_rounded_once(monk
     monkeypatch.setattr(common, "_bf16_gemm_emulated", lambda: True)
     got = common.linear(x, w, b)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 96)
-    if rows > 4:  # fp32 GEMM then one rounding: within one bf16 ulp (plus fp32 summation error) of the exact sum
+    if rows > 4 and (b is not None or not native.has("w16a16_mm_panel")):  # fp32 GEMM then one rounding
         assert torch.equal(got, F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16))
+    elif rows > 4:  # the AVX2 panel kernel: one fp32 chain per output (tests/test_panel.py)
+        assert torch.equal(got, pair_chain(x, w).to(torch.bfloat16))
+    # within one bf16 ulp (plus fp32 summation error) of the exact sum
     ulp = exact.abs().clamp_min(1e-3) * 2.0 ** -7
     assert ((got.double() - exact).abs() <= ulp + 1e-4 * exact.abs().amax()).all()
     monkeypatch.setattr(common, "_bf16_gemm_emulated", lambda: False)

@@ -43,7 +43,7 @@ def test_int8_weight_only_pytorch_path_any_k(rows):
 def test_native_operators_check_k():
     """Every native matmul refuses an input whose width is not the weight's (it would read out of bounds)."""
     ops = torch.ops.qcal
-    w8, ws = torch.zeros(32, 64, dtype=torch.int8), torch.ones(32)
+    w8, ws, w16 = torch.zeros(32, 64, dtype=torch.int8), torch.ones(32), torch.zeros(32, 64, dtype=torch.bfloat16)
     w4, sz = torch.zeros(32, 32, dtype=torch.uint8), torch.zeros(2, 2, 2, 16, dtype=torch.bfloat16)
     x = torch.zeros(2, 128, dtype=torch.bfloat16)
     calls = {"w8a16_mm_small": lambda: ops.w8a16_mm_small(x, w8, ws),
@@ -53,9 +53,11 @@ def test_native_operators_check_k():
              "w8a8_mm_panel": lambda: ops.w8a8_mm_panel(x, w8, native.int8_row_sums(w8), ws),
              "w4a16_mm_small": lambda: ops.w4a16_mm_small(x, w4, sz, False, 32),
              "w4a8_mm": lambda: ops.w4a8_mm(x, w4, sz, 32),
-             "w4a16_mm_panel": lambda: ops.w4a16_mm_panel(x, w4, torch.ones(32, 2), None, 32)}
+             "w4a16_mm_panel": lambda: ops.w4a16_mm_panel(x, w4, torch.ones(32, 2), None, 32),
+             "w16a16_mm_small": lambda: ops.w16a16_mm_small(x, w16),
+             "w16a16_mm_panel": lambda: ops.w16a16_mm_panel(x, w16)}
     tried = [name for name in calls if native.has(name)]
-    assert len(tried) >= 5  # the AVX2 library's five matmuls, all eight with AVX-512
+    assert len(tried) >= 9  # nine matmuls in either library
     for name in tried:
         with pytest.raises(ValueError, match=r"x must be \(M, 64\)"):
             calls[name]()

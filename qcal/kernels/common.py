@@ -7,6 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .native import dequant_int4 as _native_dequant
 
 __all__ = ["quantize_per_token", "int4_codes_u8", "dequant_int4", "tinygemm_group_size", "tinygemm_scales_zeros",
@@ -32,11 +33,15 @@ def _bf16_gemm_emulated() -> bool:
 
 
 def linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; for bf16 on a CPU without bf16 GEMM hardware and more than 4 rows, computed as an fp32 GEMM
-    of the (exactly widened) bf16 operands and rounded once to bf16 -- what the bf16 GEMM computes (fp32
-    accumulation), in another summation order, several times faster there."""
+    """``F.linear``; for bf16 on a CPU without bf16 GEMM hardware and more than 4 rows, fp32 accumulation of the
+    (exactly widened) bf16 operands rounded once to bf16 -- what the bf16 GEMM computes, in another summation
+    order, several times faster there: qcal's AVX2 panel kernel (``w16a16_mm_panel``, no bias, the weight's shape
+    permitting), else an fp32 GEMM."""
     if (not torch.compiler.is_compiling() and x2.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
             and x2.device.type == "cpu" and x2.dim() == 2 and x2.shape[0] > 4 and _bf16_gemm_emulated()):
+        if (bias is None and weight.is_contiguous() and native.has("w16a16_mm_panel")
+                and native.panel_fits(weight.shape[0], weight.shape[1])):
+            return torch.ops.qcal.w16a16_mm_panel(x2, weight)
         return F.linear(x2.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
     return F.linear(x2, weight, bias)
 

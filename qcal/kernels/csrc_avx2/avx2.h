@@ -29,6 +29,13 @@ static inline __m256 qcal_load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
 }
 
+/* Denormal lanes as zero of the same sign: how vdpbf16ps reads its bf16 inputs (DAZ). */
+static inline __m256 qcal_daz8(__m256 v) {
+    const __m256i b = _mm256_castps_si256(v);
+    const __m256i den = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7f800000)), _mm256_setzero_si256());
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(b, _mm256_and_si256(b, _mm256_set1_epi32((int)0x80000000u)), den));
+}
+
 /* The first n (0..8) bf16 values at p as fp32, the other lanes zero; reads only n values. */
 static inline __m256 qcal_load8_bf16_tail(const uint16_t *p, int64_t n) {
     uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};

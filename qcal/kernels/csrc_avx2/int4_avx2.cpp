@@ -165,16 +165,13 @@ template <bool HZ> static void w4a16_unit(const void *c, int64_t m0, int mb, int
    interleaved, which changes no sum). */
 static void prepare_rows16(const uint16_t *x, int64_t m_lo, int64_t m_hi, int64_t M, int64_t K, int64_t G,
                            int64_t gs, float *xf, float *X) {
-    const __m256i expo = _mm256_set1_epi32(0x7f800000), sign = _mm256_set1_epi32((int)0x80000000u);
     for (int64_t m = m_lo; m < m_hi; m++) {
         const uint16_t *xr = x + m * K;
         const int64_t m0 = m & ~(int64_t)3, mb = M - m0 < 4 ? M - m0 : 4;
         float *xm = xf + m0 * K + (m - m0), *Xm = X + m * G;
         for (int64_t k = 0; k < K; k += 8) { /* K % 8 == 0 */
-            const __m256i b = _mm256_castps_si256(qcal_load8_bf16(xr + k));
-            const __m256i den = _mm256_cmpeq_epi32(_mm256_and_si256(b, expo), _mm256_setzero_si256());
             float f[8];
-            _mm256_storeu_ps(f, _mm256_castsi256_ps(_mm256_blendv_epi8(b, _mm256_and_si256(b, sign), den)));
+            _mm256_storeu_ps(f, qcal_daz8(qcal_load8_bf16(xr + k)));
             if (mb == 1) memcpy(xm + k, f, sizeof f);
             else for (int i = 0; i < 8; i++) xm[(k + i) * mb] = f[i];
         }

@@ -1,0 +1,301 @@
+/* qcal: large-M (prefill) matmuls for AVX2/FMA CPUs: the AVX2 build of csrc/panel_mm.cpp's weight-only operators
+   (panel_fits, w8a16_mm_panel, w4a16_mm_panel: panel_api.h's schemas and checks, the same numbers) and
+   w16a16_mm_panel (a bf16 weight, the same product).
+
+   Without bf16 hardware PyTorch's bf16 GEMM is emulated, so these paths used to widen both operands to fp32 (an
+   int4 / int8 weight dequantized to bf16 first) for MKL's fp32 GEMM: two or three passes over the weight per call,
+   the threads split statically. Here, as in the AVX-512 panel kernels, a thread re-lays one block of 16 weight rows
+   at a time into a scratch of K lines of 16 fp32 values -- the bf16 weight widened; int4: the one-pass
+   dequantizer's value bf16((u - (8 + zp)) * s); int8: the code, its scale applied to the sum -- and runs input
+   rows against it in tiles of 6 rows x 16 columns (12 accumulators). The activations are widened once per call.
+
+   Numbers: each output is one fp32 chain over k in vdpbf16ps's order (of each pair of columns the odd one first,
+   every step a fused multiply-add of an exact product, rounded to nearest even), then [* ws[n]] and one rounding to
+   bf16 -- the AVX-512 panel kernels' results bit for bit, independent of the number of threads. Inputs below
+   2^-126 are flushed to zero as vdpbf16ps reads them; a partial sum that cancels below 2^-126 is not flushed here
+   (avx2.h).
+
+   Work: units of (one block, a range of input rows), block-major, shared among the threads with stealing
+   (parallel.h); a thread keeps its last packed block for its next unit of the same block, so a block is re-laid
+   about once per thread that works on it. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <atomic>
+
+#include "avx2.h"
+#include "ops.h"
+#include "panel_api.h"
+#include "parallel.h"
+
+#define AI static inline __attribute__((always_inline))
+#define PANEL_MR 6 /* input rows a tile */
+
+/* ------------------------------------------------------------------ re-laying 16 weight rows */
+
+/* Transposes 8 rows of 8 fp32 values (r[i] = row i) into columns (r[c] = column c of the 8 rows). */
+AI void transpose8(__m256 r[8]) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+typedef struct {
+    const float *xf; /* the activations widened (denormals flushed), tiles of PANEL_MR rows k-major */
+    const void *w;   /* bf16 (N, K), int8 (N, K) or int4 codes (N, K / 2) */
+    const float *s, *zp; /* int8: ws (N); int4: s, zp (N, K / gs), zp may be NULL */
+    uint16_t *y;
+    int64_t M, N, K, gs, chunks, rows; /* units: block * chunks + chunk, `rows` input rows a chunk */
+    int kind;                          /* 0 bf16, 1 int8, 2 int4 */
+    uint64_t call;
+    mutable std::atomic<int> failed;
+} panel_ctx;
+
+/* Weight row r's values (8 per vector) -> the panel's lines: values v[i] of columns k + step * i, rows h..h+7 (of
+   the block's 16) each in r[i] -> transposed and stored at line k + step * c, lanes h..h+7. */
+AI void store_columns(__m256 r[8], float *dst, int64_t k, int step, int h) {
+    transpose8(r);
+    for (int c = 0; c < 8; c++) _mm256_store_ps(dst + (k + step * c) * 16 + h, r[c]);
+}
+
+static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
+    const int64_t K = a->K, r0 = blk * 16;
+    for (int h = 0; h < 16; h += 8) {
+        if (a->kind == 0) {
+            const uint16_t *w = (const uint16_t *)a->w + (r0 + h) * K;
+            for (int64_t k = 0; k < K; k += 8) {
+                __m256 r[8];
+                if (k + 8 <= K) {
+                    for (int i = 0; i < 8; i++) r[i] = qcal_daz8(qcal_load8_bf16(w + i * K + k));
+                } else {
+                    for (int i = 0; i < 8; i++) r[i] = qcal_daz8(qcal_load8_bf16_tail(w + i * K + k, K - k));
+                }
+                if (k + 8 <= K) {
+                    store_columns(r, dst, k, 1, h);
+                } else { /* K % 4 == 0: the last 4 columns */
+                    transpose8(r);
+                    for (int c = 0; c < K - k; c++) _mm256_store_ps(dst + (k + c) * 16 + h, r[c]);
+                }
+            }
+        } else if (a->kind == 1) {
+            const int8_t *w = (const int8_t *)a->w + (r0 + h) * K;
+            for (int64_t k = 0; k < K; k += 8) {
+                __m256 r[8];
+                const int n = K - k < 8 ? (int)(K - k) : 8;
+                for (int i = 0; i < 8; i++) {
+                    int64_t q = 0;
+                    memcpy(&q, w + i * K + k, (size_t)n);
+                    r[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(q)));
+                }
+                transpose8(r);
+                for (int c = 0; c < n; c++) _mm256_store_ps(dst + (k + c) * 16 + h, r[c]);
+            }
+        } else { /* int4: gs % 8 == 0, K % gs == 0, so 16 columns (8 bytes) never straddle a group when gs >= 16 */
+            const uint8_t *u = (const uint8_t *)a->w + (r0 + h) * (K / 2);
+            const int64_t G = K / a->gs;
+            for (int64_t k = 0; k < K; k += 16) {
+                const int n = K - k < 16 ? (int)(K - k) : 16; /* 8 (K % 16 == 8) or 16 columns */
+                __m256 lo[8], hi[8]; /* even / odd columns k, k + 2, ... of row i */
+                for (int i = 0; i < 8; i++) {
+                    const int64_t row = r0 + h + i;
+                    int64_t b = 0;
+                    memcpy(&b, u + i * (K / 2) + k / 2, (size_t)(n / 2));
+                    const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b));
+                    /* the group of each of the 8 byte lanes: columns k + 2j, k + 2j + 1 (gs % 8 == 0: one group per
+                       4 bytes at least) */
+                    const int64_t g0 = k / a->gs, g1 = (k + 8) / a->gs < G ? (k + 8) / a->gs : G - 1;
+                    const float s0 = a->s[row * G + g0], s1 = a->s[row * G + g1];
+                    const float o0 = 8.0f + (a->zp ? a->zp[row * G + g0] : 0.0f);
+                    const float o1 = 8.0f + (a->zp ? a->zp[row * G + g1] : 0.0f);
+                    const __m256 sv = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
+                    const __m256 ov = _mm256_setr_ps(o0, o0, o0, o0, o1, o1, o1, o1);
+                    const __m256 fl = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+                    const __m256 fh = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+                    lo[i] = qcal_daz8(qcal_round8_bf16(_mm256_mul_ps(_mm256_sub_ps(fl, ov), sv)));
+                    hi[i] = qcal_daz8(qcal_round8_bf16(_mm256_mul_ps(_mm256_sub_ps(fh, ov), sv)));
+                }
+                transpose8(lo);
+                transpose8(hi);
+                for (int c = 0; c < n / 2; c++) {
+                    _mm256_store_ps(dst + (k + 2 * c) * 16 + h, lo[c]);
+                    _mm256_store_ps(dst + (k + 2 * c + 1) * 16 + h, hi[c]);
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ the tile: MM input rows x 16 weight rows */
+
+/* x: the tile's rows k-major (column k of row m at x[k PANEL_MR + m]). */
+template <int MM>
+AI void tile(const float *x, int64_t K, const float *panel, const float *ws, uint16_t *y, int64_t ldy) {
+    __m256 acc[MM][2];
+    for (int m = 0; m < MM; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 2) {
+        for (int e = 1; e >= 0; e--) { /* the odd column first, as vdpbf16ps */
+            const __m256 w0 = _mm256_load_ps(panel + (k + e) * 16), w1 = _mm256_load_ps(panel + (k + e) * 16 + 8);
+            for (int m = 0; m < MM; m++) {
+                const __m256 xb = _mm256_broadcast_ss(x + (k + e) * PANEL_MR + m);
+                acc[m][0] = _mm256_fmadd_ps(xb, w0, acc[m][0]);
+                acc[m][1] = _mm256_fmadd_ps(xb, w1, acc[m][1]);
+            }
+        }
+    }
+    if (ws) {
+        const __m256 s0 = _mm256_loadu_ps(ws), s1 = _mm256_loadu_ps(ws + 8);
+        for (int m = 0; m < MM; m++) {
+            acc[m][0] = _mm256_mul_ps(acc[m][0], s0);
+            acc[m][1] = _mm256_mul_ps(acc[m][1], s1);
+        }
+    }
+    for (int m = 0; m < MM; m++) {
+        qcal_store8_bf16(y + m * ldy, acc[m][0]);
+        qcal_store8_bf16(y + m * ldy + 8, acc[m][1]);
+    }
+}
+
+/* A thread's scratch: its last packed block (of call `call`), kept for its next unit. */
+struct panel_scratch {
+    float *p = nullptr;
+    size_t cap = 0;
+    uint64_t call = 0;
+    int64_t blk = -1;
+    ~panel_scratch() { free(p); }
+};
+static thread_local panel_scratch tl_panel;
+static std::atomic<uint64_t> panel_calls{0};
+
+static void panel_unit(const void *c, int64_t, int, int64_t p) {
+    const panel_ctx *a = (const panel_ctx *)c;
+    const int64_t blk = p / a->chunks, K = a->K, N = a->N;
+    panel_scratch &s = tl_panel;
+    const size_t need = ((size_t)K * 16 * sizeof(float) + 63) & ~(size_t)63;
+    if (s.cap < need) {
+        free(s.p);
+        s.p = (float *)aligned_alloc(64, need);
+        s.cap = s.p ? need : 0;
+        s.blk = -1;
+        if (!s.p) {
+            a->failed.store(1, std::memory_order_relaxed);
+            return;
+        }
+    }
+    if (s.call != a->call || s.blk != blk) {
+        pack_block(a, blk, s.p);
+        s.call = a->call;
+        s.blk = blk;
+    }
+    const int64_t n0 = blk * 16, m0 = (p % a->chunks) * a->rows;
+    const int64_t m1 = m0 + a->rows < a->M ? m0 + a->rows : a->M;
+    const float *ws = a->kind == 1 ? a->s + n0 : nullptr;
+    for (int64_t m = m0; m < m1; m += PANEL_MR) {
+        const float *x = a->xf + m * K;
+        uint16_t *y = a->y + m * N + n0;
+        switch (m1 - m < PANEL_MR ? (int)(m1 - m) : PANEL_MR) {
+        case 1: tile<1>(x, K, s.p, ws, y, N); break;
+        case 2: tile<2>(x, K, s.p, ws, y, N); break;
+        case 3: tile<3>(x, K, s.p, ws, y, N); break;
+        case 4: tile<4>(x, K, s.p, ws, y, N); break;
+        case 5: tile<5>(x, K, s.p, ws, y, N); break;
+        default: tile<6>(x, K, s.p, ws, y, N); break;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ driver */
+
+typedef struct {
+    const uint16_t *x;
+    float *xf;
+    int64_t M, K;
+} widen_ctx;
+
+/* Tile p's rows (PANEL_MR; past M, zeros) widened with denormals flushed, k-major. */
+static void widen_unit(const void *c, int64_t, int, int64_t p) {
+    const widen_ctx *a = (const widen_ctx *)c;
+    const int64_t K = a->K, m0 = p * PANEL_MR;
+    float *xt = a->xf + m0 * K;
+    for (int m = 0; m < PANEL_MR; m++) {
+        const uint16_t *xr = a->x + (m0 + m) * K;
+        float f[8];
+        for (int64_t k = 0; k < K; k += 4) { /* K % 4 == 0 */
+            if (m0 + m < a->M) _mm256_storeu_ps(f, qcal_daz8(qcal_load8_bf16_tail(xr + k, 4)));
+            else memset(f, 0, sizeof f);
+            for (int i = 0; i < 4; i++) xt[(k + i) * PANEL_MR + m] = f[i];
+        }
+    }
+}
+
+static int run_panel(int kind, const uint16_t *x, const void *w, const float *s, const float *zp, uint16_t *y,
+                     int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
+    if (M < 0 || !panel_fits(N, K, gs) || (kind == 2) != (gs > 0)) return -1;
+    if (M == 0) return 0;
+    const int64_t blocks = N / 16, T = nthreads < 1 ? 1 : nthreads, tiles = (M + PANEL_MR - 1) / PANEL_MR;
+    float *xf = (float *)malloc(sizeof(float) * (size_t)(tiles * PANEL_MR) * (size_t)K);
+    if (!xf) return -2;
+    const widen_ctx wc = {x, xf, M, K};
+    qcal_run_units(1, tiles, nthreads, &wc, widen_unit);
+    /* Input rows split into chunks so that there are at least ~8 units a thread (stealing evens out the end). */
+    int64_t chunks = (8 * T + blocks - 1) / blocks;
+    if (chunks > tiles) chunks = tiles;
+    const int64_t rows = (tiles + chunks - 1) / chunks * PANEL_MR;
+    panel_ctx ctx;
+    ctx.xf = xf;
+    ctx.w = w;
+    ctx.s = s;
+    ctx.zp = zp;
+    ctx.y = y;
+    ctx.M = M;
+    ctx.N = N;
+    ctx.K = K;
+    ctx.gs = gs;
+    ctx.chunks = (M + rows - 1) / rows;
+    ctx.rows = rows;
+    ctx.kind = kind;
+    ctx.call = panel_calls.fetch_add(1, std::memory_order_relaxed) + 1;
+    ctx.failed.store(0, std::memory_order_relaxed);
+    qcal_run_units(1, blocks * ctx.chunks, nthreads, &ctx, panel_unit);
+    free(xf);
+    return ctx.failed.load(std::memory_order_relaxed) ? -2 : 0;
+}
+
+static int w8a16_panel(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *y, int64_t M, int64_t N,
+                       int64_t K, int nthreads) {
+    return run_panel(1, x, w, ws, nullptr, y, M, N, K, 0, nthreads);
+}
+
+static int w4a16_panel(const uint16_t *x, const uint8_t *u, const float *s, const float *zp, uint16_t *y, int64_t M,
+                       int64_t N, int64_t K, int64_t gs, int nthreads) {
+    return run_panel(2, x, u, s, zp, y, M, N, K, gs, nthreads);
+}
+
+/* ------------------------------------------------------------------ the bf16-weight operator */
+
+static at::Tensor w16a16_mm_panel(const at::Tensor &x, const at::Tensor &w) {
+    const char *op = "qcal::w16a16_mm_panel";
+    TORCH_CHECK_VALUE(w.dim() == 2, op, ": w must be (N, K), got ", w.sizes());
+    at::Tensor xc = panel_checked(op, x, w, at::kBFloat16, w.size(1), 0), y = qcal::matmul_out(xc, w);
+    qcal::check_rc(op, run_panel(0, qcal::in<uint16_t>(xc), qcal::in<uint16_t>(w), nullptr, nullptr,
+                                 qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1), 0, qcal::threads()));
+    return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) { m.def("w16a16_mm_panel(Tensor x, Tensor w) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("w16a16_mm_panel", &w16a16_mm_panel); }
