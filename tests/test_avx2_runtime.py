@@ -65,7 +65,9 @@ def _rmsnorm_ref(x: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, e
     t = t[:, 4:] + t[:, :4]
     total = (t[:, 0] + t[:, 2]) + (t[:, 1] + t[:, 3])
     ms = total / torch.full_like(total, float(n)) + torch.tensor(eps, dtype=torch.float32)
-    inv = torch.ones_like(ms) / torch.sqrt(ms)
+    # IEEE sqrt, as vsqrtss: PyTorch's vectorized fp32 sqrt is not always correctly rounded; a float64 sqrt
+    # rounded to fp32 is (53 >= 2 * 24 + 2 bits)
+    inv = torch.ones_like(ms) / torch.sqrt(ms.double()).float()
     h = (xf * inv[:, None]).to(BF16)
     return x, (h.float() * w.float()).to(BF16)
 
@@ -183,6 +185,25 @@ def test_rope_store_bit_for_bit_into_a_strided_cache(d):
     assert torch.equal(inplace, want)
     torch.ops.qcal.rope_store(src, cache[:, :m].transpose(0, 1), None, None)  # a plain copy (the value cache)
     assert _same(cache[:, :m].transpose(0, 1), src)
+
+
+def test_prefill_sized_steps_split_among_threads_bit_for_bit(threads):
+    """Calls of a prefill's size run in ranges of rows on all threads: every value as the one-row references."""
+    m, heads, d, n = 300, 9, 64, 576
+    src, cos, sin = _bf16(m, heads, d, seed=1), _bf16(m, d, seed=2), _bf16(m, d, seed=3)
+    cache = torch.full((heads, m + 5, d), float("nan"), dtype=BF16)
+    torch.ops.qcal.rope_store(src, cache[:, 2:2 + m].transpose(0, 1), cos, sin)
+    assert torch.equal(cache[:, 2:2 + m].transpose(0, 1), _rope_ref(src, cos, sin))
+    assert torch.isnan(cache[:, :2].float()).all() and torch.isnan(cache[:, 2 + m:].float()).all()
+    x, w, delta = _bf16(m, n, seed=4, scale=3.0), _bf16(n, seed=5), _bf16(m, n, seed=6)
+    want_x, want = _rmsnorm_ref(x, delta, w, 1e-5)
+    got = torch.empty_like(x)
+    torch.ops.qcal.add_rmsnorm(x, delta, w, got, 1e-5)
+    assert _same(x, want_x) and _same(got, want)
+    g, u = _bf16(m, 1537, seed=7, scale=4.0), _bf16(m, 1537, seed=8)  # chunks of the split end mid-row
+    want = _silu_mul_ref(g, u)
+    torch.ops.qcal.silu_mul(g, u)
+    assert _same(g, want)
 
 
 # ---------------------------------------------------------------- decode attention

@@ -4,6 +4,43 @@
 #ifndef QCAL_DECODE_OPS_API_H
 #define QCAL_DECODE_OPS_API_H
 
+#include <atomic>
+
+#include "parallel.h"
+
+// ------------------------------------------------------------------ prefill-sized calls on all threads
+
+// Calls of at least this many elements (a prefill's rows) are split among the threads in ranges of rows; smaller
+// ones (a decode step's) stay on the calling thread, where starting the threads would cost more than it saves.
+// Every row (silu_mul: every element) is computed as on one thread: the results do not depend on the split.
+#define QCAL_SPLIT_ELEMENTS (1 << 14)
+
+typedef void (*qcal_rows_fn)(const void *ctx, int64_t r0, int64_t r1);
+
+typedef struct {
+    const void *ctx;
+    qcal_rows_fn fn;
+    int64_t rows, per_unit;
+} qcal_rows_job;
+
+static void qcal_rows_unit(const void *c, int64_t, int, int64_t p) {
+    const qcal_rows_job *j = (const qcal_rows_job *)c;
+    const int64_t r0 = p * j->per_unit, r1 = r0 + j->per_unit < j->rows ? r0 + j->per_unit : j->rows;
+    j->fn(j->ctx, r0, r1);
+}
+
+// fn(ctx, r0, r1) over rows [0, rows) of `width` elements each: on this thread, or in ranges on all threads.
+static void qcal_for_rows(int64_t rows, int64_t width, const void *ctx, qcal_rows_fn fn) {
+    const int nthreads = qcal::threads();
+    if (nthreads < 2 || rows < 2 || rows * width < QCAL_SPLIT_ELEMENTS) {
+        fn(ctx, 0, rows);
+        return;
+    }
+    const int64_t units = rows < 8 * (int64_t)nthreads ? rows : 8 * (int64_t)nthreads;
+    const qcal_rows_job job = {ctx, fn, rows, (rows + units - 1) / units};
+    qcal_run_units(1, (rows + job.per_unit - 1) / job.per_unit, nthreads, &job, qcal_rows_unit);
+}
+
 // ------------------------------------------------------------------ operators
 
 static void bf16_cpu(const char *op, const char *name, const at::Tensor &t) {
@@ -22,8 +59,21 @@ static void add_rmsnorm(at::Tensor &x, const std::optional<at::Tensor> &delta, c
     qcal::check_tensor(op, "out", out, at::kBFloat16, x.sizes());
     at::Tensor d = delta.has_value() ? *delta : at::Tensor();
     if (d.defined()) qcal::check_tensor(op, "delta", d, at::kBFloat16, x.sizes());
-    qcal::check_rc(op, add_rmsnorm_rows(qcal::out<uint16_t>(x), qcal::in_opt<uint16_t>(d), qcal::in<uint16_t>(weight),
-                                        qcal::out<uint16_t>(out), x.size(0), x.size(1), static_cast<float>(eps)));
+    struct Args {
+        uint16_t *x, *out;
+        const uint16_t *d, *w;
+        int64_t n;
+        float eps;
+        mutable std::atomic<int> rc;
+    } a{qcal::out<uint16_t>(x), qcal::out<uint16_t>(out), qcal::in_opt<uint16_t>(d), qcal::in<uint16_t>(weight),
+        x.size(1), static_cast<float>(eps), {0}};
+    qcal_for_rows(x.size(0), x.size(1), &a, [](const void *c, int64_t r0, int64_t r1) {
+        const Args *a = (const Args *)c;
+        const int rc = add_rmsnorm_rows(a->x + r0 * a->n, a->d ? a->d + r0 * a->n : nullptr, a->w, a->out + r0 * a->n,
+                                        r1 - r0, a->n, a->eps);
+        if (rc) a->rc.store(rc, std::memory_order_relaxed);
+    });
+    qcal::check_rc(op, a.rc.load(std::memory_order_relaxed));
 }
 
 // Rotary embedding of src (M, H, D) (heads contiguous within a token) into dst (M, H, D) of any token and head
@@ -45,8 +95,21 @@ static void rope_store(const at::Tensor &src, at::Tensor &dst, const std::option
         qcal::check_tensor(op, "cos", c, at::kBFloat16, {m, d});
         qcal::check_tensor(op, "sin", s, at::kBFloat16, {m, d});
     }
-    qcal::check_rc(op, rope_rows(qcal::in<uint16_t>(src), src.stride(0), qcal::out<uint16_t>(dst), dst.stride(0),
-                                 dst.stride(1), m, h, d, qcal::in_opt<uint16_t>(c), qcal::in_opt<uint16_t>(s)));
+    struct Args {
+        const uint16_t *src, *cos, *sin;
+        uint16_t *dst;
+        int64_t src_stride, dst_stride, head_stride, h, d;
+        mutable std::atomic<int> rc;
+    } a{qcal::in<uint16_t>(src), qcal::in_opt<uint16_t>(c), qcal::in_opt<uint16_t>(s), qcal::out<uint16_t>(dst),
+        src.stride(0), dst.stride(0), dst.stride(1), h, d, {0}};
+    qcal_for_rows(m, h * d, &a, [](const void *c, int64_t r0, int64_t r1) {
+        const Args *a = (const Args *)c;
+        const int rc = rope_rows(a->src + r0 * a->src_stride, a->src_stride, a->dst + r0 * a->dst_stride, a->dst_stride,
+                                 a->head_stride, r1 - r0, a->h, a->d, a->cos ? a->cos + r0 * a->d : nullptr,
+                                 a->sin ? a->sin + r0 * a->d : nullptr);
+        if (rc) a->rc.store(rc, std::memory_order_relaxed);
+    });
+    qcal::check_rc(op, a.rc.load(std::memory_order_relaxed));
 }
 
 // gate = silu(gate) * up in place, both contiguous of one shape.
@@ -55,7 +118,20 @@ static void silu_mul(at::Tensor &gate, const at::Tensor &up) {
     bf16_cpu(op, "gate", gate);
     TORCH_CHECK_VALUE(gate.is_contiguous(), op, ": gate must be contiguous");
     qcal::check_tensor(op, "up", up, at::kBFloat16, gate.sizes());
-    qcal::check_rc(op, silu_mul_rows(qcal::out<uint16_t>(gate), qcal::in<uint16_t>(up), gate.numel()));
+    struct Args {
+        uint16_t *g;
+        const uint16_t *u;
+        int64_t n;
+        mutable std::atomic<int> rc;
+    } a{qcal::out<uint16_t>(gate), qcal::in<uint16_t>(up), gate.numel(), {0}};
+    const int64_t chunk = 4096; /* elements a "row" of the split */
+    qcal_for_rows((a.n + chunk - 1) / chunk, chunk, &a, [](const void *c, int64_t r0, int64_t r1) {
+        const Args *a = (const Args *)c;
+        const int64_t e0 = r0 * chunk, e1 = r1 * chunk < a->n ? r1 * chunk : a->n;
+        const int rc = silu_mul_rows(a->g + e0, a->u + e0, e1 - e0);
+        if (rc) a->rc.store(rc, std::memory_order_relaxed);
+    });
+    qcal::check_rc(op, a.rc.load(std::memory_order_relaxed));
 }
 
 TORCH_LIBRARY_FRAGMENT(qcal, m) {
