@@ -275,7 +275,8 @@ INT4WO = LinearTable("int4wo", "cpu", lambda m: weight_only(m) and m.weight_spec
          dtypes=_BF16, max_m=16, layout=NATIVE_W4, direct=_W4A16),
     Impl("qcal panel int4 mm", _w4a16_panel, native=True,
          fits=lambda m: _native_int4(m) and _panel(m) and not _amx(m), dtypes=_BF16, eager=True),
-    Impl("qcal avx2 int4 mm", _w4a16_small, native="w4a16_mm_small", fits=_native_int4, dtypes=_BF16, max_m=16,
+    # vs the AVX2 panel kernel: small wins to M=32, panel from 48
+    Impl("qcal avx2 int4 mm", _w4a16_small, native="w4a16_mm_small", fits=_native_int4, dtypes=_BF16, max_m=32,
          layout=NATIVE_W4, direct=_W4A16),
     Impl("qcal panel avx2 int4 mm", _w4a16_panel, native="w4a16_mm_panel",
          fits=lambda m: _native_int4(m) and _panel(m), dtypes=_BF16, eager=True),
@@ -309,7 +310,7 @@ INT8WO = LinearTable("int8wo", "cpu", lambda m: weight_only(m) and per_channel_i
     Impl("qcal avx2 int8 mm (weight in place, activations as exact fixed-point digits)", _w8a16_vnni,
          native="w8a16_mm_vnni", fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=4,
          layout=INT8_SCALES_SUMS, direct=_W8A16),
-    Impl("qcal panel avx2 int8 mm", _w8a16_panel, native="w8a16_mm_panel",
+    Impl("qcal panel avx2 int8 mm", _w8a16_panel,  # from M=5 ahead of the digits (2x at M=16) native="w8a16_mm_panel",
          fits=lambda m: m.qweight.is_contiguous() and _panel(m), dtypes=_BF16, eager=True, layout=INT8_SCALES),
     # _weight_int8pack_mm returns garbage (M=1) or crashes (M=2..16) where K % 32 != 0
     Impl("int8pack_mm", _int8pack_mm, max_m=16, fits=lambda m: m.weight_shape[1] % 32 == 0 and not _native_int8(m)),

@@ -73,6 +73,12 @@ AI void store_columns(__m256 r[8], float *dst, int64_t k, int step, int h) {
     for (int c = 0; c < 8; c++) _mm256_store_ps(dst + (k + step * c) * 16 + h, r[c]);
 }
 
+/* t[idx] for codes idx in 0..15 (t_lo: 0..7, t_hi: 8..15). */
+AI __m256 lookup16(__m256 t_lo, __m256 t_hi, __m256i idx) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_lo, idx), _mm256_permutevar8x32_ps(t_hi, idx),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
 static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
     const int64_t K = a->K, r0 = blk * 16;
     for (int h = 0; h < 16; h += 8) {
@@ -98,14 +104,46 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                 __m256 r[8];
                 const int n = K - k < 8 ? (int)(K - k) : 8;
                 for (int i = 0; i < 8; i++) {
-                    int64_t q = 0;
-                    memcpy(&q, w + i * K + k, (size_t)n);
-                    r[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(q)));
+                    __m128i q;
+                    if (n == 8) {
+                        q = _mm_loadl_epi64((const __m128i *)(w + i * K + k));
+                    } else { /* K % 8 == 4: the last 4 columns */
+                        int32_t t;
+                        memcpy(&t, w + i * K + k, 4);
+                        q = _mm_cvtsi32_si128(t);
+                    }
+                    r[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
                 }
                 transpose8(r);
                 for (int c = 0; c < n; c++) _mm256_store_ps(dst + (k + c) * 16 + h, r[c]);
             }
-        } else { /* int4: gs % 8 == 0, K % gs == 0, so 16 columns (8 bytes) never straddle a group when gs >= 16 */
+        } else if (a->gs % 16 == 0) { /* int4, 16 columns of one group at a time: its 16 values looked up */
+            const uint8_t *u = (const uint8_t *)a->w + (r0 + h) * (K / 2);
+            const int64_t G = K / a->gs;
+            const __m256 u_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), u_hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+            __m256 t_lo[8], t_hi[8]; /* row i's values of codes 0..7 and 8..15 in the current group */
+            for (int64_t k = 0; k < K; k += 16) {
+                if (k % a->gs == 0)
+                    for (int i = 0; i < 8; i++) {
+                        const int64_t at = (r0 + h + i) * G + k / a->gs;
+                        const __m256 sv = _mm256_set1_ps(a->s[at]), ov = _mm256_set1_ps(8.0f + (a->zp ? a->zp[at] : 0.0f));
+                        t_lo[i] = qcal_daz8(qcal_round8_bf16(_mm256_mul_ps(_mm256_sub_ps(u_lo, ov), sv)));
+                        t_hi[i] = qcal_daz8(qcal_round8_bf16(_mm256_mul_ps(_mm256_sub_ps(u_hi, ov), sv)));
+                    }
+                __m256 lo[8], hi[8];
+                for (int i = 0; i < 8; i++) {
+                    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(u + i * (K / 2) + k / 2)));
+                    lo[i] = lookup16(t_lo[i], t_hi[i], _mm256_and_si256(v, _mm256_set1_epi32(15)));
+                    hi[i] = lookup16(t_lo[i], t_hi[i], _mm256_srli_epi32(v, 4));
+                }
+                transpose8(lo);
+                transpose8(hi);
+                for (int c = 0; c < 8; c++) {
+                    _mm256_store_ps(dst + (k + 2 * c) * 16 + h, lo[c]);
+                    _mm256_store_ps(dst + (k + 2 * c + 1) * 16 + h, hi[c]);
+                }
+            }
+        } else { /* int4 in groups of 8 (16 columns span two): each value computed */
             const uint8_t *u = (const uint8_t *)a->w + (r0 + h) * (K / 2);
             const int64_t G = K / a->gs;
             for (int64_t k = 0; k < K; k += 16) {
@@ -113,9 +151,15 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                 __m256 lo[8], hi[8]; /* even / odd columns k, k + 2, ... of row i */
                 for (int i = 0; i < 8; i++) {
                     const int64_t row = r0 + h + i;
-                    int64_t b = 0;
-                    memcpy(&b, u + i * (K / 2) + k / 2, (size_t)(n / 2));
-                    const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b));
+                    __m128i b;
+                    if (n == 16) {
+                        b = _mm_loadl_epi64((const __m128i *)(u + i * (K / 2) + k / 2));
+                    } else { /* K % 16 == 8: the last 8 columns */
+                        int32_t t;
+                        memcpy(&t, u + i * (K / 2) + k / 2, 4);
+                        b = _mm_cvtsi32_si128(t);
+                    }
+                    const __m256i v = _mm256_cvtepu8_epi32(b);
                     /* the group of each of the 8 byte lanes: columns k + 2j, k + 2j + 1 (gs % 8 == 0: one group per
                        4 bytes at least) */
                     const int64_t g0 = k / a->gs, g1 = (k + 8) / a->gs < G ? (k + 8) / a->gs : G - 1;
