@@ -304,6 +304,21 @@ def test_prefill_attention_against_float64(n, heads, kv_heads, d, start, threads
     assert _rel_err(got, sdpa) < 5e-3
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (20, 2), (8, 1)])  # 3, 10 (more than 8 at once) and 8 a group
+def test_prefill_attention_heads_of_a_group_as_each_alone(heads, kv_heads, threads):
+    """The query heads sharing a KV head are attended together, block of keys by block: every head bit for bit as
+    when it is the only head of its group."""
+    n, d, start = 70, 64, 9
+    q = _bf16(n, heads, d, seed=4)
+    k, v = _bf16(kv_heads, start + n, d, seed=5), _bf16(kv_heads, start + n, d, seed=6)
+    got = torch.ops.qcal.prefill_attention(q, k, v, start, d ** -0.5)
+    group = heads // kv_heads
+    for h in range(heads):
+        g = h // group
+        alone = torch.ops.qcal.prefill_attention(q[:, h:h + 1].contiguous(), k[g:g + 1], v[g:g + 1], start, d ** -0.5)
+        assert _same(got[:, h:h + 1], alone)
+
+
 def test_prefill_attention_rows_are_independent_of_the_batch():
     """A query row's result does not depend on the other rows of the call (the last of a prefill, as one decode
     step would see it) nor on the cache's strides."""

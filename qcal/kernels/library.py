@@ -3,8 +3,9 @@
 On AVX512-BF16/VNNI CPUs the sources are ``qcal/kernels/csrc/*.cpp`` (the linear-layer kernels) and
 ``qcal/runtime/csrc/*.cpp`` (attention and the elementwise steps of the generation runtime): every operator. On
 AVX2/FMA CPUs without them (AMD Zen 1-3, most Intel client CPUs) ``qcal/kernels/csrc_avx2/*.cpp`` is built
-instead: the same operators, schemas and argument checks for a decode path's subset (the bf16 / int8 / int4
-small-M matmuls, 8da4w, the runtime's attention and elementwise steps); :func:`isa` says which library is loaded
+instead: the same operators, schemas and argument checks for a subset (the bf16 / int8 / int4 small-M matmuls,
+8da4w, the weight-only panels, the runtime's attention and elementwise steps) plus a bf16-weight panel;
+:func:`isa` says which library is loaded
 and :func:`has` whether it registers given operators. Each file defines its operators next to its kernels: one
 schema, one CPU implementation that checks every argument, and a Meta implementation for those that compiled
 graphs call. They are compiled once per source and PyTorch version with PyTorch's own extension tooling
@@ -189,7 +190,7 @@ def load() -> bool:
     global _ops
     _loaded, _isa, _ops = True, isa, _read_ops()
     _status = ("available (AVX512-BF16/VNNI, torch.ops.qcal)" if isa == "avx512" else
-               "available (AVX2/FMA, torch.ops.qcal: the decode subset of the operators)")
+               "available (AVX2/FMA, torch.ops.qcal: a subset of the operators)")
     return True
 
 

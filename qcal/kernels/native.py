@@ -17,9 +17,11 @@ C++ next to each kernel, so nothing here restates a signature):
   ``prefill_attention``, ``add_rmsnorm``, ``rope_store``, ``silu_mul``.
 
 On AVX2/FMA CPUs without AVX512-BF16/VNNI the library holds AVX2 versions of a subset of these (``qcal/kernels/
-csrc_avx2``: ``w16a16_mm_small``, ``w8a16_mm_vnni``, ``w4_fits``, ``w4a16_mm_small``, ``w4a8_mm`` and the runtime's
-steps), with the same schemas and checks: :func:`has` tells which are registered, :func:`available` is True only
-with the full set.
+csrc_avx2``: ``w16a16_mm_small``, ``w8a16_mm_vnni``, ``w8a16_mm_small``, ``w8a8_mm_small``, ``w4_fits``,
+``w4a16_mm_small``, ``w4a8_mm``, the weight-only panels ``panel_fits`` / ``w8a16_mm_panel`` / ``w4a16_mm_panel``
+and the runtime's steps) with the same schemas, checks and numbers, plus ``w16a16_mm_panel`` (a bf16 weight at
+large M: PyTorch's bf16 GEMM is emulated there): :func:`has` tells which are registered, :func:`available` is True
+only with the full set.
 
 Figures: ``benchmarks/bench_kernels.py``, BENCHMARKS.md.
 """

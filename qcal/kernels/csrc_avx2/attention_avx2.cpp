@@ -380,6 +380,7 @@ static int attend_bf16(const uint16_t *q, const uint16_t *k, int64_t k_hs, int64
 #define PA_QB 4  /* query rows per work item */
 #define PA_KB 64 /* keys per block */
 #define PA_MAX_D 256
+#define PA_MAX_G 8 /* query heads of one KV head attended together */
 
 typedef struct {
     const uint16_t *q;
@@ -543,66 +544,84 @@ static inline void pv(const float p[PA_QB][PA_KB], const float *vp, int64_t D, i
     }
 }
 
+/* The query heads sharing KV head g (up to PA_MAX_G at a time), rows i0 .. i0 + MB - 1 of each, block of keys by
+   block of keys: each block is read once (from L1) for all of them. Every head's numbers are those of attending
+   it alone. */
 template <int MB>
 static void attend_rows(const pa_ctx *c, int64_t g, int64_t i0) {
     const int64_t D = c->D;
     const float *kp = c->kp + g * c->lpad * D, *vp = c->vp + g * c->lpad * D;
     float s[PA_QB][PA_KB] __attribute__((aligned(32)));
     float p[PA_QB][PA_KB] __attribute__((aligned(32)));
-    float o[PA_QB][PA_MAX_D] __attribute__((aligned(32)));
-    float qf[PA_QB * PA_MAX_D] __attribute__((aligned(32)));
-    float mx[PA_QB], l[PA_QB];
+    float o[PA_MAX_G][PA_QB][PA_MAX_D] __attribute__((aligned(32)));
+    float qf[PA_MAX_G][PA_QB * PA_MAX_D] __attribute__((aligned(32)));
+    float mx[PA_MAX_G][PA_QB], l[PA_MAX_G][PA_QB];
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const int64_t last = c->start + i0 + MB - 1; /* the last position these rows see */
-    for (int64_t r = 0; r < c->G; r++) {
-        const int64_t h = g * c->G + r;
-        for (int m = 0; m < MB; m++) {
-            mx[m] = -INFINITY;
-            l[m] = 0.0f;
-            memset(o[m], 0, (size_t)D * sizeof(float));
-            const uint16_t *qr = c->q + (i0 + m) * c->q_rs + h * D;
-            for (int64_t d = 0; d < D; d += 8) _mm256_store_ps(qf + m * D + d, qcal_load8_bf16(qr + d));
+    for (int64_t r0 = 0; r0 < c->G; r0 += PA_MAX_G) {
+        const int nr = c->G - r0 < PA_MAX_G ? (int)(c->G - r0) : PA_MAX_G;
+        for (int r = 0; r < nr; r++) {
+            const int64_t h = g * c->G + r0 + r;
+            for (int m = 0; m < MB; m++) {
+                mx[r][m] = -INFINITY;
+                l[r][m] = 0.0f;
+                memset(o[r][m], 0, (size_t)D * sizeof(float));
+                const uint16_t *qr = c->q + (i0 + m) * c->q_rs + h * D;
+                for (int64_t d = 0; d < D; d += 8) _mm256_store_ps(qf[r] + m * D + d, qcal_load8_bf16(qr + d));
+            }
         }
         for (int64_t kb0 = 0; kb0 <= last; kb0 += PA_KB) {
             const int64_t kc = last + 1 - kb0 < PA_KB ? last + 1 - kb0 : PA_KB;
             const int nch = (int)((kc + 15) / 16);
-            scores<MB>(qf, kp, D, kb0, nch, c->scale, s);
-            for (int m = 0; m < MB; m++) { /* mask, online softmax, probabilities as bf16 */
-                const int64_t see = c->start + i0 + m - kb0 + 1; /* keys of this block the row sees */
-                const int64_t live = see < 16 * nch ? see : 16 * nch;
-                float bm = -INFINITY;
-                for (int64_t j = 0; j < live; j++) bm = s[m][j] > bm ? s[m][j] : bm;
-                const float mnew = bm > mx[m] ? bm : mx[m];
-                const float corr = mx[m] == -INFINITY ? 0.0f : expf(mx[m] - mnew);
-                __m256 sum_lo = _mm256_setzero_ps(), sum_hi = _mm256_setzero_ps();
-                const __m256 vm = _mm256_set1_ps(mnew);
-                for (int64_t j = 0; j < 16 * nch; j += 8) {
-                    const int64_t left = live - j;
-                    const __m256 on = _mm256_castsi256_ps(
-                        _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(left < 0 ? 0 : left > 8 ? 8 : left)), lane));
-                    const __m256 e = qcal_round8_bf16(
-                        _mm256_and_ps(on, qcal_exp8_nonpos(_mm256_sub_ps(_mm256_load_ps(s[m] + j), vm))));
-                    _mm256_store_ps(p[m] + j, e);
-                    if (j & 8)
-                        sum_hi = _mm256_add_ps(sum_hi, e);
-                    else
-                        sum_lo = _mm256_add_ps(sum_lo, e);
+            for (int r = 0; r < nr; r++) {
+                scores<MB>(qf[r], kp, D, kb0, nch, c->scale, s);
+                for (int m = 0; m < MB; m++) { /* mask, online softmax, probabilities as bf16 */
+                    const int64_t see = c->start + i0 + m - kb0 + 1; /* keys of this block the row sees */
+                    const int64_t live = see < 16 * nch ? see : 16 * nch;
+                    __m256 vmax = _mm256_set1_ps(-INFINITY); /* NaN scores skipped, as a scalar s > max ? s : max */
+                    for (int64_t j = 0; j < live; j += 8) {
+                        const __m256 on = _mm256_castsi256_ps(
+                            _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(live - j > 8 ? 8 : live - j)), lane));
+                        vmax = _mm256_max_ps(_mm256_blendv_ps(vmax, _mm256_load_ps(s[m] + j), on), vmax);
+                    }
+                    const float bm = qcal_hmax8(vmax);
+                    const float mnew = bm > mx[r][m] ? bm : mx[r][m];
+                    const float corr = mx[r][m] == -INFINITY ? 0.0f : expf(mx[r][m] - mnew);
+                    __m256 sum_lo = _mm256_setzero_ps(), sum_hi = _mm256_setzero_ps();
+                    const __m256 vm = _mm256_set1_ps(mnew);
+                    for (int64_t j = 0; j < 16 * nch; j += 8) {
+                        const int64_t left = live - j;
+                        const __m256 on = _mm256_castsi256_ps(
+                            _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(left < 0 ? 0 : left > 8 ? 8 : left)), lane));
+                        const __m256 e = qcal_round8_bf16(
+                            _mm256_and_ps(on, qcal_exp8_nonpos(_mm256_sub_ps(_mm256_load_ps(s[m] + j), vm))));
+                        _mm256_store_ps(p[m] + j, e);
+                        if (j & 8)
+                            sum_hi = _mm256_add_ps(sum_hi, e);
+                        else
+                            sum_lo = _mm256_add_ps(sum_lo, e);
+                    }
+                    /* the sum of the bf16 weights P V uses; l * corr + sum is one fused multiply-add, as compiled
+                       there */
+                    l[r][m] = fmaf(l[r][m], corr, qcal_hsum8(_mm256_add_ps(sum_lo, sum_hi)));
+                    mx[r][m] = mnew;
+                    if (corr != 1.0f) {
+                        const __m256 vc = _mm256_set1_ps(corr);
+                        for (int64_t d = 0; d < D; d += 8)
+                            _mm256_store_ps(o[r][m] + d, _mm256_mul_ps(_mm256_load_ps(o[r][m] + d), vc));
+                    }
                 }
-                /* the sum of the bf16 weights P V uses; l * corr + sum is one fused multiply-add, as compiled there */
-                l[m] = fmaf(l[m], corr, qcal_hsum8(_mm256_add_ps(sum_lo, sum_hi)));
-                mx[m] = mnew;
-                if (corr != 1.0f) {
-                    const __m256 vc = _mm256_set1_ps(corr);
-                    for (int64_t d = 0; d < D; d += 8)
-                        _mm256_store_ps(o[m] + d, _mm256_mul_ps(_mm256_load_ps(o[m] + d), vc));
-                }
+                pv<MB>(p, vp, D, kb0, (16 * nch) / 2, o[r]);
             }
-            pv<MB>(p, vp, D, kb0, (16 * nch) / 2, o);
         }
-        for (int m = 0; m < MB; m++) {
-            const __m256 inv = _mm256_set1_ps(l[m] > 0.0f ? 1.0f / l[m] : 0.0f);
-            uint16_t *orow = c->out + (i0 + m) * c->o_rs + h * D;
-            for (int64_t d = 0; d < D; d += 8) qcal_store8_bf16(orow + d, _mm256_mul_ps(_mm256_load_ps(o[m] + d), inv));
+        for (int r = 0; r < nr; r++) {
+            const int64_t h = g * c->G + r0 + r;
+            for (int m = 0; m < MB; m++) {
+                const __m256 inv = _mm256_set1_ps(l[r][m] > 0.0f ? 1.0f / l[r][m] : 0.0f);
+                uint16_t *orow = c->out + (i0 + m) * c->o_rs + h * D;
+                for (int64_t d = 0; d < D; d += 8)
+                    qcal_store8_bf16(orow + d, _mm256_mul_ps(_mm256_load_ps(o[r][m] + d), inv));
+            }
         }
     }
 }
