@@ -66,11 +66,11 @@ typedef struct {
     mutable std::atomic<int> failed;
 } panel_ctx;
 
-/* Weight row r's values (8 per vector) -> the panel's lines: values v[i] of columns k + step * i, rows h..h+7 (of
-   the block's 16) each in r[i] -> transposed and stored at line k + step * c, lanes h..h+7. */
-AI void store_columns(__m256 r[8], float *dst, int64_t k, int step, int h) {
+/* Rows h..h+7 of the block (r[i]: row h + i's values of columns k, k + step, ...) -> the panel's lines k + step c,
+   lanes h..h+7, for the first n columns. */
+AI void store_lines(__m256 r[8], float *dst, int64_t k, int step, int n, int h) {
     transpose8(r);
-    for (int c = 0; c < 8; c++) _mm256_store_ps(dst + (k + step * c) * 16 + h, r[c]);
+    for (int c = 0; c < n; c++) _mm256_store_ps(dst + (k + step * c) * 16 + h, r[c]);
 }
 
 /* t[idx] for codes idx in 0..15 (t_lo: 0..7, t_hi: 8..15). */
@@ -85,18 +85,11 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
         if (a->kind == 0) {
             const uint16_t *w = (const uint16_t *)a->w + (r0 + h) * K;
             for (int64_t k = 0; k < K; k += 8) {
+                const int n = K - k < 8 ? (int)(K - k) : 8; /* K % 4 == 0: 4 or 8 columns */
                 __m256 r[8];
-                if (k + 8 <= K) {
-                    for (int i = 0; i < 8; i++) r[i] = qcal_daz8(qcal_load8_bf16(w + i * K + k));
-                } else {
-                    for (int i = 0; i < 8; i++) r[i] = qcal_daz8(qcal_load8_bf16_tail(w + i * K + k, K - k));
-                }
-                if (k + 8 <= K) {
-                    store_columns(r, dst, k, 1, h);
-                } else { /* K % 4 == 0: the last 4 columns */
-                    transpose8(r);
-                    for (int c = 0; c < K - k; c++) _mm256_store_ps(dst + (k + c) * 16 + h, r[c]);
-                }
+                for (int i = 0; i < 8; i++)
+                    r[i] = qcal_daz8(n == 8 ? qcal_load8_bf16(w + i * K + k) : qcal_load8_bf16_tail(w + i * K + k, n));
+                store_lines(r, dst, k, 1, n, h);
             }
         } else if (a->kind == 1) {
             const int8_t *w = (const int8_t *)a->w + (r0 + h) * K;
@@ -114,8 +107,7 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                     }
                     r[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
                 }
-                transpose8(r);
-                for (int c = 0; c < n; c++) _mm256_store_ps(dst + (k + c) * 16 + h, r[c]);
+                store_lines(r, dst, k, 1, n, h);
             }
         } else if (a->gs % 16 == 0) { /* int4, 16 columns of one group at a time: its 16 values looked up */
             const uint8_t *u = (const uint8_t *)a->w + (r0 + h) * (K / 2);
@@ -136,14 +128,10 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                     lo[i] = lookup16(t_lo[i], t_hi[i], _mm256_and_si256(v, _mm256_set1_epi32(15)));
                     hi[i] = lookup16(t_lo[i], t_hi[i], _mm256_srli_epi32(v, 4));
                 }
-                transpose8(lo);
-                transpose8(hi);
-                for (int c = 0; c < 8; c++) {
-                    _mm256_store_ps(dst + (k + 2 * c) * 16 + h, lo[c]);
-                    _mm256_store_ps(dst + (k + 2 * c + 1) * 16 + h, hi[c]);
-                }
+                store_lines(lo, dst, k, 2, 8, h);
+                store_lines(hi, dst, k + 1, 2, 8, h);
             }
-        } else { /* int4 in groups of 8 (16 columns span two): each value computed */
+        } else { /* int4 in groups of a multiple of 8 but not of 16 (16 columns may span two): each value computed */
             const uint8_t *u = (const uint8_t *)a->w + (r0 + h) * (K / 2);
             const int64_t G = K / a->gs;
             for (int64_t k = 0; k < K; k += 16) {
@@ -173,12 +161,8 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                     lo[i] = qcal_daz8(qcal_round8_bf16(_mm256_mul_ps(_mm256_sub_ps(fl, ov), sv)));
                     hi[i] = qcal_daz8(qcal_round8_bf16(_mm256_mul_ps(_mm256_sub_ps(fh, ov), sv)));
                 }
-                transpose8(lo);
-                transpose8(hi);
-                for (int c = 0; c < n / 2; c++) {
-                    _mm256_store_ps(dst + (k + 2 * c) * 16 + h, lo[c]);
-                    _mm256_store_ps(dst + (k + 2 * c + 1) * 16 + h, hi[c]);
-                }
+                store_lines(lo, dst, k, 2, n / 2, h);
+                store_lines(hi, dst, k + 1, 2, n / 2, h);
             }
         }
     }
