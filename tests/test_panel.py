@@ -181,3 +181,15 @@ def test_weight_only_layers_take_the_panel_for_prefill(scheme, rows):
     assert impl.name.startswith("qcal panel")
     x = torch.randn(rows, 576, dtype=torch.bfloat16)
     assert _same(q(x), impl.run(q, x))
+
+
+def test_the_avx2_panel_rows_need_the_avx2_library_with_their_operator():
+    from qcal.kernels import cpu
+
+    for table, scheme, op in ((cpu.INT4WO, "int4wo-64", "w4a16_mm_panel"), (cpu.INT8WO, "int8wo", "w8a16_mm_panel")):
+        (row,) = [i for i in table.impls if "panel avx2" in i.name]
+        assert row.native == op
+        q = apply_scheme(nn.Sequential(nn.Linear(576, 192, bias=False)), scheme, quantize_lm_head=True)[0]
+        assert row.usable(q) == (native.isa() == "avx2")
+        with native.disabled():
+            assert not row.usable(q)

@@ -310,7 +310,8 @@ INT8WO = LinearTable("int8wo", "cpu", lambda m: weight_only(m) and per_channel_i
     Impl("qcal avx2 int8 mm (weight in place, activations as exact fixed-point digits)", _w8a16_vnni,
          native="w8a16_mm_vnni", fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=4,
          layout=INT8_SCALES_SUMS, direct=_W8A16),
-    Impl("qcal panel avx2 int8 mm", _w8a16_panel,  # from M=5 ahead of the digits (2x at M=16) native="w8a16_mm_panel",
+    # from M=5 ahead of the digits (2x at M=16)
+    Impl("qcal panel avx2 int8 mm", _w8a16_panel, native="w8a16_mm_panel",
          fits=lambda m: m.qweight.is_contiguous() and _panel(m), dtypes=_BF16, eager=True, layout=INT8_SCALES),
     # _weight_int8pack_mm returns garbage (M=1) or crashes (M=2..16) where K % 32 != 0
     Impl("int8pack_mm", _int8pack_mm, max_m=16, fits=lambda m: m.weight_shape[1] % 32 == 0 and not _native_int8(m)),
