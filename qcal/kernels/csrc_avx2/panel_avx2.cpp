@@ -73,6 +73,11 @@ AI void store_lines(__m256 r[8], float *dst, int64_t k, int step, int n, int h) 
     for (int c = 0; c < n; c++) _mm256_store_ps(dst + (k + step * c) * 16 + h, r[c]);
 }
 
+/* The dequantizer's values of codes u: bf16((u - (8 + zp)) * s) (ov = 8 + zp), read as vdpbf16ps reads them. */
+AI __m256 w4_values(__m256 u, __m256 ov, __m256 sv) {
+    return qcal_daz8(qcal_round8_bf16(_mm256_mul_ps(_mm256_sub_ps(u, ov), sv)));
+}
+
 /* t[idx] for codes idx in 0..15 (t_lo: 0..7, t_hi: 8..15). */
 AI __m256 lookup16(__m256 t_lo, __m256 t_hi, __m256i idx) {
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_lo, idx), _mm256_permutevar8x32_ps(t_hi, idx),
@@ -109,60 +114,36 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                 }
                 store_lines(r, dst, k, 1, n, h);
             }
-        } else if (a->gs % 16 == 0) { /* int4, 16 columns of one group at a time: its 16 values looked up */
+        } else { /* int4: 16 columns at a time (8 where a group is not a multiple of 16), its group's values looked up */
             const uint8_t *u = (const uint8_t *)a->w + (r0 + h) * (K / 2);
-            const int64_t G = K / a->gs;
-            const __m256 u_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), u_hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+            const int64_t G = K / a->gs, step = a->gs % 16 ? 8 : 16;
             __m256 t_lo[8], t_hi[8]; /* row i's values of codes 0..7 and 8..15 in the current group */
-            for (int64_t k = 0; k < K; k += 16) {
+            for (int64_t k = 0; k < K; k += step) {
                 if (k % a->gs == 0)
                     for (int i = 0; i < 8; i++) {
                         const int64_t at = (r0 + h + i) * G + k / a->gs;
-                        const __m256 sv = _mm256_set1_ps(a->s[at]), ov = _mm256_set1_ps(8.0f + (a->zp ? a->zp[at] : 0.0f));
-                        t_lo[i] = qcal_daz8(qcal_round8_bf16(_mm256_mul_ps(_mm256_sub_ps(u_lo, ov), sv)));
-                        t_hi[i] = qcal_daz8(qcal_round8_bf16(_mm256_mul_ps(_mm256_sub_ps(u_hi, ov), sv)));
+                        const __m256 sv = _mm256_set1_ps(a->s[at]);
+                        const __m256 ov = _mm256_set1_ps(8.0f + (a->zp ? a->zp[at] : 0.0f));
+                        t_lo[i] = w4_values(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), ov, sv);
+                        t_hi[i] = w4_values(_mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), ov, sv);
                     }
-                __m256 lo[8], hi[8];
+                __m256 lo[8], hi[8]; /* row i's even / odd columns k, k + 2, ... */
                 for (int i = 0; i < 8; i++) {
-                    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(u + i * (K / 2) + k / 2)));
+                    const uint8_t *b = u + i * (K / 2) + k / 2;
+                    __m128i q;
+                    if (step == 16) {
+                        q = _mm_loadl_epi64((const __m128i *)b);
+                    } else {
+                        int32_t t;
+                        memcpy(&t, b, 4);
+                        q = _mm_cvtsi32_si128(t);
+                    }
+                    const __m256i v = _mm256_cvtepu8_epi32(q);
                     lo[i] = lookup16(t_lo[i], t_hi[i], _mm256_and_si256(v, _mm256_set1_epi32(15)));
                     hi[i] = lookup16(t_lo[i], t_hi[i], _mm256_srli_epi32(v, 4));
                 }
-                store_lines(lo, dst, k, 2, 8, h);
-                store_lines(hi, dst, k + 1, 2, 8, h);
-            }
-        } else { /* int4 in groups of a multiple of 8 but not of 16 (16 columns may span two): each value computed */
-            const uint8_t *u = (const uint8_t *)a->w + (r0 + h) * (K / 2);
-            const int64_t G = K / a->gs;
-            for (int64_t k = 0; k < K; k += 16) {
-                const int n = K - k < 16 ? (int)(K - k) : 16; /* 8 (K % 16 == 8) or 16 columns */
-                __m256 lo[8], hi[8]; /* even / odd columns k, k + 2, ... of row i */
-                for (int i = 0; i < 8; i++) {
-                    const int64_t row = r0 + h + i;
-                    __m128i b;
-                    if (n == 16) {
-                        b = _mm_loadl_epi64((const __m128i *)(u + i * (K / 2) + k / 2));
-                    } else { /* K % 16 == 8: the last 8 columns */
-                        int32_t t;
-                        memcpy(&t, u + i * (K / 2) + k / 2, 4);
-                        b = _mm_cvtsi32_si128(t);
-                    }
-                    const __m256i v = _mm256_cvtepu8_epi32(b);
-                    /* the group of each of the 8 byte lanes: columns k + 2j, k + 2j + 1 (gs % 8 == 0: one group per
-                       4 bytes at least) */
-                    const int64_t g0 = k / a->gs, g1 = (k + 8) / a->gs < G ? (k + 8) / a->gs : G - 1;
-                    const float s0 = a->s[row * G + g0], s1 = a->s[row * G + g1];
-                    const float o0 = 8.0f + (a->zp ? a->zp[row * G + g0] : 0.0f);
-                    const float o1 = 8.0f + (a->zp ? a->zp[row * G + g1] : 0.0f);
-                    const __m256 sv = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
-                    const __m256 ov = _mm256_setr_ps(o0, o0, o0, o0, o1, o1, o1, o1);
-                    const __m256 fl = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
-                    const __m256 fh = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-                    lo[i] = qcal_daz8(qcal_round8_bf16(_mm256_mul_ps(_mm256_sub_ps(fl, ov), sv)));
-                    hi[i] = qcal_daz8(qcal_round8_bf16(_mm256_mul_ps(_mm256_sub_ps(fh, ov), sv)));
-                }
-                store_lines(lo, dst, k, 2, n / 2, h);
-                store_lines(hi, dst, k + 1, 2, n / 2, h);
+                store_lines(lo, dst, k, 2, (int)step / 2, h);
+                store_lines(hi, dst, k + 1, 2, (int)step / 2, h);
             }
         }
     }
@@ -261,11 +242,12 @@ static void widen_unit(const void *c, int64_t, int, int64_t p) {
     float *xt = a->xf + m0 * K;
     for (int m = 0; m < PANEL_MR; m++) {
         const uint16_t *xr = a->x + (m0 + m) * K;
-        float f[8];
-        for (int64_t k = 0; k < K; k += 4) { /* K % 4 == 0 */
-            if (m0 + m < a->M) _mm256_storeu_ps(f, qcal_daz8(qcal_load8_bf16_tail(xr + k, 4)));
-            else memset(f, 0, sizeof f);
-            for (int i = 0; i < 4; i++) xt[(k + i) * PANEL_MR + m] = f[i];
+        float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t k = 0; k < K; k += 8) {
+            const int n = K - k < 8 ? (int)(K - k) : 8; /* K % 4 == 0: 4 or 8 columns */
+            if (m0 + m < a->M)
+                _mm256_storeu_ps(f, qcal_daz8(n == 8 ? qcal_load8_bf16(xr + k) : qcal_load8_bf16_tail(xr + k, n)));
+            for (int i = 0; i < n; i++) xt[(k + i) * PANEL_MR + m] = f[i];
         }
     }
 }
@@ -283,21 +265,8 @@ static int run_panel(int kind, const uint16_t *x, const void *w, const float *s,
     int64_t chunks = (8 * T + blocks - 1) / blocks;
     if (chunks > tiles) chunks = tiles;
     const int64_t rows = (tiles + chunks - 1) / chunks * PANEL_MR;
-    panel_ctx ctx;
-    ctx.xf = xf;
-    ctx.w = w;
-    ctx.s = s;
-    ctx.zp = zp;
-    ctx.y = y;
-    ctx.M = M;
-    ctx.N = N;
-    ctx.K = K;
-    ctx.gs = gs;
-    ctx.chunks = (M + rows - 1) / rows;
-    ctx.rows = rows;
-    ctx.kind = kind;
-    ctx.call = panel_calls.fetch_add(1, std::memory_order_relaxed) + 1;
-    ctx.failed.store(0, std::memory_order_relaxed);
+    const panel_ctx ctx{xf, w, s, zp, y, M, N, K, gs, (M + rows - 1) / rows, rows, kind,
+                        panel_calls.fetch_add(1, std::memory_order_relaxed) + 1, {0}};
     qcal_run_units(1, blocks * ctx.chunks, nthreads, &ctx, panel_unit);
     free(xf);
     return ctx.failed.load(std::memory_order_relaxed) ? -2 : 0;
