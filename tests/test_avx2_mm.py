@@ -272,7 +272,7 @@ def _a8w8_reference(x, w, ws):
 
 
 @pytest.mark.native_ops("w8a8_mm_small")
-@pytest.mark.parametrize("m", range(1, 10))
+@pytest.mark.parametrize("m", [*range(1, 10), 33, 130])  # prefill-sized M too: the AVX2 build's int8dq at every M
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 70), (6, 15), (48, 576), (9, 130)])
 def test_a8w8_equals_quantize_per_token_and_int_mm(m, n, k):
     g = _gen(m, n, k, 2)

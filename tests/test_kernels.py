@@ -89,6 +89,24 @@ def test_cpu_kernel_parity_fp32_model(kw, name, tol):
         assert rel_err(y, q.frozen_forward_reference(x)) < tol
 
 
+@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("how", ["gguf-q8_0", "asymmetric groups of 32"])
+def test_grouped_int8_weight_only_dequantizes_into_qcals_gemm(how, rows):
+    """int8 weights in groups (llama.cpp's Q8_0, GPTQ's int8 groups): the dequantized weight into qcal's GEMM (the
+    panel on a CPU that emulates bf16 GEMM) instead of the reference kernel's float op; fp32 models stay fp32."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(256, 96))
+    if how == "gguf-q8_0":
+        q = apply_scheme(lin, "gguf-q8_0", quantize_lm_head=True)[0]
+    else:
+        q = qcal.freeze(qcal.quantize(lin, weights="qint8", group_size=32, symmetric=False))[0]
+    assert q.kernel.name == "cpu_int8wo-dequant"
+    for dtype, tol in ((torch.bfloat16, BF16_TOL), (torch.float32, 1e-6)):
+        x = torch.randn(rows, 256, dtype=dtype)
+        y = q.to(dtype)(x)
+        assert y.dtype == dtype and rel_err(y, q.frozen_forward_reference(x)) < tol
+
+
 def test_tinygemm_convention_matches_reference(no_native):
     """tinygemm computes (u - 8) * scale + zero; ours is (q - zp) * s with u = q + 8, so zero = -zp * s."""
     q = _frozen("int4wo-64", bias=False)
@@ -120,10 +138,10 @@ def test_fallback_to_reference_and_derived_bytes():
     assert r.kernel is REFERENCE and derived_bytes(r) == 0
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     assert rel_err(r(x), r.frozen_forward_reference(x)) == 0
-    # int8 asymmetric weights are not covered by a fast kernel
+    # int8 asymmetric weights: dequantized into qcal's GEMM, no fused kernel
     torch.manual_seed(0)
     a = qcal.freeze(qcal.quantize(nn.Sequential(nn.Linear(64, 32)), weights="qint8", symmetric=False))[0]
-    assert a.kernel is REFERENCE
+    assert a.kernel.name == "cpu_int8wo-dequant" and derived_bytes(a) == 0
 
 
 def test_reselect_drops_stale_derived_buffers_and_state_dict_is_canonical():

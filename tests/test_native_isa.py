@@ -71,6 +71,19 @@ def test_an_avx2_table_row_needs_the_avx2_library_with_its_operator():
     assert Impl("z", lambda m, x: x, native=True).usable(torch.nn.Linear(2, 2)) == native.available()
 
 
+@pytest.mark.skipif(native.isa() != "avx2", reason="the AVX2 library's int8dq rows")
+def test_avx2_int8dq_runs_the_fused_kernel_at_every_m():
+    """Without an AVX2 panel for A8W8 the fused kernel serves prefill too (PyTorch's _int_mm ran ~30x slower)."""
+    from torch import nn
+
+    from qcal.schemes import apply_scheme
+
+    torch.manual_seed(0)
+    q = apply_scheme(nn.Sequential(nn.Linear(256, 96)), "int8dq", quantize_lm_head=True)[0]
+    for m in (1, 9, 64, 512):
+        assert q.kernel.choose(torch.bfloat16, m).name == "qcal avx2 int8 mm, row quantization fused"
+
+
 @pytest.mark.parametrize("rows,bias", [(3, False), (37, True), (64, False)])
 def test_bf16_linear_without_bf16_hardware_is_the_fp32_product_rounded_once(monkeypatch, rows, bias):
     g = torch.Generator().manual_seed(rows)

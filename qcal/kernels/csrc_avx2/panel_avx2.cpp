@@ -31,7 +31,7 @@
 #include "parallel.h"
 
 #define AI static inline __attribute__((always_inline))
-#define PANEL_MR 6 /* input rows a tile */
+#define PANEL_MR 6 /* input rows a tile (widen_unit stores 6 lanes a column) */
 
 /* ------------------------------------------------------------------ re-laying 16 weight rows */
 
@@ -235,19 +235,28 @@ typedef struct {
     int64_t M, K;
 } widen_ctx;
 
-/* Tile p's rows (PANEL_MR; past M, zeros) widened with denormals flushed, k-major. */
+/* Tile p's rows (PANEL_MR; past M, zeros) widened with denormals flushed, k-major: 8 columns of the rows at a time,
+   transposed (two rows of zeros) and stored 8 lanes a column, each store's last two overwritten by the next column's
+   (the tile's last column: its 6 lanes alone, the next tile being another thread's). */
 static void widen_unit(const void *c, int64_t, int, int64_t p) {
     const widen_ctx *a = (const widen_ctx *)c;
     const int64_t K = a->K, m0 = p * PANEL_MR;
     float *xt = a->xf + m0 * K;
-    for (int m = 0; m < PANEL_MR; m++) {
-        const uint16_t *xr = a->x + (m0 + m) * K;
-        float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t k = 0; k < K; k += 8) {
-            const int n = K - k < 8 ? (int)(K - k) : 8; /* K % 4 == 0: 4 or 8 columns */
-            if (m0 + m < a->M)
-                _mm256_storeu_ps(f, qcal_daz8(n == 8 ? qcal_load8_bf16(xr + k) : qcal_load8_bf16_tail(xr + k, n)));
-            for (int i = 0; i < n; i++) xt[(k + i) * PANEL_MR + m] = f[i];
+    for (int64_t k = 0; k < K; k += 8) {
+        const int n = K - k < 8 ? (int)(K - k) : 8; /* K % 4 == 0: 4 or 8 columns */
+        __m256 r[8];
+        for (int m = 0; m < 8; m++) {
+            const uint16_t *xr = a->x + (m0 + m) * K + k;
+            r[m] = m >= PANEL_MR || m0 + m >= a->M ? _mm256_setzero_ps()
+                                                    : qcal_daz8(n == 8 ? qcal_load8_bf16(xr) : qcal_load8_bf16_tail(xr, n));
+        }
+        transpose8(r);
+        const int full = k + n == K ? n - 1 : n;
+        for (int i = 0; i < full; i++) _mm256_storeu_ps(xt + (k + i) * PANEL_MR, r[i]);
+        if (full < n) {
+            float *last = xt + (K - 1) * PANEL_MR;
+            _mm_storeu_ps(last, _mm256_castps256_ps128(r[n - 1]));
+            _mm_storel_pi((__m64 *)(last + 4), _mm256_extractf128_ps(r[n - 1], 1));
         }
     }
 }
