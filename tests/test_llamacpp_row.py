@@ -83,7 +83,9 @@ def test_type_mapping():
     assert llamacpp_type("bf16") == "BF16"
     assert llamacpp_type("int8wo") == "Q8_0"
     assert llamacpp_type("int4wo-64") == llamacpp_type("int4wo-128") == llamacpp_type("8da4w-32") == "Q4_0"
-    for scheme in ("fp32", "int8dq", "fp16", "gptq-int4wo-64", "nvfp4", "int4wo"):
+    assert llamacpp_type("int8dq") == llamacpp_type("gguf-q8_0") == "Q8_0"
+    assert llamacpp_type("gguf-q4_0") == "Q4_0" and llamacpp_type("gguf-q4_1") == "Q4_1"
+    for scheme in ("fp32", "fp16", "gptq-int4wo-64", "nvfp4", "int4wo", "gguf-q4_0x", "gptq-gguf-q4_0"):
         assert llamacpp_type(scheme) is None
 
 
@@ -150,7 +152,7 @@ def test_skip_notes(tools, gguf, tmp_path):
     assert report.rows == [] and report.notes == [f"llama.cpp rows skipped: {empty} has no executable llama-bench"]
     report = run_llamacpp(folder, str(tmp_path), ["bf16"], threads=1)  # a folder model: not a GGUF
     assert report.rows == [] and "not a GGUF file" in report.notes[0] and report.notes[0].startswith("llama.cpp rows")
-    report = run_llamacpp(folder, str(gguf), ["fp32", "int8dq"], threads=1)
+    report = run_llamacpp(folder, str(gguf), ["fp32", "fp8wo"], threads=1)
     assert report.rows == [] and report.notes[-1].endswith("none of the schemes has a llama.cpp counterpart")
     assert not log.exists()
 

@@ -123,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llamacpp", metavar="DIR", default=None,
                    help=f"a llama.cpp build's bin folder (llama-bench, llama-quantize); default ${LLAMACPP_ENV}. With "
                    "speed measured, the GGUF --model is requantized to the llama.cpp type of each scheme (bf16 BF16, "
-                   "int8wo Q8_0, int4wo-*/8da4w-* Q4_0) and timed by llama-bench at the same threads, prefill and "
-                   "decode lengths, as extra rows and a qcal/llama.cpp decode table; skipped with a note where the "
-                   "tools or a GGUF model are missing")
+                   "int8wo and int8dq Q8_0, int4wo-*/8da4w-* Q4_0, gguf-q* their own type) and timed by llama-bench "
+                   "at the same threads, prefill and decode lengths, as extra rows and a qcal/llama.cpp decode "
+                   "table; skipped with a note where the tools or a GGUF model are missing")
     p.add_argument("--stream-bandwidth", action="store_true",
                    help="also measure the machine's STREAM-like memory bandwidth at the same thread count (a few "
                    "seconds, 1.5 GiB of arrays) and print each scheme's decode weight traffic (the decode GB/s "

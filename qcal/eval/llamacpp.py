@@ -17,7 +17,8 @@ from pathlib import Path
 
 ENV_VAR = "QCAL_LLAMACPP"
 TOOLS = ("llama-bench", "llama-quantize")
-SCHEME_TYPES = {"bf16": "BF16", "int8wo": "Q8_0"}
+SCHEME_TYPES = {"bf16": "BF16", "int8wo": "Q8_0", "int8dq": "Q8_0", "gguf-q8_0": "Q8_0", "gguf-q4_0": "Q4_0",
+                "gguf-q4_1": "Q4_1"}
 PREFIX_TYPES = {"int4wo-": "Q4_0", "8da4w-": "Q4_0"}
 SKIPPED = "llama.cpp rows skipped"
 
@@ -26,7 +27,9 @@ def llamacpp_type(scheme: str) -> str | None:
     """The llama.cpp file type with the same weight format as qcal's ``scheme`` (``"Q4_0"``), None if there is none.
 
     bf16 -> BF16, int8wo -> Q8_0, int4wo-<g> and 8da4w-<g> -> Q4_0 (llama.cpp's Q4_0 has groups of 32 and no zero
-    point; the nearest of its types, not an exact match for other group sizes).
+    point; the nearest of its types, not an exact match for other group sizes); int8dq -> Q8_0 (8-bit weights and,
+    as llama.cpp's Q8_0 dot products, 8-bit activations); gguf-q8_0 / gguf-q4_0 / gguf-q4_1 -> their own type (the
+    same weights, bit for bit).
     """
     if scheme in SCHEME_TYPES:
         return SCHEME_TYPES[scheme]
