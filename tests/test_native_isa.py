@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import pair_chain
+from torch import nn
 
 from qcal.kernels import common, library, native
 from qcal.kernels.table import Impl
+from qcal.schemes import apply_scheme
 
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2", "fma", "f16c"}
 AVX2 = {"avx2", "fma", "f16c", "sse4_2"}
@@ -74,10 +76,6 @@ def test_an_avx2_table_row_needs_the_avx2_library_with_its_operator():
 @pytest.mark.skipif(native.isa() != "avx2", reason="the AVX2 library's int8dq rows")
 def test_avx2_int8dq_runs_the_fused_kernel_at_every_m():
     """Without an AVX2 panel for A8W8 the fused kernel serves prefill too (PyTorch's _int_mm ran ~30x slower)."""
-    from torch import nn
-
-    from qcal.schemes import apply_scheme
-
     torch.manual_seed(0)
     q = apply_scheme(nn.Sequential(nn.Linear(256, 96)), "int8dq", quantize_lm_head=True)[0]
     for m in (1, 9, 64, 512):

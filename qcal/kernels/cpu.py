@@ -352,7 +352,7 @@ FPXWO = LinearTable("fpxwo", "cpu", lambda m: weight_only(m) and subbyte_float(m
 
 # int8 weights the int8wo table does not take (groups: gguf-q8_0, gptq-int8-<g>; zero-points): the dequantized weight
 # into qcal's GEMM (the panel on a CPU that emulates bf16 GEMM), not the reference kernel's float op (PyTorch's
-# emulated bf16 GEMM there: prefill of gguf-q8_0 68 -> 394 tok/s on Zen 3)
+# emulated bf16 GEMM there: prefill of gguf-q8_0 68 -> 419 tok/s on Zen 3)
 INT8WO_DEQUANT = LinearTable("int8wo-dequant", "cpu", lambda m: weight_only(m) and m.weight_spec.qtype == qint8
                              and not per_channel_int8(m), (
     Impl("dequant + bf16 mm", _dequant_weight_mm),

@@ -238,6 +238,7 @@ typedef struct {
 /* Tile p's rows (PANEL_MR; past M, zeros) widened with denormals flushed, k-major: 8 columns of the rows at a time,
    transposed (two rows of zeros) and stored 8 lanes a column, each store's last two overwritten by the next column's
    (the tile's last column: its 6 lanes alone, the next tile being another thread's). */
+static_assert(PANEL_MR == 6, "widen_unit transposes 8 rows, PANEL_MR of them the tile's");
 static void widen_unit(const void *c, int64_t, int, int64_t p) {
     const widen_ctx *a = (const widen_ctx *)c;
     const int64_t K = a->K, m0 = p * PANEL_MR;
