@@ -15,30 +15,31 @@
 // Every row (silu_mul: every element) is computed as on one thread: the results do not depend on the split.
 #define QCAL_SPLIT_ELEMENTS (1 << 14)
 
-typedef void (*qcal_rows_fn)(const void *ctx, int64_t r0, int64_t r1);
+typedef int (*qcal_rows_fn)(const void *ctx, int64_t r0, int64_t r1); /* 0, or an error code */
 
 typedef struct {
     const void *ctx;
     qcal_rows_fn fn;
     int64_t rows, per_unit;
+    mutable std::atomic<int> rc;
 } qcal_rows_job;
 
 static void qcal_rows_unit(const void *c, int64_t, int, int64_t p) {
     const qcal_rows_job *j = (const qcal_rows_job *)c;
     const int64_t r0 = p * j->per_unit, r1 = r0 + j->per_unit < j->rows ? r0 + j->per_unit : j->rows;
-    j->fn(j->ctx, r0, r1);
+    const int rc = j->fn(j->ctx, r0, r1);
+    if (rc) j->rc.store(rc, std::memory_order_relaxed);
 }
 
-// fn(ctx, r0, r1) over rows [0, rows) of `width` elements each: on this thread, or in ranges on all threads.
-static void qcal_for_rows(int64_t rows, int64_t width, const void *ctx, qcal_rows_fn fn) {
+// fn(ctx, r0, r1) over rows [0, rows) of `width` elements each: on this thread, or in ranges on all threads. Returns
+// 0 or an error code one of the ranges returned.
+static int qcal_for_rows(int64_t rows, int64_t width, const void *ctx, qcal_rows_fn fn) {
     const int nthreads = qcal::threads();
-    if (nthreads < 2 || rows < 2 || rows * width < QCAL_SPLIT_ELEMENTS) {
-        fn(ctx, 0, rows);
-        return;
-    }
+    if (nthreads < 2 || rows < 2 || rows * width < QCAL_SPLIT_ELEMENTS) return fn(ctx, 0, rows);
     const int64_t units = rows < 8 * (int64_t)nthreads ? rows : 8 * (int64_t)nthreads;
-    const qcal_rows_job job = {ctx, fn, rows, (rows + units - 1) / units};
+    const qcal_rows_job job = {ctx, fn, rows, (rows + units - 1) / units, {0}};
     qcal_run_units(1, (rows + job.per_unit - 1) / job.per_unit, nthreads, &job, qcal_rows_unit);
+    return job.rc.load(std::memory_order_relaxed);
 }
 
 // ------------------------------------------------------------------ operators
@@ -64,16 +65,13 @@ static void add_rmsnorm(at::Tensor &x, const std::optional<at::Tensor> &delta, c
         const uint16_t *d, *w;
         int64_t n;
         float eps;
-        mutable std::atomic<int> rc;
     } a{qcal::out<uint16_t>(x), qcal::out<uint16_t>(out), qcal::in_opt<uint16_t>(d), qcal::in<uint16_t>(weight),
-        x.size(1), static_cast<float>(eps), {0}};
-    qcal_for_rows(x.size(0), x.size(1), &a, [](const void *c, int64_t r0, int64_t r1) {
+        x.size(1), static_cast<float>(eps)};
+    qcal::check_rc(op, qcal_for_rows(x.size(0), x.size(1), &a, [](const void *c, int64_t r0, int64_t r1) {
         const Args *a = (const Args *)c;
-        const int rc = add_rmsnorm_rows(a->x + r0 * a->n, a->d ? a->d + r0 * a->n : nullptr, a->w, a->out + r0 * a->n,
-                                        r1 - r0, a->n, a->eps);
-        if (rc) a->rc.store(rc, std::memory_order_relaxed);
-    });
-    qcal::check_rc(op, a.rc.load(std::memory_order_relaxed));
+        return add_rmsnorm_rows(a->x + r0 * a->n, a->d ? a->d + r0 * a->n : nullptr, a->w, a->out + r0 * a->n,
+                                r1 - r0, a->n, a->eps);
+    }));
 }
 
 // Rotary embedding of src (M, H, D) (heads contiguous within a token) into dst (M, H, D) of any token and head
@@ -99,17 +97,14 @@ static void rope_store(const at::Tensor &src, at::Tensor &dst, const std::option
         const uint16_t *src, *cos, *sin;
         uint16_t *dst;
         int64_t src_stride, dst_stride, head_stride, h, d;
-        mutable std::atomic<int> rc;
     } a{qcal::in<uint16_t>(src), qcal::in_opt<uint16_t>(c), qcal::in_opt<uint16_t>(s), qcal::out<uint16_t>(dst),
-        src.stride(0), dst.stride(0), dst.stride(1), h, d, {0}};
-    qcal_for_rows(m, h * d, &a, [](const void *c, int64_t r0, int64_t r1) {
+        src.stride(0), dst.stride(0), dst.stride(1), h, d};
+    qcal::check_rc(op, qcal_for_rows(m, h * d, &a, [](const void *c, int64_t r0, int64_t r1) {
         const Args *a = (const Args *)c;
-        const int rc = rope_rows(a->src + r0 * a->src_stride, a->src_stride, a->dst + r0 * a->dst_stride, a->dst_stride,
-                                 a->head_stride, r1 - r0, a->h, a->d, a->cos ? a->cos + r0 * a->d : nullptr,
-                                 a->sin ? a->sin + r0 * a->d : nullptr);
-        if (rc) a->rc.store(rc, std::memory_order_relaxed);
-    });
-    qcal::check_rc(op, a.rc.load(std::memory_order_relaxed));
+        return rope_rows(a->src + r0 * a->src_stride, a->src_stride, a->dst + r0 * a->dst_stride, a->dst_stride,
+                         a->head_stride, r1 - r0, a->h, a->d, a->cos ? a->cos + r0 * a->d : nullptr,
+                         a->sin ? a->sin + r0 * a->d : nullptr);
+    }));
 }
 
 // gate = silu(gate) * up in place, both contiguous of one shape.
@@ -122,16 +117,13 @@ static void silu_mul(at::Tensor &gate, const at::Tensor &up) {
         uint16_t *g;
         const uint16_t *u;
         int64_t n;
-        mutable std::atomic<int> rc;
-    } a{qcal::out<uint16_t>(gate), qcal::in<uint16_t>(up), gate.numel(), {0}};
+    } a{qcal::out<uint16_t>(gate), qcal::in<uint16_t>(up), gate.numel()};
     const int64_t chunk = 4096; /* elements a "row" of the split */
-    qcal_for_rows((a.n + chunk - 1) / chunk, chunk, &a, [](const void *c, int64_t r0, int64_t r1) {
+    qcal::check_rc(op, qcal_for_rows((a.n + chunk - 1) / chunk, chunk, &a, [](const void *c, int64_t r0, int64_t r1) {
         const Args *a = (const Args *)c;
         const int64_t e0 = r0 * chunk, e1 = r1 * chunk < a->n ? r1 * chunk : a->n;
-        const int rc = silu_mul_rows(a->g + e0, a->u + e0, e1 - e0);
-        if (rc) a->rc.store(rc, std::memory_order_relaxed);
-    });
-    qcal::check_rc(op, a.rc.load(std::memory_order_relaxed));
+        return silu_mul_rows(a->g + e0, a->u + e0, e1 - e0);
+    }));
 }
 
 TORCH_LIBRARY_FRAGMENT(qcal, m) {

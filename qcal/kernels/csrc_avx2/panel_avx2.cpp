@@ -84,16 +84,23 @@ AI __m256 lookup16(__m256 t_lo, __m256 t_hi, __m256i idx) {
                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
+/* r[i] = columns k .. k + n - 1 (n = 8, or 4 at the end: K % 4 == 0) of bf16 row i of x (row stride K) widened,
+   denormals flushed, for i < rows; zeros for the rest of the 8. */
+AI void load_rows8(__m256 r[8], const uint16_t *x, int64_t K, int64_t k, int n, int rows) {
+    for (int i = 0; i < 8; i++)
+        r[i] = i >= rows ? _mm256_setzero_ps()
+                         : qcal_daz8(n == 8 ? qcal_load8_bf16(x + i * K + k) : qcal_load8_bf16_tail(x + i * K + k, n));
+}
+
 static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
     const int64_t K = a->K, r0 = blk * 16;
     for (int h = 0; h < 16; h += 8) {
         if (a->kind == 0) {
             const uint16_t *w = (const uint16_t *)a->w + (r0 + h) * K;
             for (int64_t k = 0; k < K; k += 8) {
-                const int n = K - k < 8 ? (int)(K - k) : 8; /* K % 4 == 0: 4 or 8 columns */
+                const int n = K - k < 8 ? (int)(K - k) : 8;
                 __m256 r[8];
-                for (int i = 0; i < 8; i++)
-                    r[i] = qcal_daz8(n == 8 ? qcal_load8_bf16(w + i * K + k) : qcal_load8_bf16_tail(w + i * K + k, n));
+                load_rows8(r, w, K, k, n, 8);
                 store_lines(r, dst, k, 1, n, h);
             }
         } else if (a->kind == 1) {
@@ -243,14 +250,11 @@ static void widen_unit(const void *c, int64_t, int, int64_t p) {
     const widen_ctx *a = (const widen_ctx *)c;
     const int64_t K = a->K, m0 = p * PANEL_MR;
     float *xt = a->xf + m0 * K;
+    const int rows = a->M - m0 < PANEL_MR ? (int)(a->M - m0) : PANEL_MR;
     for (int64_t k = 0; k < K; k += 8) {
-        const int n = K - k < 8 ? (int)(K - k) : 8; /* K % 4 == 0: 4 or 8 columns */
+        const int n = K - k < 8 ? (int)(K - k) : 8;
         __m256 r[8];
-        for (int m = 0; m < 8; m++) {
-            const uint16_t *xr = a->x + (m0 + m) * K + k;
-            r[m] = m >= PANEL_MR || m0 + m >= a->M ? _mm256_setzero_ps()
-                                                    : qcal_daz8(n == 8 ? qcal_load8_bf16(xr) : qcal_load8_bf16_tail(xr, n));
-        }
+        load_rows8(r, a->x + m0 * K, K, k, n, rows);
         transpose8(r);
         const int full = k + n == K ? n - 1 : n;
         for (int i = 0; i < full; i++) _mm256_storeu_ps(xt + (k + i) * PANEL_MR, r[i]);
