@@ -17,6 +17,7 @@ import qcal
 from qcal.explain import module_rows
 from qcal.kernels import KERNELS, REFERENCE, Kernel, derived_bytes, native, register_kernel, select_kernel
 from qcal.kernels.common import int4_codes_u8, tinygemm_scales_zeros
+from qcal.kernels.cpu import W8G_MAX_M
 from qcal.schemes import apply_scheme, cast_model
 
 BF16_TOL = 1e-2
@@ -91,16 +92,20 @@ def test_cpu_kernel_parity_fp32_model(kw, name, tol):
 
 @pytest.mark.parametrize("rows", [1, 5, 64])
 @pytest.mark.parametrize("how", ["gguf-q8_0", "asymmetric groups of 32"])
-def test_grouped_int8_weight_only_dequantizes_into_qcals_gemm(how, rows):
-    """int8 weights in groups (llama.cpp's Q8_0, GPTQ's int8 groups): the dequantized weight into qcal's GEMM (the
-    panel on a CPU that emulates bf16 GEMM) instead of the reference kernel's float op; fp32 models stay fp32."""
+def test_grouped_int8_weight_only_kernel_then_qcals_gemm(how, rows):
+    """int8 weights in groups (llama.cpp's Q8_0, GPTQ's int8 groups): qcal's grouped kernel for small M where the
+    native library is built, the dequantized weight into qcal's GEMM (the panel on a CPU that emulates bf16 GEMM)
+    above it, instead of the reference kernel's float op; fp32 models stay fp32."""
     torch.manual_seed(0)
     lin = nn.Sequential(nn.Linear(256, 96))
     if how == "gguf-q8_0":
         q = apply_scheme(lin, "gguf-q8_0", quantize_lm_head=True)[0]
     else:
         q = qcal.freeze(qcal.quantize(lin, weights="qint8", group_size=32, symmetric=False))[0]
-    assert q.kernel.name == "cpu_int8wo-dequant"
+    grouped = native.has("w8a16_group_mm")
+    assert q.kernel.name == "cpu_int8wo-dequant" + ("_native" if grouped else "")
+    small = grouped and rows <= W8G_MAX_M
+    assert q.kernel.choose(torch.bfloat16, rows).name.startswith("qcal grouped int8" if small else "dequant")
     for dtype, tol in ((torch.bfloat16, BF16_TOL), (torch.float32, 1e-6)):
         x = torch.randn(rows, 256, dtype=dtype)
         y = q.to(dtype)(x)
@@ -138,10 +143,12 @@ def test_fallback_to_reference_and_derived_bytes():
     assert r.kernel is REFERENCE and derived_bytes(r) == 0
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     assert rel_err(r(x), r.frozen_forward_reference(x)) == 0
-    # int8 asymmetric weights: dequantized into qcal's GEMM, no fused kernel
+    # int8 asymmetric weights per channel: the grouped kernel's float32 scales and zero-points (or nothing derived
+    # without it: the dequantized weight into qcal's GEMM)
     torch.manual_seed(0)
     a = qcal.freeze(qcal.quantize(nn.Sequential(nn.Linear(64, 32)), weights="qint8", symmetric=False))[0]
-    assert a.kernel.name == "cpu_int8wo-dequant" and derived_bytes(a) == 0
+    assert a.kernel.name.startswith("cpu_int8wo-dequant")
+    assert derived_bytes(a) == (2 * 32 * 4 if native.has("w8a16_group_mm") else 0)
 
 
 def test_reselect_drops_stale_derived_buffers_and_state_dict_is_canonical():

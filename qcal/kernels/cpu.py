@@ -22,6 +22,7 @@ __all__ = ["TABLES_CPU", "weight_only", "dynamic_int8", "per_channel_int8", "tin
            "dequant_a8"]
 
 _BF16 = (torch.bfloat16,)
+W8G_MAX_M = 16  # the grouped int8 kernel vs dequantize + GEMM
 
 
 # ---------------------------------------------------------------------------- what a module is
@@ -104,6 +105,12 @@ def _int8_scales_sums(m) -> dict:
     return {**_int8_scales(m), "_k_i8sum": native.int8_row_sums(m.qweight)}
 
 
+def _int8_group_scales(m) -> dict:
+    s, zp = m.weight_scale.float(), m.weight_zero_point
+    return {"_k_w8gsz": (s[None] if zp is None else torch.stack([s, zp.float()])).contiguous(),
+            "_k_has_zero": zp is not None, "_k_group": _shape(m)[2]}
+
+
 def _fpx_tables(m) -> dict:
     from ..primitives import float_grid
 
@@ -118,6 +125,7 @@ INT8_SCALES = Layout("float32 weight scales", _int8_scales)
 INT8_SCALES_SUMS = Layout("float32 weight scales + int32 row sums", _int8_scales_sums)
 FP8DQ_SCALES = Layout("float32 weight scales + unit scales for the code product",
                       lambda m: {**_int8_scales(m), "_k_ones": torch.ones(m.weight_shape[0], device=m.qweight.device)})
+INT8_GROUP_SCALES = Layout("float32 group scales (+ zero-points)", _int8_group_scales)
 FPX_TABLES = Layout("float32 weight scales + the format's bf16 value table", _fpx_tables)
 
 
@@ -205,6 +213,17 @@ def _fp8dq_dequant(m, x2):
     return (y.float() * m.weight_scale.float().view(1, -1) * s).to(x2.dtype)
 
 
+def _w8g_args(m) -> tuple:
+    d = m.__dict__
+    return m.qweight, m._buffers["_k_w8gsz"], d["_k_has_zero"], d["_k_group"]
+
+
+def _native_int8_group(m) -> bool:
+    """The grouped int8 kernel takes this layer: int8 codes read in place, groups of a multiple of 32 columns."""
+    n, k, g = _shape(m)
+    return m.qweight.dtype == torch.int8 and m.qweight.is_contiguous() and g % 32 == 0 and k % g == 0
+
+
 def _wfx_args(m) -> tuple:
     b = m._buffers
     return m.qweight, b["_k_fxws"], b["_k_fxlut"], m.weight_spec.qtype.bits
@@ -259,8 +278,9 @@ _W8A8 = ("w8a8_mm_small", _int8_sums_args)
 _W8A16 = ("w8a16_mm_vnni", _int8_sums_args)
 _WF8A16 = ("wf8a16_mm_small", _wf8a16_args)
 _WFX = ("wfx_mm_small", _wfx_args)
+_W8G = ("w8a16_group_mm", _w8g_args)
 _w4a16_small, _w4a8, _w8a8_small = _op_run(_W4A16), _op_run(_W4A8), _op_run(_W8A8)
-_w8a16_vnni, _wf8a16_small, _wfx_small = _op_run(_W8A16), _op_run(_WF8A16), _op_run(_WFX)
+_w8a16_vnni, _wf8a16_small, _wfx_small, _w8g = _op_run(_W8A16), _op_run(_WF8A16), _op_run(_WFX), _op_run(_W8G)
 
 # Rows in order of preference. ``native=True`` rows need qcal's AVX-512 library, ``native="<operator>"`` rows the
 # AVX2 library with that operator; a layer no row fits keeps the reference
@@ -350,11 +370,17 @@ FPXWO = LinearTable("fpxwo", "cpu", lambda m: weight_only(m) and subbyte_float(m
     Impl("dequant + bf16 mm", _dequant_weight_mm),
 ), compute_dtype=torch.bfloat16)
 
-# int8 weights the int8wo table does not take (groups: gguf-q8_0, gptq-int8-<g>; zero-points): the dequantized weight
-# into qcal's GEMM (the panel on a CPU that emulates bf16 GEMM), not the reference kernel's float op (PyTorch's
-# emulated bf16 GEMM there: prefill of gguf-q8_0 68 -> 419 tok/s on Zen 3)
+# int8 weights the int8wo table does not take (groups: gguf-q8_0, gptq-int8-<g>; zero-points). Small M: qcal's grouped
+# kernel (the codes read in place, each dequantized in registers to the fp32 value (q - z) s, before the reference's
+# bf16 rounding; one source in both libraries). Otherwise the dequantized weight into qcal's GEMM (the panel on a CPU
+# that emulates bf16 GEMM), not the reference kernel's float op (PyTorch's emulated bf16 GEMM there: prefill of
+# gguf-q8_0 68 -> 419 tok/s on Zen 3)
 INT8WO_DEQUANT = LinearTable("int8wo-dequant", "cpu", lambda m: weight_only(m) and m.weight_spec.qtype == qint8
                              and not per_channel_int8(m), (
+    Impl("qcal grouped int8 mm (codes read in place, dequantized in registers)", _w8g, native=True,
+         fits=_native_int8_group, dtypes=_BF16, max_m=W8G_MAX_M, layout=INT8_GROUP_SCALES, direct=_W8G),
+    Impl("qcal grouped int8 mm (codes read in place, dequantized in registers)", _w8g, native="w8a16_group_mm",
+         fits=_native_int8_group, dtypes=_BF16, max_m=W8G_MAX_M, layout=INT8_GROUP_SCALES, direct=_W8G),
     Impl("dequant + bf16 mm", _dequant_weight_mm),
 ))
 
