@@ -1,4 +1,5 @@
-"""The small-M matmul operators (``w16a16_mm_small``, ``w8a16_mm_vnni``, ``w8a8_mm_small``, ``w8a16_mm_small``) on
+"""The small-M matmul operators (``w16a16_mm_small``, ``w8a16_mm_vnni``, ``w8a8_mm_small``, ``w8a16_mm_small``,
+``wf8a16_mm_small``) on
 whichever native library is loaded (AVX-512 or AVX2): numbers against float64 references, the documented
 arithmetic bit for bit, tails of M, N and K, outlier, zero and non-finite rows, and argument checks.
 
@@ -261,6 +262,26 @@ def test_int8_widened_within_the_fp32_bound(m, n, k):
         assert _same(ops.w8a16_mm_small(x, w, ws), want)
 
 
+@pytest.mark.native_ops("wf8a16_mm_small")
+@pytest.mark.parametrize("m,n,k", [(1, 5, 70), (3, 16, 32), (4, 7, 100), (9, 3, 576)])
+def test_fp8_widened_within_the_fp32_bound_and_every_code_exact(m, n, k):
+    """float8 e4m3fn weights (fp8 weight-only): every finite code -- subnormals, zeros of both signs, +-448 --
+    widened exactly, then the bf16 kernels' arithmetic (bit for bit on AVX2; within the bound anywhere)."""
+    g = _gen(m, n, k, 2)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    codes = torch.randint(0, 256, (n, k), generator=g, dtype=torch.int16)
+    codes[0, : min(k, 254)] = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F])[: min(k, 254)]
+    codes = torch.where(codes & 0x7F == 0x7F, codes - 1, codes)  # no NaN (quantization clamps to +-448)
+    w = codes.to(torch.uint8).view(torch.float8_e4m3fn)
+    wb = w.to(torch.bfloat16)  # exact: 4 significant bits, exponents within bf16's
+    ws = torch.rand(n, generator=g) + 0.5
+    got = ops.wf8a16_mm_small(x, w, ws)
+    exact, bound = _bf16_bound(x, wb)
+    assert ((got.double() - exact * ws.double()[None]).abs() <= bound * ws.double()[None] * 1.01 + 1e-30).all()
+    if native.isa() == "avx2":
+        assert _same(got, (_vdpbf16ps(x, wb) * ws).to(torch.bfloat16))
+
+
 # ---------------------------------------------------------------- dynamic A8W8
 
 
@@ -367,6 +388,22 @@ def test_int8_with_row_sums_refuses_bad_input(name):
         ((x, w, wsum.long(), ws), TypeError, "wsum must be a Int"),
         ((x, w, wsum, ws.to(torch.bfloat16)), TypeError, "ws must be a Float"),
         ((x, w, wsum, torch.ones(7)), ValueError, "ws must be a contiguous"),
+    ]:
+        with pytest.raises(exc, match=f"{op}: {match}"):
+            fn(*args)
+
+
+@pytest.mark.native_ops("wf8a16_mm_small")
+def test_fp8_refuses_bad_input():
+    fn, op = ops.wf8a16_mm_small, "qcal::wf8a16_mm_small"
+    w = torch.zeros(6, 64, dtype=torch.float8_e4m3fn)
+    ws, x = torch.ones(6), torch.zeros(2, 64, dtype=torch.bfloat16)
+    for args, exc, match in [
+        ((x.float(), w, ws), TypeError, "x must be a bf16 CPU tensor"),
+        ((x[:, :63], w, ws), ValueError, r"x must be \(M, 64\)"),
+        ((x, w.view(torch.int8), ws), TypeError, "w must be a Float8_e4m3fn"),
+        ((x, w[0], ws), ValueError, r"w must be \(N, K\)"),
+        ((x, w, torch.ones(7)), ValueError, "ws must be a contiguous"),
     ]:
         with pytest.raises(exc, match=f"{op}: {match}"):
             fn(*args)

@@ -354,12 +354,17 @@ INT8DQ = LinearTable("int8dq", "cpu", lambda m: dynamic_int8(m) and per_channel_
 FP8WO = LinearTable("fp8wo", "cpu", lambda m: weight_only(m) and per_channel_fp8(m), (
     Impl("qcal avx512-bf16 fp8 mm (weight in place, widened in registers)", _wf8a16_small, native=True,
          fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES, direct=_WF8A16),
+    Impl("qcal avx2 fp8 mm (weight in place, widened in registers)", _wf8a16_small, native="wf8a16_mm_small",
+         fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=4, layout=INT8_SCALES, direct=_WF8A16),
     Impl("dequant + bf16 mm", _dequant_weight_mm),
 ), compute_dtype=torch.bfloat16)
 
 FP8DQ = LinearTable("fp8dq", "cpu", lambda m: dynamic_fp8(m) and per_channel_fp8(m), (
     Impl("per-row/tensor fp8 quant + qcal fp8 mm (codes widened in registers)", _fp8dq_native, native=True,
          fits=_native_int8, dtypes=_BF16, max_m=4, layout=FP8DQ_SCALES),
+    Impl("per-row/tensor fp8 quant + qcal avx2 fp8 mm (codes widened in registers)", _fp8dq_native,
+         native="wf8a16_mm_small", fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=4,
+         layout=FP8DQ_SCALES),
     Impl("per-row/tensor fp8 quant + dequant + bf16 mm", _fp8dq_dequant),
 ), compute_dtype=torch.bfloat16)
 

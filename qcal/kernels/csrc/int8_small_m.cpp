@@ -228,26 +228,3 @@ typedef uint8_t qcal_digit_t; /* three byte planes, padded to whole 64-column lo
 /* ------------------------------------------------------------------ operators */
 
 #include "int8_api.h"  // the operators (ISA-neutral): shared with the other instruction set's build
-
-/* fp8 weight-only: w (N, K) float8_e4m3fn, contiguous; ws (N) fp32. */
-static at::Tensor wf8a16_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws) {
-    const char *op = "qcal::wf8a16_mm_small";
-    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) > 0, op, ": w must be (N, K), got ", w.sizes());
-    qcal::check_tensor(op, "w", w, at::kFloat8_e4m3fn, w.sizes());
-    qcal::check_tensor(op, "ws", ws, at::kFloat, {w.size(0)});
-    at::Tensor xc = qcal::rows(op, x, w.size(1)), y = qcal::matmul_out(xc, w);
-    qcal::check_rc(op, w8a16_small(qcal::in<uint16_t>(xc), static_cast<const int8_t *>(w.const_data_ptr()),
-                                   qcal::in<float>(ws), qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1),
-                                   qcal::threads(), true));
-    return y;
-}
-
-TORCH_LIBRARY_FRAGMENT(qcal, m) { m.def("wf8a16_mm_small(Tensor x, Tensor w, Tensor ws) -> Tensor"); }
-
-TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("wf8a16_mm_small", &wf8a16_mm_small); }
-
-TORCH_LIBRARY_IMPL(qcal, Meta, m) {
-    m.impl("wf8a16_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &) {
-        return qcal::matmul_meta(x, w);
-    });
-}

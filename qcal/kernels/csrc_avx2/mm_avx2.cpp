@@ -1,13 +1,13 @@
 /* qcal: the small-M matmuls (a decode step's linear layers) on AVX2/FMA CPUs: bf16 x bf16 (w16a16_mm_small), int8
-   weight-only through exact activation digits (w8a16_mm_vnni) or widening the weight (w8a16_mm_small), and dynamic
-   A8W8 (w8a8_mm_small). The operators of csrc/bf16_small_m.cpp and csrc/int8_small_m.cpp: the same schemas, the
+   weight-only through exact activation digits (w8a16_mm_vnni) or widening the weight (w8a16_mm_small; float8 e4m3fn
+   weights the same way: wf8a16_mm_small), and dynamic A8W8 (w8a8_mm_small). The operators of csrc/bf16_small_m.cpp and csrc/int8_small_m.cpp: the same schemas, the
    same argument checks and messages, the same arithmetic, the weight read in place ((N, K) row-major) and streamed
    once, rows split among the threads by qcal_run_units and prefetched ahead.
 
    The results are those of the AVX-512 kernels, bit for bit (as the Intel SDM defines their instructions;
    tests/test_avx2_mm.py checks these kernels against references of those definitions):
 
-   * bf16 products (w16a16_mm_small, w8a16_mm_small, and w8a16_mm_vnni where it takes that kernel). vdpbf16ps is, per
+   * bf16 products (w16a16_mm_small, w8a16_mm_small, wf8a16_mm_small, and w8a16_mm_vnni where it takes that kernel). vdpbf16ps is, per
      fp32 lane j (16 a zmm), acc = fma(a[2j+1], b[2j+1], acc) then acc = fma(a[2j], b[2j], acc), each FMA rounded to
      nearest even, denormal inputs read as zero, tiny results flushed to zero, MXCSR neither read nor written (Intel
      SDM). Here the 16 lanes are two 8-lane halves (column pairs 0-7 and 8-15 of each 32 columns); the even and odd
@@ -91,8 +91,31 @@ AI void dp(__m256 acc[2], const cols32 &x, const cols32 &w) {
     acc[1] = _mm256_fmadd_ps(x.e1, w.e1, acc[1]);
 }
 
+/* 8 float8 e4m3fn codes (the low byte of each 32-bit lane) as their fp32 values, exact and normal (the AVX-512
+   kernel's e4m3_to_bf16x32 widened): a normal code (exponent e >= 1) moves its exponent and mantissa bits into
+   place and rebiases (e + 120); a subnormal one (m 2^-9, m < 8) is m converted, times 2^-9. Weights hold no NaN
+   (quantization clamps them to +-448). */
+AI __m256 e4m3_to_ps(__m256i c) {
+    const __m256i em = _mm256_and_si256(c, _mm256_set1_epi32(0x7F));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
+    const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23));
+    const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(0x1p-9f));
+    const __m256 v = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub,
+                                      _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em)));
+    return _mm256_or_ps(v, _mm256_castsi256_ps(sign));
+}
+
+AI cols32 split_f8(const uint8_t *p) {
+    const __m256i a = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+    const __m256i low = _mm256_set1_epi32(0xFF);
+    return {e4m3_to_ps(_mm256_and_si256(a, low)), e4m3_to_ps(_mm256_srli_epi32(a, 16)),
+            e4m3_to_ps(_mm256_and_si256(b, low)), e4m3_to_ps(_mm256_srli_epi32(b, 16))};
+}
+
 AI cols32 split_w(const uint16_t *p) { return split_bf16(p); }
 AI cols32 split_w(const int8_t *p) { return split_i8(p); }
+AI cols32 split_w(const uint8_t *p) { return split_f8(p); } /* float8 e4m3fn bytes */
 
 /* R weight rows x MM input rows (R * MM <= 4: 8 accumulators): the 16 lanes of each output into lanes[r][m][0..16).
    Runs under VDP_MXCSR. The last partial 32 columns go through zero-padded copies (nothing read past a row). */
@@ -185,12 +208,13 @@ static void w16a16_small(const uint16_t *x, const uint16_t *w, uint16_t *y, int6
     qcal_run_units(M, (N + 3) / 4, nthreads, &ctx, dp_unit<uint16_t>);
 }
 
-/* x (M, K) bf16; w (N, K) int8 row-major; ws (N) fp32. Returns 0, or -1 for bad arguments. */
+/* x (M, K) bf16; w (N, K) int8 (or float8 e4m3fn bytes with fp8) row-major; ws (N) fp32. Returns 0, or -1 for bad
+   arguments. */
 static int w8a16_small(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *y, int64_t M, int64_t N,
-                       int64_t K, int nthreads) {
+                       int64_t K, int nthreads, bool fp8 = false) {
     if (K <= 0 || N < 0 || M < 0) return -1;
     const dp_ctx ctx = {x, w, ws, y, N, K};
-    qcal_run_units(M, (N + 3) / 4, nthreads, &ctx, dp_unit<int8_t>);
+    qcal_run_units(M, (N + 3) / 4, nthreads, &ctx, fp8 ? dp_unit<uint8_t> : dp_unit<int8_t>);
     return 0;
 }
 
