@@ -352,49 +352,6 @@ def test_fp8_per_tensor_activations_use_one_scale_an_input():
     assert rel_err(tok(x)[1:], ref[1:]) < 0.05 and rel_err(pt(x)[1:], ref[1:]) > 0.5
     assert rel_err(pt(x[1:]), ref[1:]) < 0.05
 
-# ---------------------------------------------------------------- the fp6 / fp5 / fp4 weight-only kernel
-
-
-@pytest.mark.parametrize("scheme,qt", [("fp6wo", "qfloat6_e3m2"), ("fp5wo", "qfloat5_e2m2"),
-                                       ("fp4wo-32", "qfloat4_e2m1")])
-def test_subbyte_float_kernel_reads_every_weight_back_exactly(scheme, qt):
-    """One-hot activations and power-of-two scales: each output is one weight's value times its scale, exact."""
-    import qcal
-    from qcal.primitives import float_grid, pack
-
-    qtype = getattr(qcal, qt)
-    n, k = 8, 64
-    g = torch.Generator().manual_seed(1)
-    codes = torch.randint(0, 1 << qtype.bits, (n, k), generator=g, dtype=torch.uint8)
-    groups = 2 if scheme.startswith("fp4") else 1
-    ws = 2.0 ** torch.randint(-3, 4, (n, groups), generator=g).float()
-    lut = float_grid(qtype).to(torch.bfloat16)
-    w = pack(codes, qtype)
-    exact = (float_grid(qtype)[codes.long()] * ws.repeat_interleave(k // groups, 1)).t()  # (k, n)
-    for start in range(0, k, 4):
-        eye = torch.eye(k, dtype=torch.bfloat16)[start:start + 4]
-        got = ops.wfx_mm_small(eye, w, ws, lut, qtype.bits)
-        assert torch.equal(got, exact[start:start + 4].to(torch.bfloat16))
-
-
-@pytest.mark.parametrize("scheme", ["fp6wo", "fp5wo", "fp4wo-32"])
-def test_subbyte_float_schemes_run_the_native_kernel_near_the_reference(scheme):
-    torch.manual_seed(0)
-    q = apply_scheme(nn.Sequential(nn.Linear(576, 192)), scheme, quantize_lm_head=True)[0]
-    bits = {"fp6wo": 6, "fp5wo": 5, "fp4wo-32": 4}[scheme]
-    assert q.kernel.name == "cpu_fpxwo_native" and q.qweight.shape == (192, 576 * bits // 8)
-    for rows in (1, 3, 40):
-        x = torch.randn(rows, 576, dtype=torch.bfloat16)
-        assert q(x).dtype == torch.bfloat16 and rel_err(q(x), q.frozen_forward_reference(x)) < 1e-2
-    lut = q._buffers["_k_fxlut"]
-    with pytest.raises(ValueError, match="multiples of 32"):
-        ops.wfx_mm_small(torch.randn(1, 576, dtype=torch.bfloat16), q.qweight, torch.ones(192, 7), lut, bits)
-    with pytest.raises(ValueError, match="bits must be 4, 5 or 6"):
-        ops.wfx_mm_small(torch.randn(1, 576, dtype=torch.bfloat16), q.qweight, torch.ones(192, 1), lut, 3)
-    with pytest.raises(TypeError, match="lut must be"):
-        ops.wfx_mm_small(torch.randn(1, 576, dtype=torch.bfloat16), q.qweight, torch.ones(192, 1), lut.float(), bits)
-
-
 # ---------------------------------------------------------------- the large-M panel kernels
 
 

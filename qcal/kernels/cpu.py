@@ -60,9 +60,13 @@ def subbyte_float(m) -> bool:
     return m.weight_spec.qtype.is_subbyte_float and m.weight_zero_point is None
 
 
-def _native_fpx(m) -> bool:
+def _fpx_fits(m) -> bool:
     n, k, g = _shape(m)
-    return k % 32 == 0 and g % 32 == 0 and m.qweight.is_contiguous() and native.available()
+    return k % 32 == 0 and g % 32 == 0 and m.qweight.is_contiguous()
+
+
+def _native_fpx(m) -> bool:
+    return _fpx_fits(m) and native.available()
 
 
 def tinygemm_int4(m) -> bool:
@@ -372,6 +376,8 @@ FPXWO = LinearTable("fpxwo", "cpu", lambda m: weight_only(m) and subbyte_float(m
     Impl("qcal avx512-bf16 fp6/fp5/fp4 mm (bit planes read in place, values looked up in registers)", _wfx_small,
          native=True, fits=_native_fpx, dtypes=_BF16, max_m=4, layout=FPX_TABLES,
          direct=_WFX),
+    Impl("qcal avx2 fp6/fp5/fp4 mm (bit planes read in place, values looked up in registers)", _wfx_small,
+         native="wfx_mm_small", fits=_fpx_fits, dtypes=_BF16, max_m=4, layout=FPX_TABLES, direct=_WFX),
     Impl("dequant + bf16 mm", _dequant_weight_mm),
 ), compute_dtype=torch.bfloat16)
 

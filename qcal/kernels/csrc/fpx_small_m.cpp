@@ -103,40 +103,11 @@ template <int BITS> static void fpx_unit(const void *c, int64_t m0, int mb, int6
 #undef TFX
 }
 
-/* x (M, K) bf16; w (N, K * bits / 8) uint8 bit planes; ws (N, G) fp32; lut (2^bits) bf16; K and K / G multiples
-   of 32. */
-static at::Tensor wfx_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws, const at::Tensor &lut,
-                               int64_t bits) {
-    const char *op = "qcal::wfx_mm_small";
-    TORCH_CHECK_VALUE(bits == 4 || bits == 5 || bits == 6, op, ": bits must be 4, 5 or 6, got ", bits);
-    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) > 0 && (w.size(1) * 8) % bits == 0, op,
-                      ": w must be (N, K * bits / 8), got ", w.sizes());
-    const int64_t N = w.size(0), K = w.size(1) * 8 / bits;
-    qcal::check_tensor(op, "w", w, at::kByte, w.sizes());
-    TORCH_CHECK_VALUE(ws.dim() == 2 && ws.size(0) == N && ws.size(1) > 0, op, ": ws must be (N, groups), got ",
-                      ws.sizes());
-    qcal::check_tensor(op, "ws", ws, at::kFloat, ws.sizes());
-    const int64_t G = ws.size(1);
-    TORCH_CHECK_VALUE(K % 32 == 0 && K % G == 0 && (K / G) % 32 == 0, op, ": K = ", K, " in ", G,
-                      " groups: K and the group size must be multiples of 32");
-    qcal::check_tensor(op, "lut", lut, at::kBFloat16, {int64_t(1) << bits});
-    at::Tensor xc = qcal::rows(op, x, K), y = qcal::matmul_out(xc, w);
-    uint16_t lut_pad[64] = {0};
-    memcpy(lut_pad, lut.const_data_ptr(), sizeof(uint16_t) << bits);
-    const fpx_ctx ctx = {qcal::in<uint16_t>(xc), qcal::in<uint8_t>(w), qcal::in<float>(ws), lut_pad,
-                         qcal::out<uint16_t>(y), N, K, G, w.size(1), static_cast<int>(bits)};
-    qcal_run_units(xc.size(0), (N + 3) / 4, qcal::threads(), &ctx,
-                   bits == 6 ? fpx_unit<6> : (bits == 5 ? fpx_unit<5> : fpx_unit<4>));
-    return y;
+/* The kernel (fpx_api.h's entry): lut_pad holds 64 bf16 entries, the format's first. */
+static void fpx_run(const uint16_t *x, const uint8_t *w, const float *ws, const uint16_t *lut_pad, uint16_t *y,
+                    int64_t M, int64_t N, int64_t K, int64_t G, int64_t row_bytes, int bits, int nthreads) {
+    const fpx_ctx ctx = {x, w, ws, lut_pad, y, N, K, G, row_bytes, bits};
+    qcal_run_units(M, (N + 3) / 4, nthreads, &ctx, bits == 6 ? fpx_unit<6> : (bits == 5 ? fpx_unit<5> : fpx_unit<4>));
 }
 
-TORCH_LIBRARY_FRAGMENT(qcal, m) {
-    m.def("wfx_mm_small(Tensor x, Tensor w, Tensor ws, Tensor lut, int bits) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("wfx_mm_small", &wfx_mm_small); }
-
-TORCH_LIBRARY_IMPL(qcal, Meta, m) {
-    m.impl("wfx_mm_small", [](const at::Tensor &x, const at::Tensor &w, const at::Tensor &, const at::Tensor &,
-                              int64_t) { return at::empty_symint({x.sym_size(0), w.sym_size(0)}, x.options()); });
-}
+#include "fpx_api.h"  // the operator (ISA-neutral): shared with the AVX2 build
