@@ -94,8 +94,8 @@ def test_cpu_kernel_parity_fp32_model(kw, name, tol):
 @pytest.mark.parametrize("how", ["gguf-q8_0", "asymmetric groups of 32"])
 def test_grouped_int8_weight_only_kernel_then_qcals_gemm(how, rows):
     """int8 weights in groups (llama.cpp's Q8_0, GPTQ's int8 groups): qcal's grouped kernel for small M where the
-    native library is built, the dequantized weight into qcal's GEMM (the panel on a CPU that emulates bf16 GEMM)
-    above it, instead of the reference kernel's float op; fp32 models stay fp32."""
+    native library is built; above it the AVX2 library's grouped panel, else the dequantized weight into the bf16
+    GEMM, instead of the reference kernel's float op; fp32 models stay fp32."""
     torch.manual_seed(0)
     lin = nn.Sequential(nn.Linear(256, 96))
     if how == "gguf-q8_0":
@@ -105,7 +105,9 @@ def test_grouped_int8_weight_only_kernel_then_qcals_gemm(how, rows):
     grouped = native.has("w8a16_group_mm")
     assert q.kernel.name == "cpu_int8wo-dequant" + ("_native" if grouped else "")
     small = grouped and rows <= W8G_MAX_M
-    assert q.kernel.choose(torch.bfloat16, rows).name.startswith("qcal grouped int8" if small else "dequant")
+    panel = native.has("w8a16_group_mm_panel")  # AVX2: qcal's panel on the codes instead of dequantize + GEMM
+    assert q.kernel.choose(torch.bfloat16, rows).name.startswith(
+        "qcal grouped int8" if small else "qcal panel avx2 grouped int8" if panel else "dequant")
     for dtype, tol in ((torch.bfloat16, BF16_TOL), (torch.float32, 1e-6)):
         x = torch.randn(rows, 256, dtype=dtype)
         y = q.to(dtype)(x)

@@ -1,8 +1,9 @@
 """The weight-only panel (large-M) operators of either native library -- ``w8a16_mm_panel``, ``w4a16_mm_panel``
-and, on AVX2, ``w16a16_mm_panel`` -- bit for bit against their definition (one fp32 chain per output in
-vdpbf16ps's pair order, then the int8 scale and one rounding to bf16; int4: the one-pass dequantizer's bf16
-weight), exact on integers, independent of the thread count, on ragged shapes (M not a multiple of the tile, K with
-tails), with denormal and non-finite inputs, and their argument checks; plus the layers that route to them."""
+and, on AVX2, ``w16a16_mm_panel``, ``w8a16_group_mm_panel`` and ``wf8a16_mm_panel`` -- bit for bit against their
+definition (one fp32 chain per output in vdpbf16ps's pair order, then the int8 scale and one rounding to bf16; int4:
+the one-pass dequantizer's bf16 weight), exact on integers, independent of the thread count, on ragged shapes (M not
+a multiple of the tile, K with tails), with denormal and non-finite inputs, and their argument checks; plus the
+layers that route to them."""
 
 from __future__ import annotations
 
@@ -158,6 +159,45 @@ def test_panels_refuse_bad_input():
         assert ops.w16a16_mm_panel(x[:0], torch.zeros(32, 576, dtype=torch.bfloat16)).shape == (0, 32)
 
 
+def _fma_chain(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """pair_chain with fp32 weights: each step a fused multiply-add (the product exact in float64, one rounding)."""
+    xd, wd = x.double(), w.double()
+    acc = torch.zeros(x.shape[0], w.shape[0])
+    for k in range(0, x.shape[1], 2):
+        for c in (k + 1, k):
+            acc = (xd[:, c, None] * wd[None, :, c] + acc.double()).float()
+    return acc
+
+
+@pytest.mark.native_ops("w8a16_group_mm_panel", "wf8a16_mm_panel")
+@pytest.mark.parametrize("m", [1, 7, 64])
+@pytest.mark.parametrize("n,k,gs", [(16, 64, 32), (48, 104, 8), (32, 576, 64)])
+def test_avx2_grouped_int8_and_fp8_panels_bit_for_bit(m, n, k, gs):
+    """Grouped int8: each weight the dequantizer's fp32 value (q - z) s, one fused multiply-add a step in the pair
+    order; fp8: the codes' exact values, then ws, as the int8 panel."""
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, k // gs, generator=g) * 0.02 + 1e-3
+    z = torch.randn(n, k // gs, generator=g) * 3
+    for zero in (False, True):
+        sz = (torch.stack([s, z]) if zero else s[None]).contiguous()
+        w = ((q.float() - z.repeat_interleave(gs, 1)) if zero else q.float()) * s.repeat_interleave(gs, 1)
+        assert _same(ops.w8a16_group_mm_panel(x, q, sz, zero, gs), _fma_chain(x, w).to(torch.bfloat16))
+    xt = torch.randn(m, k + 4, generator=g).to(torch.bfloat16)  # fp8: K % 8 == 4, the tail
+    codes = torch.randint(0, 256, (n, k + 4), generator=g, dtype=torch.int16)
+    codes = torch.where(codes & 0x7F == 0x7F, codes - 1, codes).to(torch.uint8)  # no NaN codes
+    w8 = codes.view(torch.float8_e4m3fn)
+    ws = torch.rand(n, generator=g) + 0.5
+    assert _same(ops.wf8a16_mm_panel(xt, w8, ws), (pair_chain(xt, w8.float()) * ws).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="w8a16_group_mm_panel: unsupported shape"):
+        ops.w8a16_group_mm_panel(x, q[:, : k - 2], s[None], False, gs)
+    with pytest.raises(ValueError, match="w8a16_group_mm_panel: sz must be"):
+        ops.w8a16_group_mm_panel(x, q, s[None], True, gs)
+    with pytest.raises(TypeError, match="wf8a16_mm_panel: w must be a Float8_e4m3fn"):
+        ops.wf8a16_mm_panel(xt, codes.view(torch.int8), ws)
+
+
 @pytest.mark.native_ops("w16a16_mm_panel")
 def test_bf16_layers_take_the_panel_for_more_than_four_rows(monkeypatch):
     monkeypatch.setattr(common, "_bf16_gemm_emulated", lambda: True)
@@ -171,16 +211,33 @@ def test_bf16_layers_take_the_panel_for_more_than_four_rows(monkeypatch):
     assert torch.equal(common.linear(x, w_odd), torch.nn.functional.linear(x.float(), w_odd.float()).bfloat16())
 
 
-@pytest.mark.parametrize("scheme,rows", [("int8wo", 5), ("int8wo", 200), ("int4wo-64", 200)])
+@pytest.mark.parametrize("scheme,rows", [("int8wo", 5), ("int8wo", 200), ("int4wo-64", 200), ("gguf-q8_0", 200),
+                                         ("fp8wo", 200)])
 def test_weight_only_layers_take_the_panel_for_prefill(scheme, rows):
     torch.manual_seed(0)
     q = apply_scheme(nn.Sequential(nn.Linear(576, 192, bias=False)), scheme, quantize_lm_head=True)[0]
     impl = q.kernel.choose(torch.bfloat16, rows)
     if native.isa() == "avx512" and native.amx():
         pytest.skip("weight-only prefill runs one dequantization and oneDNN's AMX GEMM on this CPU")
+    if native.isa() == "avx512" and scheme in ("gguf-q8_0", "fp8wo"):
+        pytest.skip("grouped int8 and fp8 prefill: one dequantization and the bf16 GEMM of an AVX512-BF16 CPU")
     assert impl.name.startswith("qcal panel")
     x = torch.randn(rows, 576, dtype=torch.bfloat16)
     assert _same(q(x), impl.run(q, x))
+
+
+@pytest.mark.native_ops("wf8a16_mm_panel", "w16a16_mm_panel")
+def test_fp8dq_prefill_panel_equals_the_codes_bf16_gemm():
+    """fp8dq's codes product on the fp8 panel: the numbers of the bf16 GEMM on the codes (exact in bf16), rescaled
+    the same way."""
+    from qcal.kernels import cpu
+
+    torch.manual_seed(0)
+    q = apply_scheme(nn.Sequential(nn.Linear(576, 192, bias=False)), "fp8dq", quantize_lm_head=True)[0]
+    impl = q.kernel.choose(torch.bfloat16, 200)
+    assert impl.run is cpu._fp8dq_panel
+    x = torch.randn(200, 576, dtype=torch.bfloat16)
+    assert _same(q(x), cpu._fp8dq_dequant(q, x))
 
 
 def test_the_avx2_panel_rows_need_the_avx2_library_with_their_operator():

@@ -211,6 +211,12 @@ def _fp8dq_native(m, x2):
     return (y.float() * m._buffers["_k_i8ws"] * s).to(x2.dtype)
 
 
+def _fp8dq_panel(m, x2):
+    xq, s = _fp8_codes(m, x2)
+    y = torch.ops.qcal.wf8a16_mm_panel(xq, m.qweight, m._buffers["_k_ones"])
+    return (y.float() * m._buffers["_k_i8ws"] * s).to(x2.dtype)
+
+
 def _fp8dq_dequant(m, x2):
     xq, s = _fp8_codes(m, x2)
     y = linear(xq, m.qweight.to(x2.dtype))
@@ -220,6 +226,14 @@ def _fp8dq_dequant(m, x2):
 def _w8g_args(m) -> tuple:
     d = m.__dict__
     return m.qweight, m._buffers["_k_w8gsz"], d["_k_has_zero"], d["_k_group"]
+
+
+def _w8g_panel(m, x2):
+    return torch.ops.qcal.w8a16_group_mm_panel(x2, *_w8g_args(m))
+
+
+def _wf8a16_panel(m, x2):
+    return torch.ops.qcal.wf8a16_mm_panel(x2, m.qweight, m._buffers["_k_i8ws"])
 
 
 def _native_int8_group(m) -> bool:
@@ -360,6 +374,8 @@ FP8WO = LinearTable("fp8wo", "cpu", lambda m: weight_only(m) and per_channel_fp8
          fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES, direct=_WF8A16),
     Impl("qcal avx2 fp8 mm (weight in place, widened in registers)", _wf8a16_small, native="wf8a16_mm_small",
          fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=4, layout=INT8_SCALES, direct=_WF8A16),
+    Impl("qcal panel avx2 fp8 mm", _wf8a16_panel, native="wf8a16_mm_panel",
+         fits=lambda m: m.qweight.is_contiguous() and _panel(m), dtypes=_BF16, eager=True, layout=INT8_SCALES),
     Impl("dequant + bf16 mm", _dequant_weight_mm),
 ), compute_dtype=torch.bfloat16)
 
@@ -369,6 +385,8 @@ FP8DQ = LinearTable("fp8dq", "cpu", lambda m: dynamic_fp8(m) and per_channel_fp8
     Impl("per-row/tensor fp8 quant + qcal avx2 fp8 mm (codes widened in registers)", _fp8dq_native,
          native="wf8a16_mm_small", fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=4,
          layout=FP8DQ_SCALES),
+    Impl("per-row/tensor fp8 quant + qcal panel avx2 fp8 mm", _fp8dq_panel, native="wf8a16_mm_panel",
+         fits=lambda m: m.qweight.is_contiguous() and _panel(m), dtypes=_BF16, eager=True, layout=FP8DQ_SCALES),
     Impl("per-row/tensor fp8 quant + dequant + bf16 mm", _fp8dq_dequant),
 ), compute_dtype=torch.bfloat16)
 
@@ -392,6 +410,9 @@ INT8WO_DEQUANT = LinearTable("int8wo-dequant", "cpu", lambda m: weight_only(m) a
          fits=_native_int8_group, dtypes=_BF16, max_m=W8G_MAX_M, layout=INT8_GROUP_SCALES, direct=_W8G),
     Impl("qcal grouped int8 mm (codes read in place, dequantized in registers)", _w8g, native="w8a16_group_mm",
          fits=_native_int8_group, dtypes=_BF16, max_m=W8G_MAX_M, layout=INT8_GROUP_SCALES, direct=_W8G),
+    Impl("qcal panel avx2 grouped int8 mm", _w8g_panel, native="w8a16_group_mm_panel",
+         fits=lambda m: _native_int8_group(m) and native.panel_fits(*_shape(m)), dtypes=_BF16, eager=True,
+         layout=INT8_GROUP_SCALES),
     Impl("dequant + bf16 mm", _dequant_weight_mm),
 ))
 

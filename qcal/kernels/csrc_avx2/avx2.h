@@ -69,6 +69,20 @@ static inline void qcal_store8_bf16_tail(uint16_t *p, __m256 v, int64_t n) {
     memcpy(p, tmp, (size_t)(n < 8 ? (n > 0 ? n : 0) : 8) * 2);
 }
 
+/* 8 float8 e4m3fn codes (the low byte of each 32-bit lane; the rest zero or ignored above bit 7 -- pass bytes) as
+   their fp32 values, exact and normal: a normal code (exponent e >= 1) moves its exponent and mantissa bits into
+   place and rebiases (e + 120); a subnormal one (m 2^-9, m < 8) is m converted, times 2^-9. Codes 0x7F / 0xFF (NaN)
+   read as +-480: weights hold no NaN (quantization clamps them to +-448). */
+static inline __m256 qcal_e4m3_to_ps8(__m256i c) {
+    const __m256i em = _mm256_and_si256(c, _mm256_set1_epi32(0x7F));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
+    const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23));
+    const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(0x1p-9f));
+    const __m256 v = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub,
+                                      _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em)));
+    return _mm256_or_ps(v, _mm256_castsi256_ps(sign));
+}
+
 static inline float qcal_hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

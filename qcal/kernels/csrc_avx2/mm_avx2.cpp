@@ -91,26 +91,13 @@ AI void dp(__m256 acc[2], const cols32 &x, const cols32 &w) {
     acc[1] = _mm256_fmadd_ps(x.e1, w.e1, acc[1]);
 }
 
-/* 8 float8 e4m3fn codes (the low byte of each 32-bit lane) as their fp32 values, exact and normal (the AVX-512
-   kernel's e4m3_to_bf16x32 widened): a normal code (exponent e >= 1) moves its exponent and mantissa bits into
-   place and rebiases (e + 120); a subnormal one (m 2^-9, m < 8) is m converted, times 2^-9. Weights hold no NaN
-   (quantization clamps them to +-448). */
-AI __m256 e4m3_to_ps(__m256i c) {
-    const __m256i em = _mm256_and_si256(c, _mm256_set1_epi32(0x7F));
-    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
-    const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23));
-    const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(0x1p-9f));
-    const __m256 v = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub,
-                                      _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em)));
-    return _mm256_or_ps(v, _mm256_castsi256_ps(sign));
-}
-
+/* 32 float8 e4m3fn codes as the even / odd columns' exact fp32 values (the AVX-512 kernel's e4m3_to_bf16x32). */
 AI cols32 split_f8(const uint8_t *p) {
     const __m256i a = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
     const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
     const __m256i low = _mm256_set1_epi32(0xFF);
-    return {e4m3_to_ps(_mm256_and_si256(a, low)), e4m3_to_ps(_mm256_srli_epi32(a, 16)),
-            e4m3_to_ps(_mm256_and_si256(b, low)), e4m3_to_ps(_mm256_srli_epi32(b, 16))};
+    return {qcal_e4m3_to_ps8(_mm256_and_si256(a, low)), qcal_e4m3_to_ps8(_mm256_srli_epi32(a, 16)),
+            qcal_e4m3_to_ps8(_mm256_and_si256(b, low)), qcal_e4m3_to_ps8(_mm256_srli_epi32(b, 16))};
 }
 
 AI cols32 split_w(const uint16_t *p) { return split_bf16(p); }

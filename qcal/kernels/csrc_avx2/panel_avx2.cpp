@@ -1,6 +1,8 @@
 /* qcal: large-M (prefill) matmuls for AVX2/FMA CPUs: the AVX2 build of csrc/panel_mm.cpp's weight-only operators
-   (panel_fits, w8a16_mm_panel, w4a16_mm_panel: panel_api.h's schemas and checks, the same numbers) and
-   w16a16_mm_panel (a bf16 weight, the same product).
+   (panel_fits, w8a16_mm_panel, w4a16_mm_panel: panel_api.h's schemas and checks, the same numbers) and, in this
+   build only, w16a16_mm_panel (a bf16 weight, the same product), w8a16_group_mm_panel (int8 in groups: each weight
+   the dequantizer's fp32 value (q - z) s) and wf8a16_mm_panel (float8 e4m3fn: the codes' exact values, ws applied
+   to the sum as for int8).
 
    Without bf16 hardware PyTorch's bf16 GEMM is emulated, so these paths used to widen both operands to fp32 (an
    int4 / int8 weight dequantized to bf16 first) for MKL's fp32 GEMM: two or three passes over the weight per call,
@@ -58,10 +60,10 @@ AI void transpose8(__m256 r[8]) {
 typedef struct {
     const float *xf; /* the activations widened (denormals flushed), tiles of PANEL_MR rows k-major */
     const void *w;   /* bf16 (N, K), int8 (N, K) or int4 codes (N, K / 2) */
-    const float *s, *zp; /* int8: ws (N); int4: s, zp (N, K / gs), zp may be NULL */
+    const float *s, *zp; /* int8, fp8: ws (N); int4, grouped int8: s, zp (N, K / gs), zp may be NULL */
     uint16_t *y;
     int64_t M, N, K, gs, chunks, rows; /* units: block * chunks + chunk, `rows` input rows a chunk */
-    int kind;                          /* 0 bf16, 1 int8, 2 int4 */
+    int kind;                          /* 0 bf16, 1 int8, 2 int4, 3 grouped int8, 4 fp8 e4m3fn */
     uint64_t call;
     mutable std::atomic<int> failed;
 } panel_ctx;
@@ -103,11 +105,21 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                 load_rows8(r, w, K, k, n, 8);
                 store_lines(r, dst, k, 1, n, h);
             }
-        } else if (a->kind == 1) {
+        } else if (a->kind != 2) { /* int8 (1, 3: grouped) and fp8 (4) bytes, 8 columns at a time */
             const int8_t *w = (const int8_t *)a->w + (r0 + h) * K;
-            for (int64_t k = 0; k < K; k += 8) {
+            const int64_t G = a->kind == 3 ? K / a->gs : 0;
+            __m256 sv[8], zv[8]; /* grouped: row i's scale and zero-point in the current group */
+            for (int64_t k = 0, g = 0; k < K; k += 8) {
                 __m256 r[8];
                 const int n = K - k < 8 ? (int)(K - k) : 8;
+                if (a->kind == 3 && k == g * a->gs) {
+                    for (int i = 0; i < 8; i++) {
+                        const int64_t at = (r0 + h + i) * G + g;
+                        sv[i] = _mm256_set1_ps(a->s[at]);
+                        zv[i] = _mm256_set1_ps(a->zp ? a->zp[at] : 0.0f);
+                    }
+                    g++;
+                }
                 for (int i = 0; i < 8; i++) {
                     __m128i q;
                     if (n == 8) {
@@ -117,7 +129,13 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                         memcpy(&t, w + i * K + k, 4);
                         q = _mm_cvtsi32_si128(t);
                     }
-                    r[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                    if (a->kind == 4) {
+                        r[i] = qcal_e4m3_to_ps8(_mm256_cvtepu8_epi32(q));
+                    } else {
+                        r[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                        if (a->kind == 3) /* (q - z) s, the dequantizer's fp32 value */
+                            r[i] = _mm256_mul_ps(a->zp ? _mm256_sub_ps(r[i], zv[i]) : r[i], sv[i]);
+                    }
                 }
                 store_lines(r, dst, k, 1, n, h);
             }
@@ -219,7 +237,7 @@ static void panel_unit(const void *c, int64_t, int, int64_t p) {
     }
     const int64_t n0 = blk * 16, m0 = (p % a->chunks) * a->rows;
     const int64_t m1 = m0 + a->rows < a->M ? m0 + a->rows : a->M;
-    const float *ws = a->kind == 1 ? a->s + n0 : nullptr;
+    const float *ws = a->kind == 1 || a->kind == 4 ? a->s + n0 : nullptr;
     for (int64_t m = m0; m < m1; m += PANEL_MR) {
         const float *x = a->xf + m * K;
         uint16_t *y = a->y + m * N + n0;
@@ -268,7 +286,7 @@ static void widen_unit(const void *c, int64_t, int, int64_t p) {
 
 static int run_panel(int kind, const uint16_t *x, const void *w, const float *s, const float *zp, uint16_t *y,
                      int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
-    if (M < 0 || !panel_fits(N, K, gs) || (kind == 2) != (gs > 0)) return -1;
+    if (M < 0 || !panel_fits(N, K, gs) || (kind == 2 || kind == 3) != (gs > 0)) return -1;
     if (M == 0) return 0;
     const int64_t blocks = N / 16, T = nthreads < 1 ? 1 : nthreads, tiles = (M + PANEL_MR - 1) / PANEL_MR;
     float *xf = (float *)malloc(sizeof(float) * (size_t)(tiles * PANEL_MR) * (size_t)K);
@@ -307,6 +325,45 @@ static at::Tensor w16a16_mm_panel(const at::Tensor &x, const at::Tensor &w) {
     return y;
 }
 
-TORCH_LIBRARY_FRAGMENT(qcal, m) { m.def("w16a16_mm_panel(Tensor x, Tensor w) -> Tensor"); }
+/* ------------------------------------------------------------------ grouped int8 and fp8 weights (this build only) */
 
-TORCH_LIBRARY_IMPL(qcal, CPU, m) { m.impl("w16a16_mm_panel", &w16a16_mm_panel); }
+/* x (M, K) bf16; w (N, K) int8; sz (1 + has_zero, N, K / group_size) fp32: the scales, then the zero-points (the
+   grouped small-M kernel's arguments, csrc/int8_group.h). y = sum_k x[m, k] (w[n, k] - z[n, g]) s[n, g], each weight
+   the dequantizer's fp32 value before its rounding to bf16. */
+static at::Tensor w8a16_group_mm_panel(const at::Tensor &x, const at::Tensor &w, const at::Tensor &sz, bool has_zero,
+                                       int64_t group_size) {
+    const char *op = "qcal::w8a16_group_mm_panel";
+    TORCH_CHECK_VALUE(w.dim() == 2 && group_size > 0, op, ": w must be (N, K) and group_size > 0, got ", w.sizes(),
+                      ", ", group_size);
+    const int64_t N = w.size(0), K = w.size(1);
+    at::Tensor xc = panel_checked(op, x, w, at::kChar, K, group_size), y = qcal::matmul_out(xc, w);
+    qcal::check_tensor(op, "sz", sz, at::kFloat, {has_zero ? 2 : 1, N, K / group_size});
+    const float *s = qcal::in<float>(sz);
+    qcal::check_rc(op, run_panel(3, qcal::in<uint16_t>(xc), qcal::in<int8_t>(w), s,
+                                 has_zero ? s + N * (K / group_size) : nullptr, qcal::out<uint16_t>(y), xc.size(0), N,
+                                 K, group_size, qcal::threads()));
+    return y;
+}
+
+/* x (M, K) bf16; w (N, K) float8 e4m3fn; ws (N) fp32: y = ws[n] * sum_k x[m, k] v(w[n, k]). */
+static at::Tensor wf8a16_mm_panel(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws) {
+    const char *op = "qcal::wf8a16_mm_panel";
+    TORCH_CHECK_VALUE(w.dim() == 2, op, ": w must be (N, K), got ", w.sizes());
+    at::Tensor xc = panel_checked(op, x, w, at::kFloat8_e4m3fn, w.size(1), 0), y = qcal::matmul_out(xc, w);
+    qcal::check_tensor(op, "ws", ws, at::kFloat, {w.size(0)});
+    qcal::check_rc(op, run_panel(4, qcal::in<uint16_t>(xc), w.const_data_ptr(), qcal::in<float>(ws), nullptr,
+                                 qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1), 0, qcal::threads()));
+    return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("w16a16_mm_panel(Tensor x, Tensor w) -> Tensor");
+    m.def("w8a16_group_mm_panel(Tensor x, Tensor w, Tensor sz, bool has_zero, int group_size) -> Tensor");
+    m.def("wf8a16_mm_panel(Tensor x, Tensor w, Tensor ws) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) {
+    m.impl("w16a16_mm_panel", &w16a16_mm_panel);
+    m.impl("w8a16_group_mm_panel", &w8a16_group_mm_panel);
+    m.impl("wf8a16_mm_panel", &wf8a16_mm_panel);
+}
