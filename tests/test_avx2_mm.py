@@ -1,7 +1,7 @@
 """The small-M matmul operators (``w16a16_mm_small``, ``w8a16_mm_vnni``, ``w8a8_mm_small``, ``w8a16_mm_small``,
-``wf8a16_mm_small``) on
-whichever native library is loaded (AVX-512 or AVX2): numbers against float64 references, the documented
-arithmetic bit for bit, tails of M, N and K, outlier, zero and non-finite rows, and argument checks.
+``wf8a16_mm_small``, ``wf8a8_mm``) on whichever native library is loaded (AVX-512 or AVX2): numbers against float64
+references, the documented arithmetic bit for bit, tails of M, N and K, outlier, zero and non-finite rows, argument
+checks, and the fp8 layers that run them.
 
 bf16 products: fp32 lanes accumulate ``2 ceil(K / 32)`` products each (one rounding per FMA), 16 lanes are summed
 pairwise (4 more roundings) and the sum is rounded once to bf16, so with ``u = 2^-24``, ``n = 2 ceil(K / 32) + 4``
@@ -11,12 +11,16 @@ product.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from conftest import rel_err
+from torch import nn
 
 from qcal.kernels import native
+from qcal.schemes import apply_scheme
 
 pytestmark = pytest.mark.native_ops("w16a16_mm_small", "w8a16_mm_vnni")
 ops = torch.ops.qcal
@@ -282,6 +286,67 @@ def test_fp8_widened_within_the_fp32_bound_and_every_code_exact(m, n, k):
         assert _same(got, (_vdpbf16ps(x, wb) * ws).to(torch.bfloat16))
 
 
+# ---------------------------------------------------------------- fp8 weights (fp8wo, fp8dq) in the layers
+
+
+@pytest.mark.native_ops("wf8a16_mm_small")
+def test_fp8_widening_is_exact_for_every_code():
+    """One-hot activations read each float8 e4m3fn weight back: all 254 finite codes, subnormals and signs included."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    finite = codes[(codes & 0x7F) != 0x7F]  # 0x7F / 0xFF are NaN in e4m3fn
+    w = finite.view(torch.float8_e4m3fn).reshape(2, -1)  # (2, 127)
+    assert w.shape == (2, 127)
+    for start in range(0, w.shape[1], 4):
+        eye = torch.eye(w.shape[1], dtype=torch.bfloat16)[start:start + 4]
+        got = ops.wf8a16_mm_small(eye, w, torch.ones(2))
+        assert torch.equal(got, w.float()[:, start:start + 4].t().to(torch.bfloat16))
+
+
+@pytest.mark.native_ops("wf8a16_mm_small")
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("n,k", [(16, 32), (5, 70), (192, 576)])
+def test_fp8_weight_only_kernel_against_float(m, n, k):
+    g = torch.Generator().manual_seed(m + n)
+    x = torch.randint(-15, 16, (m, k), generator=g).to(torch.bfloat16)
+    w = torch.randint(-8, 9, (n, k), generator=g).float().to(torch.float8_e4m3fn)  # small integers: exact in fp8
+    exact = (x.float() @ w.float().t()).to(torch.bfloat16)
+    assert torch.equal(ops.wf8a16_mm_small(x, w, torch.ones(n)), exact)
+
+
+@pytest.mark.native_ops("wf8a16_mm_small", "wf8a8_mm")
+@pytest.mark.parametrize("scheme", ["fp8wo", "fp8dq", "fp8dq-pt"])
+def test_fp8_schemes_run_the_native_kernel_near_the_reference(scheme):
+    torch.manual_seed(0)
+    q = apply_scheme(nn.Sequential(nn.Linear(576, 192)), scheme, quantize_lm_head=True)[0]
+    assert q.kernel.name == f"cpu_{scheme.removesuffix('-pt')}_native" and q.qweight.dtype == torch.float8_e4m3fn
+    op = "wf8a16_mm_small" if scheme == "fp8wo" else "wf8a8_mm"
+    assert q.kernel.choose(torch.bfloat16, 1).direct[0] == op
+    for rows in (1, 3, 40):  # the native kernel to M=4; above: the AVX2 panel, or dequantize + GEMM
+        x = torch.randn(rows, 576, dtype=torch.bfloat16)
+        assert q(x).dtype == torch.bfloat16 and rel_err(q(x), q.frozen_forward_reference(x)) < 1e-2
+    with pytest.raises(TypeError, match="wf8a16_mm_small: w must be a Float8_e4m3fn"):
+        ops.wf8a16_mm_small(torch.randn(1, 576, dtype=torch.bfloat16), q.qweight.view(torch.uint8),
+                            torch.ones(192))
+
+
+@pytest.mark.native_ops("wf8a8_mm")
+def test_fp8_per_tensor_activations_use_one_scale_an_input():
+    """fp8dq-pt: one scale for the whole input (a large row coarsens every row), per-token fp8dq one a row."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(576, 192, bias=False))
+    pt = apply_scheme(copy.deepcopy(lin), "fp8dq-pt", quantize_lm_head=True)[0]
+    tok = apply_scheme(copy.deepcopy(lin), "fp8dq", quantize_lm_head=True)[0]
+    assert pt.act_spec.to_dict()["per_token"] is False and "per_token" not in tok.act_spec.to_dict()
+    x = torch.randn(3, 576, dtype=torch.bfloat16)
+    x[0] *= 1e6  # its scale swamps the small rows' values: below e4m3's smallest subnormal they flush to zero
+    ref = lin.bfloat16()(x)
+    for rows in ((0, 1, 2), (1,)):  # the kernel (M <= 4) and, for one row alone, the same as per token
+        xs = x[list(rows)]
+        assert rel_err(pt(xs), pt.frozen_forward_reference(xs)) < 1e-2
+    assert rel_err(tok(x)[1:], ref[1:]) < 0.05 and rel_err(pt(x)[1:], ref[1:]) > 0.5
+    assert rel_err(pt(x[1:]), ref[1:]) < 0.05
+
+
 # ---------------------------------------------------------------- dynamic A8W8
 
 
@@ -391,6 +456,56 @@ def test_int8_with_row_sums_refuses_bad_input(name):
     ]:
         with pytest.raises(exc, match=f"{op}: {match}"):
             fn(*args)
+
+
+def _fp8dq_reference(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """fp8dq's reference path (qcal.kernels.cpu._fp8_codes, the fp8 kernel on the codes with unit scales, then both
+    scales in fp32)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax().view(1, 1)
+    s = (amax / 448.0).clamp_min(FLT_MIN)
+    xq = (xf / s).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn).to(torch.bfloat16)
+    y = ops.wf8a16_mm_small(xq, w, torch.ones(w.shape[0]))
+    return (y.float() * ws * s).to(torch.bfloat16)
+
+
+@pytest.mark.native_ops("wf8a8_mm", "wf8a16_mm_small")
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("m,n,k", [(1, 5, 70), (3, 16, 32), (4, 7, 100), (64, 64, 64)])
+def test_fp8dq_fused_is_the_reference_quantization_and_kernel(m, n, k, per_token):
+    """wf8a8_mm (fp8dq's activations quantized, the fp8 kernel and the rescale in one call) against the reference
+    path bit for bit: activations over 30 binades (e4m3's subnormals and every rounding), a zero row; with an
+    identity weight each code is read back on its own."""
+    g = _gen(m, n, k, 3, per_token)
+    x = (torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-20, 10, (m, k), generator=g).float()))
+    x = x.to(torch.bfloat16)
+    x[0, :3] = torch.tensor([0.0, -0.0, 1e-30])
+    if m > 2:
+        x[1] = 0.0
+    codes = torch.randint(0, 256, (n, k), generator=g, dtype=torch.int16)
+    w = torch.where(codes & 0x7F == 0x7F, codes - 1, codes).to(torch.uint8).view(torch.float8_e4m3fn)
+    ws = torch.rand(n, generator=g) + 0.5
+    assert _same(ops.wf8a8_mm(x, w, ws, per_token), _fp8dq_reference(x, w, ws, per_token))
+    if n == k:
+        eye = torch.eye(k).to(torch.float8_e4m3fn)
+        assert _same(ops.wf8a8_mm(x, eye, ws, per_token), _fp8dq_reference(x, eye, ws, per_token))
+
+
+@pytest.mark.native_ops("wf8a8_mm")
+def test_fp8dq_fused_non_finite_rows():
+    """A row holding NaN or Inf: NaN outputs in it (per token) or everywhere (one scale for the tensor), as on the
+    reference path."""
+    g = _gen(7)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    x[1, 5], x[2, 9] = float("nan"), float("inf")
+    w = torch.randn(16, 64, generator=g).to(torch.float8_e4m3fn)
+    ws = torch.rand(16, generator=g)
+    tok = ops.wf8a8_mm(x, w, ws, True)
+    assert torch.isfinite(tok[0]).all() and torch.isnan(tok[1:]).all()
+    assert _same(tok[:1], ops.wf8a8_mm(x[:1], w, ws, False))
+    assert torch.isnan(ops.wf8a8_mm(x, w, ws, False)).all()
+    with pytest.raises(TypeError, match="qcal::wf8a8_mm: w must be a Float8_e4m3fn"):
+        ops.wf8a8_mm(x, w.view(torch.int8), ws, True)
 
 
 @pytest.mark.native_ops("wf8a16_mm_small")

@@ -7,7 +7,6 @@ exact fp32 integer, so its output must equal the exact integer matmul rounded on
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -297,60 +296,6 @@ def test_int8wo_kernel_refuses_bad_input():
     with pytest.raises(ValueError, match="contiguous"):
         ops.w8a16_mm_small(torch.randn(3, 576, dtype=torch.bfloat16), w.t().contiguous().t(), torch.ones(192))
 
-
-# ---------------------------------------------------------------- the fp8 weight-only kernel
-
-
-def test_fp8_widening_is_exact_for_every_code():
-    """One-hot activations read each float8 e4m3fn weight back: all 254 finite codes, subnormals and signs included."""
-    codes = torch.arange(256, dtype=torch.uint8)
-    finite = codes[(codes & 0x7F) != 0x7F]  # 0x7F / 0xFF are NaN in e4m3fn
-    w = finite.view(torch.float8_e4m3fn).reshape(2, -1)  # (2, 127)
-    assert w.shape == (2, 127)
-    for start in range(0, w.shape[1], 4):
-        eye = torch.eye(w.shape[1], dtype=torch.bfloat16)[start:start + 4]
-        got = ops.wf8a16_mm_small(eye, w, torch.ones(2))
-        assert torch.equal(got, w.float()[:, start:start + 4].t().to(torch.bfloat16))
-
-
-@pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("n,k", [(16, 32), (5, 70), (192, 576)])
-def test_fp8_weight_only_kernel_against_float(m, n, k):
-    g = torch.Generator().manual_seed(m + n)
-    x = torch.randint(-15, 16, (m, k), generator=g).to(torch.bfloat16)
-    w = torch.randint(-8, 9, (n, k), generator=g).float().to(torch.float8_e4m3fn)  # small integers: exact in fp8
-    exact = (x.float() @ w.float().t()).to(torch.bfloat16)
-    assert torch.equal(ops.wf8a16_mm_small(x, w, torch.ones(n)), exact)
-
-
-@pytest.mark.parametrize("scheme", ["fp8wo", "fp8dq", "fp8dq-pt"])
-def test_fp8_schemes_run_the_native_kernel_near_the_reference(scheme):
-    torch.manual_seed(0)
-    q = apply_scheme(nn.Sequential(nn.Linear(576, 192)), scheme, quantize_lm_head=True)[0]
-    assert q.kernel.name == f"cpu_{scheme.removesuffix('-pt')}_native" and q.qweight.dtype == torch.float8_e4m3fn
-    for rows in (1, 3, 40):  # the native kernel to M=4, dequantize + GEMM above
-        x = torch.randn(rows, 576, dtype=torch.bfloat16)
-        assert q(x).dtype == torch.bfloat16 and rel_err(q(x), q.frozen_forward_reference(x)) < 1e-2
-    with pytest.raises(TypeError, match="wf8a16_mm_small: w must be a Float8_e4m3fn"):
-        ops.wf8a16_mm_small(torch.randn(1, 576, dtype=torch.bfloat16), q.qweight.view(torch.uint8),
-                            torch.ones(192))
-
-
-def test_fp8_per_tensor_activations_use_one_scale_an_input():
-    """fp8dq-pt: one scale for the whole input (a large row coarsens every row), per-token fp8dq one a row."""
-    torch.manual_seed(0)
-    lin = nn.Sequential(nn.Linear(576, 192, bias=False))
-    pt = apply_scheme(copy.deepcopy(lin), "fp8dq-pt", quantize_lm_head=True)[0]
-    tok = apply_scheme(copy.deepcopy(lin), "fp8dq", quantize_lm_head=True)[0]
-    assert pt.act_spec.to_dict()["per_token"] is False and "per_token" not in tok.act_spec.to_dict()
-    x = torch.randn(3, 576, dtype=torch.bfloat16)
-    x[0] *= 1e6  # its scale swamps the small rows' values: below e4m3's smallest subnormal they flush to zero
-    ref = lin.bfloat16()(x)
-    for rows in ((0, 1, 2), (1,)):  # the kernel (M <= 4) and, for one row alone, the same as per token
-        xs = x[list(rows)]
-        assert rel_err(pt(xs), pt.frozen_forward_reference(xs)) < 1e-2
-    assert rel_err(tok(x)[1:], ref[1:]) < 0.05 and rel_err(pt(x)[1:], ref[1:]) > 0.5
-    assert rel_err(pt(x[1:]), ref[1:]) < 0.05
 
 # ---------------------------------------------------------------- the large-M panel kernels
 

@@ -2,10 +2,11 @@
 
 On AVX512-BF16/VNNI CPUs qcal's native operators (:mod:`qcal.kernels.native`) come first: small-``M`` (decode)
 kernels reading the weight as it streams, and for large ``M`` (prefill) panel kernels that re-lay a few rows of the
-canonical weight at a time. On AVX2/FMA CPUs without them, the AVX2 library's small-``M`` kernels (int8 / int4
-weight-only) and its 8da4w kernel (every ``M``), with the same layouts and results. Elsewhere PyTorch's ops: tinygemm
-int4 and ``_weight_int8pack_mm`` in bf16 for small ``M`` (10-100x slower with fp32 inputs), dequantize + GEMM above,
-``torch._int_mm`` for dynamic int8 activations. The ``max_m`` crossovers were measured with
+canonical weight at a time. On AVX2/FMA CPUs without them, the AVX2 library's small-``M`` kernels (int8 / int4 / fp8 /
+fp6-fp4 weight-only, A8W8), its 8da4w kernel (every ``M``) and its panels (bf16, int8, int4, grouped int8, fp8), with
+the same layouts and results. int8 weights in groups run qcal's grouped kernel from either library. Elsewhere
+PyTorch's ops: tinygemm int4 and ``_weight_int8pack_mm`` in bf16 for small ``M`` (10-100x slower with fp32 inputs),
+dequantize + GEMM above, ``torch._int_mm`` for dynamic int8 activations. The ``max_m`` crossovers were measured with
 ``benchmarks/bench_kernels.py --crossover`` on 2 AVX512 cores.
 """
 
@@ -204,11 +205,10 @@ def _fp8_codes(m, x2):
 
 
 # fp8dq: the code product rounded to bf16 once, then both scales in fp32, rounded once more -- the same numbers
-# from the native kernel (unit scales) and from a bf16 GEMM on the codes, so every M computes alike.
-def _fp8dq_native(m, x2):
-    xq, s = _fp8_codes(m, x2)
-    y = torch.ops.qcal.wf8a16_mm_small(xq, m.qweight, m._buffers["_k_ones"])
-    return (y.float() * m._buffers["_k_i8ws"] * s).to(x2.dtype)
+# from the native operator (the quantization above, the fp8 kernel on the codes with unit scales and the rescale in
+# one call) and from a bf16 GEMM on the codes, so every M computes alike.
+def _wf8a8_args(m) -> tuple:
+    return m.qweight, m._buffers["_k_i8ws"], bool(m.act_spec.per_token)
 
 
 def _fp8dq_panel(m, x2):
@@ -297,8 +297,10 @@ _W8A16 = ("w8a16_mm_vnni", _int8_sums_args)
 _WF8A16 = ("wf8a16_mm_small", _wf8a16_args)
 _WFX = ("wfx_mm_small", _wfx_args)
 _W8G = ("w8a16_group_mm", _w8g_args)
+_WF8A8 = ("wf8a8_mm", _wf8a8_args)
 _w4a16_small, _w4a8, _w8a8_small = _op_run(_W4A16), _op_run(_W4A8), _op_run(_W8A8)
 _w8a16_vnni, _wf8a16_small, _wfx_small, _w8g = _op_run(_W8A16), _op_run(_WF8A16), _op_run(_WFX), _op_run(_W8G)
+_wf8a8 = _op_run(_WF8A8)
 
 # Rows in order of preference. ``native=True`` rows need qcal's AVX-512 library, ``native="<operator>"`` rows the
 # AVX2 library with that operator; a layer no row fits keeps the reference
@@ -380,11 +382,11 @@ FP8WO = LinearTable("fp8wo", "cpu", lambda m: weight_only(m) and per_channel_fp8
 ), compute_dtype=torch.bfloat16)
 
 FP8DQ = LinearTable("fp8dq", "cpu", lambda m: dynamic_fp8(m) and per_channel_fp8(m), (
-    Impl("per-row/tensor fp8 quant + qcal fp8 mm (codes widened in registers)", _fp8dq_native, native=True,
-         fits=_native_int8, dtypes=_BF16, max_m=4, layout=FP8DQ_SCALES),
-    Impl("per-row/tensor fp8 quant + qcal avx2 fp8 mm (codes widened in registers)", _fp8dq_native,
-         native="wf8a16_mm_small", fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=4,
-         layout=FP8DQ_SCALES),
+    Impl("qcal fp8 x fp8 mm, per-row/tensor fp8 quant fused (codes widened in registers)", _wf8a8, native=True,
+         fits=_native_int8, dtypes=_BF16, max_m=4, layout=INT8_SCALES, direct=_WF8A8),
+    Impl("qcal avx2 fp8 x fp8 mm, per-row/tensor fp8 quant fused (codes widened in registers)", _wf8a8,
+         native="wf8a8_mm", fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, max_m=4, layout=INT8_SCALES,
+         direct=_WF8A8),
     Impl("per-row/tensor fp8 quant + qcal panel avx2 fp8 mm", _fp8dq_panel, native="wf8a16_mm_panel",
          fits=lambda m: m.qweight.is_contiguous() and _panel(m), dtypes=_BF16, eager=True, layout=FP8DQ_SCALES),
     Impl("per-row/tensor fp8 quant + dequant + bf16 mm", _fp8dq_dequant),
@@ -401,9 +403,9 @@ FPXWO = LinearTable("fpxwo", "cpu", lambda m: weight_only(m) and subbyte_float(m
 
 # int8 weights the int8wo table does not take (groups: gguf-q8_0, gptq-int8-<g>; zero-points). Small M: qcal's grouped
 # kernel (the codes read in place, each dequantized in registers to the fp32 value (q - z) s, before the reference's
-# bf16 rounding; one source in both libraries). Otherwise the dequantized weight into qcal's GEMM (the panel on a CPU
-# that emulates bf16 GEMM), not the reference kernel's float op (PyTorch's emulated bf16 GEMM there: prefill of
-# gguf-q8_0 68 -> 419 tok/s on Zen 3)
+# bf16 rounding; one source in both libraries; decode of gguf-q8_0 on Zen 3: 4.6 -> ~89 tok/s). Larger M: the AVX2
+# library's grouped panel (the same weights), else the dequantized weight into qcal's GEMM, not the reference kernel's
+# float op (PyTorch's emulated bf16 GEMM on an AVX2 CPU: prefill of gguf-q8_0 68 -> 419 -> ~460 tok/s with the panel)
 INT8WO_DEQUANT = LinearTable("int8wo-dequant", "cpu", lambda m: weight_only(m) and m.weight_spec.qtype == qint8
                              and not per_channel_int8(m), (
     Impl("qcal grouped int8 mm (codes read in place, dequantized in registers)", _w8g, native=True,

@@ -3,19 +3,19 @@
    (decode). One source compiled into both libraries (csrc/int8_group_mm.cpp, csrc_avx2/int8_group_avx2.cpp) with
    AVX2/FMA instructions only, so both give the same numbers.
 
-   y[m, n] = bf16( sum_j acc_j ),  acc_j = sum_g s[n, g] (T_gj - z[n, g] X_gj)
-   with, for each lane j (0..7) of the columns k = g gs + 8 c + j of group g (c = 0 .. gs / 8 - 1):
-     T_gj = sum_c x[m, k] w[n, k]   (fp32, one fused multiply-add a step, c ascending; each product exact)
-     X_gj = sum_c x[m, k]           (fp32, c ascending; only with zero-points)
-   acc_j = fma(s, fnmadd(z, X_gj, T_gj), acc_j) (symmetric: fma(s, T_gj, acc_j)), groups in order, then the lanes
-   summed as (j, j + 4), then (j, j + 2), then (0, 1), and rounded once to bf16 (nearest even; NaN stays NaN). The
-   scale multiplies each group's exact-product sum, as llama.cpp's Q8_0 dot products and GPTQ kernels do: no
-   weight is rounded to bf16 first (the dequantized reference rounds (q - z) s to bf16, so the two agree to about
-   that rounding, 2^-9 relative a weight).
+   Each weight is the dequantizer's fp32 value w = (q - z) s before its rounding to bf16 (computed as
+   (2^24 q - 2^24 z) (2^-24 s): the power-of-two scalings are exact, so are the codes' conversions, and the product
+   rounds as (q - z) s does -- for scales above 2^-102, far below any real one). Per 32 columns k .. k + 31 and
+   lane i (0..7), one fp32 chain takes columns 4 i then 4 i + 1, another 4 i + 2 then 4 i + 3, one fused
+   multiply-add of x[m, k] w[n, k] a step (one rounding), the blocks of 32 in order; then the two chains are
+   added, the 8 lanes summed as (i, i + 4), (i, i + 2), (0, 1), and the sum rounded once to bf16 (nearest even; NaN
+   stays NaN). The reference (the dequantized weight rounded to bf16, then the GEMM) agrees to about that weight
+   rounding, 2^-9 relative a weight; these numbers are closer to the exact product.
 
-   The weight is read in place, its canonical (N, K) int8 layout; threads share units of 4 weight rows, each unit
-   serving every input row (tiles of 4 weight rows x 1 input row, 2 x 2, or 1 x 3-4), so the weight streams from
-   memory once per call. Needs K % group_size == 0 and group_size % 8 == 0. */
+   The weight is read in place, its canonical (N, K) int8 layout: 32 codes a load, each byte shifted to the top of
+   its 32-bit lane and converted (no sign extension); threads share units of 4 weight rows, each unit serving every
+   input row (tiles of 4 weight rows x 1 input row, 2 x 2, or 1 x 3-4) with the weight prefetched ahead, so it
+   streams from memory once per call. Needs group_size % 32 == 0 and K % group_size == 0. */
 #ifndef QCAL_INT8_GROUP_H
 #define QCAL_INT8_GROUP_H
 
