@@ -11,6 +11,7 @@ from conftest import rel_err
 from torch import nn
 
 import qcal
+from qcal.kernels import native
 from qcal.primitives import float_grid, pack
 from qcal.schemes import apply_scheme
 
@@ -65,6 +66,30 @@ def test_is_the_documented_arithmetic_bit_for_bit(scheme, qt, m, n, k, groups, t
     assert rel_err(got, exact) < 4e-3
 
 
+@pytest.mark.native_ops("wfx_mm_panel")
+@pytest.mark.parametrize("table", ["format", "any"])
+@pytest.mark.parametrize("scheme,qt", FORMATS)
+@pytest.mark.parametrize("m,n,k,groups", [(7, 32, 64, 1), (20, 48, 128, 2), (5, 16, 96, 3)])
+def test_avx2_panel_is_its_definition_bit_for_bit(scheme, qt, m, n, k, groups, table):
+    """The AVX2 panel (prefill): each weight its value times its group's scale in fp32, one fp32 chain per output in
+    the pair order (odd column first), each step a fused multiply-add, one rounding to bf16."""
+    qtype = getattr(qcal, qt)
+    g = torch.Generator().manual_seed(m + n + k)
+    codes = torch.randint(0, 1 << qtype.bits, (n, k), generator=g, dtype=torch.uint8)
+    ws = torch.rand(n, groups, generator=g) + 0.25
+    x = torch.randn(m, k, generator=g).bfloat16()
+    lut = float_grid(qtype).bfloat16() if table == "format" else torch.randn(1 << qtype.bits, generator=g).bfloat16()
+    got = ops.wfx_mm_panel(x, pack(codes, qtype), ws, lut, qtype.bits)
+    w = (lut.float()[codes.long()] * ws.repeat_interleave(k // groups, 1)).double()
+    acc = torch.zeros(m, n)
+    for c in range(0, k, 2):
+        for col in (c + 1, c):
+            acc = (x[:, col, None].double() * w[None, :, col] + acc.double()).float()
+    assert torch.equal(got, acc.bfloat16())
+    with pytest.raises(ValueError, match="wfx_mm_panel: unsupported shape"):
+        ops.wfx_mm_panel(x, pack(codes, qtype)[:5], ws[:5], lut, qtype.bits)
+
+
 @pytest.mark.parametrize("scheme,qt", FORMATS)
 def test_subbyte_float_kernel_reads_every_weight_back_exactly(scheme, qt):
     """One-hot activations and power-of-two scales: each output is one weight's value times its scale, exact."""
@@ -90,6 +115,8 @@ def test_subbyte_float_schemes_run_the_native_kernel_near_the_reference(scheme):
     bits = {"fp6wo": 6, "fp5wo": 5, "fp4wo-32": 4}[scheme]
     assert q.kernel.name == "cpu_fpxwo_native" and q.qweight.shape == (192, 576 * bits // 8)
     assert q.kernel.choose(torch.bfloat16, 1).run is q.kernel.choose(torch.bfloat16, 4).run
+    if native.has("wfx_mm_panel"):  # AVX2: the panel above M = 4
+        assert q.kernel.choose(torch.bfloat16, 40).name.startswith("qcal panel avx2 fp6/fp5/fp4")
     for rows in (1, 3, 40):
         x = torch.randn(rows, 576, dtype=torch.bfloat16)
         assert q(x).dtype == torch.bfloat16 and rel_err(q(x), q.frozen_forward_reference(x)) < 1e-2

@@ -247,6 +247,10 @@ def _wfx_args(m) -> tuple:
     return m.qweight, b["_k_fxws"], b["_k_fxlut"], m.weight_spec.qtype.bits
 
 
+def _wfx_panel(m, x2):
+    return torch.ops.qcal.wfx_mm_panel(x2, *_wfx_args(m))
+
+
 def _int8pack_mm(m, x2):
     s = m.weight_scale.view(-1)
     return torch.ops.aten._weight_int8pack_mm(x2, m.qweight, s if s.dtype == x2.dtype else s.to(x2.dtype))
@@ -398,6 +402,8 @@ FPXWO = LinearTable("fpxwo", "cpu", lambda m: weight_only(m) and subbyte_float(m
          direct=_WFX),
     Impl("qcal avx2 fp6/fp5/fp4 mm (bit planes read in place, values looked up in registers)", _wfx_small,
          native="wfx_mm_small", fits=_fpx_fits, dtypes=_BF16, max_m=4, layout=FPX_TABLES, direct=_WFX),
+    Impl("qcal panel avx2 fp6/fp5/fp4 mm", _wfx_panel, native="wfx_mm_panel",
+         fits=lambda m: _fpx_fits(m) and native.panel_fits(*_shape(m)), dtypes=_BF16, eager=True, layout=FPX_TABLES),
     Impl("dequant + bf16 mm", _dequant_weight_mm),
 ), compute_dtype=torch.bfloat16)
 

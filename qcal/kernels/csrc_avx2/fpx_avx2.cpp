@@ -20,55 +20,12 @@
 #include <string.h>
 
 #include "avx2.h"
+#include "fpx_avx2.h"
 #include "ops.h"
 #include "parallel.h"
 
 #define AI static inline __attribute__((always_inline))
 #define FPX_MXCSR 0x9FC0u /* vdpbf16ps's environment: nearest even, FTZ, DAZ, exceptions masked */
-
-/* Codes of the even and odd columns k + 16 h + 2 i, k + 16 h + 2 i + 1 (i = 0..7: lanes) of a row, k a multiple of
-   32: lo the row's nibble plane, hi its plane of high bits. */
-template <int BITS> AI void fpx_codes16(const uint8_t *lo, const uint8_t *hi, int64_t c0, __m256i *even, __m256i *odd) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(lo + c0 / 2)));
-    __m256i e = _mm256_and_si256(b, _mm256_set1_epi32(15)), o = _mm256_srli_epi32(b, 4);
-    if (BITS == 6) { /* column c: byte c / 4, bits 2 (c % 4); 16 columns in 4 bytes */
-        uint32_t raw;
-        memcpy(&raw, hi + c0 / 4, 4);
-        const __m256i v = _mm256_set1_epi32((int)raw), sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        const __m256i three = _mm256_set1_epi32(3);
-        e = _mm256_or_si256(e, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(v, sh), three), 4));
-        o = _mm256_or_si256(o, _mm256_slli_epi32(
-                                   _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_add_epi32(sh, _mm256_set1_epi32(2))),
-                                                    three), 4));
-    } else if (BITS == 5) { /* column c: byte c / 8, bit c % 8; 16 columns in 2 bytes */
-        uint16_t raw;
-        memcpy(&raw, hi + c0 / 8, 2);
-        const __m256i v = _mm256_set1_epi32((int)raw), sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-        const __m256i one = _mm256_set1_epi32(1);
-        e = _mm256_or_si256(e, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(v, sh), one), 4));
-        o = _mm256_or_si256(o, _mm256_slli_epi32(
-                                   _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_add_epi32(sh, one)), one), 4));
-    }
-    *even = e;
-    *odd = o;
-}
-
-/* t[i] for i = bit 3 of c: the entries of codes with that bit (vpermps reads c's low 3 bits). */
-AI __m256 fpx_pick(__m256 a, __m256 b, __m256i c, int bit) {
-    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(c, 31 - bit)));
-}
-
-/* The values of codes c from the fp32 table t (2^BITS entries). SYM: the table's upper half is its lower half
-   negated (a sign bit on top: these formats), so the lower half is looked up and the sign bit moved into place. */
-template <int BITS, bool SYM> AI __m256 fpx_lookup(const float *t, __m256i c) {
-    constexpr int LB = SYM ? BITS - 1 : BITS; /* the bits looked up */
-    __m256 v[8];
-    for (int j = 0; j < (1 << (LB - 3)); j++) v[j] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8 * j), c);
-    for (int bit = 3, n = 1 << (LB - 3); n > 1; bit++, n /= 2)
-        for (int j = 0; j < n / 2; j++) v[j] = fpx_pick(v[2 * j], v[2 * j + 1], c, bit);
-    if (!SYM) return v[0];
-    return _mm256_xor_ps(v[0], _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(c, BITS - 1), 31)));
-}
 
 typedef struct {
     const uint16_t *x;
@@ -149,9 +106,7 @@ static void fpx_run(const uint16_t *x, const uint8_t *w, const float *ws, const 
                     int64_t M, int64_t N, int64_t K, int64_t G, int64_t row_bytes, int bits, int nthreads) {
     float lut[64];
     for (int i = 0; i < 64; i++) lut[i] = qcal_bf16_to_float(lut_pad[i]);
-    const int half = 1 << (bits - 1);
-    bool sym = true; /* the values' bits: v(code + half) == -v(code) exactly */
-    for (int i = 0; i < half; i++) sym = sym && lut_pad[i + half] == (lut_pad[i] ^ 0x8000);
+    const bool sym = fpx_symmetric(lut_pad, bits);
     const fpx_ctx ctx = {x, w, ws, lut, y, N, K, G, row_bytes};
     const qcal_unit_fn fn = bits == 6 ? (sym ? fpx_unit<6, true> : fpx_unit<6, false>)
                             : bits == 5 ? (sym ? fpx_unit<5, true> : fpx_unit<5, false>)

@@ -2,7 +2,8 @@
    (panel_fits, w8a16_mm_panel, w4a16_mm_panel: panel_api.h's schemas and checks, the same numbers) and, in this
    build only, w16a16_mm_panel (a bf16 weight, the same product), w8a16_group_mm_panel (int8 in groups: each weight
    the dequantizer's fp32 value (q - z) s) and wf8a16_mm_panel (float8 e4m3fn: the codes' exact values, ws applied
-   to the sum as for int8).
+   to the sum as for int8) and wfx_mm_panel (fp6 / fp5 / fp4 bit planes: each weight its value times its group's
+   scale in fp32, looked up as in fpx_avx2.cpp).
 
    Without bf16 hardware PyTorch's bf16 GEMM is emulated, so these paths used to widen both operands to fp32 (an
    int4 / int8 weight dequantized to bf16 first) for MKL's fp32 GEMM: two or three passes over the weight per call,
@@ -28,6 +29,7 @@
 #include <atomic>
 
 #include "avx2.h"
+#include "fpx_avx2.h"
 #include "ops.h"
 #include "panel_api.h"
 #include "parallel.h"
@@ -59,11 +61,13 @@ AI void transpose8(__m256 r[8]) {
 
 typedef struct {
     const float *xf; /* the activations widened (denormals flushed), tiles of PANEL_MR rows k-major */
-    const void *w;   /* bf16 (N, K), int8 (N, K) or int4 codes (N, K / 2) */
-    const float *s, *zp; /* int8, fp8: ws (N); int4, grouped int8: s, zp (N, K / gs), zp may be NULL */
+    const void *w;   /* bf16 (N, K), int8 / fp8 (N, K), int4 codes (N, K / 2) or bit planes (N, K bits / 8) */
+    const float *s, *zp; /* int8, fp8: ws (N); int4, grouped int8, fp6-fp4: s, zp (N, K / gs), zp may be NULL */
     uint16_t *y;
     int64_t M, N, K, gs, chunks, rows; /* units: block * chunks + chunk, `rows` input rows a chunk */
-    int kind;                          /* 0 bf16, 1 int8, 2 int4, 3 grouped int8, 4 fp8 e4m3fn */
+    int kind;                          /* 0 bf16, 1 int8, 2 int4, 3 grouped int8, 4 fp8 e4m3fn, 5 fp6/fp5/fp4 */
+    const float *lut;                  /* fp6/fp5/fp4: the format's values (64 fp32) */
+    int bits, sym;                     /* fp6/fp5/fp4: bits a code, the table sign-symmetric */
     uint64_t call;
     mutable std::atomic<int> failed;
 } panel_ctx;
@@ -94,6 +98,36 @@ AI void load_rows8(__m256 r[8], const uint16_t *x, int64_t K, int64_t k, int n, 
                          : qcal_daz8(n == 8 ? qcal_load8_bf16(x + i * K + k) : qcal_load8_bf16_tail(x + i * K + k, n));
 }
 
+/* Rows r .. r + 7 of sub-byte float codes (kind 5) -> the panel's lanes h .. h + 7: each weight its group's scale
+   times the code's value in fp32 (the dequantizer's value before its rounding to bf16), 16 columns at a time. */
+template <int BITS, bool SYM> static void pack_fpx_rows(const panel_ctx *a, int64_t r, float *dst, int h) {
+    const int64_t K = a->K, G = K / a->gs, row_bytes = K * BITS / 8;
+    for (int64_t k = 0; k < K; k += 16) {
+        __m256 lo[8], hi[8]; /* row i's even / odd columns k, k + 2, ... */
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *row = (const uint8_t *)a->w + (r + i) * row_bytes;
+            __m256i ce, co;
+            fpx_codes16<BITS>(row, row + K / 2, k, &ce, &co);
+            const __m256 sv = _mm256_set1_ps(a->s[(r + i) * G + k / a->gs]);
+            lo[i] = _mm256_mul_ps(fpx_lookup<BITS, SYM>(a->lut, ce), sv);
+            hi[i] = _mm256_mul_ps(fpx_lookup<BITS, SYM>(a->lut, co), sv);
+        }
+        store_lines(lo, dst, k, 2, 8, h);
+        store_lines(hi, dst, k + 1, 2, 8, h);
+    }
+}
+
+static void pack_fpx(const panel_ctx *a, int64_t r, float *dst, int h) {
+    switch (a->bits * 2 + a->sym) {
+    case 12: pack_fpx_rows<6, false>(a, r, dst, h); break;
+    case 13: pack_fpx_rows<6, true>(a, r, dst, h); break;
+    case 10: pack_fpx_rows<5, false>(a, r, dst, h); break;
+    case 11: pack_fpx_rows<5, true>(a, r, dst, h); break;
+    case 8: pack_fpx_rows<4, false>(a, r, dst, h); break;
+    default: pack_fpx_rows<4, true>(a, r, dst, h); break;
+    }
+}
+
 static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
     const int64_t K = a->K, r0 = blk * 16;
     for (int h = 0; h < 16; h += 8) {
@@ -105,6 +139,8 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                 load_rows8(r, w, K, k, n, 8);
                 store_lines(r, dst, k, 1, n, h);
             }
+        } else if (a->kind == 5) { /* fp6/fp5/fp4 bit planes: 16 columns at a time, each value v(code) s, as int4 */
+            pack_fpx(a, r0 + h, dst, h);
         } else if (a->kind != 2) { /* int8 (1, 3: grouped) and fp8 (4) bytes, 8 columns at a time */
             const int8_t *w = (const int8_t *)a->w + (r0 + h) * K;
             const int64_t G = a->kind == 3 ? K / a->gs : 0;
@@ -285,8 +321,10 @@ static void widen_unit(const void *c, int64_t, int, int64_t p) {
 }
 
 static int run_panel(int kind, const uint16_t *x, const void *w, const float *s, const float *zp, uint16_t *y,
-                     int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
-    if (M < 0 || !panel_fits(N, K, gs) || (kind == 2 || kind == 3) != (gs > 0)) return -1;
+                     int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads, const float *lut = nullptr,
+                     int bits = 0, int sym = 0) {
+    if (M < 0 || !panel_fits(N, K, gs) || (kind == 2 || kind == 3 || kind == 5) != (gs > 0)) return -1;
+    if (kind == 5 && (K % 32 || gs % 32 || !lut || bits < 4 || bits > 6)) return -1;
     if (M == 0) return 0;
     const int64_t blocks = N / 16, T = nthreads < 1 ? 1 : nthreads, tiles = (M + PANEL_MR - 1) / PANEL_MR;
     float *xf = (float *)malloc(sizeof(float) * (size_t)(tiles * PANEL_MR) * (size_t)K);
@@ -297,7 +335,7 @@ static int run_panel(int kind, const uint16_t *x, const void *w, const float *s,
     int64_t chunks = (8 * T + blocks - 1) / blocks;
     if (chunks > tiles) chunks = tiles;
     const int64_t rows = (tiles + chunks - 1) / chunks * PANEL_MR;
-    const panel_ctx ctx{xf, w, s, zp, y, M, N, K, gs, (M + rows - 1) / rows, rows, kind,
+    const panel_ctx ctx{xf, w, s, zp, y, M, N, K, gs, (M + rows - 1) / rows, rows, kind, lut, bits, sym,
                         panel_calls.fetch_add(1, std::memory_order_relaxed) + 1, {0}};
     qcal_run_units(1, blocks * ctx.chunks, nthreads, &ctx, panel_unit);
     free(xf);
@@ -356,7 +394,35 @@ static at::Tensor wf8a16_mm_panel(const at::Tensor &x, const at::Tensor &w, cons
     return y;
 }
 
+/* x (M, K) bf16; w (N, K * bits / 8) uint8 bit planes; ws (N, G) fp32; lut (2^bits) bf16 (wfx_mm_small's
+   arguments): y = sum_k x[m, k] v(code[n, k]) ws[n, g], each weight its fp32 value before the bf16 rounding. */
+static at::Tensor wfx_mm_panel(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws, const at::Tensor &lut,
+                               int64_t bits) {
+    const char *op = "qcal::wfx_mm_panel";
+    TORCH_CHECK_VALUE(bits == 4 || bits == 5 || bits == 6, op, ": bits must be 4, 5 or 6, got ", bits);
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) > 0 && (w.size(1) * 8) % bits == 0, op,
+                      ": w must be (N, K * bits / 8), got ", w.sizes());
+    const int64_t N = w.size(0), K = w.size(1) * 8 / bits;
+    TORCH_CHECK_VALUE(ws.dim() == 2 && ws.size(0) == N && ws.size(1) > 0 && K % ws.size(1) == 0, op,
+                      ": ws must be (N, groups) with groups dividing K, got ", ws.sizes());
+    const int64_t gs = K / ws.size(1);
+    TORCH_CHECK_VALUE(K % 32 == 0 && gs % 32 == 0, op, ": K = ", K, " in groups of ", gs,
+                      ": K and the group size must be multiples of 32");
+    at::Tensor xc = panel_checked(op, x, w, at::kByte, K, gs), y = qcal::matmul_out(xc, w);
+    qcal::check_tensor(op, "ws", ws, at::kFloat, ws.sizes());
+    qcal::check_tensor(op, "lut", lut, at::kBFloat16, {int64_t(1) << bits});
+    uint16_t lut16[64] = {0};
+    memcpy(lut16, lut.const_data_ptr(), sizeof(uint16_t) << bits);
+    float lutf[64];
+    for (int i = 0; i < 64; i++) lutf[i] = qcal_bf16_to_float(lut16[i]);
+    qcal::check_rc(op, run_panel(5, qcal::in<uint16_t>(xc), qcal::in<uint8_t>(w), qcal::in<float>(ws), nullptr,
+                                 qcal::out<uint16_t>(y), xc.size(0), N, K, gs, qcal::threads(), lutf, (int)bits,
+                                 fpx_symmetric(lut16, (int)bits) ? 1 : 0));
+    return y;
+}
+
 TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("wfx_mm_panel(Tensor x, Tensor w, Tensor ws, Tensor lut, int bits) -> Tensor");
     m.def("w16a16_mm_panel(Tensor x, Tensor w) -> Tensor");
     m.def("w8a16_group_mm_panel(Tensor x, Tensor w, Tensor sz, bool has_zero, int group_size) -> Tensor");
     m.def("wf8a16_mm_panel(Tensor x, Tensor w, Tensor ws) -> Tensor");
@@ -366,4 +432,5 @@ TORCH_LIBRARY_IMPL(qcal, CPU, m) {
     m.impl("w16a16_mm_panel", &w16a16_mm_panel);
     m.impl("w8a16_group_mm_panel", &w8a16_group_mm_panel);
     m.impl("wf8a16_mm_panel", &wf8a16_mm_panel);
+    m.impl("wfx_mm_panel", &wfx_mm_panel);
 }
