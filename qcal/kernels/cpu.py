@@ -3,11 +3,11 @@
 On AVX512-BF16/VNNI CPUs qcal's native operators (:mod:`qcal.kernels.native`) come first: small-``M`` (decode)
 kernels reading the weight as it streams, and for large ``M`` (prefill) panel kernels that re-lay a few rows of the
 canonical weight at a time. On AVX2/FMA CPUs without them, the AVX2 library's small-``M`` kernels (int8 / int4 / fp8 /
-fp6-fp4 weight-only, A8W8), its 8da4w kernel (every ``M``) and its panels (bf16, int8, int4, grouped int8, fp8), with
-the same layouts and results. int8 weights in groups run qcal's grouped kernel from either library. Elsewhere
-PyTorch's ops: tinygemm int4 and ``_weight_int8pack_mm`` in bf16 for small ``M`` (10-100x slower with fp32 inputs),
-dequantize + GEMM above, ``torch._int_mm`` for dynamic int8 activations. The ``max_m`` crossovers were measured with
-``benchmarks/bench_kernels.py --crossover`` on 2 AVX512 cores.
+fp6-fp4 weight-only, A8W8), its 8da4w kernel (every ``M``) and its panels (bf16, int8, int4, grouped int8, fp8,
+fp6-fp4), with the same layouts and results. int8 weights in groups run qcal's grouped kernel from either library.
+Elsewhere PyTorch's ops: tinygemm int4 and ``_weight_int8pack_mm`` in bf16 for small ``M`` (10-100x slower with fp32
+inputs), dequantize + GEMM above, ``torch._int_mm`` for dynamic int8 activations. The ``max_m`` crossovers were
+measured with ``benchmarks/bench_kernels.py --crossover`` on 2 AVX512 cores.
 """
 
 from __future__ import annotations
