@@ -30,6 +30,7 @@
 
 #include "avx2.h"
 #include "fpx_avx2.h"
+#include "fpx_checks.h"
 #include "ops.h"
 #include "panel_api.h"
 #include "parallel.h"
@@ -399,20 +400,11 @@ static at::Tensor wf8a16_mm_panel(const at::Tensor &x, const at::Tensor &w, cons
 static at::Tensor wfx_mm_panel(const at::Tensor &x, const at::Tensor &w, const at::Tensor &ws, const at::Tensor &lut,
                                int64_t bits) {
     const char *op = "qcal::wfx_mm_panel";
-    TORCH_CHECK_VALUE(bits == 4 || bits == 5 || bits == 6, op, ": bits must be 4, 5 or 6, got ", bits);
-    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) > 0 && (w.size(1) * 8) % bits == 0, op,
-                      ": w must be (N, K * bits / 8), got ", w.sizes());
-    const int64_t N = w.size(0), K = w.size(1) * 8 / bits;
-    TORCH_CHECK_VALUE(ws.dim() == 2 && ws.size(0) == N && ws.size(1) > 0 && K % ws.size(1) == 0, op,
-                      ": ws must be (N, groups) with groups dividing K, got ", ws.sizes());
-    const int64_t gs = K / ws.size(1);
-    TORCH_CHECK_VALUE(K % 32 == 0 && gs % 32 == 0, op, ": K = ", K, " in groups of ", gs,
-                      ": K and the group size must be multiples of 32");
+    int64_t K, G;
+    uint16_t lut16[64];
+    fpx_checked(op, w, ws, lut, bits, &K, &G, lut16);
+    const int64_t N = w.size(0), gs = K / G;
     at::Tensor xc = panel_checked(op, x, w, at::kByte, K, gs), y = qcal::matmul_out(xc, w);
-    qcal::check_tensor(op, "ws", ws, at::kFloat, ws.sizes());
-    qcal::check_tensor(op, "lut", lut, at::kBFloat16, {int64_t(1) << bits});
-    uint16_t lut16[64] = {0};
-    memcpy(lut16, lut.const_data_ptr(), sizeof(uint16_t) << bits);
     float lutf[64];
     for (int i = 0; i < 64; i++) lutf[i] = qcal_bf16_to_float(lut16[i]);
     qcal::check_rc(op, run_panel(5, qcal::in<uint16_t>(xc), qcal::in<uint8_t>(w), qcal::in<float>(ws), nullptr,
