@@ -34,6 +34,8 @@ static inline bool w8g_fits(int64_t N, int64_t K, int64_t gs) {
     return N >= 0 && K > 0 && gs > 0 && gs % 32 == 0 && K % gs == 0;
 }
 
+/* The bf16 helpers are local: this header is compiled into both libraries, whose own (bf16.h, csrc_avx2/avx2.h)
+   are each for one instruction set. */
 W8G_AI float w8g_hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
