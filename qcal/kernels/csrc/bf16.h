@@ -6,18 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float qcal_bf16_to_float(uint16_t h) {
-    const uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
-
-static inline uint16_t qcal_float_to_bf16(float f) { /* round to nearest even (finite inputs) */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
-}
+#include "bf16_scalar.h"
 
 static inline __mmask16 qcal_tail16(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);

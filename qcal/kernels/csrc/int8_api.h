@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "bf16_scalar.h"
 #include "bound.h"
 
 /* w (N, K) int8, contiguous; ws (N) fp32. */
@@ -101,19 +102,6 @@ static at::Tensor wf8a16_mm_small(const at::Tensor &x, const at::Tensor &w, cons
     return y;
 }
 
-static qcal::Bound wf8a16_bind(const char *op, const std::vector<c10::IValue> &a) {
-    const at::Tensor w = a[0].toTensor(), ws = a[1].toTensor();
-    wf8_weight_checked(op, w, ws);
-    const int64_t N = w.size(0), K = w.size(1);
-    const int8_t *wp = static_cast<const int8_t *>(w.const_data_ptr());
-    const float *wsp = qcal::in<float>(ws);
-    return {K, N, {w, ws}, [=](const uint16_t *x, uint16_t *y) {
-                return w8a16_small(x, wp, wsp, y, 1, N, K, qcal::threads(), true);
-            }};
-}
-
-static const qcal::BindAs wf8a16_bound("wf8a16_mm_small", wf8a16_bind);
-
 /* v rounded to the nearest float8 e4m3fn value (ties to even), for |v| <= 448 or NaN, as PyTorch converts: below
    2^-6 a multiple of 2^-9, else 3 mantissa bits. */
 static inline float qcal_e4m3_round(float v) {
@@ -158,10 +146,7 @@ static int wf8a8(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *
     auto amax_of = [&](int64_t m0, int64_t m1) { /* NaN where a value is NaN, as torch.amax */
         float a = 0.0f;
         for (int64_t i = m0 * K; i < m1 * K; i++) {
-            uint32_t b = (uint32_t)x[i] << 16;
-            float v;
-            std::memcpy(&v, &b, 4);
-            v = std::fabs(v);
+            const float v = std::fabs(qcal_bf16_to_float(x[i]));
             a = v != v ? v : (a != a ? a : (v > a ? v : a));
         }
         const float t = a / 448.0f;
@@ -174,28 +159,16 @@ static int wf8a8(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *
     for (int64_t m = 0; m < M; m++) {
         if (per_token) s[m] = amax_of(m, m + 1);
         for (int64_t k = 0; k < K; k++) {
-            uint32_t b = (uint32_t)x[m * K + k] << 16;
-            float v;
-            std::memcpy(&v, &b, 4);
-            v = v / s[m];
+            float v = qcal_bf16_to_float(x[m * K + k]) / s[m];
             v = v > 448.0f ? 448.0f : (v < -448.0f ? -448.0f : v); /* NaN stays NaN */
-            const float c = qcal_e4m3_round(v);
-            std::memcpy(&b, &c, 4);
-            xq[m * K + k] = (uint16_t)(b >> 16) | (c != c ? 0x40 : 0); /* exact in bf16 (NaN kept NaN) */
+            xq[m * K + k] = qcal_float_to_bf16(qcal_e4m3_round(v)); /* exact in bf16 */
         }
     }
     int rc = w8a16_small(xq, w, ones, yq, M, N, K, nthreads, true);
     if (rc == 0)
         for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < N; n++) {
-                uint32_t b = (uint32_t)yq[m * N + n] << 16;
-                float v;
-                std::memcpy(&v, &b, 4);
-                const float r = v * ws[n] * s[m];
-                std::memcpy(&b, &r, 4);
-                y[m * N + n] = (b & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((b >> 16) | 0x40)
-                                                                : (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
-            }
+            for (int64_t n = 0; n < N; n++)
+                y[m * N + n] = qcal_float_to_bf16(qcal_bf16_to_float(yq[m * N + n]) * ws[n] * s[m]);
     free(xq);
     free(buf);
     return rc;
@@ -211,18 +184,27 @@ static at::Tensor wf8a8_mm(const at::Tensor &x, const at::Tensor &w, const at::T
     return y;
 }
 
-static qcal::Bound wf8a8_bind(const char *op, const std::vector<c10::IValue> &a) {
+/* The decode step's binding of an fp8 operator: args (w, ws[, per_token]); KERNEL runs one row. */
+template <int (*KERNEL)(const uint16_t *, const int8_t *, const float *, uint16_t *, int64_t, int64_t)>
+static qcal::Bound wf8_bind(const char *op, const std::vector<c10::IValue> &a) {
     const at::Tensor w = a[0].toTensor(), ws = a[1].toTensor();
     wf8_weight_checked(op, w, ws);
     const int64_t N = w.size(0), K = w.size(1);
     const int8_t *wp = static_cast<const int8_t *>(w.const_data_ptr());
     const float *wsp = qcal::in<float>(ws);
-    return {K, N, {w, ws}, [=](const uint16_t *x, uint16_t *y) { /* one row: per token and per tensor agree */
-                return wf8a8(x, wp, wsp, y, 1, N, K, true, qcal::threads());
-            }};
+    return {K, N, {w, ws}, [=](const uint16_t *x, uint16_t *y) { return KERNEL(x, wp, wsp, y, N, K); }};
 }
 
-static const qcal::BindAs wf8a8_bound("wf8a8_mm", wf8a8_bind);
+static int wf8a16_row(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *y, int64_t N, int64_t K) {
+    return w8a16_small(x, w, ws, y, 1, N, K, qcal::threads(), true);
+}
+
+static int wf8a8_row(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *y, int64_t N, int64_t K) {
+    return wf8a8(x, w, ws, y, 1, N, K, true, qcal::threads()); /* one row: per token and per tensor agree */
+}
+
+static const qcal::BindAs wf8a16_bound("wf8a16_mm_small", wf8_bind<wf8a16_row>),
+    wf8a8_bound("wf8a8_mm", wf8_bind<wf8a8_row>);
 
 static const qcal::BindAs w8a8_bound("w8a8_mm_small", w8_sums_bind<w8a8_small>),
     w8a16_vnni_bound("w8a16_mm_vnni", w8_sums_bind<w8a16_digits>), w8a16_bound("w8a16_mm_small", w8a16_bind);

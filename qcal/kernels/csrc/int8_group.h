@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16_scalar.h"
 #include "bound.h"
 #include "ops.h"
 #include "parallel.h"
@@ -34,27 +35,11 @@ static inline bool w8g_fits(int64_t N, int64_t K, int64_t gs) {
     return N >= 0 && K > 0 && gs > 0 && gs % 32 == 0 && K % gs == 0;
 }
 
-/* The bf16 helpers are local: this header is compiled into both libraries, whose own (bf16.h, csrc_avx2/avx2.h)
-   are each for one instruction set. */
 W8G_AI float w8g_hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
-}
-
-static inline float w8g_float(uint16_t h) {
-    const uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
-
-static inline uint16_t w8g_bf16(float f) { /* round to nearest even; NaN stays NaN (quieted) */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40);
-    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
 }
 
 /* 32 codes (columns k .. k + 31) as fp32 times 2^24 (exact): q[b] lane i holds column k + 4 i + b, the byte
@@ -119,7 +104,8 @@ template <int RB, int MM, bool HZ> W8G_AI void w8g_tile(const w8g_ctx *a, int64_
     }
     for (int r = 0; r < RB; r++)
         for (int m = 0; m < MM; m++)
-            a->y[(m0 + m) * a->N + n0 + r] = w8g_bf16(w8g_hsum8(_mm256_add_ps(acc[r][m][0], acc[r][m][1])));
+            a->y[(m0 + m) * a->N + n0 + r] =
+                qcal_float_to_bf16(w8g_hsum8(_mm256_add_ps(acc[r][m][0], acc[r][m][1])));
 }
 
 template <bool HZ> static void w8g_unit(const void *c, int64_t m0, int mb, int64_t p) {
@@ -156,7 +142,7 @@ static int w8g_mm(const uint16_t *x, const int8_t *w, const float *s, const floa
     if (!xf) return -2;
     for (int64_t i = 0; i < M * K; i += 32) /* K % 32 == 0: each 32 columns in the codes' order */
         for (int b = 0; b < 4; b++)
-            for (int l = 0; l < 8; l++) xf[i + 8 * b + l] = w8g_float(x[i + 4 * l + b]);
+            for (int l = 0; l < 8; l++) xf[i + 8 * b + l] = qcal_bf16_to_float(x[i + 4 * l + b]);
     const w8g_ctx ctx = {xf, w, s, z, y, N, K, gs};
     qcal_run_units(M, (N + 3) / 4, nthreads, &ctx, z ? w8g_unit<true> : w8g_unit<false>);
     free(xf);

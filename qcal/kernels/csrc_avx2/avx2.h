@@ -9,19 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float qcal_bf16_to_float(uint16_t h) {
-    const uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
-
-static inline uint16_t qcal_float_to_bf16(float f) { /* round to nearest even; NaN stays NaN (quieted) */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b >> 16) | 0x40);
-    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
-}
+#include "bf16_scalar.h"
 
 /* 8 bf16 values (16 bytes) as fp32 (exact). */
 static inline __m256 qcal_load8_bf16(const uint16_t *p) {

@@ -105,8 +105,7 @@ template <int BITS, bool SYM> static void fpx_unit(const void *c, int64_t m0, in
 static void fpx_run(const uint16_t *x, const uint8_t *w, const float *ws, const uint16_t *lut_pad, uint16_t *y,
                     int64_t M, int64_t N, int64_t K, int64_t G, int64_t row_bytes, int bits, int nthreads) {
     float lut[64];
-    for (int i = 0; i < 64; i++) lut[i] = qcal_bf16_to_float(lut_pad[i]);
-    const bool sym = fpx_symmetric(lut_pad, bits);
+    const bool sym = fpx_table(lut_pad, bits, lut);
     const fpx_ctx ctx = {x, w, ws, lut, y, N, K, G, row_bytes};
     const qcal_unit_fn fn = bits == 6 ? (sym ? fpx_unit<6, true> : fpx_unit<6, false>)
                             : bits == 5 ? (sym ? fpx_unit<5, true> : fpx_unit<5, false>)

@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16_scalar.h"
+
 #define FPX_AI static inline __attribute__((always_inline))
 
 /* Codes of the even and odd columns k + 16 h + 2 i, k + 16 h + 2 i + 1 (i = 0..7: lanes) of a row, k a multiple of
@@ -54,8 +56,10 @@ template <int BITS, bool SYM> FPX_AI __m256 fpx_lookup(const float *t, __m256i c
     return _mm256_xor_ps(v[0], _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(c, BITS - 1), 31)));
 }
 
-/* Whether the table's upper half is its lower half negated (bf16 bit patterns, 2^bits entries). */
-static inline bool fpx_symmetric(const uint16_t *lut, int bits) {
+/* The format's table (64 bf16 entries, 2^bits used) widened to fp32 into t; returns whether its upper half is its
+   lower half negated (a sign bit on top: the lookups' SYM). */
+static inline bool fpx_table(const uint16_t *lut, int bits, float t[64]) {
+    for (int i = 0; i < 64; i++) t[i] = qcal_bf16_to_float(lut[i]);
     const int half = 1 << (bits - 1);
     for (int i = 0; i < half; i++)
         if (lut[i + half] != (lut[i] ^ 0x8000)) return false;

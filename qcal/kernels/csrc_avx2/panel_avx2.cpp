@@ -406,10 +406,9 @@ static at::Tensor wfx_mm_panel(const at::Tensor &x, const at::Tensor &w, const a
     const int64_t N = w.size(0), gs = K / G;
     at::Tensor xc = panel_checked(op, x, w, at::kByte, K, gs), y = qcal::matmul_out(xc, w);
     float lutf[64];
-    for (int i = 0; i < 64; i++) lutf[i] = qcal_bf16_to_float(lut16[i]);
+    const int sym = fpx_table(lut16, (int)bits, lutf) ? 1 : 0;
     qcal::check_rc(op, run_panel(5, qcal::in<uint16_t>(xc), qcal::in<uint8_t>(w), qcal::in<float>(ws), nullptr,
-                                 qcal::out<uint16_t>(y), xc.size(0), N, K, gs, qcal::threads(), lutf, (int)bits,
-                                 fpx_symmetric(lut16, (int)bits) ? 1 : 0));
+                                 qcal::out<uint16_t>(y), xc.size(0), N, K, gs, qcal::threads(), lutf, (int)bits, sym));
     return y;
 }
 
