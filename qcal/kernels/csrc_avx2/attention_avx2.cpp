@@ -11,7 +11,8 @@
 // prefill_attention: causal attention of n query positions, flash style. Query i sits at position start + i and sees
 // keys 0 .. start + i. Work items of 4 query rows x one KV head's G query heads walk the visible keys in blocks of
 // 64: fp32 scores, online softmax (fp32), probabilities rounded to bf16 for the P V product (fp32 accumulators), one
-// rounding of the output. Query rows and outputs are token-major.
+// rounding of the output. Query rows and outputs are token-major. The item's rows of all G heads run together in
+// tiles of 6 rows x 16 keys (scores) or 16 dimensions (P V): 12 independent accumulator chains, as the panels' tiles.
 //
 // Bit for bit the AVX-512 kernels' results, computed in the same order:
 // - decode: each 16-lane accumulator of the AVX-512 kernel is two 8-lane ones here, holding the head dimensions
@@ -445,183 +446,163 @@ static void pack_kv(const uint16_t *k, const uint16_t *v, int64_t kv_rs, int64_t
     }
 }
 
-// Scores of MB rows (q fp32, row stride D) against the 16 NC keys from key0 (groups of 8 in pack_kv's layout),
-// scaled, into s[m][col0 ...]: per key the dimension pairs in order, odd then even, as vdpbf16ps accumulates. NC
-// chunks of 16 keys at once: 8 independent sums for the FMAs' latency when MB is small.
-template <int MB, int NC>
-static inline void score_chunks(const float *qf, const float *kp, int64_t D, int64_t key0, int64_t col0, float scale,
-                                float s[PA_QB][PA_KB]) {
-    const float *kb = kp + key0 * D;
-    __m256 acc[MB][2 * NC];
-    for (int m = 0; m < MB; m++)
-        for (int c = 0; c < 2 * NC; c++) acc[m][c] = _mm256_setzero_ps();
+// The rows of one work item: mb <= PA_QB positions of each of the (up to PA_MAX_G) query heads of a KV head, row
+// rho = r mb + m (head r, position i0 + m); every row's q widened, scores, probabilities, output and softmax state.
+#define PA_ROWS (PA_MAX_G * PA_QB)
+#define PA_MR 6 /* rows a tile: 12 accumulators, two vectors of keys (dimensions) and a broadcast in 16 registers */
+/* The tiles are inlined into rows_tile: called, GCC kept a memory copy of the accumulators, stored every step. */
+#define PA_TILE static inline __attribute__((always_inline))
+
+// acc[m] += x[m stride] * (a, b) for the tile's MR rows: one step of 12 independent chains.
+template <int MR>
+PA_TILE void tile_step(__m256 (&acc)[MR][2], const float *x, int64_t stride, const float *a, const float *b) {
+    const __m256 va = _mm256_load_ps(a), vb = _mm256_load_ps(b);
+    for (int m = 0; m < MR; m++) {
+        const __m256 xb = _mm256_broadcast_ss(x + m * stride);
+        acc[m][0] = _mm256_fmadd_ps(xb, va, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(xb, vb, acc[m][1]);
+    }
+}
+
+// Scores of MR rows (q fp32, row stride D) against the 16 keys from key0 (two groups of 8 in pack_kv's layout),
+// scaled, into s[m][col0 ..]: per key the dimension pairs in order, odd then even, as vdpbf16ps accumulates. The
+// odd dimensions of a pair for all rows, then the even ones: 12 independent chains, two key vectors loaded a step.
+template <int MR>
+PA_TILE void score_tile(const float *qf, const float *kp, int64_t D, int64_t key0, int64_t col0, float scale,
+                        float (*s)[PA_KB]) {
+    const float *k0 = kp + key0 * D, *k1 = k0 + 8 * D;
+    __m256 acc[MR][2];
+    for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (int64_t t = 0; t < D / 2; t++) {
-        for (int m = 0; m < MB; m++) {
-            const __m256 qo = _mm256_broadcast_ss(qf + m * D + 2 * t + 1);
-            const __m256 qe = _mm256_broadcast_ss(qf + m * D + 2 * t);
-            for (int c = 0; c < 2 * NC; c++) {
-                const float *kt = kb + c * 8 * D + 16 * t;
-                acc[m][c] = _mm256_fmadd_ps(qe, _mm256_load_ps(kt + 8),
-                                            _mm256_fmadd_ps(qo, _mm256_load_ps(kt), acc[m][c]));
-            }
-        }
+        tile_step<MR>(acc, qf + 2 * t + 1, D, k0 + 16 * t, k1 + 16 * t); /* dimension 2t + 1 first */
+        tile_step<MR>(acc, qf + 2 * t, D, k0 + 16 * t + 8, k1 + 16 * t + 8);
     }
     const __m256 sc = _mm256_set1_ps(scale);
-    for (int m = 0; m < MB; m++)
-        for (int c = 0; c < 2 * NC; c++) _mm256_store_ps(s[m] + col0 + 8 * c, _mm256_mul_ps(acc[m][c], sc));
-}
-
-template <int MB>
-static inline void scores(const float *qf, const float *kp, int64_t D, int64_t kb0, int nch, float scale,
-                          float s[PA_QB][PA_KB]) {
-    constexpr int CH = MB == 1 ? 4 : MB == 2 ? 2 : 1;
-    for (int ch = 0; ch < nch;) {
-        const int nc = nch - ch < CH ? nch - ch : CH;
-        if constexpr (CH >= 4)
-            if (nc >= 3) {
-                if (nc == 4)
-                    score_chunks<MB, 4>(qf, kp, D, kb0 + 16 * ch, 16 * ch, scale, s);
-                else
-                    score_chunks<MB, 3>(qf, kp, D, kb0 + 16 * ch, 16 * ch, scale, s);
-                ch += nc;
-                continue;
-            }
-        if constexpr (CH >= 2)
-            if (nc == 2) {
-                score_chunks<MB, 2>(qf, kp, D, kb0 + 16 * ch, 16 * ch, scale, s);
-                ch += 2;
-                continue;
-            }
-        score_chunks<MB, 1>(qf, kp, D, kb0 + 16 * ch, 16 * ch, scale, s);
-        ch += 1;
+    for (int m = 0; m < MR; m++) {
+        _mm256_store_ps(s[m] + col0, _mm256_mul_ps(acc[m][0], sc));
+        _mm256_store_ps(s[m] + col0 + 8, _mm256_mul_ps(acc[m][1], sc));
     }
 }
 
-// o[m][d0 .. d0 + 16 NC) += P V over key pairs [kb0, kb0 + 2 pairs): per pair the odd key, then the even one, as
-// vdpbf16ps accumulates.
-template <int MB, int NC>
-static inline void pv_chunk(const float p[PA_QB][PA_KB], const float *vp, int64_t D, int64_t kb0, int64_t pairs,
-                            int64_t d0, float o[PA_QB][PA_MAX_D]) {
-    __m256 acc[MB][2 * NC];
-    for (int m = 0; m < MB; m++)
-        for (int c = 0; c < 2 * NC; c++) acc[m][c] = _mm256_load_ps(o[m] + d0 + 8 * c);
-    for (int64_t u = 0; u < pairs; u++) {
-        const float *ve = vp + (kb0 + 2 * u) * D + d0, *vo = ve + D;
-        for (int m = 0; m < MB; m++) {
-            const __m256 po = _mm256_broadcast_ss(p[m] + 2 * u + 1), pe = _mm256_broadcast_ss(p[m] + 2 * u);
-            for (int c = 0; c < 2 * NC; c++)
-                acc[m][c] = _mm256_fmadd_ps(pe, _mm256_load_ps(ve + 8 * c),
-                                            _mm256_fmadd_ps(po, _mm256_load_ps(vo + 8 * c), acc[m][c]));
+// o[m][d0 .. d0 + 16) (row stride D) += P V over key pairs [kb0, kb0 + 2 pairs): per pair the odd key, then the
+// even one, as vdpbf16ps accumulates; the odd key for all rows, then the even one (12 independent chains).
+template <int MR>
+PA_TILE void pv_tile(const float (*p)[PA_KB], const float *vp, int64_t D, int64_t kb0, int64_t pairs, int64_t d0,
+                     float *o) {
+    __m256 acc[MR][2];
+    for (int m = 0; m < MR; m++) {
+        acc[m][0] = _mm256_load_ps(o + m * D + d0);
+        acc[m][1] = _mm256_load_ps(o + m * D + d0 + 8);
+    }
+    const float *ve = vp + kb0 * D + d0;
+    for (int64_t u = 0; u < pairs; u++, ve += 2 * D) {
+        tile_step<MR>(acc, p[0] + 2 * u + 1, PA_KB, ve + D, ve + D + 8); /* key kb0 + 2u + 1 first */
+        tile_step<MR>(acc, p[0] + 2 * u, PA_KB, ve, ve + 8);
+    }
+    for (int m = 0; m < MR; m++) {
+        _mm256_store_ps(o + m * D + d0, acc[m][0]);
+        _mm256_store_ps(o + m * D + d0 + 8, acc[m][1]);
+    }
+}
+
+// Scores of rows [r0, r0 + mr) against the block's nch chunks of 16 keys, or (pv) their P V into o.
+template <int MR>
+static void rows_tile(bool scores, const float *qf, const float *kp, const float *vp, int64_t D, int64_t kb0, int nch,
+                      float scale, float (*s)[PA_KB], const float (*p)[PA_KB], float *o) {
+    if (scores) {
+        for (int ch = 0; ch < nch; ch++) score_tile<MR>(qf, kp, D, kb0 + 16 * ch, 16 * ch, scale, s);
+    } else {
+        for (int64_t d0 = 0; d0 < D; d0 += 16) pv_tile<MR>(p, vp, D, kb0, 8 * nch, d0, o);
+    }
+}
+
+static void rows_tiles(bool scores, int rows, const float *qf, const float *kp, const float *vp, int64_t D,
+                       int64_t kb0, int nch, float scale, float (*s)[PA_KB], const float (*p)[PA_KB], float *o) {
+    for (int r0 = 0; r0 < rows; r0 += PA_MR) {
+        const float *q = qf + r0 * D;
+        float *orow = o + r0 * D;
+        switch (rows - r0 < PA_MR ? rows - r0 : PA_MR) {
+        case 1: rows_tile<1>(scores, q, kp, vp, D, kb0, nch, scale, s + r0, p + r0, orow); break;
+        case 2: rows_tile<2>(scores, q, kp, vp, D, kb0, nch, scale, s + r0, p + r0, orow); break;
+        case 3: rows_tile<3>(scores, q, kp, vp, D, kb0, nch, scale, s + r0, p + r0, orow); break;
+        case 4: rows_tile<4>(scores, q, kp, vp, D, kb0, nch, scale, s + r0, p + r0, orow); break;
+        case 5: rows_tile<5>(scores, q, kp, vp, D, kb0, nch, scale, s + r0, p + r0, orow); break;
+        default: rows_tile<6>(scores, q, kp, vp, D, kb0, nch, scale, s + r0, p + r0, orow); break;
         }
     }
-    for (int m = 0; m < MB; m++)
-        for (int c = 0; c < 2 * NC; c++) _mm256_store_ps(o[m] + d0 + 8 * c, acc[m][c]);
 }
 
-template <int MB>
-static inline void pv(const float p[PA_QB][PA_KB], const float *vp, int64_t D, int64_t kb0, int64_t pairs,
-                      float o[PA_QB][PA_MAX_D]) {
-    constexpr int DC = MB == 1 ? 4 : MB == 2 ? 2 : 1; /* groups of 16 dimensions at once */
-    for (int64_t d0 = 0; d0 < D;) {
-        const int64_t nc = (D - d0) / 16 < DC ? (D - d0) / 16 : DC;
-        if constexpr (DC >= 4)
-            if (nc >= 3) {
-                if (nc == 4)
-                    pv_chunk<MB, 4>(p, vp, D, kb0, pairs, d0, o);
-                else
-                    pv_chunk<MB, 3>(p, vp, D, kb0, pairs, d0, o);
-                d0 += 16 * nc;
-                continue;
-            }
-        if constexpr (DC >= 2)
-            if (nc == 2) {
-                pv_chunk<MB, 2>(p, vp, D, kb0, pairs, d0, o);
-                d0 += 32;
-                continue;
-            }
-        pv_chunk<MB, 1>(p, vp, D, kb0, pairs, d0, o);
-        d0 += 16;
-    }
-}
-
-/* The query heads sharing KV head g (up to PA_MAX_G at a time), rows i0 .. i0 + MB - 1 of each, block of keys by
-   block of keys: each block is read once (from L1) for all of them. Every head's numbers are those of attending
-   it alone. */
-template <int MB>
-static void attend_rows(const pa_ctx *c, int64_t g, int64_t i0) {
+/* The query heads sharing KV head g (up to PA_MAX_G at a time), rows i0 .. i0 + mb - 1 of each, block of keys by
+   block of keys: each block is read once for all of them, their rows run together in tiles of PA_MR. Every head's
+   numbers are those of attending it alone. */
+static void attend_rows(const pa_ctx *c, int64_t g, int64_t i0, int mb) {
     const int64_t D = c->D;
     const float *kp = c->kp + g * c->lpad * D, *vp = c->vp + g * c->lpad * D;
-    float s[PA_QB][PA_KB] __attribute__((aligned(32)));
-    float p[PA_QB][PA_KB] __attribute__((aligned(32)));
-    float o[PA_MAX_G][PA_QB][PA_MAX_D] __attribute__((aligned(32)));
-    float qf[PA_MAX_G][PA_QB * PA_MAX_D] __attribute__((aligned(32)));
-    float mx[PA_MAX_G][PA_QB], l[PA_MAX_G][PA_QB];
+    float s[PA_ROWS][PA_KB] __attribute__((aligned(32)));
+    float p[PA_ROWS][PA_KB] __attribute__((aligned(32)));
+    float o[PA_ROWS * PA_MAX_D] __attribute__((aligned(32)));
+    float qf[PA_ROWS * PA_MAX_D] __attribute__((aligned(32)));
+    float mx[PA_ROWS], l[PA_ROWS];
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const int64_t last = c->start + i0 + MB - 1; /* the last position these rows see */
-    for (int64_t r0 = 0; r0 < c->G; r0 += PA_MAX_G) {
-        const int nr = c->G - r0 < PA_MAX_G ? (int)(c->G - r0) : PA_MAX_G;
-        for (int r = 0; r < nr; r++) {
-            const int64_t h = g * c->G + r0 + r;
-            for (int m = 0; m < MB; m++) {
-                mx[r][m] = -INFINITY;
-                l[r][m] = 0.0f;
-                memset(o[r][m], 0, (size_t)D * sizeof(float));
-                const uint16_t *qr = c->q + (i0 + m) * c->q_rs + h * D;
-                for (int64_t d = 0; d < D; d += 8) _mm256_store_ps(qf[r] + m * D + d, qcal_load8_bf16(qr + d));
-            }
+    const int64_t last = c->start + i0 + mb - 1; /* the last position these rows see */
+    for (int64_t h0 = 0; h0 < c->G; h0 += PA_MAX_G) {
+        const int nr = c->G - h0 < PA_MAX_G ? (int)(c->G - h0) : PA_MAX_G, rows = nr * mb;
+        for (int rho = 0; rho < rows; rho++) {
+            const int64_t h = g * c->G + h0 + rho / mb, m = rho % mb;
+            mx[rho] = -INFINITY;
+            l[rho] = 0.0f;
+            memset(o + rho * D, 0, (size_t)D * sizeof(float));
+            const uint16_t *qr = c->q + (i0 + m) * c->q_rs + h * D;
+            for (int64_t d = 0; d < D; d += 8) _mm256_store_ps(qf + rho * D + d, qcal_load8_bf16(qr + d));
         }
         for (int64_t kb0 = 0; kb0 <= last; kb0 += PA_KB) {
             const int64_t kc = last + 1 - kb0 < PA_KB ? last + 1 - kb0 : PA_KB;
             const int nch = (int)((kc + 15) / 16);
-            for (int r = 0; r < nr; r++) {
-                scores<MB>(qf[r], kp, D, kb0, nch, c->scale, s);
-                for (int m = 0; m < MB; m++) { /* mask, online softmax, probabilities as bf16 */
-                    const int64_t see = c->start + i0 + m - kb0 + 1; /* keys of this block the row sees */
-                    const int64_t live = see < 16 * nch ? see : 16 * nch;
-                    __m256 vmax = _mm256_set1_ps(-INFINITY); /* NaN scores skipped, as a scalar s > max ? s : max */
-                    for (int64_t j = 0; j < live; j += 8) {
-                        const __m256 on = _mm256_castsi256_ps(
-                            _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(live - j > 8 ? 8 : live - j)), lane));
-                        vmax = _mm256_max_ps(_mm256_blendv_ps(vmax, _mm256_load_ps(s[m] + j), on), vmax);
-                    }
-                    const float bm = qcal_hmax8(vmax);
-                    const float mnew = bm > mx[r][m] ? bm : mx[r][m];
-                    const float corr = mx[r][m] == -INFINITY ? 0.0f : expf(mx[r][m] - mnew);
-                    __m256 sum_lo = _mm256_setzero_ps(), sum_hi = _mm256_setzero_ps();
-                    const __m256 vm = _mm256_set1_ps(mnew);
-                    for (int64_t j = 0; j < 16 * nch; j += 8) {
-                        const int64_t left = live - j;
-                        const __m256 on = _mm256_castsi256_ps(
-                            _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(left < 0 ? 0 : left > 8 ? 8 : left)), lane));
-                        const __m256 e = qcal_round8_bf16(
-                            _mm256_and_ps(on, qcal_exp8_nonpos(_mm256_sub_ps(_mm256_load_ps(s[m] + j), vm))));
-                        _mm256_store_ps(p[m] + j, e);
-                        if (j & 8)
-                            sum_hi = _mm256_add_ps(sum_hi, e);
-                        else
-                            sum_lo = _mm256_add_ps(sum_lo, e);
-                    }
-                    /* the sum of the bf16 weights P V uses; l * corr + sum is one fused multiply-add, as compiled
-                       there */
-                    l[r][m] = fmaf(l[r][m], corr, qcal_hsum8(_mm256_add_ps(sum_lo, sum_hi)));
-                    mx[r][m] = mnew;
-                    if (corr != 1.0f) {
-                        const __m256 vc = _mm256_set1_ps(corr);
-                        for (int64_t d = 0; d < D; d += 8)
-                            _mm256_store_ps(o[r][m] + d, _mm256_mul_ps(_mm256_load_ps(o[r][m] + d), vc));
-                    }
+            rows_tiles(true, rows, qf, kp, vp, D, kb0, nch, c->scale, s, p, o);
+            for (int rho = 0; rho < rows; rho++) { /* mask, online softmax, probabilities as bf16 */
+                const int64_t see = c->start + i0 + rho % mb - kb0 + 1; /* keys of this block the row sees */
+                const int64_t live = see < 16 * nch ? see : 16 * nch;
+                __m256 vmax = _mm256_set1_ps(-INFINITY); /* NaN scores skipped, as a scalar s > max ? s : max */
+                for (int64_t j = 0; j < live; j += 8) {
+                    const __m256 on = _mm256_castsi256_ps(
+                        _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(live - j > 8 ? 8 : live - j)), lane));
+                    vmax = _mm256_max_ps(_mm256_blendv_ps(vmax, _mm256_load_ps(s[rho] + j), on), vmax);
                 }
-                pv<MB>(p, vp, D, kb0, (16 * nch) / 2, o[r]);
+                const float bm = qcal_hmax8(vmax);
+                const float mnew = bm > mx[rho] ? bm : mx[rho];
+                const float corr = mx[rho] == -INFINITY ? 0.0f : expf(mx[rho] - mnew);
+                __m256 sum_lo = _mm256_setzero_ps(), sum_hi = _mm256_setzero_ps();
+                const __m256 vm = _mm256_set1_ps(mnew);
+                for (int64_t j = 0; j < 16 * nch; j += 8) {
+                    const int64_t left = live - j;
+                    const __m256 on = _mm256_castsi256_ps(
+                        _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(left < 0 ? 0 : left > 8 ? 8 : left)), lane));
+                    const __m256 e = qcal_round8_bf16(
+                        _mm256_and_ps(on, qcal_exp8_nonpos(_mm256_sub_ps(_mm256_load_ps(s[rho] + j), vm))));
+                    _mm256_store_ps(p[rho] + j, e);
+                    if (j & 8)
+                        sum_hi = _mm256_add_ps(sum_hi, e);
+                    else
+                        sum_lo = _mm256_add_ps(sum_lo, e);
+                }
+                /* the sum of the bf16 weights P V uses; l * corr + sum is one fused multiply-add, as compiled there */
+                l[rho] = fmaf(l[rho], corr, qcal_hsum8(_mm256_add_ps(sum_lo, sum_hi)));
+                mx[rho] = mnew;
+                if (corr != 1.0f) {
+                    const __m256 vc = _mm256_set1_ps(corr);
+                    float *orow = o + rho * D;
+                    for (int64_t d = 0; d < D; d += 8)
+                        _mm256_store_ps(orow + d, _mm256_mul_ps(_mm256_load_ps(orow + d), vc));
+                }
             }
+            rows_tiles(false, rows, qf, kp, vp, D, kb0, nch, c->scale, s, p, o);
         }
-        for (int r = 0; r < nr; r++) {
-            const int64_t h = g * c->G + r0 + r;
-            for (int m = 0; m < MB; m++) {
-                const __m256 inv = _mm256_set1_ps(l[r][m] > 0.0f ? 1.0f / l[r][m] : 0.0f);
-                uint16_t *orow = c->out + (i0 + m) * c->o_rs + h * D;
-                for (int64_t d = 0; d < D; d += 8)
-                    qcal_store8_bf16(orow + d, _mm256_mul_ps(_mm256_load_ps(o[r][m] + d), inv));
-            }
+        for (int rho = 0; rho < rows; rho++) {
+            const int64_t h = g * c->G + h0 + rho / mb, m = rho % mb;
+            const __m256 inv = _mm256_set1_ps(l[rho] > 0.0f ? 1.0f / l[rho] : 0.0f);
+            uint16_t *orow = c->out + (i0 + m) * c->o_rs + h * D;
+            for (int64_t d = 0; d < D; d += 8)
+                qcal_store8_bf16(orow + d, _mm256_mul_ps(_mm256_load_ps(o + rho * D + d), inv));
         }
     }
 }
@@ -647,12 +628,7 @@ static int attend_causal_rows(const uint16_t *q, int64_t q_rs, const uint16_t *k
     for (int64_t item = 0; item < hkv * blocks; item++) {
         const int64_t b = blocks - 1 - item / hkv; /* the longest rows first */
         const int64_t i0 = b * PA_QB;
-        switch (n - i0 < PA_QB ? n - i0 : PA_QB) {
-        case 1: attend_rows<1>(&c, item % hkv, i0); break;
-        case 2: attend_rows<2>(&c, item % hkv, i0); break;
-        case 3: attend_rows<3>(&c, item % hkv, i0); break;
-        default: attend_rows<4>(&c, item % hkv, i0); break;
-        }
+        attend_rows(&c, item % hkv, i0, n - i0 < PA_QB ? (int)(n - i0) : PA_QB);
     }
     return 0;
 }
