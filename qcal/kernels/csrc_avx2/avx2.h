@@ -11,6 +11,9 @@
 
 #include "bf16_scalar.h"
 
+/* vdpbf16ps's floating-point environment as an MXCSR: round to nearest even, FTZ, DAZ, every exception masked. */
+#define QCAL_VDP_MXCSR 0x9FC0u
+
 /* 8 bf16 values (16 bytes) as fp32 (exact). */
 static inline __m256 qcal_load8_bf16(const uint16_t *p) {
     const __m128i b = _mm_loadu_si128((const __m128i *)p);

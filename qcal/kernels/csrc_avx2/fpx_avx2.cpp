@@ -10,10 +10,11 @@
    even, denormal inputs as zero, tiny results flushed: mm_avx2.cpp). A code's value is looked up in registers from
    the format's table widened to fp32 (exact: every value has at most 3 significant bits), 8 entries a vpermps,
    selected by the code's bits 3-5 (for a table whose upper half is its lower half negated -- a sign bit on top,
-   as in these formats -- the lower half, the sign bit then moved into place). Each group's 16 lanes are scaled into the row's 16 (one fused multiply-add
-   each, as _mm512_fmadd_ps), and the 16 summed as _mm512_reduce_add_ps does (qcal_hsum8(hi + lo)) and rounded once
-   to bf16: the AVX-512 kernel's numbers. Not reproduced (never for real weights): the group scaling runs in the
-   same environment as the products, so a scale or running sum below 2^-126 reads as zero here. */
+   as in these formats -- the lower half, the sign bit then moved into place). Each group's 16 lanes are scaled into
+   the row's 16 (one fused multiply-add each, as _mm512_fmadd_ps), and the 16 summed as _mm512_reduce_add_ps does
+   (qcal_hsum8(hi + lo)) and rounded once to bf16: the AVX-512 kernel's numbers. Not reproduced (never for real
+   weights): the group scaling runs in the same environment as the products, so a scale or running sum below 2^-126
+   reads as zero here. */
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -25,7 +26,6 @@
 #include "parallel.h"
 
 #define AI static inline __attribute__((always_inline))
-#define FPX_MXCSR 0x9FC0u /* vdpbf16ps's environment: nearest even, FTZ, DAZ, exceptions masked */
 
 typedef struct {
     const uint16_t *x;
@@ -84,7 +84,7 @@ template <int BITS, bool SYM> static void fpx_unit(const void *c, int64_t m0, in
     const int rb = N - n0 < 4 ? (int)(N - n0) : 4;
     float lanes[4][4][16];
     const unsigned int env = _mm_getcsr();
-    _mm_setcsr(FPX_MXCSR);
+    _mm_setcsr(QCAL_VDP_MXCSR);
     int m = 0;
     for (; m + 2 <= mb; m += 2)
         for (int r = 0; r < rb; r++) fpx_tile<BITS, SYM, 1, 2>(a, m0 + m, n0 + r, (float(*)[4][16])&lanes[r][m]);

@@ -13,27 +13,21 @@
 #define FPX_AI static inline __attribute__((always_inline))
 
 /* Codes of the even and odd columns k + 16 h + 2 i, k + 16 h + 2 i + 1 (i = 0..7: lanes) of a row, k a multiple of
-   32: lo the row's nibble plane, hi its plane of high bits. */
-template <int BITS> FPX_AI void fpx_codes16(const uint8_t *lo, const uint8_t *hi, int64_t c0, __m256i *even, __m256i *odd) {
+   32: lo the row's nibble plane, hi its plane of high bits (HB = BITS - 4 a column: column c at bit HB c). */
+template <int BITS>
+FPX_AI void fpx_codes16(const uint8_t *lo, const uint8_t *hi, int64_t c0, __m256i *even, __m256i *odd) {
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(lo + c0 / 2)));
     __m256i e = _mm256_and_si256(b, _mm256_set1_epi32(15)), o = _mm256_srli_epi32(b, 4);
-    if (BITS == 6) { /* column c: byte c / 4, bits 2 (c % 4); 16 columns in 4 bytes */
-        uint32_t raw;
-        memcpy(&raw, hi + c0 / 4, 4);
-        const __m256i v = _mm256_set1_epi32((int)raw), sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        const __m256i three = _mm256_set1_epi32(3);
-        e = _mm256_or_si256(e, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(v, sh), three), 4));
-        o = _mm256_or_si256(o, _mm256_slli_epi32(
-                                   _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_add_epi32(sh, _mm256_set1_epi32(2))),
-                                                    three), 4));
-    } else if (BITS == 5) { /* column c: byte c / 8, bit c % 8; 16 columns in 2 bytes */
-        uint16_t raw;
-        memcpy(&raw, hi + c0 / 8, 2);
-        const __m256i v = _mm256_set1_epi32((int)raw), sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-        const __m256i one = _mm256_set1_epi32(1);
-        e = _mm256_or_si256(e, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(v, sh), one), 4));
-        o = _mm256_or_si256(o, _mm256_slli_epi32(
-                                   _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_add_epi32(sh, one)), one), 4));
+    if constexpr (BITS > 4) { /* the 16 columns' high bits: 2 HB bytes */
+        constexpr int HB = BITS - 4;
+        uint32_t raw = 0;
+        memcpy(&raw, hi + c0 * HB / 8, 2 * HB);
+        const __m256i v = _mm256_set1_epi32((int)raw), mask = _mm256_set1_epi32((1 << HB) - 1);
+        const __m256i sh = _mm256_setr_epi32(0, 2 * HB, 4 * HB, 6 * HB, 8 * HB, 10 * HB, 12 * HB, 14 * HB);
+        e = _mm256_or_si256(e, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(v, sh), mask), 4));
+        o = _mm256_or_si256(
+            o, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_add_epi32(sh, _mm256_set1_epi32(HB))),
+                                                  mask), 4));
     }
     *even = e;
     *odd = o;

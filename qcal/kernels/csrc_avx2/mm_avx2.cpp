@@ -1,25 +1,26 @@
 /* qcal: the small-M matmuls (a decode step's linear layers) on AVX2/FMA CPUs: bf16 x bf16 (w16a16_mm_small), int8
    weight-only through exact activation digits (w8a16_mm_vnni) or widening the weight (w8a16_mm_small; float8 e4m3fn
-   weights the same way: wf8a16_mm_small), and dynamic A8W8 (w8a8_mm_small). The operators of csrc/bf16_small_m.cpp and csrc/int8_small_m.cpp: the same schemas, the
-   same argument checks and messages, the same arithmetic, the weight read in place ((N, K) row-major) and streamed
-   once, rows split among the threads by qcal_run_units and prefetched ahead.
+   weights the same way: wf8a16_mm_small), and dynamic A8W8 (w8a8_mm_small). The operators of csrc/bf16_small_m.cpp
+   and csrc/int8_small_m.cpp: the same schemas, the same argument checks and messages, the same arithmetic, the
+   weight read in place ((N, K) row-major) and streamed once, rows split among the threads by qcal_run_units and
+   prefetched ahead.
 
    The results are those of the AVX-512 kernels, bit for bit (as the Intel SDM defines their instructions;
    tests/test_avx2_mm.py checks these kernels against references of those definitions):
 
-   * bf16 products (w16a16_mm_small, w8a16_mm_small, wf8a16_mm_small, and w8a16_mm_vnni where it takes that kernel). vdpbf16ps is, per
-     fp32 lane j (16 a zmm), acc = fma(a[2j+1], b[2j+1], acc) then acc = fma(a[2j], b[2j], acc), each FMA rounded to
-     nearest even, denormal inputs read as zero, tiny results flushed to zero, MXCSR neither read nor written (Intel
-     SDM). Here the 16 lanes are two 8-lane halves (column pairs 0-7 and 8-15 of each 32 columns); the even and odd
-     bf16 of each pair are split into two fp32 vectors (exact: a bf16 is the upper half of an fp32; int8 converts
-     exactly) and the same two FMAs run per lane in the same order, the k-loop under an MXCSR set to that
-     environment (nearest even, DAZ, FTZ, exceptions masked; the caller's restored for the rest). A lane never
-     holds -0 (it starts at +0 and a nearest-even sum is -0 only from two -0), so the AVX-512 kernel's zero columns
-     past K change nothing, here as there. The final _mm512_reduce_add_ps (GCC's: upper 8 lanes + lower 8, then
-     the two 128-bit halves, then lanes {0,1} + {2,3}, then lane 0 + lane 1) is qcal_hsum8(hi + lo), in the
-     caller's environment as there. Not reproduced: which NaN's payload and sign come out where several NaNs meet
-     (vdpbf16ps ranks them its own way; any NaN stays a NaN), and a result that rounds up to exactly FLT_MIN from
-     below (x86 FTZ judges tininess after rounding; vdpbf16ps does not document its rule).
+   * bf16 products (w16a16_mm_small, w8a16_mm_small, wf8a16_mm_small, and w8a16_mm_vnni where it takes that kernel).
+     vdpbf16ps is, per fp32 lane j (16 a zmm), acc = fma(a[2j+1], b[2j+1], acc) then acc = fma(a[2j], b[2j], acc), each
+     FMA rounded to nearest even, denormal inputs read as zero, tiny results flushed to zero, MXCSR neither read nor
+     written (Intel SDM). Here the 16 lanes are two 8-lane halves (column pairs 0-7 and 8-15 of each 32 columns); the
+     even and odd bf16 of each pair are split into two fp32 vectors (exact: a bf16 is the upper half of an fp32; int8
+     converts exactly) and the same two FMAs run per lane in the same order, the k-loop under an MXCSR set to that
+     environment (nearest even, DAZ, FTZ, exceptions masked; the caller's restored for the rest). A lane never holds -0
+     (it starts at +0 and a nearest-even sum is -0 only from two -0), so the AVX-512 kernel's zero columns past K change
+     nothing, here as there. The final _mm512_reduce_add_ps (GCC's: upper 8 lanes + lower 8, then the two 128-bit
+     halves, then lanes {0,1} + {2,3}, then lane 0 + lane 1) is qcal_hsum8(hi + lo), in the caller's environment as
+     there. Not reproduced: which NaN's payload and sign come out where several NaNs meet (vdpbf16ps ranks them its own
+     way; any NaN stays a NaN), and a result that rounds up to exactly FLT_MIN from below (x86 FTZ judges tininess after
+     rounding; vdpbf16ps does not document its rule).
    * int8 digits (w8a16_mm_vnni): the AVX-512 result is the exact integer sum_k u[k] w[n, k] (u = xf + 2^23, xf the
      row scaled by 2^E and rounded to an integer, |xf| < 2^23) less 2^23 wsum[n], scaled and rounded once. Here u is
      split into two 12-bit digits instead of three bytes (vpmaddwd on the weight widened to 16 bits: every
@@ -42,9 +43,6 @@
 #include "rowquant_avx2.h"
 
 #define AI static inline __attribute__((always_inline))
-
-/* vdpbf16ps's floating-point environment as an MXCSR: round to nearest even, FTZ, DAZ, every exception masked. */
-#define VDP_MXCSR 0x9FC0u
 
 /* How far ahead (bytes) the kernels prefetch the weight. A tile's weight rows are one contiguous block of the
    (N, K) weight and a thread's next tiles follow it, so the prefetch walks that block linearly, one line per 64
@@ -105,7 +103,7 @@ AI cols32 split_w(const int8_t *p) { return split_i8(p); }
 AI cols32 split_w(const uint8_t *p) { return split_f8(p); } /* float8 e4m3fn bytes */
 
 /* R weight rows x MM input rows (R * MM <= 4: 8 accumulators): the 16 lanes of each output into lanes[r][m][0..16).
-   Runs under VDP_MXCSR. The last partial 32 columns go through zero-padded copies (nothing read past a row). */
+   Runs under QCAL_VDP_MXCSR. The last partial 32 columns go through zero-padded copies (nothing read past a row). */
 template <typename W, int R, int MM>
 AI void tile_dp(const uint16_t *x, int64_t K, const W *w, float lanes[4][4][16]) {
     __m256 acc[R][MM][2];
@@ -177,7 +175,7 @@ template <typename W> static void dp_unit(const void *c, int64_t m0, int mb, int
     const int rb = N - n0 < 4 ? (int)(N - n0) : 4;
     float lanes[4][4][16];
     const unsigned int env = _mm_getcsr();
-    _mm_setcsr(VDP_MXCSR);
+    _mm_setcsr(QCAL_VDP_MXCSR);
     unit_dp<W>(a->x + m0 * K, K, (const W *)a->w + n0 * K, rb, mb, lanes);
     _mm_setcsr(env);
     for (int r = 0; r < rb; r++)

@@ -176,7 +176,7 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                 }
                 store_lines(r, dst, k, 1, n, h);
             }
-        } else { /* int4: 16 columns at a time (8 where a group is not a multiple of 16), its group's values looked up */
+        } else { /* int4: 16 columns at a time (8 where a group is not a multiple of 16), looked up per group */
             const uint8_t *u = (const uint8_t *)a->w + (r0 + h) * (K / 2);
             const int64_t G = K / a->gs, step = a->gs % 16 ? 8 : 16;
             __m256 t_lo[8], t_hi[8]; /* row i's values of codes 0..7 and 8..15 in the current group */
