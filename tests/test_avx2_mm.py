@@ -370,6 +370,28 @@ def test_a8w8_equals_quantize_per_token_and_int_mm(m, n, k):
 
 
 @pytest.mark.native_ops("w8a8_mm_small")
+def test_a8w8_extreme_codes_and_weights():
+    """Codes of +-127 against weights of -128 and 127 in every column: the largest pairs of products (2 * 128 *
+    127), which a 16-bit pair sum must hold exactly, and sums far from zero."""
+    k = 1000  # 31 blocks of 32 columns and 8 more
+    x = torch.full((5, k), 2.0).to(torch.bfloat16)
+    x[1, 1::2] = -2.0
+    x[2] = -2.0
+    x[3, ::3] = 0.5  # codes 32 between the +-127
+    x[4, :500] = -2.0
+    w = torch.full((7, k), -128, dtype=torch.int8)
+    w[1] = 127
+    w[2, 1::2] = 127
+    w[3, :k // 2] = 127
+    w[4] = torch.randint(-128, 128, (k,), generator=_gen(12), dtype=torch.int8)
+    ws = torch.rand(7, generator=_gen(13)) + 0.5
+    got = ops.w8a8_mm_small(x, w, native.int8_row_sums(w), ws)
+    want = _a8w8_reference(x, w, ws)
+    assert torch.equal(got, want)
+    assert float(want[0, 0]) != 0 and abs(float(want[0, 0]) / float(ws[0])) > 1e3  # -128 * 127 * 1000 * scale
+
+
+@pytest.mark.native_ops("w8a8_mm_small")
 def test_a8w8_zero_and_nonfinite_rows():
     g = _gen(8)
     x = torch.randn(4, 100, generator=g).to(torch.bfloat16)

@@ -369,7 +369,7 @@ INT8DQ = LinearTable("int8dq", "cpu", lambda m: dynamic_int8(m) and per_channel_
          dtypes=_BF16, max_m=8, layout=INT8_SCALES_SUMS, direct=_W8A8),
     Impl("qcal panel avx512-vnni int8 mm", _w8a8_panel, native=True, fits=lambda m: _native_int8(m) and _panel(m),
          dtypes=_BF16, eager=True, layout=INT8_SCALES_SUMS),
-    # no AVX2 panel: the fused kernel at every M (prefill, M = 512: 89-139 GOP/s where _int_mm ran 4 on Zen 3)
+    # no AVX2 panel: the fused kernel at every M (prefill, M = 512: 170-200 GOP/s where _int_mm ran 4 on Zen 3)
     Impl("qcal avx2 int8 mm, row quantization fused", _w8a8_small, native="w8a8_mm_small",
          fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, layout=INT8_SCALES_SUMS, direct=_W8A8),
     Impl("per-token quant + _int_mm + rescale", _int_mm),

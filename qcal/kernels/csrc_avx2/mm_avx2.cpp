@@ -26,8 +26,8 @@
      split into two 12-bit digits instead of three bytes (vpmaddwd on the weight widened to 16 bits: every
      product and int32 partial sum exact), so the integer, and so the result, is the same.
    * A8W8 (w8a8_mm_small): rowquant.h's per-row quantization (rowquant_avx2.h: fp32 division, nearest even, a row
-     holding NaN or Inf getting a NaN scale), the integer sum_k (q + 128) w (int32, modulo 2^32 as vpdpbusd)
-     through vpmaddwd, then the same fp32 rescale. */
+     holding NaN or Inf getting a NaN scale), the integer sum_k q w (int32, modulo 2^32 as vpdpbusd's sum_k (q + 128)
+     w less 128 wsum) through vpsignb / vpmaddubsw / vpmaddwd, then the same fp32 rescale. */
 
 #include <float.h>
 #include <immintrin.h>
@@ -321,50 +321,115 @@ typedef int16_t qcal_digit_t; /* two 12-bit digit planes, padded to whole 16-col
 /* ---------------------------------------------- dynamic A8W8 (w8a8_mm_small)
 
    Each row quantized by rowquant_avx2.h (csrc/rowquant.h's codes and scales: scale = FLT_MIN + amax / 127, code =
-   x / scale rounded half to even, a NaN scale for a row holding NaN or Inf) into codes + 128 (bytes, vpdpbusd's
-   unsigned operand there; rows padded with zeros to Kp), sum_k (q + 128) w modulo 2^32 through vpmaddwd on both
-   widened to 16 bits, less 128 wsum, times xs then ws in fp32. */
+   x / scale rounded half to even, a NaN scale for a row holding NaN or Inf) into signed bytes (rows padded with
+   zeros to Kp), then sum_k q w (int32, modulo 2^32 as vpdpbusd) and xs * ws in fp32 as the AVX-512 kernel does.
+   The integer sums, 32 columns a step, without widening either operand: vpmaddubsw(|w|, sign(q, w)) is the pairs
+   q[2i] w[2i] + q[2i + 1] w[2i + 1] in 16 bits, exact (|w| <= 128 read unsigned, |q| <= 127: a pair is at most
+   2 * 128 * 127 = 32512, never saturated; codes are within +-127 because amax / scale <= 127 (1 + 2^-23), and 0 for
+   a nonfinite row), widened and summed in int32 by vpmaddwd with ones. The AVX-512 kernel's sum_k (q + 128) w - 128
+   wsum is the same integer modulo 2^32 (wsum is not read here). A weight row by an input row takes vpsignb,
+   vpmaddubsw, vpmaddwd and vpaddd per 32 columns (and a vpabsb per weight row), where both operands widened to 16
+   bits took two vpmaddwd and two vpaddd and the widening (SmolLM2 prefill of 512 tokens, 2 threads: ~1.2x). */
 
-/* R weight rows x MM input rows (R * MM <= 8 accumulators). */
+/* acc += the products of 32 columns of one input row's codes x and one weight row's bytes wv (aw = |wv|), in pairs.
+   The empty asm keeps GCC from reassociating the sums of successive steps: it then held one step's products across
+   the next, more registers than AVX2 has, and kept accumulators in memory. */
+AI void a8w8_dot(__m256i &acc, __m256i x, __m256i wv, __m256i aw, __m256i ones) {
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, wv)), ones));
+    __asm__("" : "+x"(acc));
+}
+
+/* The int32 lanes (modulo 2^32) of R (1..4) weight rows (at w, ldw bytes apart) by MM (1..2) input rows' codes (at
+   q, Kp apart) over n32 blocks of 32 columns, into acc[r][m] (their sums over the lanes are the caller's). The
+   accumulators are named variables, not an array (as an array, GCC kept them in memory); 64 columns an iteration,
+   its prefetch covering the 2 lines of each weight row it reads. */
 template <int R, int MM>
-AI void tile_a8w8(const uint8_t *q, int64_t Kp, int64_t K, const int8_t *w, const int32_t *wsum, const float *ws,
-                  const float *xs, uint16_t *y, int64_t ldy) {
-    __m256i acc[R][MM];
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < MM; m++) acc[r][m] = _mm256_setzero_si256();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        if (!(k & 63)) prefetch_ahead(w, R * k, R);
-        __m256i xv[MM];
-        for (int m = 0; m < MM; m++) xv[m] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + m * Kp + k)));
-        for (int r = 0; r < R; r++) {
-            const __m256i wv = w16(w + r * K + k);
-            for (int m = 0; m < MM; m++) acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(xv[m], wv));
-        }
+AI void a8w8_blocks(const int8_t *q, int64_t Kp, const int8_t *w, int64_t ldw, int64_t n32, __m256i acc[4][2]) {
+    const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256();
+    __m256i a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z;
+    auto step = [&](int64_t k) __attribute__((always_inline)) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(q + k));
+        const __m256i x1 = MM > 1 ? _mm256_loadu_si256((const __m256i *)(q + Kp + k)) : x0;
+        auto row = [&](int r, __m256i &c0, __m256i &c1) __attribute__((always_inline)) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * ldw + k)), aw = _mm256_abs_epi8(wv);
+            a8w8_dot(c0, x0, wv, aw, ones);
+            if (MM > 1) a8w8_dot(c1, x1, wv, aw, ones);
+        };
+        row(0, a00, a01);
+        if (R > 1) row(1, a10, a11);
+        if (R > 2) row(2, a20, a21);
+        if (R > 3) row(3, a30, a31);
+    };
+    int64_t b = 0;
+    for (; b + 2 <= n32; b += 2) {
+        prefetch_ahead(w, R * 32 * b, R);
+        step(32 * b);
+        step(32 * b + 32);
     }
-    if (k < K) {
-        int8_t wt[16];
-        for (int r = 0; r < R; r++) {
-            memset(wt, 0, sizeof(wt));
-            memcpy(wt, w + r * K + k, (size_t)(K - k));
-            const __m256i wv = w16(wt);
-            for (int m = 0; m < MM; m++)
-                acc[r][m] = _mm256_add_epi32(
-                    acc[r][m],
-                    _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + m * Kp + k))), wv));
-        }
-    }
+    if (b < n32) step(32 * b);
+    acc[0][0] = a00, acc[0][1] = a01, acc[1][0] = a10, acc[1][1] = a11;
+    acc[2][0] = a20, acc[2][1] = a21, acc[3][0] = a30, acc[3][1] = a31;
+}
+
+/* The sums of the last K % 32 columns into s[m R + r]: the codes are zero past K (Kp), the weight is read from a
+   zero-padded copy only to stay inside it. Called by the tile before its accumulators live (across a call GCC
+   keeps them in memory). */
+template <int R, int MM>
+__attribute__((noinline)) static void a8w8_tail(const int8_t *q, int64_t Kp, const int8_t *w, int64_t K,
+                                                uint32_t *s) {
+    const int64_t k = K / 32 * 32;
+    int8_t wt[R][32];
+    memset(wt, 0, sizeof(wt));
+    for (int r = 0; r < R; r++) memcpy(wt[r], w + r * K + k, (size_t)(K - k));
+    __m256i acc[4][2];
+    a8w8_blocks<R, MM>(q + k, Kp, wt[0], 32, 1, acc);
     for (int r = 0; r < R; r++)
-        for (int m = 0; m < MM; m++) {
-            const int32_t sum = (int32_t)(hsum_epi32_wrap(acc[r][m]) - 128u * (uint32_t)wsum[r]);
-            y[m * ldy + r] = qcal_float_to_bf16((float)sum * xs[m] * ws[r]);
-        }
+        for (int m = 0; m < MM; m++) s[m * R + r] = hsum_epi32_wrap(acc[r][m]);
+}
+
+/* R weight rows x MM input rows: y[m ldy + r] = bf16(float(sum) * xs[m] * ws[r]). */
+template <int R, int MM>
+AI void tile_a8w8(const int8_t *q, int64_t Kp, int64_t K, const int8_t *w,
+                                                const float *ws, const float *xs, uint16_t *y, int64_t ldy) {
+    alignas(32) uint32_t s[8] = {0}; /* modulo 2^32, [m R + r] */
+    if (K % 32) a8w8_tail<R, MM>(q, Kp, w, K, s);
+    __m256i acc[4][2];
+    a8w8_blocks<R, MM>(q, Kp, w, K, K / 32, acc);
+    if constexpr (R == 4 && MM == 2) { /* the 8 sums as one vector [m0: r0..r3, m1: r0..r3], rescaled at once */
+        const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0][0], acc[1][0]),
+                                             _mm256_hadd_epi32(acc[2][0], acc[3][0]));
+        const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0][1], acc[1][1]),
+                                             _mm256_hadd_epi32(acc[2][1], acc[3][1]));
+        const __m256i sum = _mm256_add_epi32(
+            _mm256_load_si256((const __m256i *)s),
+            _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31)));
+        const __m128 w4 = _mm_loadu_ps(ws);
+        const __m256 xs2 = _mm256_setr_m128(_mm_set1_ps(xs[0]), _mm_set1_ps(xs[1]));
+        const __m256 f = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), xs2), _mm256_setr_m128(w4, w4));
+        const __m256i h = _mm256_srli_epi32(qcal_bf16_bits8(f), 16);
+        const __m128i b = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        _mm_storel_epi64((__m128i *)y, b);
+        _mm_storel_epi64((__m128i *)(y + ldy), _mm_unpackhi_epi64(b, b));
+    } else {
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < MM; m++) {
+                const int32_t sum = (int32_t)(s[m * R + r] + hsum_epi32_wrap(acc[r][m]));
+                y[m * ldy + r] = qcal_float_to_bf16((float)sum * xs[m] * ws[r]);
+            }
+    }
+}
+
+/* The tiles of two input rows as functions of their own: inlined into the unit's loop over input rows, GCC kept some
+   of their accumulators in memory. */
+template <int R, int MM>
+__attribute__((noinline)) static void tile_a8w8_call(const int8_t *q, int64_t Kp, int64_t K, const int8_t *w,
+                                                     const float *ws, const float *xs, uint16_t *y, int64_t ldy) {
+    tile_a8w8<R, MM>(q, Kp, K, w, ws, xs, y, ldy);
 }
 
 typedef struct {
-    const uint8_t *q; /* (M, Kp) codes + 128 */
+    const int8_t *q; /* (M, Kp) codes */
     const int8_t *w;
-    const int32_t *wsum;
     const float *ws, *xs;
     uint16_t *y;
     int64_t N, K, Kp;
@@ -376,33 +441,34 @@ static void a8w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
     const int rb = N - n0 < 4 ? (int)(N - n0) : 4;
     for (int m = 0; m < mb; m += 2) {
         const int mm = mb - m >= 2 ? 2 : 1;
-        const uint8_t *q = a->q + (m0 + m) * Kp;
+        const int8_t *q = a->q + (m0 + m) * Kp;
         const int8_t *w = a->w + n0 * K;
-        const int32_t *wsum = a->wsum + n0;
         const float *ws = a->ws + n0, *xs = a->xs + m0 + m;
         uint16_t *y = a->y + (m0 + m) * N + n0;
-#define T8(R, MM) tile_a8w8<R, MM>(q, Kp, K, w, wsum, ws, xs, y, N)
+#define T1(R) tile_a8w8<R, 1>(q, Kp, K, w, ws, xs, y, N)
+#define T2(R) tile_a8w8_call<R, 2>(q, Kp, K, w, ws, xs, y, N)
         switch (rb * 2 + mm) {
-        case 3: T8(1, 1); break;
-        case 4: T8(1, 2); break;
-        case 5: T8(2, 1); break;
-        case 6: T8(2, 2); break;
-        case 7: T8(3, 1); break;
-        case 8: T8(3, 2); break;
-        case 9: T8(4, 1); break;
-        default: T8(4, 2); break;
+        case 3: T1(1); break;
+        case 4: T2(1); break;
+        case 5: T1(2); break;
+        case 6: T2(2); break;
+        case 7: T1(3); break;
+        case 8: T2(3); break;
+        case 9: T1(4); break;
+        default: T2(4); break;
         }
-#undef T8
+#undef T1
+#undef T2
     }
 }
 
-/* x (M, K) bf16; w (N, K) int8 row-major; wsum (N) int32; ws (N) fp32; y (M, N) bf16. Returns 0, -1 for unsupported
-   arguments (nothing written), -2 on allocation failure. */
-static int w8a8_small(const uint16_t *x, const int8_t *w, const int32_t *wsum, const float *ws, uint16_t *y,
-                      int64_t M, int64_t N, int64_t K, int nthreads) {
+/* x (M, K) bf16; w (N, K) int8 row-major; ws (N) fp32; y (M, N) bf16 (wsum: the AVX-512 kernel's, not read here).
+   Returns 0, -1 for unsupported arguments (nothing written), -2 on allocation failure. */
+static int w8a8_small(const uint16_t *x, const int8_t *w, const int32_t *, const float *ws, uint16_t *y, int64_t M,
+                      int64_t N, int64_t K, int nthreads) {
     if (K <= 0 || N < 0 || M < 0) return -1;
-    const int64_t Kp = (K + 15) / 16 * 16;
-    uint8_t *q = (uint8_t *)malloc((size_t)(M > 0 ? M : 1) * (size_t)Kp);
+    const int64_t Kp = (K + 31) / 32 * 32;
+    int8_t *q = (int8_t *)malloc((size_t)(M > 0 ? M : 1) * (size_t)Kp);
     float *xs = (float *)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
     if (!q || !xs) {
         free(q);
@@ -411,10 +477,10 @@ static int w8a8_small(const uint16_t *x, const int8_t *w, const int32_t *wsum, c
     }
 #pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static) if (M >= 16)
     for (int64_t m = 0; m < M; m++) {
-        xs[m] = qcal_quantize_row(x + m * K, K, q + m * Kp, 0x80);
+        xs[m] = qcal_quantize_row(x + m * K, K, (uint8_t *)q + m * Kp, 0);
         memset(q + m * Kp + K, 0, (size_t)(Kp - K));
     }
-    const a8w8_ctx ctx = {q, w, wsum, ws, xs, y, N, K, Kp};
+    const a8w8_ctx ctx = {q, w, ws, xs, y, N, K, Kp};
     qcal_run_units(M, (N + 3) / 4, nthreads, &ctx, a8w8_unit);
     free(q);
     free(xs);
