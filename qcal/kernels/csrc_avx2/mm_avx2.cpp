@@ -342,7 +342,7 @@ AI void a8w8_dot(__m256i &acc, __m256i x, __m256i wv, __m256i aw, __m256i ones) 
 /* The int32 lanes (modulo 2^32) of R (1..4) weight rows (at w, ldw bytes apart) by MM (1..2) input rows' codes (at
    q, Kp apart) over n32 blocks of 32 columns, into acc[r][m] (their sums over the lanes are the caller's). The
    accumulators are named variables, not an array (as an array, GCC kept them in memory); 64 columns an iteration,
-   its prefetch covering the 2 lines of each weight row it reads. */
+   prefetching as many lines ahead as it reads (a tile's weight rows are one block, read front to back). */
 template <int R, int MM>
 AI void a8w8_blocks(const int8_t *q, int64_t Kp, const int8_t *w, int64_t ldw, int64_t n32, __m256i acc[4][2]) {
     const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256();
@@ -389,8 +389,8 @@ __attribute__((noinline)) static void a8w8_tail(const int8_t *q, int64_t Kp, con
 
 /* R weight rows x MM input rows: y[m ldy + r] = bf16(float(sum) * xs[m] * ws[r]). */
 template <int R, int MM>
-AI void tile_a8w8(const int8_t *q, int64_t Kp, int64_t K, const int8_t *w,
-                                                const float *ws, const float *xs, uint16_t *y, int64_t ldy) {
+AI void tile_a8w8(const int8_t *q, int64_t Kp, int64_t K, const int8_t *w, const float *ws, const float *xs,
+                  uint16_t *y, int64_t ldy) {
     alignas(32) uint32_t s[8] = {0}; /* modulo 2^32, [m R + r] */
     if (K % 32) a8w8_tail<R, MM>(q, Kp, w, K, s);
     __m256i acc[4][2];
