@@ -329,7 +329,7 @@ typedef int16_t qcal_digit_t; /* two 12-bit digit planes, padded to whole 16-col
    a nonfinite row), widened and summed in int32 by vpmaddwd with ones. The AVX-512 kernel's sum_k (q + 128) w - 128
    wsum is the same integer modulo 2^32 (wsum is not read here). A weight row by an input row takes vpsignb,
    vpmaddubsw, vpmaddwd and vpaddd per 32 columns (and a vpabsb per weight row), where both operands widened to 16
-   bits took two vpmaddwd and two vpaddd and the widening (SmolLM2 prefill of 512 tokens, 2 threads: ~1.2x). */
+   bits took two vpmaddwd and two vpaddd and the widening (SmolLM2 prefill of 512 tokens, 2 threads: 1.1-1.3x). */
 
 /* acc += the products of 32 columns of one input row's codes x and one weight row's bytes wv (aw = |wv|), in pairs.
    The empty asm keeps GCC from reassociating the sums of successive steps: it then held one step's products across
