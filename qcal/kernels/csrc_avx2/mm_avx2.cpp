@@ -419,14 +419,6 @@ AI void tile_a8w8(const int8_t *q, int64_t Kp, int64_t K, const int8_t *w, const
     }
 }
 
-/* The tiles of two input rows as functions of their own: inlined into the unit's loop over input rows, GCC kept some
-   of their accumulators in memory. */
-template <int R, int MM>
-__attribute__((noinline)) static void tile_a8w8_call(const int8_t *q, int64_t Kp, int64_t K, const int8_t *w,
-                                                     const float *ws, const float *xs, uint16_t *y, int64_t ldy) {
-    tile_a8w8<R, MM>(q, Kp, K, w, ws, xs, y, ldy);
-}
-
 typedef struct {
     const int8_t *q; /* (M, Kp) codes */
     const int8_t *w;
@@ -445,20 +437,18 @@ static void a8w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
         const int8_t *w = a->w + n0 * K;
         const float *ws = a->ws + n0, *xs = a->xs + m0 + m;
         uint16_t *y = a->y + (m0 + m) * N + n0;
-#define T1(R) tile_a8w8<R, 1>(q, Kp, K, w, ws, xs, y, N)
-#define T2(R) tile_a8w8_call<R, 2>(q, Kp, K, w, ws, xs, y, N)
+#define T8(R, MM) tile_a8w8<R, MM>(q, Kp, K, w, ws, xs, y, N)
         switch (rb * 2 + mm) {
-        case 3: T1(1); break;
-        case 4: T2(1); break;
-        case 5: T1(2); break;
-        case 6: T2(2); break;
-        case 7: T1(3); break;
-        case 8: T2(3); break;
-        case 9: T1(4); break;
-        default: T2(4); break;
+        case 3: T8(1, 1); break;
+        case 4: T8(1, 2); break;
+        case 5: T8(2, 1); break;
+        case 6: T8(2, 2); break;
+        case 7: T8(3, 1); break;
+        case 8: T8(3, 2); break;
+        case 9: T8(4, 1); break;
+        default: T8(4, 2); break;
         }
-#undef T1
-#undef T2
+#undef T8
     }
 }
 
