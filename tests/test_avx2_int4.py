@@ -262,6 +262,22 @@ def test_w4a8_ignores_offsets_and_non_finite_rows_are_nan():
 # ---------------------------------------------------------------- both
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("gs", [32, 64])
+def test_scales_alone_read_as_the_two_plane_layout(m, gs):
+    """A symmetric weight's scales packed alone (N/16, G, 1, 16) give the bits of the two-plane layout."""
+    u, x, s, _ = _case(m, gs, False, seed=700 + m + gs, n=48, spread=True)
+    one, two = native.pack_scales(s, None), native.pack_scales(s, torch.zeros_like(s))
+    assert one.shape == (3, K // gs, 1, 16) and two.shape == (3, K // gs, 2, 16)
+    w16, w8 = native.pack_int4(u), native.pack_int4_vnni(u)
+    assert _same(ops.w4a16_mm_small(x, w16, one, False, gs), ops.w4a16_mm_small(x, w16, two, False, gs))
+    assert _same(ops.w4a8_mm(x, w8, one, gs), ops.w4a8_mm(x, w8, two, gs))
+    with pytest.raises(ValueError, match="qcal::w4a16_mm_small: has_zero needs sz with the offsets"):
+        ops.w4a16_mm_small(x, w16, one, True, gs)
+    with pytest.raises(ValueError, match="qcal::w4a8_mm: sz must be a contiguous"):
+        ops.w4a8_mm(x, w8, torch.cat((two, one), dim=2), gs)  # three planes
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_threads_and_row_tiles_do_not_change_the_result(threads):
     """Every output element comes from one tile whatever the thread split and the number of rows beside it."""

@@ -10,7 +10,8 @@
    pairing vdpbf16ps expects against a broadcast (x[k], x[k + 1]) pair. No horizontal sums are needed.
    The +128 of the trick and the -8 of the codes are removed per group with the group sums X of x:
        y = sum_g s_g * (D_g - 136 X_g) - z_g * X_g,   D_g = sum_{k in g} x_k (128 + u_k)  (fp32).
-   Scales and offsets: bf16 bit patterns, (N/16, G, 2, 16): per block and group, 16 scales then 16 offsets.
+   Scales and offsets: bf16 bit patterns, (N/16, G, planes, 16): per block and group, 16 scales then (planes = 2)
+   16 offsets; a symmetric weight's scales alone (planes = 1, read only without has_zero).
    Products and sums are fp32 (integer inputs, e.g. 8da4w's int8 codes, stay exact). */
 
 #include <float.h>
@@ -37,7 +38,7 @@ AI __m512bh nibbles(__m512i v, int q) {
 
 
 /* RB blocks of 16 rows (1 or 2) x MM input rows (1..4); two accumulator chains per pair hide latency. */
-AI void tile(const uint16_t *x, int64_t K, const uint8_t *w, int64_t bstride, const uint16_t *sz, int HZ,
+AI void tile(const uint16_t *x, int64_t K, const uint8_t *w, int64_t bstride, const uint16_t *sz, int64_t szs, int HZ,
              const float *X, int64_t G, int64_t gs, uint16_t *y, int64_t ldy, int RB, int MM) {
     __m512 acc[2][4], t0[2][4], t1[2][4];
     for (int b = 0; b < RB; b++)
@@ -68,7 +69,7 @@ AI void tile(const uint16_t *x, int64_t K, const uint8_t *w, int64_t bstride, co
             }
         }
         for (int b = 0; b < RB; b++) {
-            const uint16_t *p = sz + (b * G + g) * 32;
+            const uint16_t *p = sz + (b * G + g) * szs;
             __m512 sv = qcal_load_bf16(p);
             for (int m = 0; m < MM; m++) {
                 __m512 d = _mm512_sub_ps(_mm512_add_ps(t0[b][m], t1[b][m]), _mm512_set1_ps(136.f * X[m * G + g]));
@@ -94,7 +95,7 @@ typedef struct {
     const uint16_t *sz;
     int has_zero;
     uint16_t *y;
-    int64_t N, K, G, gs, bstride, blocks;
+    int64_t N, K, G, gs, bstride, blocks, szs;
     const float *X;
 } int4_ctx;
 
@@ -103,19 +104,19 @@ static void int4_unit(const void *c, int64_t m0, int mb, int64_t p) {
     const int64_t blk = 2 * p, K = a->K, G = a->G;
     const uint16_t *xm = a->x + m0 * K;
     const uint8_t *wp = a->w + blk * a->bstride;
-    const uint16_t *szp = a->sz + blk * G * 32;
+    const uint16_t *szp = a->sz + blk * G * a->szs;
     uint16_t *yp = a->y + m0 * a->N + blk * 16;
     const float *X = a->X + m0 * G;
     const int rb = blk + 1 < a->blocks ? 2 : 1;
 #define TILE(RB, MM)                                                                                           \
-    (a->has_zero ? tile(xm, K, wp, a->bstride, szp, 1, X, G, a->gs, yp, a->N, RB, MM)                      \
-                 : tile(xm, K, wp, a->bstride, szp, 0, X, G, a->gs, yp, a->N, RB, MM))
+    (a->has_zero ? tile(xm, K, wp, a->bstride, szp, a->szs, 1, X, G, a->gs, yp, a->N, RB, MM)                \
+                 : tile(xm, K, wp, a->bstride, szp, a->szs, 0, X, G, a->gs, yp, a->N, RB, MM))
     QCAL_RB2_X_MB(TILE)
 #undef TILE
 }
 
-static int mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_zero, uint16_t *y, int64_t M,
-              int64_t N, int64_t K, int64_t gs, int nthreads) {
+static int mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int planes, int has_zero, uint16_t *y,
+              int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
     const int64_t G = K / gs, bstride = 16 * K / 2, blocks = N / 16;
     const int64_t units = (blocks + 1) / 2; /* pairs of blocks; the last one may be single */
     float *X = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1) * (size_t)G); /* group sums of each input row */
@@ -126,19 +127,21 @@ static int mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_z
             for (int64_t k = g * gs; k < (g + 1) * gs; k++) acc += qcal_bf16_to_float(x[m * K + k]);
             X[m * G + g] = acc;
         }
-    const int4_ctx ctx = {x, w, sz, has_zero, y, N, K, G, gs, bstride, blocks, X};
+    const int4_ctx ctx = {x, w, sz, has_zero, y, N, K, G, gs, bstride, blocks, 16 * (int64_t)planes, X};
     qcal_run_units(M, units, nthreads, &ctx, int4_unit);
     free(X);
     return 0;
 }
 
-static int bad_args(int64_t M, int64_t N, int64_t K, int64_t gs) { return !w4_fits(N, K, gs) || M < 0; }
+static int bad_args(int64_t M, int64_t N, int64_t K, int64_t gs, int planes) {
+    return !w4_fits(N, K, gs) || M < 0 || planes < 1 || planes > 2;
+}
 
 /* y = x @ W^T. Returns 0, or -1 for unsupported arguments (nothing written). */
-static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_zero, uint16_t *y,
-                        int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
-    if (bad_args(M, N, K, gs)) return -1;
-    return mm(x, w, sz, has_zero, y, M, N, K, gs, nthreads);
+static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int planes, int has_zero, uint16_t *y,
+                       int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
+    if (bad_args(M, N, K, gs, planes) || (has_zero && planes != 2)) return -1;
+    return mm(x, w, sz, planes, has_zero, y, M, N, K, gs, nthreads);
 }
 
 /* 8da4w through VNNI: the int8 activation codes multiply the 4-bit codes u directly (vpdpbusd, u unsigned,
@@ -147,7 +150,7 @@ static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, 
    and the same fp32 operations as a bf16 product of the codes, at half the instructions per weight.
    Weight layout (qcal.kernels.native.pack_int4_vnni): blocks of 16 rows; per octet o of 8 columns, 64 bytes:
    row r's 4 bytes at 4 r, byte i = u[r, 8 o + i] | u[r, 8 o + 4 + i] << 4. Scales: as pack_scales. */
-AI void tile_vnni(const int8_t *xq, int64_t K, const uint8_t *w, int64_t bstride, const uint16_t *sz,
+AI void tile_vnni(const int8_t *xq, int64_t K, const uint8_t *w, int64_t bstride, const uint16_t *sz, int64_t szs,
                   const int32_t *X, int64_t G, int64_t gs, const float *xs, uint16_t *y, int64_t ldy, int RB, int MM) {
     __m512 acc[2][4];
     for (int b = 0; b < RB; b++)
@@ -177,7 +180,7 @@ AI void tile_vnni(const int8_t *xq, int64_t K, const uint8_t *w, int64_t bstride
             }
         }
         for (int b = 0; b < RB; b++) {
-            const __m512 sv = qcal_load_bf16(sz + (b * G + g) * 32);
+            const __m512 sv = qcal_load_bf16(sz + (b * G + g) * szs);
             for (int m = 0; m < MM; m++) {
                 const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(t[b][m], _mm512_set1_epi32(8 * X[m * G + g])));
                 acc[b][m] = _mm512_fmadd_ps(d, sv, acc[b][m]);
@@ -198,7 +201,7 @@ typedef struct {
     const int32_t *X;
     const float *xs;
     uint16_t *y;
-    int64_t N, K, G, gs, bstride, blocks;
+    int64_t N, K, G, gs, bstride, blocks, szs;
 } vnni_ctx;
 
 static void vnni_unit(const void *c, int64_t m0, int mb, int64_t p) {
@@ -206,17 +209,17 @@ static void vnni_unit(const void *c, int64_t m0, int mb, int64_t p) {
     const int64_t blk = 2 * p, K = a->K, G = a->G;
     const int rb = blk + 1 < a->blocks ? 2 : 1;
 #define TV(RB, MM)                                                                                             \
-    tile_vnni(a->xq + m0 * K, K, a->w + blk * a->bstride, a->bstride, a->sz + blk * G * 32, a->X + m0 * G, G, \
-              a->gs, a->xs + m0, a->y + m0 * a->N + blk * 16, a->N, RB, MM)
+    tile_vnni(a->xq + m0 * K, K, a->w + blk * a->bstride, a->bstride, a->sz + blk * G * a->szs, a->szs,      \
+              a->X + m0 * G, G, a->gs, a->xs + m0, a->y + m0 * a->N + blk * 16, a->N, RB, MM)
     QCAL_RB2_X_MB(TV)
 #undef TV
 }
 
 /* 8da4w, VNNI: x (M, K) bf16 rows quantized as quantize_per_token; w from pack_int4_vnni, sz from pack_scales
-   (symmetric: the offsets are ignored). Returns 0, -1 (arguments), -2 (memory). */
-static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
-             int64_t K, int64_t gs, int nthreads) {
-    if (bad_args(M, N, K, gs)) return -1;
+   (symmetric: the offsets, where sz has them, are ignored). Returns 0, -1 (arguments), -2 (memory). */
+static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int planes, uint16_t *y, int64_t M, int64_t N,
+                int64_t K, int64_t gs, int nthreads) {
+    if (bad_args(M, N, K, gs, planes)) return -1;
     const int64_t G = K / gs, bstride = 16 * K / 2, blocks = N / 16, units = (blocks + 1) / 2;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K) + 64);
     float *xs = (float *)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
@@ -235,7 +238,7 @@ static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_
             X[m * G + g] = acc;
         }
     }
-    const vnni_ctx ctx = {xq, w, sz, X, xs, y, N, K, G, gs, bstride, blocks};
+    const vnni_ctx ctx = {xq, w, sz, X, xs, y, N, K, G, gs, bstride, blocks, 16 * (int64_t)planes};
     qcal_run_units(M, units, nthreads, &ctx, vnni_unit);
     free(xq);
     free(xs);

@@ -96,8 +96,8 @@ template <int Q, int NH, int MM> AI void dot_q(const uint8_t *const *w, const fl
    the chains of several halves and rows are interleaved only to hide the FMA latency. x: the rows' fp32 values
    (denormals flushed), k-major; X: their group sums (row-major, G per row). */
 template <int NH, int MM, bool HZ>
-AI void tile16(const float *x, const uint8_t *w, int64_t bstride, const uint16_t *sz, const float *X, int64_t G,
-               int64_t gs, uint16_t *y, int64_t ldy) {
+AI void tile16(const float *x, const uint8_t *w, int64_t bstride, const uint16_t *sz, int64_t szs, const float *X,
+               int64_t G, int64_t gs, uint16_t *y, int64_t ldy) {
     __m256 acc[NH][MM];
     for (int j = 0; j < NH; j++)
         for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
@@ -119,7 +119,7 @@ AI void tile16(const float *x, const uint8_t *w, int64_t bstride, const uint16_t
             dot_q<3, NH, MM>(wo, xo, t1);
         }
         for (int j = 0; j < NH; j++) {
-            const uint16_t *p = sz + (j >> 1) * G * 32 + g * 32 + (j & 1) * 8;
+            const uint16_t *p = sz + ((j >> 1) * G + g) * szs + (j & 1) * 8;
             const __m256 sv = qcal_load8_bf16(p);
             for (int m = 0; m < MM; m++) {
                 const __m256 d = _mm256_sub_ps(_mm256_add_ps(t0[j][m], t1[j][m]), _mm256_set1_ps(136.f * X[m * G + g]));
@@ -141,29 +141,30 @@ typedef struct {
     const uint8_t *w;
     const uint16_t *sz;
     uint16_t *y;
-    int64_t N, K, G, gs, bstride, blocks;
+    int64_t N, K, G, gs, bstride, blocks, szs; /* szs: sz's values a group of a block (16 a plane) */
 } w4a16_ctx;
 
 template <bool HZ> static void w4a16_unit(const void *c, int64_t m0, int mb, int64_t p) {
     const w4a16_ctx *a = (const w4a16_ctx *)c;
-    const int64_t K = a->K, G = a->G, gs = a->gs, N = a->N, bs = a->bstride, blk0 = 2 * p;
+    const int64_t K = a->K, G = a->G, gs = a->gs, N = a->N, bs = a->bstride, blk0 = 2 * p, szs = a->szs;
     const int rb = blk0 + 1 < a->blocks ? 2 : 1;
     const float *x = a->x + m0 * K, *X = a->X + m0 * G;
     const uint8_t *w = a->w + blk0 * bs;
-    const uint16_t *sz = a->sz + blk0 * G * 32;
+    const uint16_t *sz = a->sz + blk0 * G * szs;
     uint16_t *y = a->y + m0 * N + blk0 * 16;
     /* 8 to 16 independent chains a tile (a chain takes 4 dependent FMAs an octet) */
     if (mb == 1) {
-        if (rb == 2) tile16<4, 1, HZ>(x, w, bs, sz, X, G, gs, y, N);
-        else tile16<2, 1, HZ>(x, w, bs, sz, X, G, gs, y, N);
+        if (rb == 2) tile16<4, 1, HZ>(x, w, bs, sz, szs, X, G, gs, y, N);
+        else tile16<2, 1, HZ>(x, w, bs, sz, szs, X, G, gs, y, N);
     } else if (mb == 2) {
-        for (int b = 0; b < rb; b++) tile16<2, 2, HZ>(x, w + b * bs, bs, sz + b * G * 32, X, G, gs, y + 16 * b, N);
+        for (int b = 0; b < rb; b++)
+            tile16<2, 2, HZ>(x, w + b * bs, bs, sz + b * G * szs, szs, X, G, gs, y + 16 * b, N);
     } else {
         for (int j = 0; j < 2 * rb; j++) {
             const uint8_t *wh = w + (j >> 1) * bs + (j & 1) * 32;
-            const uint16_t *szh = sz + (j >> 1) * G * 32 + (j & 1) * 8;
-            if (mb == 3) tile16<1, 3, HZ>(x, wh, bs, szh, X, G, gs, y + 8 * j, N);
-            else tile16<1, 4, HZ>(x, wh, bs, szh, X, G, gs, y + 8 * j, N);
+            const uint16_t *szh = sz + (j >> 1) * G * szs + (j & 1) * 8;
+            if (mb == 3) tile16<1, 3, HZ>(x, wh, bs, szh, szs, X, G, gs, y + 8 * j, N);
+            else tile16<1, 4, HZ>(x, wh, bs, szh, szs, X, G, gs, y + 8 * j, N);
         }
     }
 }
@@ -199,9 +200,9 @@ static void share_quads(int64_t M, int t, int T, int64_t *lo, int64_t *hi) {
 
 /* y = x @ W^T. Returns 0, -1 for unsupported arguments (nothing written), -2 (memory). */
 
-static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int has_zero, uint16_t *y,
+static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int planes, int has_zero, uint16_t *y,
                        int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
-    if (!w4_fits(N, K, gs) || M < 0) return -1;
+    if (!w4_fits(N, K, gs) || M < 0 || planes < 1 || planes > 2 || (has_zero && planes != 2)) return -1;
     const int64_t G = K / gs, blocks = N / 16, units = (blocks + 1) / 2;
     float *xf = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M * K : 1));
     float *X = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1) * (size_t)G);
@@ -220,7 +221,7 @@ static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, 
             prepare_rows16(x, lo, hi, M, K, G, gs, xf, X);
         }
     }
-    const w4a16_ctx ctx = {xf, X, w, sz, y, N, K, G, gs, 16 * K / 2, blocks};
+    const w4a16_ctx ctx = {xf, X, w, sz, y, N, K, G, gs, 16 * K / 2, blocks, 16 * (int64_t)planes};
     qcal_run_units(M, units, nthreads, &ctx, has_zero ? w4a16_unit<true> : w4a16_unit<false>);
     free(xf);
     free(X);
@@ -232,8 +233,8 @@ static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, 
 /* NH halves (as tile16) x MM input rows; xq: the rows' int8 codes, octet-major (octet o of row m: the 8 bytes at
    xq + (o MM + m) 8), X: their group sums, xs: their scales. */
 template <int NH, int MM>
-AI void tile8(const int8_t *xq, const uint8_t *w, int64_t bstride, const uint16_t *sz, const int32_t *X, int64_t G,
-              int64_t gs, const float *xs, uint16_t *y, int64_t ldy) {
+AI void tile8(const int8_t *xq, const uint8_t *w, int64_t bstride, const uint16_t *sz, int64_t szs, const int32_t *X,
+              int64_t G, int64_t gs, const float *xs, uint16_t *y, int64_t ldy) {
     __m256 acc[NH][MM];
     for (int j = 0; j < NH; j++)
         for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
@@ -273,7 +274,7 @@ AI void tile8(const int8_t *xq, const uint8_t *w, int64_t bstride, const uint16_
                 for (int m = 0; m < MM; m++) t[j][m] = _mm256_add_epi32(t[j][m], _mm256_madd_epi16(s[j][m], ones));
         }
         for (int j = 0; j < NH; j++) {
-            const __m256 sv = qcal_load8_bf16(sz + (j >> 1) * G * 32 + g * 32 + (j & 1) * 8);
+            const __m256 sv = qcal_load8_bf16(sz + ((j >> 1) * G + g) * szs + (j & 1) * 8);
             for (int m = 0; m < MM; m++) {
                 const int32_t c = (int32_t)(8u * (uint32_t)X[m * G + g]);
                 const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(t[j][m], _mm256_set1_epi32(c)));
@@ -293,29 +294,30 @@ typedef struct {
     const uint8_t *w;
     const uint16_t *sz;
     uint16_t *y;
-    int64_t N, K, G, gs, bstride, blocks;
+    int64_t N, K, G, gs, bstride, blocks, szs;
 } w4a8_ctx;
 
 static void w4a8_unit(const void *c, int64_t m0, int mb, int64_t p) {
     const w4a8_ctx *a = (const w4a8_ctx *)c;
-    const int64_t K = a->K, G = a->G, gs = a->gs, N = a->N, bs = a->bstride, blk0 = 2 * p;
+    const int64_t K = a->K, G = a->G, gs = a->gs, N = a->N, bs = a->bstride, blk0 = 2 * p, szs = a->szs;
     const int rb = blk0 + 1 < a->blocks ? 2 : 1;
     const int8_t *xq = a->xq + m0 * K;
     const int32_t *X = a->X + m0 * G;
     const float *xs = a->xs + m0;
     const uint8_t *w = a->w + blk0 * bs;
-    const uint16_t *sz = a->sz + blk0 * G * 32;
+    const uint16_t *sz = a->sz + blk0 * G * szs;
     uint16_t *y = a->y + m0 * N + blk0 * 16;
     if (mb == 1) {
-        for (int b = 0; b < rb; b++) tile8<2, 1>(xq, w + b * bs, bs, sz + b * G * 32, X, G, gs, xs, y + 16 * b, N);
+        for (int b = 0; b < rb; b++)
+            tile8<2, 1>(xq, w + b * bs, bs, sz + b * G * szs, szs, X, G, gs, xs, y + 16 * b, N);
         return;
     }
     for (int j = 0; j < 2 * rb; j++) {
         const uint8_t *wh = w + (j >> 1) * bs + (j & 1) * 32;
-        const uint16_t *szh = sz + (j >> 1) * G * 32 + (j & 1) * 8;
-        if (mb == 2) tile8<1, 2>(xq, wh, bs, szh, X, G, gs, xs, y + 8 * j, N);
-        else if (mb == 3) tile8<1, 3>(xq, wh, bs, szh, X, G, gs, xs, y + 8 * j, N);
-        else tile8<1, 4>(xq, wh, bs, szh, X, G, gs, xs, y + 8 * j, N);
+        const uint16_t *szh = sz + (j >> 1) * G * szs + (j & 1) * 8;
+        if (mb == 2) tile8<1, 2>(xq, wh, bs, szh, szs, X, G, gs, xs, y + 8 * j, N);
+        else if (mb == 3) tile8<1, 3>(xq, wh, bs, szh, szs, X, G, gs, xs, y + 8 * j, N);
+        else tile8<1, 4>(xq, wh, bs, szh, szs, X, G, gs, xs, y + 8 * j, N);
     }
 }
 
@@ -336,10 +338,10 @@ static void prepare_rows8(const uint16_t *x, int64_t m_lo, int64_t m_hi, int64_t
 }
 
 /* 8da4w: x (M, K) bf16 rows quantized as quantize_per_token; w from pack_int4_vnni, sz from pack_scales
-   (symmetric: the offsets are ignored). Returns 0, -1 (arguments), -2 (memory). */
-static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_t *y, int64_t M, int64_t N,
+   (symmetric: the offsets, where sz has them, are ignored). Returns 0, -1 (arguments), -2 (memory). */
+static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int planes, uint16_t *y, int64_t M, int64_t N,
                 int64_t K, int64_t gs, int nthreads) {
-    if (!w4_fits(N, K, gs) || M < 0) return -1;
+    if (!w4_fits(N, K, gs) || M < 0 || planes < 1 || planes > 2) return -1;
     const int64_t G = K / gs, blocks = N / 16, units = (blocks + 1) / 2;
     const int T = M < 8 || nthreads < 2 ? 1 : nthreads;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K) + (size_t)(T * K) + 64); /* codes, then T rows of scratch */
@@ -362,7 +364,7 @@ static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, uint16_
             prepare_rows8(x, lo, hi, M, K, G, gs, xq, xs, X, xq + M * K + t * K);
         }
     }
-    const w4a8_ctx ctx = {xq, X, xs, w, sz, y, N, K, G, gs, 16 * K / 2, blocks};
+    const w4a8_ctx ctx = {xq, X, xs, w, sz, y, N, K, G, gs, 16 * K / 2, blocks, 16 * (int64_t)planes};
     qcal_run_units(M, units, nthreads, &ctx, w4a8_unit);
     free(xq);
     free(xs);
