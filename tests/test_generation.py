@@ -303,7 +303,7 @@ def test_native_decode_step_checks_bound_projections_when_planned():
     broken = list(tensors)
     per_layer = len(tensors) // 3
     broken[per_layer + 1] = broken[per_layer + 1][:1]  # layer 1's q_proj scales: wrong shape
-    with pytest.raises(ValueError, match=r"qcal::w4a8_mm: sz must be a contiguous \[8, 2, 2, 16\]"):
+    with pytest.raises(ValueError, match=r"qcal::w4a8_mm: sz must be a contiguous \[8, 2, 1, 16\]"):
         step(norms, eps, gen.k_cache, gen.v_cache, gen.cos, gen.sin, gen.scale, names, broken, ints)
     model = make_tiny_llama(hidden=128, layers=3, tie=False).to(torch.bfloat16)
     gen = LeanGenerator(model, 8)
