@@ -32,7 +32,7 @@ static at::Tensor w4_checked(const char *op, const at::Tensor &x, const at::Tens
 
 /* has_zero needs the offsets' plane. */
 static void w4_zero_checked(const char *op, const at::Tensor &sz, bool has_zero) {
-    TORCH_CHECK_VALUE(!has_zero || w4_planes(sz) == 2, op, ": has_zero needs sz with the offsets (N/16, K/group_size, "
+    TORCH_CHECK_VALUE(w4_planes_fit(w4_planes(sz), has_zero), op, ": has_zero needs sz with the offsets (N/16, K/group_size, "
                       "2, 16), got ", sz.sizes());
 }
 

@@ -12,4 +12,7 @@ static inline bool w4_fits(int64_t N, int64_t K, int64_t gs) {
            K / gs <= MAX_GROUPS && K <= (1 << 26);
 }
 
+/* The scales' planes (pack_scales): 1 (scales) or 2 (scales, offsets); has_zero reads the offsets. */
+static inline bool w4_planes_fit(int planes, int has_zero) { return planes == 2 || (planes == 1 && !has_zero); }
+
 #endif

@@ -133,14 +133,14 @@ static int mm(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int plane
     return 0;
 }
 
-static int bad_args(int64_t M, int64_t N, int64_t K, int64_t gs, int planes) {
-    return !w4_fits(N, K, gs) || M < 0 || planes < 1 || planes > 2;
+static int bad_args(int64_t M, int64_t N, int64_t K, int64_t gs, int planes, int has_zero) {
+    return !w4_fits(N, K, gs) || M < 0 || !w4_planes_fit(planes, has_zero);
 }
 
 /* y = x @ W^T. Returns 0, or -1 for unsupported arguments (nothing written). */
 static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int planes, int has_zero, uint16_t *y,
                        int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
-    if (bad_args(M, N, K, gs, planes) || (has_zero && planes != 2)) return -1;
+    if (bad_args(M, N, K, gs, planes, has_zero)) return -1;
     return mm(x, w, sz, planes, has_zero, y, M, N, K, gs, nthreads);
 }
 
@@ -219,7 +219,7 @@ static void vnni_unit(const void *c, int64_t m0, int mb, int64_t p) {
    (symmetric: the offsets, where sz has them, are ignored). Returns 0, -1 (arguments), -2 (memory). */
 static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int planes, uint16_t *y, int64_t M, int64_t N,
                 int64_t K, int64_t gs, int nthreads) {
-    if (bad_args(M, N, K, gs, planes)) return -1;
+    if (bad_args(M, N, K, gs, planes, 0)) return -1;
     const int64_t G = K / gs, bstride = 16 * K / 2, blocks = N / 16, units = (blocks + 1) / 2;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K) + 64);
     float *xs = (float *)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));

@@ -202,7 +202,7 @@ static void share_quads(int64_t M, int t, int T, int64_t *lo, int64_t *hi) {
 
 static int w4a16_small(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int planes, int has_zero, uint16_t *y,
                        int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads) {
-    if (!w4_fits(N, K, gs) || M < 0 || planes < 1 || planes > 2 || (has_zero && planes != 2)) return -1;
+    if (!w4_fits(N, K, gs) || M < 0 || !w4_planes_fit(planes, has_zero)) return -1;
     const int64_t G = K / gs, blocks = N / 16, units = (blocks + 1) / 2;
     float *xf = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M * K : 1));
     float *X = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1) * (size_t)G);
@@ -341,7 +341,7 @@ static void prepare_rows8(const uint16_t *x, int64_t m_lo, int64_t m_hi, int64_t
    (symmetric: the offsets, where sz has them, are ignored). Returns 0, -1 (arguments), -2 (memory). */
 static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int planes, uint16_t *y, int64_t M, int64_t N,
                 int64_t K, int64_t gs, int nthreads) {
-    if (!w4_fits(N, K, gs) || M < 0 || planes < 1 || planes > 2) return -1;
+    if (!w4_fits(N, K, gs) || M < 0 || !w4_planes_fit(planes, 0)) return -1;
     const int64_t G = K / gs, blocks = N / 16, units = (blocks + 1) / 2;
     const int T = M < 8 || nthreads < 2 ? 1 : nthreads;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K) + (size_t)(T * K) + 64); /* codes, then T rows of scratch */
