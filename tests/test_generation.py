@@ -233,6 +233,39 @@ def test_native_decode_step_is_the_python_loop_bit_for_bit(scheme):
 
 
 @needs_native
+@pytest.mark.parametrize("scheme", ["bf16", "int4wo-64", "gguf-q4_0", "int8wo", "8da4w-64"])
+def test_prefill_runs_q_k_v_and_gate_up_as_one_call_bit_for_bit(scheme, monkeypatch):
+    """Prefill's q / k / v and gate / up projections, each group one call of a panel operator for several weights
+    where their kernel has one: the logits and caches of the projection-by-projection loop, bit for bit."""
+    from qcal.kernels import common
+    from qcal.runtime import lean
+
+    model = apply_scheme(make_tiny_llama(hidden=128, layers=2, tie=False), scheme, quantize_lm_head=True)
+    prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+    op = {"bf16": "w16a16_mm_panels", "int8wo": "w8a16_mm_panels"}.get(scheme, "w4a16_mm_panels")
+    fused = native.has(op) and scheme != "8da4w-64" and (scheme != "bf16" or common._bf16_gemm_emulated())
+    for group in (qkv, gate_up):
+        assert (lean._panels(group, 40) is not None) == fused
+        assert lean._panels(group, 4) is None  # decode-sized calls keep their small-M kernels
+    one, apart = LeanGenerator(model, 48), LeanGenerator(model, 48)
+    with torch.no_grad():
+        a = one.prefill(prompt)
+        monkeypatch.setattr(lean, "_panels", lambda mods, rows: None)
+        b = apart.prefill(prompt)
+    assert torch.equal(a, b)
+    assert torch.equal(one.k_cache, apart.k_cache) and torch.equal(one.v_cache, apart.v_cache)
+    monkeypatch.undo()
+    calls = []
+    attn.k_proj.register_forward_hook(lambda *args: calls.append(1))
+    assert lean._panels(qkv, 40) is None and lean._panels(gate_up, 40) is not None or not fused
+    one.reset()
+    with torch.no_grad():
+        assert torch.equal(one.prefill(prompt), a) and calls == [1]  # the hooked module ran as a module
+
+
+@needs_native
 @pytest.mark.native_ops("decode_layers")
 @pytest.mark.parametrize("scheme", ["bf16", "int4wo-64"])
 def test_native_decode_step_is_the_one_thread_loop_whatever_the_threads(scheme):

@@ -11,7 +11,7 @@ from . import native
 from .native import dequant_int4 as _native_dequant
 
 __all__ = ["quantize_per_token", "int4_codes_u8", "dequant_int4", "tinygemm_group_size", "tinygemm_scales_zeros",
-           "is_frozen_linear", "linear"]
+           "is_frozen_linear", "linear", "bf16_panel"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -32,15 +32,23 @@ def _bf16_gemm_emulated() -> bool:
         return False
 
 
+def bf16_panel(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> bool:
+    """Whether :func:`linear` runs ``weight`` on ``rows`` bf16 CPU rows as qcal's AVX2 panel kernel
+    (``w16a16_mm_panel``)."""
+    return (rows > 4 and bias is None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and weight.dim() == 2 and weight.is_contiguous() and not torch.compiler.is_compiling()
+            and _bf16_gemm_emulated() and native.has("w16a16_mm_panel")
+            and native.panel_fits(weight.shape[0], weight.shape[1]))
+
+
 def linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``; for bf16 on a CPU without bf16 GEMM hardware and more than 4 rows, fp32 accumulation of the
     (exactly widened) bf16 operands rounded once to bf16 -- what the bf16 GEMM computes, in another summation
     order, several times faster there: qcal's AVX2 panel kernel (``w16a16_mm_panel``, no bias, the weight's shape
-    permitting), else an fp32 GEMM."""
+    permitting: :func:`bf16_panel`), else an fp32 GEMM."""
     if (not torch.compiler.is_compiling() and x2.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
             and x2.device.type == "cpu" and x2.dim() == 2 and x2.shape[0] > 4 and _bf16_gemm_emulated()):
-        if (bias is None and weight.is_contiguous() and native.has("w16a16_mm_panel")
-                and native.panel_fits(weight.shape[0], weight.shape[1])):
+        if bf16_panel(weight, bias, x2.shape[0]):
             return torch.ops.qcal.w16a16_mm_panel(x2, weight)
         return F.linear(x2.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
     return F.linear(x2, weight, bias)

@@ -142,10 +142,13 @@ def _w4a16_args(m) -> tuple:
     return b["_k_n4w"], b["_k_n4sz"], d["_k_has_zero"], d["_k_group"]
 
 
-def _w4a16_panel(m, x2):
+def _w4a16_panel_args(m) -> tuple:
     zp = m.weight_zero_point
-    return torch.ops.qcal.w4a16_mm_panel(x2, m.qweight, m.weight_scale.float().contiguous(),
-                                         None if zp is None else zp.float().contiguous(), _shape(m)[2])
+    return m.qweight, m.weight_scale.float().contiguous(), None if zp is None else zp.float().contiguous()
+
+
+def _w4a16_panel(m, x2):
+    return torch.ops.qcal.w4a16_mm_panel(x2, *_w4a16_panel_args(m), _shape(m)[2])
 
 
 def _w4a8_args(m) -> tuple:
@@ -180,9 +183,13 @@ def _int8_sums_args(m) -> tuple:
     return b["qweight"], b["_k_i8sum"], b["_k_i8ws"]
 
 
-def _w8a16_panel(m, x2):
+def _w8a16_panel_args(m) -> tuple:
     b = m._buffers
-    return torch.ops.qcal.w8a16_mm_panel(x2, b["qweight"], b["_k_i8ws"])
+    return b["qweight"], b["_k_i8ws"]
+
+
+def _w8a16_panel(m, x2):
+    return torch.ops.qcal.w8a16_mm_panel(x2, *_w8a16_panel_args(m))
 
 
 def _wf8a16_args(m) -> tuple:
@@ -322,7 +329,8 @@ INT4WO = LinearTable("int4wo", "cpu", lambda m: weight_only(m) and m.weight_spec
     Impl("qcal avx2 int4 mm", _w4a16_small, native="w4a16_mm_small", fits=_native_int4, dtypes=_BF16, max_m=32,
          layout=NATIVE_W4, direct=_W4A16),
     Impl("qcal panel avx2 int4 mm", _w4a16_panel, native="w4a16_mm_panel",
-         fits=lambda m: _native_int4(m) and _panel(m), dtypes=_BF16, eager=True),
+         fits=lambda m: _native_int4(m) and _panel(m), dtypes=_BF16, eager=True,
+         panels=("w4a16_mm_panels", _w4a16_panel_args, lambda m: (_shape(m)[2],))),
     Impl("tinygemm int4pack_mm", _tinygemm_mm, fits=lambda m: tinygemm_int4(m) and not _native_int4(m), max_m=64,
          layout=TINYGEMM),
     Impl("dequant + bf16 mm", _dequant_mm, fits=lambda m: tinygemm_int4(m) or _native_int4(m)),
@@ -355,7 +363,8 @@ INT8WO = LinearTable("int8wo", "cpu", lambda m: weight_only(m) and per_channel_i
          layout=INT8_SCALES_SUMS, direct=_W8A16),
     # from M=5 ahead of the digits (2x at M=16)
     Impl("qcal panel avx2 int8 mm", _w8a16_panel, native="w8a16_mm_panel",
-         fits=lambda m: m.qweight.is_contiguous() and _panel(m), dtypes=_BF16, eager=True, layout=INT8_SCALES),
+         fits=lambda m: m.qweight.is_contiguous() and _panel(m), dtypes=_BF16, eager=True, layout=INT8_SCALES,
+         panels=("w8a16_mm_panels", _w8a16_panel_args, lambda m: ())),
     # _weight_int8pack_mm returns garbage (M=1) or crashes (M=2..16) where K % 32 != 0
     Impl("int8pack_mm", _int8pack_mm, max_m=16, fits=lambda m: m.weight_shape[1] % 32 == 0 and not _native_int8(m)),
     Impl("qcal int8 dequant + bf16 mm", _native_dequant_int8, native="dequant_w8",

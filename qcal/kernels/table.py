@@ -53,6 +53,11 @@ class Impl:
     # ``run`` as one qcal operator: ``torch.ops.qcal.<name>(x2, *args(module))`` (tensors, ints and bools), for
     # callers that run it outside Python (the lean runtime's native decode step)
     direct: tuple[str, Callable[[torch.nn.Module], tuple]] | None = None
+    # ``run`` for several modules on one input as one qcal operator (the lean runtime's prefill of q / k / v and of
+    # gate / up; each output ``run``'s, bit for bit): ``(name, per, shared)`` calls
+    # ``torch.ops.qcal.<name>(x2, *lists, *shared(module))``, ``lists`` the modules' ``per(module)`` tuples
+    # transposed into lists; modules qualify together where their ``shared(module)`` are equal
+    panels: tuple[str, Callable[[torch.nn.Module], tuple], Callable[[torch.nn.Module], tuple]] | None = None
 
     def usable(self, module: torch.nn.Module) -> bool:
         """The static conditions."""

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..kernels import native
-from ..kernels.common import linear
+from ..kernels.common import bf16_panel, linear
 from . import ops as runtime_ops
 from .base import TokenGenerator
 from .family import ATTENTION_PROJ, MLP_PROJ, attention_shape, structure_reason
@@ -140,6 +140,40 @@ def _direct(mod: nn.Module) -> tuple[str, tuple] | None:
         return None
     direct = getattr(choose(torch.bfloat16, 1), "direct", None)
     return None if direct is None else (direct[0], tuple(direct[1](mod)))
+
+
+def _panels(mods: tuple[nn.Module, ...], rows: int) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+    """``mods`` (one input: q / k / v, gate / up) on ``rows`` bf16 rows as one qcal operator where each module's
+    own call (:func:`_call_fn`) would run a panel kernel that has a form for several weights: the same outputs, bit
+    for bit, the input widened once and the weights' blocks one pool of units for the threads (SmolLM2 int4wo-64,
+    512 positions: k and v alone are 12 blocks each for 2 threads). None otherwise."""
+    if rows <= 4 or any(m._forward_hooks or m._forward_pre_hooks for m in mods):
+        return None
+    if all(type(m) is nn.Linear for m in mods):
+        weights = [m.weight for m in mods]
+        if not native.has("w16a16_mm_panels") or not all(bf16_panel(m.weight, m.bias, rows) for m in mods) \
+                or len({w.shape[1] for w in weights}) != 1:
+            return None
+        op = torch.ops.qcal.w16a16_mm_panels
+        return lambda x: op(x, weights)
+    impls = []
+    for m in mods:
+        choose = getattr(getattr(m, "kernel", None), "choose", None)
+        if choose is None or not getattr(m, "frozen", False) or m._parameters.get("bias") is not None:
+            return None
+        impls.append(choose(torch.bfloat16, rows))
+    first = impls[0]
+    if first.panels is None or any(i is not first for i in impls) or not native.has(first.panels[0]):
+        return None
+    name, per, shared = first.panels
+    common = shared(mods[0])
+    if any(shared(m) != common for m in mods[1:]) or len({m.in_features for m in mods}) != 1:
+        return None
+    op = getattr(torch.ops.qcal, name)
+
+    def call(x: torch.Tensor) -> list[torch.Tensor]:
+        return op(x, *(list(col) for col in zip(*(per(m) for m in mods), strict=True)), *common)
+    return call
 
 
 def _norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float]:
@@ -319,19 +353,22 @@ class LeanGenerator(TokenGenerator):
             if n == 1 and self.kv_bits is None:  # rotations, cache stores and attention in one call: (1, heads * hd)
                 attn = step_attention(f_q(h), f_k(h), f_v(h), layer.k, layer.v, start, self.cos, self.sin, scale)
             else:
-                q = f_q(h).view(n, heads, hd)
+                qkv = _panels(layer.modules[:3], n)
+                q, k, v = qkv(h) if qkv is not None else (f_q(h), f_k(h), f_v(h))
+                q = q.view(n, heads, hd)
                 rope_store(q, q, cos, sin)
                 if self.kv_bits is not None:
-                    attn = self._quantized_attention(layer, q, f_k(h).view(n, kvh, hd), f_v(h).view(n, kvh, hd),
-                                                     start, cos, sin)
+                    attn = self._quantized_attention(layer, q, k.view(n, kvh, hd), v.view(n, kvh, hd), start, cos,
+                                                     sin)
                 else:
-                    rope_store(f_k(h).view(n, kvh, hd), layer.k_rows[start:end], cos, sin)
-                    rope_store(f_v(h).view(n, kvh, hd), layer.v_rows[start:end], None, None)
+                    rope_store(k.view(n, kvh, hd), layer.k_rows[start:end], cos, sin)
+                    rope_store(v.view(n, kvh, hd), layer.v_rows[start:end], None, None)
                     attn = ops.prefill_attention(q, layer.k, layer.v, start, scale)
                 attn = attn.view(n, heads * hd)
             add_rmsnorm(x, f_o(attn), layer.w_post, h, layer.eps_post)
-            gate = f_gate(h)
-            silu_mul(gate, f_up(h))
+            gate_up = _panels(layer.modules[4:6], n)
+            gate, up = gate_up(h) if gate_up is not None else (f_gate(h), f_up(h))
+            silu_mul(gate, up)
             delta = f_down(gate)
         last = x[-1:].contiguous()
         add_rmsnorm(last, delta[-1:].contiguous(), self.w_final, h[-1:], self.eps_final)

@@ -27,6 +27,8 @@
 #include <string.h>
 
 #include <atomic>
+#include <string>
+#include <vector>
 
 #include "avx2.h"
 #include "fpx_avx2.h"
@@ -60,15 +62,23 @@ AI void transpose8(__m256 r[8]) {
     r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
+/* One weight of a call and its output. A call's weights share its activations (widened once) and their blocks are one
+   pool of units. */
+typedef struct {
+    const void *w;       /* bf16 (N, K), int8 / fp8 (N, K), int4 codes (N, K / 2) or bit planes (N, K bits / 8) */
+    const float *s, *zp; /* int8, fp8: ws (N); int4, grouped int8, fp6-fp4: s, zp (N, K / gs), zp may be NULL */
+    uint16_t *y;         /* (M, N) */
+    int64_t N, first;    /* first: the call's index of the weight's first block */
+} panel_part;
+
 typedef struct {
     const float *xf; /* the activations widened (denormals flushed), tiles of PANEL_MR rows k-major */
-    const void *w;   /* bf16 (N, K), int8 / fp8 (N, K), int4 codes (N, K / 2) or bit planes (N, K bits / 8) */
-    const float *s, *zp; /* int8, fp8: ws (N); int4, grouped int8, fp6-fp4: s, zp (N, K / gs), zp may be NULL */
-    uint16_t *y;
-    int64_t M, N, K, gs, chunks, rows; /* units: block * chunks + chunk, `rows` input rows a chunk */
-    int kind;                          /* 0 bf16, 1 int8, 2 int4, 3 grouped int8, 4 fp8 e4m3fn, 5 fp6/fp5/fp4 */
-    const float *lut;                  /* fp6/fp5/fp4: the format's values (64 fp32) */
-    int bits, sym;                     /* fp6/fp5/fp4: bits a code, the table sign-symmetric */
+    const panel_part *parts;
+    int nparts;
+    int64_t M, K, gs, chunks, rows; /* units: block * chunks + chunk (blocks of all parts), `rows` input rows a chunk */
+    int kind;                       /* 0 bf16, 1 int8, 2 int4, 3 grouped int8, 4 fp8 e4m3fn, 5 fp6/fp5/fp4 */
+    const float *lut;               /* fp6/fp5/fp4: the format's values (64 fp32) */
+    int bits, sym;                  /* fp6/fp5/fp4: bits a code, the table sign-symmetric */
     uint64_t call;
     mutable std::atomic<int> failed;
 } panel_ctx;
@@ -101,15 +111,16 @@ AI void load_rows8(__m256 r[8], const uint16_t *x, int64_t K, int64_t k, int n, 
 
 /* Rows r .. r + 7 of sub-byte float codes (kind 5) -> the panel's lanes h .. h + 7: each weight its group's scale
    times the code's value in fp32 (the dequantizer's value before its rounding to bf16), 16 columns at a time. */
-template <int BITS, bool SYM> static void pack_fpx_rows(const panel_ctx *a, int64_t r, float *dst, int h) {
+template <int BITS, bool SYM>
+static void pack_fpx_rows(const panel_ctx *a, const panel_part &pt, int64_t r, float *dst, int h) {
     const int64_t K = a->K, G = K / a->gs, row_bytes = K * BITS / 8;
     for (int64_t k = 0; k < K; k += 16) {
         __m256 lo[8], hi[8]; /* row i's even / odd columns k, k + 2, ... */
         for (int i = 0; i < 8; i++) {
-            const uint8_t *row = (const uint8_t *)a->w + (r + i) * row_bytes;
+            const uint8_t *row = (const uint8_t *)pt.w + (r + i) * row_bytes;
             __m256i ce, co;
             fpx_codes16<BITS>(row, row + K / 2, k, &ce, &co);
-            const __m256 sv = _mm256_set1_ps(a->s[(r + i) * G + k / a->gs]);
+            const __m256 sv = _mm256_set1_ps(pt.s[(r + i) * G + k / a->gs]);
             lo[i] = _mm256_mul_ps(fpx_lookup<BITS, SYM>(a->lut, ce), sv);
             hi[i] = _mm256_mul_ps(fpx_lookup<BITS, SYM>(a->lut, co), sv);
         }
@@ -118,22 +129,23 @@ template <int BITS, bool SYM> static void pack_fpx_rows(const panel_ctx *a, int6
     }
 }
 
-static void pack_fpx(const panel_ctx *a, int64_t r, float *dst, int h) {
+static void pack_fpx(const panel_ctx *a, const panel_part &pt, int64_t r, float *dst, int h) {
     switch (a->bits * 2 + a->sym) {
-    case 12: pack_fpx_rows<6, false>(a, r, dst, h); break;
-    case 13: pack_fpx_rows<6, true>(a, r, dst, h); break;
-    case 10: pack_fpx_rows<5, false>(a, r, dst, h); break;
-    case 11: pack_fpx_rows<5, true>(a, r, dst, h); break;
-    case 8: pack_fpx_rows<4, false>(a, r, dst, h); break;
-    default: pack_fpx_rows<4, true>(a, r, dst, h); break;
+    case 12: pack_fpx_rows<6, false>(a, pt, r, dst, h); break;
+    case 13: pack_fpx_rows<6, true>(a, pt, r, dst, h); break;
+    case 10: pack_fpx_rows<5, false>(a, pt, r, dst, h); break;
+    case 11: pack_fpx_rows<5, true>(a, pt, r, dst, h); break;
+    case 8: pack_fpx_rows<4, false>(a, pt, r, dst, h); break;
+    default: pack_fpx_rows<4, true>(a, pt, r, dst, h); break;
     }
 }
 
-static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
+/* Block blk of the part's weight (its rows 16 blk ..) -> dst. */
+static void pack_block(const panel_ctx *a, const panel_part &pt, int64_t blk, float *dst) {
     const int64_t K = a->K, r0 = blk * 16;
     for (int h = 0; h < 16; h += 8) {
         if (a->kind == 0) {
-            const uint16_t *w = (const uint16_t *)a->w + (r0 + h) * K;
+            const uint16_t *w = (const uint16_t *)pt.w + (r0 + h) * K;
             for (int64_t k = 0; k < K; k += 8) {
                 const int n = K - k < 8 ? (int)(K - k) : 8;
                 __m256 r[8];
@@ -141,9 +153,9 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                 store_lines(r, dst, k, 1, n, h);
             }
         } else if (a->kind == 5) { /* fp6/fp5/fp4 bit planes: 16 columns at a time, each value v(code) s, as int4 */
-            pack_fpx(a, r0 + h, dst, h);
+            pack_fpx(a, pt, r0 + h, dst, h);
         } else if (a->kind != 2) { /* int8 (1, 3: grouped) and fp8 (4) bytes, 8 columns at a time */
-            const int8_t *w = (const int8_t *)a->w + (r0 + h) * K;
+            const int8_t *w = (const int8_t *)pt.w + (r0 + h) * K;
             const int64_t G = a->kind == 3 ? K / a->gs : 0;
             __m256 sv[8], zv[8]; /* grouped: row i's scale and zero-point in the current group */
             for (int64_t k = 0, g = 0; k < K; k += 8) {
@@ -152,8 +164,8 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                 if (a->kind == 3 && k == g * a->gs) {
                     for (int i = 0; i < 8; i++) {
                         const int64_t at = (r0 + h + i) * G + g;
-                        sv[i] = _mm256_set1_ps(a->s[at]);
-                        zv[i] = _mm256_set1_ps(a->zp ? a->zp[at] : 0.0f);
+                        sv[i] = _mm256_set1_ps(pt.s[at]);
+                        zv[i] = _mm256_set1_ps(pt.zp ? pt.zp[at] : 0.0f);
                     }
                     g++;
                 }
@@ -171,21 +183,21 @@ static void pack_block(const panel_ctx *a, int64_t blk, float *dst) {
                     } else {
                         r[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
                         if (a->kind == 3) /* (q - z) s, the dequantizer's fp32 value */
-                            r[i] = _mm256_mul_ps(a->zp ? _mm256_sub_ps(r[i], zv[i]) : r[i], sv[i]);
+                            r[i] = _mm256_mul_ps(pt.zp ? _mm256_sub_ps(r[i], zv[i]) : r[i], sv[i]);
                     }
                 }
                 store_lines(r, dst, k, 1, n, h);
             }
         } else { /* int4: 16 columns at a time (8 where a group is not a multiple of 16), looked up per group */
-            const uint8_t *u = (const uint8_t *)a->w + (r0 + h) * (K / 2);
+            const uint8_t *u = (const uint8_t *)pt.w + (r0 + h) * (K / 2);
             const int64_t G = K / a->gs, step = a->gs % 16 ? 8 : 16;
             __m256 t_lo[8], t_hi[8]; /* row i's values of codes 0..7 and 8..15 in the current group */
             for (int64_t k = 0; k < K; k += step) {
                 if (k % a->gs == 0)
                     for (int i = 0; i < 8; i++) {
                         const int64_t at = (r0 + h + i) * G + k / a->gs;
-                        const __m256 sv = _mm256_set1_ps(a->s[at]);
-                        const __m256 ov = _mm256_set1_ps(8.0f + (a->zp ? a->zp[at] : 0.0f));
+                        const __m256 sv = _mm256_set1_ps(pt.s[at]);
+                        const __m256 ov = _mm256_set1_ps(8.0f + (pt.zp ? pt.zp[at] : 0.0f));
                         t_lo[i] = w4_values(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), ov, sv);
                         t_hi[i] = w4_values(_mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), ov, sv);
                     }
@@ -254,7 +266,11 @@ static std::atomic<uint64_t> panel_calls{0};
 
 static void panel_unit(const void *c, int64_t, int, int64_t p) {
     const panel_ctx *a = (const panel_ctx *)c;
-    const int64_t blk = p / a->chunks, K = a->K, N = a->N;
+    const int64_t blk = p / a->chunks, K = a->K;
+    int part = 0;
+    while (part + 1 < a->nparts && a->parts[part + 1].first <= blk) part++;
+    const panel_part &pt = a->parts[part];
+    const int64_t N = pt.N, b = blk - pt.first;
     panel_scratch &s = tl_panel;
     const size_t need = ((size_t)K * 16 * sizeof(float) + 63) & ~(size_t)63;
     if (s.cap < need) {
@@ -268,16 +284,16 @@ static void panel_unit(const void *c, int64_t, int, int64_t p) {
         }
     }
     if (s.call != a->call || s.blk != blk) {
-        pack_block(a, blk, s.p);
+        pack_block(a, pt, b, s.p);
         s.call = a->call;
         s.blk = blk;
     }
-    const int64_t n0 = blk * 16, m0 = (p % a->chunks) * a->rows;
+    const int64_t n0 = b * 16, m0 = (p % a->chunks) * a->rows;
     const int64_t m1 = m0 + a->rows < a->M ? m0 + a->rows : a->M;
-    const float *ws = a->kind == 1 || a->kind == 4 ? a->s + n0 : nullptr;
+    const float *ws = a->kind == 1 || a->kind == 4 ? pt.s + n0 : nullptr;
     for (int64_t m = m0; m < m1; m += PANEL_MR) {
         const float *x = a->xf + m * K;
-        uint16_t *y = a->y + m * N + n0;
+        uint16_t *y = pt.y + m * N + n0;
         switch (m1 - m < PANEL_MR ? (int)(m1 - m) : PANEL_MR) {
         case 1: tile<1>(x, K, s.p, ws, y, N); break;
         case 2: tile<2>(x, K, s.p, ws, y, N); break;
@@ -321,13 +337,19 @@ static void widen_unit(const void *c, int64_t, int, int64_t p) {
     }
 }
 
-static int run_panel(int kind, const uint16_t *x, const void *w, const float *s, const float *zp, uint16_t *y,
-                     int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads, const float *lut = nullptr,
-                     int bits = 0, int sym = 0) {
-    if (M < 0 || !panel_fits(N, K, gs) || (kind == 2 || kind == 3 || kind == 5) != (gs > 0)) return -1;
+/* parts[0 .. nparts - 1] of one call (their `first` set here) on the M x K input x. */
+static int run_panel(int kind, const uint16_t *x, panel_part *parts, int nparts, int64_t M, int64_t K, int64_t gs,
+                     int nthreads, const float *lut = nullptr, int bits = 0, int sym = 0) {
+    if (M < 0 || nparts < 1 || (kind == 2 || kind == 3 || kind == 5) != (gs > 0)) return -1;
     if (kind == 5 && (K % 32 || gs % 32 || !lut || bits < 4 || bits > 6)) return -1;
+    int64_t blocks = 0;
+    for (int i = 0; i < nparts; i++) {
+        if (!panel_fits(parts[i].N, K, gs)) return -1;
+        parts[i].first = blocks;
+        blocks += parts[i].N / 16;
+    }
     if (M == 0) return 0;
-    const int64_t blocks = N / 16, T = nthreads < 1 ? 1 : nthreads, tiles = (M + PANEL_MR - 1) / PANEL_MR;
+    const int64_t T = nthreads < 1 ? 1 : nthreads, tiles = (M + PANEL_MR - 1) / PANEL_MR;
     float *xf = (float *)malloc(sizeof(float) * (size_t)(tiles * PANEL_MR) * (size_t)K);
     if (!xf) return -2;
     const widen_ctx wc = {x, xf, M, K};
@@ -336,21 +358,29 @@ static int run_panel(int kind, const uint16_t *x, const void *w, const float *s,
     int64_t chunks = (8 * T + blocks - 1) / blocks;
     if (chunks > tiles) chunks = tiles;
     const int64_t rows = (tiles + chunks - 1) / chunks * PANEL_MR;
-    const panel_ctx ctx{xf, w, s, zp, y, M, N, K, gs, (M + rows - 1) / rows, rows, kind, lut, bits, sym,
+    const panel_ctx ctx{xf, parts, nparts, M, K, gs, (M + rows - 1) / rows, rows, kind, lut, bits, sym,
                         panel_calls.fetch_add(1, std::memory_order_relaxed) + 1, {0}};
     qcal_run_units(1, blocks * ctx.chunks, nthreads, &ctx, panel_unit);
     free(xf);
     return ctx.failed.load(std::memory_order_relaxed) ? -2 : 0;
 }
 
+/* One weight (N, K): y = its product with x. */
+static int run_panel1(int kind, const uint16_t *x, const void *w, const float *s, const float *zp, uint16_t *y,
+                      int64_t M, int64_t N, int64_t K, int64_t gs, int nthreads, const float *lut = nullptr,
+                      int bits = 0, int sym = 0) {
+    panel_part part{w, s, zp, y, N, 0};
+    return run_panel(kind, x, &part, 1, M, K, gs, nthreads, lut, bits, sym);
+}
+
 static int w8a16_panel(const uint16_t *x, const int8_t *w, const float *ws, uint16_t *y, int64_t M, int64_t N,
                        int64_t K, int nthreads) {
-    return run_panel(1, x, w, ws, nullptr, y, M, N, K, 0, nthreads);
+    return run_panel1(1, x, w, ws, nullptr, y, M, N, K, 0, nthreads);
 }
 
 static int w4a16_panel(const uint16_t *x, const uint8_t *u, const float *s, const float *zp, uint16_t *y, int64_t M,
                        int64_t N, int64_t K, int64_t gs, int nthreads) {
-    return run_panel(2, x, u, s, zp, y, M, N, K, gs, nthreads);
+    return run_panel1(2, x, u, s, zp, y, M, N, K, gs, nthreads);
 }
 
 /* ------------------------------------------------------------------ the bf16-weight operator */
@@ -359,7 +389,7 @@ static at::Tensor w16a16_mm_panel(const at::Tensor &x, const at::Tensor &w) {
     const char *op = "qcal::w16a16_mm_panel";
     TORCH_CHECK_VALUE(w.dim() == 2, op, ": w must be (N, K), got ", w.sizes());
     at::Tensor xc = panel_checked(op, x, w, at::kBFloat16, w.size(1), 0), y = qcal::matmul_out(xc, w);
-    qcal::check_rc(op, run_panel(0, qcal::in<uint16_t>(xc), qcal::in<uint16_t>(w), nullptr, nullptr,
+    qcal::check_rc(op, run_panel1(0, qcal::in<uint16_t>(xc), qcal::in<uint16_t>(w), nullptr, nullptr,
                                  qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1), 0, qcal::threads()));
     return y;
 }
@@ -378,7 +408,7 @@ static at::Tensor w8a16_group_mm_panel(const at::Tensor &x, const at::Tensor &w,
     at::Tensor xc = panel_checked(op, x, w, at::kChar, K, group_size), y = qcal::matmul_out(xc, w);
     qcal::check_tensor(op, "sz", sz, at::kFloat, {has_zero ? 2 : 1, N, K / group_size});
     const float *s = qcal::in<float>(sz);
-    qcal::check_rc(op, run_panel(3, qcal::in<uint16_t>(xc), qcal::in<int8_t>(w), s,
+    qcal::check_rc(op, run_panel1(3, qcal::in<uint16_t>(xc), qcal::in<int8_t>(w), s,
                                  has_zero ? s + N * (K / group_size) : nullptr, qcal::out<uint16_t>(y), xc.size(0), N,
                                  K, group_size, qcal::threads()));
     return y;
@@ -390,7 +420,7 @@ static at::Tensor wf8a16_mm_panel(const at::Tensor &x, const at::Tensor &w, cons
     TORCH_CHECK_VALUE(w.dim() == 2, op, ": w must be (N, K), got ", w.sizes());
     at::Tensor xc = panel_checked(op, x, w, at::kFloat8_e4m3fn, w.size(1), 0), y = qcal::matmul_out(xc, w);
     qcal::check_tensor(op, "ws", ws, at::kFloat, {w.size(0)});
-    qcal::check_rc(op, run_panel(4, qcal::in<uint16_t>(xc), w.const_data_ptr(), qcal::in<float>(ws), nullptr,
+    qcal::check_rc(op, run_panel1(4, qcal::in<uint16_t>(xc), w.const_data_ptr(), qcal::in<float>(ws), nullptr,
                                  qcal::out<uint16_t>(y), xc.size(0), w.size(0), w.size(1), 0, qcal::threads()));
     return y;
 }
@@ -407,9 +437,102 @@ static at::Tensor wfx_mm_panel(const at::Tensor &x, const at::Tensor &w, const a
     at::Tensor xc = panel_checked(op, x, w, at::kByte, K, gs), y = qcal::matmul_out(xc, w);
     float lutf[64];
     const int sym = fpx_table(lut16, (int)bits, lutf) ? 1 : 0;
-    qcal::check_rc(op, run_panel(5, qcal::in<uint16_t>(xc), qcal::in<uint8_t>(w), qcal::in<float>(ws), nullptr,
+    qcal::check_rc(op, run_panel1(5, qcal::in<uint16_t>(xc), qcal::in<uint8_t>(w), qcal::in<float>(ws), nullptr,
                                  qcal::out<uint16_t>(y), xc.size(0), N, K, gs, qcal::threads(), lutf, (int)bits, sym));
     return y;
+}
+
+/* ------------------------------------------------------------------ several weights on one input (this build only) */
+
+/* w16a16_mm_panels, w8a16_mm_panels, w4a16_mm_panels: the one-weight operators' products for a list of weights that
+   share the input (q / k / v, gate / up), each output what the one-weight operator returns for its weight, bit for
+   bit, in one call: the input widened once and the weights' blocks one pool of units for the threads (a 192-row
+   weight alone is 12 blocks for 2 threads). */
+
+/* Weight i of a list: a contiguous 2-D tensor of `dtype`, (N, cols) with N rows the panels take with K, gs. */
+static void part_checked(const char *op, const char *name, size_t i, const at::Tensor &w, at::ScalarType dtype,
+                         int64_t cols, int64_t K, int64_t gs) {
+    const std::string what = std::string(name) + "[" + std::to_string(i) + "]";
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == cols, op, ": ", what, " must be (N, ", cols, "), got ", w.sizes());
+    TORCH_CHECK_VALUE(panel_fits(w.size(0), K, gs), op, ": unsupported shape of ", what, ": N=", w.size(0), " K=", K,
+                      " group_size=", gs, " (N % 16 == 0, K % 4 == 0; int4: groups of a multiple of 8 dividing K)");
+    qcal::check_tensor(op, what.c_str(), w, dtype, w.sizes());
+}
+
+/* A side tensor of weight i (scales, zero-points): fp32, contiguous, of the given sizes. */
+static void side_checked(const char *op, const char *name, size_t i, const at::Tensor &t, at::IntArrayRef sizes) {
+    const std::string what = std::string(name) + "[" + std::to_string(i) + "]";
+    qcal::check_tensor(op, what.c_str(), t, at::kFloat, sizes);
+}
+
+static void list_checked(const char *op, size_t n, size_t m, const char *name) {
+    TORCH_CHECK_VALUE(n >= 1 && n <= 64, op, ": between 1 and 64 weights, got ", n);
+    TORCH_CHECK_VALUE(m == n, op, ": ", name, " must hold one tensor per weight (", n, "), got ", m);
+}
+
+/* Runs parts (their w, s, zp set) on xc into fresh outputs. */
+static std::vector<at::Tensor> run_parts(const char *op, int kind, const at::Tensor &xc, std::vector<panel_part> &parts,
+                                         int64_t K, int64_t gs) {
+    std::vector<at::Tensor> ys;
+    ys.reserve(parts.size());
+    for (auto &pt : parts) {
+        ys.push_back(at::empty({xc.size(0), pt.N}, xc.options()));
+        pt.y = qcal::out<uint16_t>(ys.back());
+    }
+    qcal::check_rc(op, run_panel(kind, qcal::in<uint16_t>(xc), parts.data(), (int)parts.size(), xc.size(0), K, gs,
+                                 qcal::threads()));
+    return ys;
+}
+
+static std::vector<at::Tensor> w16a16_mm_panels(const at::Tensor &x, at::TensorList w) {
+    const char *op = "qcal::w16a16_mm_panels";
+    list_checked(op, w.size(), w.size(), "w");
+    TORCH_CHECK_VALUE(w[0].dim() == 2, op, ": w[0] must be (N, K), got ", w[0].sizes());
+    const int64_t K = w[0].size(1);
+    std::vector<panel_part> parts;
+    for (size_t i = 0; i < w.size(); i++) {
+        part_checked(op, "w", i, w[i], at::kBFloat16, K, K, 0);
+        parts.push_back({w[i].const_data_ptr(), nullptr, nullptr, nullptr, w[i].size(0), 0});
+    }
+    return run_parts(op, 0, qcal::rows(op, x, K), parts, K, 0);
+}
+
+static std::vector<at::Tensor> w8a16_mm_panels(const at::Tensor &x, at::TensorList w, at::TensorList ws) {
+    const char *op = "qcal::w8a16_mm_panels";
+    list_checked(op, w.size(), ws.size(), "ws");
+    TORCH_CHECK_VALUE(w[0].dim() == 2, op, ": w[0] must be (N, K), got ", w[0].sizes());
+    const int64_t K = w[0].size(1);
+    std::vector<panel_part> parts;
+    for (size_t i = 0; i < w.size(); i++) {
+        part_checked(op, "w", i, w[i], at::kChar, K, K, 0);
+        side_checked(op, "ws", i, ws[i], {w[i].size(0)});
+        parts.push_back({w[i].const_data_ptr(), qcal::in<float>(ws[i]), nullptr, nullptr, w[i].size(0), 0});
+    }
+    return run_parts(op, 1, qcal::rows(op, x, K), parts, K, 0);
+}
+
+static std::vector<at::Tensor> w4a16_mm_panels(const at::Tensor &x, at::TensorList qweight, at::TensorList scale,
+                                               const c10::List<std::optional<at::Tensor>> &zero_point,
+                                               int64_t group_size) {
+    const char *op = "qcal::w4a16_mm_panels";
+    list_checked(op, qweight.size(), scale.size(), "scale");
+    list_checked(op, qweight.size(), zero_point.size(), "zero_point");
+    TORCH_CHECK_VALUE(qweight[0].dim() == 2 && group_size > 0, op,
+                      ": qweight[0] must be (N, K/2) and group_size > 0, got ", qweight[0].sizes(), ", ", group_size);
+    const int64_t K = 2 * qweight[0].size(1);
+    std::vector<panel_part> parts;
+    std::vector<at::Tensor> zps; /* the optional entries held while the kernel reads them */
+    for (size_t i = 0; i < qweight.size(); i++) {
+        const int64_t N = qweight[i].dim() == 2 ? qweight[i].size(0) : 0;
+        part_checked(op, "qweight", i, qweight[i], at::kByte, K / 2, K, group_size);
+        side_checked(op, "scale", i, scale[i], {N, K / group_size});
+        const std::optional<at::Tensor> z = zero_point.get(i);
+        zps.push_back(z.has_value() ? *z : at::Tensor());
+        if (zps.back().defined()) side_checked(op, "zero_point", i, zps.back(), {N, K / group_size});
+        parts.push_back({qweight[i].const_data_ptr(), qcal::in<float>(scale[i]), qcal::in_opt<float>(zps.back()),
+                         nullptr, N, 0});
+    }
+    return run_parts(op, 2, qcal::rows(op, x, K), parts, K, group_size);
 }
 
 TORCH_LIBRARY_FRAGMENT(qcal, m) {
@@ -417,6 +540,10 @@ TORCH_LIBRARY_FRAGMENT(qcal, m) {
     m.def("w16a16_mm_panel(Tensor x, Tensor w) -> Tensor");
     m.def("w8a16_group_mm_panel(Tensor x, Tensor w, Tensor sz, bool has_zero, int group_size) -> Tensor");
     m.def("wf8a16_mm_panel(Tensor x, Tensor w, Tensor ws) -> Tensor");
+    m.def("w16a16_mm_panels(Tensor x, Tensor[] w) -> Tensor[]");
+    m.def("w8a16_mm_panels(Tensor x, Tensor[] w, Tensor[] ws) -> Tensor[]");
+    m.def("w4a16_mm_panels(Tensor x, Tensor[] qweight, Tensor[] scale, Tensor?[] zero_point, int group_size) "
+          "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(qcal, CPU, m) {
@@ -424,4 +551,7 @@ TORCH_LIBRARY_IMPL(qcal, CPU, m) {
     m.impl("w8a16_group_mm_panel", &w8a16_group_mm_panel);
     m.impl("wf8a16_mm_panel", &wf8a16_mm_panel);
     m.impl("wfx_mm_panel", &wfx_mm_panel);
+    m.impl("w16a16_mm_panels", &w16a16_mm_panels);
+    m.impl("w8a16_mm_panels", &w8a16_mm_panels);
+    m.impl("w4a16_mm_panels", &w4a16_mm_panels);
 }
