@@ -340,3 +340,43 @@ def test_bad_arguments_raise_naming_the_op(name):
         call(sz_=native.pack_scales(s[:, :3], None))  # scales for groups of 128
     with pytest.raises(ValueError, match=f"{op}: sz must be a contiguous"):
         call(sz_=sz.transpose(0, 1).contiguous().transpose(0, 1))
+
+
+@pytest.mark.native_ops("w4a8_mm_multi")
+@pytest.mark.parametrize("m,threads", [(1, 1), (9, 2), (40, 3)])
+def test_w4a8_several_weights_in_one_call_are_the_one_weight_calls(m, threads):
+    """w4a8_mm_multi (q / k / v, gate / up on one input): each output w4a8_mm's for its weight, bit for bit, the
+    weights of one to several pairs of blocks, with and without the offsets' plane, whatever the threads."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        shapes = ((16, False), (80, True), (48, False))
+        cases = [_case(m, 32, offsets, m + n, n=n, spread=True) for n, offsets in shapes]
+        x = cases[0][1]
+        w = [native.pack_int4_vnni(u) for u, _, _, _ in cases]
+        sz = [native.pack_scales(s, z) for _, _, s, z in cases]
+        ys = ops.w4a8_mm_multi(x, w, sz, 32)
+        assert [tuple(y.shape) for y in ys] == [(m, 16), (m, 80), (m, 48)]
+        for y, wi, szi in zip(ys, w, sz, strict=True):
+            assert _same(y, ops.w4a8_mm(x, wi, szi, 32))
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.native_ops("w4a8_mm_multi")
+def test_w4a8_several_weights_refuse_bad_lists():
+    u, x, s, _ = _case(4, 32, False, 0, k=64, n=32)
+    w, sz = native.pack_int4_vnni(u), native.pack_scales(s, None)
+    with pytest.raises(ValueError, match="w4a8_mm_multi: sz must hold one tensor per weight"):
+        ops.w4a8_mm_multi(x, [w, w], [sz], 32)
+    with pytest.raises(ValueError, match="w4a8_mm_multi: between 1 and 64 weights, got 0"):
+        ops.w4a8_mm_multi(x, [], [], 32)
+    with pytest.raises(ValueError, match=r"w4a8_mm_multi \(weight 1\): w must be \(N, K/2\)"):
+        ops.w4a8_mm_multi(x, [w, w.flatten()], [sz, sz], 32)
+    with pytest.raises(ValueError, match=r"w4a8_mm_multi \(weight 1\): K=128 where weight 0 has K=64"):
+        u2, _, s2, _ = _case(4, 32, False, 1, k=128, n=16)
+        ops.w4a8_mm_multi(x, [w, native.pack_int4_vnni(u2)], [sz, native.pack_scales(s2, None)], 32)
+    with pytest.raises(TypeError, match=r"w4a8_mm_multi \(weight 0\): sz must be a BFloat16"):
+        ops.w4a8_mm_multi(x, [w], [sz.float()], 32)
+    with pytest.raises(ValueError, match=r"w4a8_mm_multi: x must be \(M, 64\)"):
+        ops.w4a8_mm_multi(x[:, :32], [w], [sz], 32)

@@ -357,6 +357,45 @@ def _a8w8_reference(x, w, ws):
     return ((xq.long() @ w.long().t()).float() * xs).mul_(ws.view(1, -1)).to(torch.bfloat16)
 
 
+@pytest.mark.native_ops("w8a8_mm_small_multi")
+@pytest.mark.parametrize("m,threads", [(1, 1), (17, 2), (40, 3)])
+def test_a8w8_several_weights_in_one_call_are_the_one_weight_calls(m, threads):
+    """w8a8_mm_small_multi (q / k / v, gate / up on one input): each output w8a8_mm_small's for its weight, bit for
+    bit, for weights of fewer rows than a unit to many, whatever the threads."""
+    g = _gen(m, threads, 7)
+    k = 70
+    x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16)
+    w = [torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8) for n in (3, 48, 9)]
+    ws = [torch.rand(wi.shape[0], generator=g) * 0.01 for wi in w]
+    sums = [native.int8_row_sums(wi) for wi in w]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ys = ops.w8a8_mm_small_multi(x, w, sums, ws)
+        assert [tuple(y.shape) for y in ys] == [(m, 3), (m, 48), (m, 9)]
+        for y, wi, si, wsi in zip(ys, w, sums, ws, strict=True):
+            assert torch.equal(y, ops.w8a8_mm_small(x, wi, si, wsi))
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.native_ops("w8a8_mm_small_multi")
+def test_a8w8_several_weights_refuse_bad_lists():
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    w = torch.ones(16, 64, dtype=torch.int8)
+    sums, ws = native.int8_row_sums(w), torch.ones(16)
+    with pytest.raises(ValueError, match="w8a8_mm_small_multi: wsum must hold one tensor per weight"):
+        ops.w8a8_mm_small_multi(x, [w, w], [sums], [ws, ws])
+    with pytest.raises(ValueError, match="w8a8_mm_small_multi: ws must hold one tensor per weight"):
+        ops.w8a8_mm_small_multi(x, [w], [sums], [])
+    with pytest.raises(ValueError, match=r"w8a8_mm_small_multi \(weight 1\): K=32 where weight 0 has K=64"):
+        ops.w8a8_mm_small_multi(x, [w, w[:, :32].contiguous()], [sums, sums], [ws, ws])
+    with pytest.raises(ValueError, match=r"w8a8_mm_small_multi \(weight 0\): wsum must be a contiguous \[16\]"):
+        ops.w8a8_mm_small_multi(x, [w], [sums[:8]], [ws])
+    with pytest.raises(TypeError, match=r"w8a8_mm_small_multi \(weight 0\): ws must be a Float"):
+        ops.w8a8_mm_small_multi(x, [w], [sums], [ws.double()])
+
+
 @pytest.mark.native_ops("w8a8_mm_small")
 @pytest.mark.parametrize("m", [*range(1, 10), 33, 130])  # prefill-sized M too: the AVX2 build's int8dq at every M
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 70), (6, 15), (48, 576), (9, 130)])

@@ -233,10 +233,10 @@ def test_native_decode_step_is_the_python_loop_bit_for_bit(scheme):
 
 
 @needs_native
-@pytest.mark.parametrize("scheme", ["bf16", "int4wo-64", "gguf-q4_0", "int8wo", "8da4w-64"])
+@pytest.mark.parametrize("scheme", ["bf16", "int4wo-64", "gguf-q4_0", "int8wo", "8da4w-64", "int8dq"])
 def test_prefill_runs_q_k_v_and_gate_up_as_one_call_bit_for_bit(scheme, monkeypatch):
-    """Prefill's q / k / v and gate / up projections, each group one call of a panel operator for several weights
-    where their kernel has one: the logits and caches of the projection-by-projection loop, bit for bit."""
+    """Prefill's q / k / v and gate / up projections, each group one call of an operator for several weights where
+    their kernel has one: the logits and caches of the projection-by-projection loop, bit for bit."""
     from qcal.kernels import common
     from qcal.runtime import lean
 
@@ -244,22 +244,23 @@ def test_prefill_runs_q_k_v_and_gate_up_as_one_call_bit_for_bit(scheme, monkeypa
     prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(6))
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
-    op = {"bf16": "w16a16_mm_panels", "int8wo": "w8a16_mm_panels"}.get(scheme, "w4a16_mm_panels")
-    fused = native.has(op) and scheme != "8da4w-64" and (scheme != "bf16" or common._bf16_gemm_emulated())
+    op = {"bf16": "w16a16_mm_panel_multi", "int8wo": "w8a16_mm_panel_multi", "8da4w-64": "w4a8_mm_multi",
+          "int8dq": "w8a8_mm_small_multi"}.get(scheme, "w4a16_mm_panel_multi")
+    fused = native.has(op) and (scheme != "bf16" or common._bf16_gemm_emulated())
     for group in (qkv, gate_up):
-        assert (lean._panels(group, 40) is not None) == fused
-        assert lean._panels(group, 4) is None  # decode-sized calls keep their small-M kernels
+        assert (lean._multi(group, 40) is not None) == fused
+        assert lean._multi(group, 4) is None  # decode-sized calls keep their small-M kernels
     one, apart = LeanGenerator(model, 48), LeanGenerator(model, 48)
     with torch.no_grad():
         a = one.prefill(prompt)
-        monkeypatch.setattr(lean, "_panels", lambda mods, rows: None)
+        monkeypatch.setattr(lean, "_multi", lambda mods, rows: None)
         b = apart.prefill(prompt)
     assert torch.equal(a, b)
     assert torch.equal(one.k_cache, apart.k_cache) and torch.equal(one.v_cache, apart.v_cache)
     monkeypatch.undo()
     calls = []
     attn.k_proj.register_forward_hook(lambda *args: calls.append(1))
-    assert lean._panels(qkv, 40) is None and lean._panels(gate_up, 40) is not None or not fused
+    assert lean._multi(qkv, 40) is None and lean._multi(gate_up, 40) is not None or not fused
     one.reset()
     with torch.no_grad():
         assert torch.equal(one.prefill(prompt), a) and calls == [1]  # the hooked module ran as a module

@@ -159,10 +159,10 @@ def test_panels_refuse_bad_input():
         assert ops.w16a16_mm_panel(x[:0], torch.zeros(32, 576, dtype=torch.bfloat16)).shape == (0, 32)
 
 
-@pytest.mark.native_ops("w16a16_mm_panels", "w8a16_mm_panels", "w4a16_mm_panels")
+@pytest.mark.native_ops("w16a16_mm_panel_multi", "w8a16_mm_panel_multi", "w4a16_mm_panel_multi")
 @pytest.mark.parametrize("m,threads", [(1, 1), (7, 2), (40, 2), (97, 3)])
 def test_several_weights_in_one_call_are_the_one_weight_calls(m, threads):
-    """The *_panels operators (q / k / v, gate / up on one input): each output the one-weight operator's, bit for
+    """The *_panel_multi operators (q / k / v, gate / up on one input): each output the one-weight operator's, bit for
     bit, whatever the weights' sizes (one block to many) and the threads."""
     g = torch.Generator().manual_seed(m)
     k = 200
@@ -171,16 +171,16 @@ def test_several_weights_in_one_call_are_the_one_weight_calls(m, threads):
     saved = _threads(threads)
     try:
         w16 = [torch.randn(n, k, generator=g).to(torch.bfloat16) for n in (96, 16, 48)]
-        for y, w in zip(ops.w16a16_mm_panels(x, w16), w16, strict=True):
+        for y, w in zip(ops.w16a16_mm_panel_multi(x, w16), w16, strict=True):
             assert _same(y, ops.w16a16_mm_panel(x, w))
         w8 = [torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8) for n in (32, 64)]
         ws = [torch.rand(n, generator=g) * 0.01 for n in (32, 64)]
-        for y, w, s in zip(ops.w8a16_mm_panels(x, w8, ws), w8, ws, strict=True):
+        for y, w, s in zip(ops.w8a16_mm_panel_multi(x, w8, ws), w8, ws, strict=True):
             assert _same(y, ops.w8a16_mm_panel(x, w, s))
         cases = [_int4_case(n, k, 40, m + n) for n in (16, 80, 32)]
         packed, scales = [c[1] for c in cases], [c[2] for c in cases]
         zps = [cases[0][3], None, cases[2][3]]  # with and without offsets in one call
-        ys = ops.w4a16_mm_panels(x, packed, scales, zps, 40)
+        ys = ops.w4a16_mm_panel_multi(x, packed, scales, zps, 40)
         assert [tuple(y.shape) for y in ys] == [(m, 16), (m, 80), (m, 32)]
         for y, u, s, z in zip(ys, packed, scales, zps, strict=True):
             assert _same(y, ops.w4a16_mm_panel(x, u, s, z, 40))
@@ -188,35 +188,35 @@ def test_several_weights_in_one_call_are_the_one_weight_calls(m, threads):
         torch.set_num_threads(saved)
 
 
-@pytest.mark.native_ops("w16a16_mm_panels", "w8a16_mm_panels", "w4a16_mm_panels")
+@pytest.mark.native_ops("w16a16_mm_panel_multi", "w8a16_mm_panel_multi", "w4a16_mm_panel_multi")
 def test_several_weight_panels_refuse_bad_lists():
     x = torch.randn(8, 64, dtype=torch.bfloat16)
     u = [torch.zeros(16, 32, dtype=torch.uint8), torch.zeros(32, 32, dtype=torch.uint8)]
     s = [torch.ones(16, 2), torch.ones(32, 2)]
-    with pytest.raises(ValueError, match="w4a16_mm_panels: scale must hold one tensor per weight"):
-        ops.w4a16_mm_panels(x, u, s[:1], [None, None], 32)
-    with pytest.raises(ValueError, match="w4a16_mm_panels: zero_point must hold one tensor per weight"):
-        ops.w4a16_mm_panels(x, u, s, [None], 32)
-    with pytest.raises(ValueError, match="w4a16_mm_panels: between 1 and 64 weights, got 0"):
-        ops.w4a16_mm_panels(x, [], [], [], 32)
-    with pytest.raises(ValueError, match=r"w4a16_mm_panels: qweight\[1\] must be \(N, 32\)"):
-        ops.w4a16_mm_panels(x, [u[0], torch.zeros(32, 16, dtype=torch.uint8)], s, [None, None], 32)
+    with pytest.raises(ValueError, match="w4a16_mm_panel_multi: scale must hold one tensor per weight"):
+        ops.w4a16_mm_panel_multi(x, u, s[:1], [None, None], 32)
+    with pytest.raises(ValueError, match="w4a16_mm_panel_multi: zero_point must hold one tensor per weight"):
+        ops.w4a16_mm_panel_multi(x, u, s, [None], 32)
+    with pytest.raises(ValueError, match="w4a16_mm_panel_multi: between 1 and 64 weights, got 0"):
+        ops.w4a16_mm_panel_multi(x, [], [], [], 32)
+    with pytest.raises(ValueError, match=r"w4a16_mm_panel_multi: qweight\[1\] must be \(N, 32\)"):
+        ops.w4a16_mm_panel_multi(x, [u[0], torch.zeros(32, 16, dtype=torch.uint8)], s, [None, None], 32)
     with pytest.raises(ValueError, match=r"unsupported shape of qweight\[1\]: N=24"):
-        ops.w4a16_mm_panels(x, [u[0], torch.zeros(24, 32, dtype=torch.uint8)], [s[0], torch.ones(24, 2)],
+        ops.w4a16_mm_panel_multi(x, [u[0], torch.zeros(24, 32, dtype=torch.uint8)], [s[0], torch.ones(24, 2)],
                             [None, None], 32)
-    with pytest.raises(ValueError, match=r"w4a16_mm_panels: zero_point\[1\] must be a contiguous \[32, 2\]"):
-        ops.w4a16_mm_panels(x, u, s, [None, torch.ones(16, 2)], 32)
-    with pytest.raises(TypeError, match=r"w4a16_mm_panels: scale\[0\] must be a Float"):
-        ops.w4a16_mm_panels(x, u, [s[0].double(), s[1]], [None, None], 32)
-    with pytest.raises(ValueError, match=r"w4a16_mm_panels: x must be \(M, 64\)"):
-        ops.w4a16_mm_panels(x[:, :32], u, s, [None, None], 32)
-    with pytest.raises(TypeError, match=r"w16a16_mm_panels: w\[1\] must be a BFloat16"):
-        ops.w16a16_mm_panels(x, [torch.zeros(16, 64, dtype=torch.bfloat16), torch.zeros(16, 64)])
-    with pytest.raises(ValueError, match=r"w8a16_mm_panels: ws must hold one tensor per weight"):
-        ops.w8a16_mm_panels(x, [torch.zeros(16, 64, dtype=torch.int8)], [])
-    with pytest.raises(ValueError, match=r"w8a16_mm_panels: ws\[0\] must be a contiguous \[16\]"):
-        ops.w8a16_mm_panels(x, [torch.zeros(16, 64, dtype=torch.int8)], [torch.ones(32)])
-    assert [tuple(y.shape) for y in ops.w4a16_mm_panels(x[:0], u, s, [None, None], 32)] == [(0, 16), (0, 32)]
+    with pytest.raises(ValueError, match=r"w4a16_mm_panel_multi: zero_point\[1\] must be a contiguous \[32, 2\]"):
+        ops.w4a16_mm_panel_multi(x, u, s, [None, torch.ones(16, 2)], 32)
+    with pytest.raises(TypeError, match=r"w4a16_mm_panel_multi: scale\[0\] must be a Float"):
+        ops.w4a16_mm_panel_multi(x, u, [s[0].double(), s[1]], [None, None], 32)
+    with pytest.raises(ValueError, match=r"w4a16_mm_panel_multi: x must be \(M, 64\)"):
+        ops.w4a16_mm_panel_multi(x[:, :32], u, s, [None, None], 32)
+    with pytest.raises(TypeError, match=r"w16a16_mm_panel_multi: w\[1\] must be a BFloat16"):
+        ops.w16a16_mm_panel_multi(x, [torch.zeros(16, 64, dtype=torch.bfloat16), torch.zeros(16, 64)])
+    with pytest.raises(ValueError, match=r"w8a16_mm_panel_multi: ws must hold one tensor per weight"):
+        ops.w8a16_mm_panel_multi(x, [torch.zeros(16, 64, dtype=torch.int8)], [])
+    with pytest.raises(ValueError, match=r"w8a16_mm_panel_multi: ws\[0\] must be a contiguous \[16\]"):
+        ops.w8a16_mm_panel_multi(x, [torch.zeros(16, 64, dtype=torch.int8)], [torch.ones(32)])
+    assert [tuple(y.shape) for y in ops.w4a16_mm_panel_multi(x[:0], u, s, [None, None], 32)] == [(0, 16), (0, 32)]
 
 
 def _fma_chain(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -330,7 +330,7 @@ INT4WO = LinearTable("int4wo", "cpu", lambda m: weight_only(m) and m.weight_spec
          layout=NATIVE_W4, direct=_W4A16),
     Impl("qcal panel avx2 int4 mm", _w4a16_panel, native="w4a16_mm_panel",
          fits=lambda m: _native_int4(m) and _panel(m), dtypes=_BF16, eager=True,
-         panels=("w4a16_mm_panels", _w4a16_panel_args, lambda m: (_shape(m)[2],))),
+         multi=("w4a16_mm_panel_multi", _w4a16_panel_args, lambda m: (_shape(m)[2],))),
     Impl("tinygemm int4pack_mm", _tinygemm_mm, fits=lambda m: tinygemm_int4(m) and not _native_int4(m), max_m=64,
          layout=TINYGEMM),
     Impl("dequant + bf16 mm", _dequant_mm, fits=lambda m: tinygemm_int4(m) or _native_int4(m)),
@@ -341,7 +341,8 @@ INT8DA_INT4 = LinearTable("8da4w", "cpu", lambda m: dynamic_int8(m) and m.weight
     Impl("qcal avx512-vnni int8 x int4 mm, row quantization fused", _w4a8, native=True, fits=_native_int4,
          dtypes=_BF16, layout=NATIVE_W4_VNNI, direct=_W4A8),  # ahead of dequantize + GEMM at every M measured, to 2048
     Impl("qcal avx2 int8 x int4 mm, row quantization fused", _w4a8, native="w4a8_mm", fits=_native_int4,
-         dtypes=_BF16, layout=NATIVE_W4_VNNI, direct=_W4A8),
+         dtypes=_BF16, layout=NATIVE_W4_VNNI, direct=_W4A8,
+         multi=("w4a8_mm_multi", lambda m: _w4a8_args(m)[:2], lambda m: (m.__dict__["_k_group"],))),
     Impl("per-token quant + tinygemm int4pack_mm", _tinygemm_a8, max_m=64, layout=TINYGEMM,
          fits=lambda m: tinygemm_int4(m) and not _native_int4(m)),  # native layers' fp32 inputs: dequantize
     Impl("per-token quant + dequant + bf16 mm", dequant_a8, fits=lambda m: tinygemm_int4(m) or _native_int4(m)),
@@ -364,7 +365,7 @@ INT8WO = LinearTable("int8wo", "cpu", lambda m: weight_only(m) and per_channel_i
     # from M=5 ahead of the digits (2x at M=16)
     Impl("qcal panel avx2 int8 mm", _w8a16_panel, native="w8a16_mm_panel",
          fits=lambda m: m.qweight.is_contiguous() and _panel(m), dtypes=_BF16, eager=True, layout=INT8_SCALES,
-         panels=("w8a16_mm_panels", _w8a16_panel_args, lambda m: ())),
+         multi=("w8a16_mm_panel_multi", _w8a16_panel_args, lambda m: ())),
     # _weight_int8pack_mm returns garbage (M=1) or crashes (M=2..16) where K % 32 != 0
     Impl("int8pack_mm", _int8pack_mm, max_m=16, fits=lambda m: m.weight_shape[1] % 32 == 0 and not _native_int8(m)),
     Impl("qcal int8 dequant + bf16 mm", _native_dequant_int8, native="dequant_w8",
@@ -380,7 +381,8 @@ INT8DQ = LinearTable("int8dq", "cpu", lambda m: dynamic_int8(m) and per_channel_
          dtypes=_BF16, eager=True, layout=INT8_SCALES_SUMS),
     # no AVX2 panel: the fused kernel at every M (prefill, M = 512: 170-200 GOP/s where _int_mm ran 4 on Zen 3)
     Impl("qcal avx2 int8 mm, row quantization fused", _w8a8_small, native="w8a8_mm_small",
-         fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, layout=INT8_SCALES_SUMS, direct=_W8A8),
+         fits=lambda m: m.qweight.is_contiguous(), dtypes=_BF16, layout=INT8_SCALES_SUMS, direct=_W8A8,
+         multi=("w8a8_mm_small_multi", _int8_sums_args, lambda m: ())),
     Impl("per-token quant + _int_mm + rescale", _int_mm),
 ))
 

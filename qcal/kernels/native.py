@@ -20,10 +20,10 @@ On AVX2/FMA CPUs without AVX512-BF16/VNNI the library holds AVX2 versions of a s
 csrc_avx2``: ``w16a16_mm_small``, ``w8a16_mm_vnni``, ``w8a16_mm_small``, ``w8a8_mm_small``, ``w4_fits``,
 ``w4a16_mm_small``, ``w4a8_mm``, the weight-only panels ``panel_fits`` / ``w8a16_mm_panel`` / ``w4a16_mm_panel``
 and the runtime's steps) with the same schemas, checks and numbers, plus ``w16a16_mm_panel`` (a bf16 weight at
-large M: PyTorch's bf16 GEMM is emulated there) and ``w16a16_mm_panels`` / ``w8a16_mm_panels`` / ``w4a16_mm_panels``
-(several weights on one input in one call, each output the one-weight operator's: the lean runtime's prefill of
-q / k / v and gate / up): :func:`has` tells which are registered, :func:`available` is True
-only with the full set.
+large M: PyTorch's bf16 GEMM is emulated there) and the ``*_multi`` forms of ``w16a16_mm_panel``, ``w8a16_mm_panel``,
+``w4a16_mm_panel``, ``w4a8_mm`` and ``w8a8_mm_small`` (several weights on one input in one call, each output the
+one-weight operator's: the lean runtime's prefill of q / k / v and gate / up): :func:`has` tells which are
+registered, :func:`available` is True only with the full set.
 
 Figures: ``benchmarks/bench_kernels.py``, BENCHMARKS.md.
 """

@@ -57,7 +57,7 @@ class Impl:
     # gate / up; each output ``run``'s, bit for bit): ``(name, per, shared)`` calls
     # ``torch.ops.qcal.<name>(x2, *lists, *shared(module))``, ``lists`` the modules' ``per(module)`` tuples
     # transposed into lists; modules qualify together where their ``shared(module)`` are equal
-    panels: tuple[str, Callable[[torch.nn.Module], tuple], Callable[[torch.nn.Module], tuple]] | None = None
+    multi: tuple[str, Callable[[torch.nn.Module], tuple], Callable[[torch.nn.Module], tuple]] | None = None
 
     def usable(self, module: torch.nn.Module) -> bool:
         """The static conditions."""

@@ -142,19 +142,20 @@ def _direct(mod: nn.Module) -> tuple[str, tuple] | None:
     return None if direct is None else (direct[0], tuple(direct[1](mod)))
 
 
-def _panels(mods: tuple[nn.Module, ...], rows: int) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+def _multi(mods: tuple[nn.Module, ...], rows: int) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
     """``mods`` (one input: q / k / v, gate / up) on ``rows`` bf16 rows as one qcal operator where each module's
-    own call (:func:`_call_fn`) would run a panel kernel that has a form for several weights: the same outputs, bit
-    for bit, the input widened once and the weights' blocks one pool of units for the threads (SmolLM2 int4wo-64,
-    512 positions: k and v alone are 12 blocks each for 2 threads). None otherwise."""
+    own call (:func:`_call_fn`) would run the same kernel and it has a form for several weights (``Impl.multi``):
+    the same outputs, bit for bit, the input prepared once (widened, or quantized per row) and the weights' units
+    one pool for the threads (SmolLM2, 512 positions: k and v alone are 12 panel blocks each for 2 threads). None
+    otherwise."""
     if rows <= 4 or any(m._forward_hooks or m._forward_pre_hooks for m in mods):
         return None
     if all(type(m) is nn.Linear for m in mods):
         weights = [m.weight for m in mods]
-        if not native.has("w16a16_mm_panels") or not all(bf16_panel(m.weight, m.bias, rows) for m in mods) \
+        if not native.has("w16a16_mm_panel_multi") or not all(bf16_panel(m.weight, m.bias, rows) for m in mods) \
                 or len({w.shape[1] for w in weights}) != 1:
             return None
-        op = torch.ops.qcal.w16a16_mm_panels
+        op = torch.ops.qcal.w16a16_mm_panel_multi
         return lambda x: op(x, weights)
     impls = []
     for m in mods:
@@ -163,9 +164,9 @@ def _panels(mods: tuple[nn.Module, ...], rows: int) -> Callable[[torch.Tensor], 
             return None
         impls.append(choose(torch.bfloat16, rows))
     first = impls[0]
-    if first.panels is None or any(i is not first for i in impls) or not native.has(first.panels[0]):
+    if first.multi is None or any(i is not first for i in impls) or not native.has(first.multi[0]):
         return None
-    name, per, shared = first.panels
+    name, per, shared = first.multi
     common = shared(mods[0])
     if any(shared(m) != common for m in mods[1:]) or len({m.in_features for m in mods}) != 1:
         return None
@@ -353,7 +354,7 @@ class LeanGenerator(TokenGenerator):
             if n == 1 and self.kv_bits is None:  # rotations, cache stores and attention in one call: (1, heads * hd)
                 attn = step_attention(f_q(h), f_k(h), f_v(h), layer.k, layer.v, start, self.cos, self.sin, scale)
             else:
-                qkv = _panels(layer.modules[:3], n)
+                qkv = _multi(layer.modules[:3], n)
                 q, k, v = qkv(h) if qkv is not None else (f_q(h), f_k(h), f_v(h))
                 q = q.view(n, heads, hd)
                 rope_store(q, q, cos, sin)
@@ -366,7 +367,7 @@ class LeanGenerator(TokenGenerator):
                     attn = ops.prefill_attention(q, layer.k, layer.v, start, scale)
                 attn = attn.view(n, heads * hd)
             add_rmsnorm(x, f_o(attn), layer.w_post, h, layer.eps_post)
-            gate_up = _panels(layer.modules[4:6], n)
+            gate_up = _multi(layer.modules[4:6], n)
             gate, up = gate_up(h) if gate_up is not None else (f_gate(h), f_up(h))
             silu_mul(gate, up)
             delta = f_down(gate)

@@ -32,8 +32,8 @@ static at::Tensor w4_checked(const char *op, const at::Tensor &x, const at::Tens
 
 /* has_zero needs the offsets' plane. */
 static void w4_zero_checked(const char *op, const at::Tensor &sz, bool has_zero) {
-    TORCH_CHECK_VALUE(w4_planes_fit(w4_planes(sz), has_zero), op, ": has_zero needs sz with the offsets (N/16, K/group_size, "
-                      "2, 16), got ", sz.sizes());
+    TORCH_CHECK_VALUE(w4_planes_fit(w4_planes(sz), has_zero), op,
+                      ": has_zero needs sz with the offsets (N/16, K/group_size, 2, 16), got ", sz.sizes());
 }
 
 static at::Tensor w4a16_mm_small(const at::Tensor &x, const at::Tensor &w, const at::Tensor &sz, bool has_zero,

@@ -171,4 +171,21 @@ static inline void qcal_run_units(int64_t M, int64_t units, int nthreads, const 
     }
 }
 
+/* Several kernels' units as one pool (the weights of one input, each with its own context): pooled unit p with
+   first[i] <= p < first[i + 1] runs fn(ctxs[i], m0, mb, p - first[i]). Run with qcal_run_units(M, first[n], ...,
+   job, qcal_parts_unit). */
+typedef struct {
+    const void *const *ctxs;
+    const int64_t *first; /* n + 1 entries */
+    int n;
+    qcal_unit_fn fn;
+} qcal_parts_job;
+
+static inline void qcal_parts_unit(const void *c, int64_t m0, int mb, int64_t p) {
+    const qcal_parts_job *j = (const qcal_parts_job *)c;
+    int i = 0;
+    while (i + 1 < j->n && j->first[i + 1] <= p) i++;
+    j->fn(j->ctxs[i], m0, mb, p - j->first[i]);
+}
+
 #endif

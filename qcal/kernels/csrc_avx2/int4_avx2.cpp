@@ -40,8 +40,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <string>
+#include <vector>
+
 #include "avx2.h"
 #include "int4_shape.h"
+#include "multi.h"
 #include "ops.h"
 #include "parallel.h"
 #include "rowquant_avx2.h"
@@ -337,12 +341,16 @@ static void prepare_rows8(const uint16_t *x, int64_t m_lo, int64_t m_hi, int64_t
     }
 }
 
-/* 8da4w: x (M, K) bf16 rows quantized as quantize_per_token; w from pack_int4_vnni, sz from pack_scales
-   (symmetric: the offsets, where sz has them, are ignored). Returns 0, -1 (arguments), -2 (memory). */
-static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int planes, uint16_t *y, int64_t M, int64_t N,
-                int64_t K, int64_t gs, int nthreads) {
-    if (!w4_fits(N, K, gs) || M < 0 || !w4_planes_fit(planes, 0)) return -1;
-    const int64_t G = K / gs, blocks = N / 16, units = (blocks + 1) / 2;
+/* 8da4w: x (M, K) bf16 rows quantized as quantize_per_token, times each of n weights w[i] (N[i] rows, from
+   pack_int4_vnni; sz[i] from pack_scales, planes[i] planes: symmetric, the offsets where sz has them are ignored)
+   into y[i] (M, N[i]): the rows quantized once, the weights' units one pool. Returns 0, -1 (arguments), -2
+   (memory). */
+static int w4a8_parts(const uint16_t *x, int n, const uint8_t *const *w, const uint16_t *const *sz, const int *planes,
+                      uint16_t *const *y, const int64_t *N, int64_t M, int64_t K, int64_t gs, int nthreads) {
+    if (n < 1 || n > QCAL_MAX_WEIGHTS || M < 0) return -1;
+    for (int i = 0; i < n; i++)
+        if (!w4_fits(N[i], K, gs) || !w4_planes_fit(planes[i], 0)) return -1;
+    const int64_t G = K / gs;
     const int T = M < 8 || nthreads < 2 ? 1 : nthreads;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K) + (size_t)(T * K) + 64); /* codes, then T rows of scratch */
     float *xs = (float *)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
@@ -364,12 +372,72 @@ static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int pla
             prepare_rows8(x, lo, hi, M, K, G, gs, xq, xs, X, xq + M * K + t * K);
         }
     }
-    const w4a8_ctx ctx = {xq, X, xs, w, sz, y, N, K, G, gs, 16 * K / 2, blocks, 16 * (int64_t)planes};
-    qcal_run_units(M, units, nthreads, &ctx, w4a8_unit);
+    w4a8_ctx ctx[QCAL_MAX_WEIGHTS];
+    const void *ctxs[QCAL_MAX_WEIGHTS];
+    int64_t first[QCAL_MAX_WEIGHTS + 1] = {0};
+    for (int i = 0; i < n; i++) {
+        ctx[i] = {xq, X, xs, w[i], sz[i], y[i], N[i], K, G, gs, 16 * K / 2, N[i] / 16, 16 * (int64_t)planes[i]};
+        ctxs[i] = &ctx[i];
+        first[i + 1] = first[i] + (N[i] / 16 + 1) / 2; /* units: pairs of 16-row blocks */
+    }
+    if (n == 1) {
+        qcal_run_units(M, first[1], nthreads, &ctx[0], w4a8_unit);
+    } else {
+        const qcal_parts_job job = {ctxs, first, n, w4a8_unit};
+        qcal_run_units(M, first[n], nthreads, &job, qcal_parts_unit);
+    }
     free(xq);
     free(xs);
     free(X);
     return 0;
 }
 
+/* One weight (the w4a8_mm operator, the decode step's binding). */
+static int w4a8(const uint16_t *x, const uint8_t *w, const uint16_t *sz, int planes, uint16_t *y, int64_t M, int64_t N,
+                int64_t K, int64_t gs, int nthreads) {
+    return w4a8_parts(x, 1, &w, &sz, &planes, &y, &N, M, K, gs, nthreads);
+}
+
 #include "int4_api.h"  // the operators (ISA-neutral): shared with the other instruction set's build
+/* ------------------------------------------------------------------ several weights on one input (this build only) */
+
+/* w4a8_mm for a list of weights sharing x (q / k / v, gate / up): each output w4a8_mm's for its weight, bit for bit,
+   the rows quantized once and the weights' units one pool for the threads. */
+static std::vector<at::Tensor> w4a8_mm_multi(const at::Tensor &x, at::TensorList w, at::TensorList sz,
+                                             int64_t group_size) {
+    const char *op = "qcal::w4a8_mm_multi";
+    qcal::multi_checked(op, w.size(), sz.size(), "sz");
+    const int n = (int)w.size();
+    const uint8_t *wp[QCAL_MAX_WEIGHTS];
+    const uint16_t *szp[QCAL_MAX_WEIGHTS];
+    uint16_t *yp[QCAL_MAX_WEIGHTS];
+    int planes[QCAL_MAX_WEIGHTS];
+    int64_t N[QCAL_MAX_WEIGHTS], K = 0;
+    for (int i = 0; i < n; i++) {
+        const std::string opi = qcal::weight_op(op, i);
+        const int64_t Ki = w4_weight_checked(opi.c_str(), w[i], sz[i], group_size);
+        TORCH_CHECK_VALUE(i == 0 || Ki == K, opi, ": K=", Ki, " where weight 0 has K=", K, " (one input)");
+        K = Ki;
+        wp[i] = qcal::in<uint8_t>(w[i]);
+        szp[i] = qcal::in<uint16_t>(sz[i]);
+        planes[i] = w4_planes(sz[i]);
+        N[i] = w[i].size(0);
+    }
+    const at::Tensor xc = qcal::rows(op, x, K);
+    std::vector<at::Tensor> ys;
+    for (int i = 0; i < n; i++) {
+        ys.push_back(qcal::matmul_out(xc, w[i]));
+        yp[i] = qcal::out<uint16_t>(ys.back());
+    }
+    qcal::check_rc(op, w4a8_parts(qcal::in<uint16_t>(xc), n, wp, szp, planes, yp, N, xc.size(0), K, group_size,
+                                  qcal::threads()));
+    return ys;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("w4a8_mm_multi(Tensor x, Tensor[] w, Tensor[] sz, int group_size) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) {
+    m.impl("w4a8_mm_multi", &w4a8_mm_multi);
+}

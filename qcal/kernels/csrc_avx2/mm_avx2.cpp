@@ -37,7 +37,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <string>
+#include <vector>
+
 #include "avx2.h"
+#include "multi.h"
 #include "ops.h"
 #include "parallel.h"
 #include "rowquant_avx2.h"
@@ -452,11 +456,14 @@ static void a8w8_unit(const void *c, int64_t m0, int mb, int64_t p) {
     }
 }
 
-/* x (M, K) bf16; w (N, K) int8 row-major; ws (N) fp32; y (M, N) bf16 (wsum: the AVX-512 kernel's, not read here).
-   Returns 0, -1 for unsupported arguments (nothing written), -2 on allocation failure. */
-static int w8a8_small(const uint16_t *x, const int8_t *w, const int32_t *, const float *ws, uint16_t *y, int64_t M,
-                      int64_t N, int64_t K, int nthreads) {
-    if (K <= 0 || N < 0 || M < 0) return -1;
+/* x (M, K) bf16, each row quantized once, times n int8 weights w[i] (N[i], K) row-major with scales ws[i] (N[i])
+   fp32 into y[i] (M, N[i]) bf16, the weights' units one pool. Returns 0, -1 for unsupported arguments (nothing
+   written), -2 on allocation failure. */
+static int w8a8_parts(const uint16_t *x, int n, const int8_t *const *w, const float *const *ws, uint16_t *const *y,
+                      const int64_t *N, int64_t M, int64_t K, int nthreads) {
+    if (K <= 0 || M < 0 || n < 1 || n > QCAL_MAX_WEIGHTS) return -1;
+    for (int i = 0; i < n; i++)
+        if (N[i] < 0) return -1;
     const int64_t Kp = (K + 31) / 32 * 32;
     int8_t *q = (int8_t *)malloc((size_t)(M > 0 ? M : 1) * (size_t)Kp);
     float *xs = (float *)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
@@ -470,14 +477,75 @@ static int w8a8_small(const uint16_t *x, const int8_t *w, const int32_t *, const
         xs[m] = qcal_quantize_row(x + m * K, K, (uint8_t *)q + m * Kp, 0);
         memset(q + m * Kp + K, 0, (size_t)(Kp - K));
     }
-    const a8w8_ctx ctx = {q, w, ws, xs, y, N, K, Kp};
-    qcal_run_units(M, (N + 3) / 4, nthreads, &ctx, a8w8_unit);
+    a8w8_ctx ctx[QCAL_MAX_WEIGHTS];
+    const void *ctxs[QCAL_MAX_WEIGHTS];
+    int64_t first[QCAL_MAX_WEIGHTS + 1] = {0};
+    for (int i = 0; i < n; i++) {
+        ctx[i] = {q, w[i], ws[i], xs, y[i], N[i], K, Kp};
+        ctxs[i] = &ctx[i];
+        first[i + 1] = first[i] + (N[i] + 3) / 4; /* units: 4 weight rows */
+    }
+    if (n == 1) {
+        qcal_run_units(M, first[1], nthreads, &ctx[0], a8w8_unit);
+    } else {
+        const qcal_parts_job job = {ctxs, first, n, a8w8_unit};
+        qcal_run_units(M, first[n], nthreads, &job, qcal_parts_unit);
+    }
     free(q);
     free(xs);
     return 0;
+}
+
+/* One weight (N, K) (wsum: the AVX-512 kernel's, not read here). */
+static int w8a8_small(const uint16_t *x, const int8_t *w, const int32_t *, const float *ws, uint16_t *y, int64_t M,
+                      int64_t N, int64_t K, int nthreads) {
+    return w8a8_parts(x, 1, &w, &ws, &y, &N, M, K, nthreads);
 }
 
 /* ------------------------------------------------------------------ operators */
 
 #include "bf16_api.h"  // the operators (ISA-neutral): shared with the other instruction set's build
 #include "int8_api.h"
+
+/* ------------------------------------------------------------------ several weights on one input (this build only) */
+
+/* w8a8_mm_small for a list of weights sharing x (q / k / v, gate / up): each output w8a8_mm_small's for its weight,
+   bit for bit, the rows quantized once and the weights' units one pool for the threads. */
+static std::vector<at::Tensor> w8a8_mm_small_multi(const at::Tensor &x, at::TensorList w, at::TensorList wsum,
+                                                   at::TensorList ws) {
+    const char *op = "qcal::w8a8_mm_small_multi";
+    qcal::multi_checked(op, w.size(), wsum.size(), "wsum");
+    qcal::multi_checked(op, w.size(), ws.size(), "ws");
+    const int n = (int)w.size();
+    const int8_t *wp[QCAL_MAX_WEIGHTS];
+    const float *wsp[QCAL_MAX_WEIGHTS];
+    uint16_t *yp[QCAL_MAX_WEIGHTS];
+    int64_t N[QCAL_MAX_WEIGHTS], K = 0;
+    for (int i = 0; i < n; i++) {
+        const std::string opi = qcal::weight_op(op, i);
+        w8_weight_checked(opi.c_str(), w[i], ws[i]);
+        qcal::check_tensor(opi.c_str(), "wsum", wsum[i], at::kInt, {w[i].size(0)});
+        TORCH_CHECK_VALUE(i == 0 || w[i].size(1) == K, opi, ": K=", w[i].size(1), " where weight 0 has K=", K,
+                          " (one input)");
+        K = w[i].size(1);
+        wp[i] = qcal::in<int8_t>(w[i]);
+        wsp[i] = qcal::in<float>(ws[i]);
+        N[i] = w[i].size(0);
+    }
+    const at::Tensor xc = qcal::rows(op, x, K);
+    std::vector<at::Tensor> ys;
+    for (int i = 0; i < n; i++) {
+        ys.push_back(qcal::matmul_out(xc, w[i]));
+        yp[i] = qcal::out<uint16_t>(ys.back());
+    }
+    qcal::check_rc(op, w8a8_parts(qcal::in<uint16_t>(xc), n, wp, wsp, yp, N, xc.size(0), K, qcal::threads()));
+    return ys;
+}
+
+TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("w8a8_mm_small_multi(Tensor x, Tensor[] w, Tensor[] wsum, Tensor[] ws) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(qcal, CPU, m) {
+    m.impl("w8a8_mm_small_multi", &w8a8_mm_small_multi);
+}

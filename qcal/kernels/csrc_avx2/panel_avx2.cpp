@@ -33,6 +33,7 @@
 #include "avx2.h"
 #include "fpx_avx2.h"
 #include "fpx_checks.h"
+#include "multi.h"
 #include "ops.h"
 #include "panel_api.h"
 #include "parallel.h"
@@ -444,10 +445,10 @@ static at::Tensor wfx_mm_panel(const at::Tensor &x, const at::Tensor &w, const a
 
 /* ------------------------------------------------------------------ several weights on one input (this build only) */
 
-/* w16a16_mm_panels, w8a16_mm_panels, w4a16_mm_panels: the one-weight operators' products for a list of weights that
-   share the input (q / k / v, gate / up), each output what the one-weight operator returns for its weight, bit for
-   bit, in one call: the input widened once and the weights' blocks one pool of units for the threads (a 192-row
-   weight alone is 12 blocks for 2 threads). */
+/* w16a16_mm_panel_multi, w8a16_mm_panel_multi, w4a16_mm_panel_multi: the one-weight operators' products for a
+   list of weights that share the input (q / k / v, gate / up), each output what the one-weight operator returns for
+   its weight, bit for bit, in one call: the input widened once and the weights' blocks one pool of units for the
+   threads (a 192-row weight alone is 12 blocks for 2 threads). */
 
 /* Weight i of a list: a contiguous 2-D tensor of `dtype`, (N, cols) with N rows the panels take with K, gs. */
 static void part_checked(const char *op, const char *name, size_t i, const at::Tensor &w, at::ScalarType dtype,
@@ -465,11 +466,6 @@ static void side_checked(const char *op, const char *name, size_t i, const at::T
     qcal::check_tensor(op, what.c_str(), t, at::kFloat, sizes);
 }
 
-static void list_checked(const char *op, size_t n, size_t m, const char *name) {
-    TORCH_CHECK_VALUE(n >= 1 && n <= 64, op, ": between 1 and 64 weights, got ", n);
-    TORCH_CHECK_VALUE(m == n, op, ": ", name, " must hold one tensor per weight (", n, "), got ", m);
-}
-
 /* Runs parts (their w, s, zp set) on xc into fresh outputs. */
 static std::vector<at::Tensor> run_parts(const char *op, int kind, const at::Tensor &xc, std::vector<panel_part> &parts,
                                          int64_t K, int64_t gs) {
@@ -484,9 +480,9 @@ static std::vector<at::Tensor> run_parts(const char *op, int kind, const at::Ten
     return ys;
 }
 
-static std::vector<at::Tensor> w16a16_mm_panels(const at::Tensor &x, at::TensorList w) {
-    const char *op = "qcal::w16a16_mm_panels";
-    list_checked(op, w.size(), w.size(), "w");
+static std::vector<at::Tensor> w16a16_mm_panel_multi(const at::Tensor &x, at::TensorList w) {
+    const char *op = "qcal::w16a16_mm_panel_multi";
+    qcal::multi_checked(op, w.size(), w.size(), "w");
     TORCH_CHECK_VALUE(w[0].dim() == 2, op, ": w[0] must be (N, K), got ", w[0].sizes());
     const int64_t K = w[0].size(1);
     std::vector<panel_part> parts;
@@ -497,9 +493,9 @@ static std::vector<at::Tensor> w16a16_mm_panels(const at::Tensor &x, at::TensorL
     return run_parts(op, 0, qcal::rows(op, x, K), parts, K, 0);
 }
 
-static std::vector<at::Tensor> w8a16_mm_panels(const at::Tensor &x, at::TensorList w, at::TensorList ws) {
-    const char *op = "qcal::w8a16_mm_panels";
-    list_checked(op, w.size(), ws.size(), "ws");
+static std::vector<at::Tensor> w8a16_mm_panel_multi(const at::Tensor &x, at::TensorList w, at::TensorList ws) {
+    const char *op = "qcal::w8a16_mm_panel_multi";
+    qcal::multi_checked(op, w.size(), ws.size(), "ws");
     TORCH_CHECK_VALUE(w[0].dim() == 2, op, ": w[0] must be (N, K), got ", w[0].sizes());
     const int64_t K = w[0].size(1);
     std::vector<panel_part> parts;
@@ -511,12 +507,12 @@ static std::vector<at::Tensor> w8a16_mm_panels(const at::Tensor &x, at::TensorLi
     return run_parts(op, 1, qcal::rows(op, x, K), parts, K, 0);
 }
 
-static std::vector<at::Tensor> w4a16_mm_panels(const at::Tensor &x, at::TensorList qweight, at::TensorList scale,
+static std::vector<at::Tensor> w4a16_mm_panel_multi(const at::Tensor &x, at::TensorList qweight, at::TensorList scale,
                                                const c10::List<std::optional<at::Tensor>> &zero_point,
                                                int64_t group_size) {
-    const char *op = "qcal::w4a16_mm_panels";
-    list_checked(op, qweight.size(), scale.size(), "scale");
-    list_checked(op, qweight.size(), zero_point.size(), "zero_point");
+    const char *op = "qcal::w4a16_mm_panel_multi";
+    qcal::multi_checked(op, qweight.size(), scale.size(), "scale");
+    qcal::multi_checked(op, qweight.size(), zero_point.size(), "zero_point");
     TORCH_CHECK_VALUE(qweight[0].dim() == 2 && group_size > 0, op,
                       ": qweight[0] must be (N, K/2) and group_size > 0, got ", qweight[0].sizes(), ", ", group_size);
     const int64_t K = 2 * qweight[0].size(1);
@@ -540,9 +536,9 @@ TORCH_LIBRARY_FRAGMENT(qcal, m) {
     m.def("w16a16_mm_panel(Tensor x, Tensor w) -> Tensor");
     m.def("w8a16_group_mm_panel(Tensor x, Tensor w, Tensor sz, bool has_zero, int group_size) -> Tensor");
     m.def("wf8a16_mm_panel(Tensor x, Tensor w, Tensor ws) -> Tensor");
-    m.def("w16a16_mm_panels(Tensor x, Tensor[] w) -> Tensor[]");
-    m.def("w8a16_mm_panels(Tensor x, Tensor[] w, Tensor[] ws) -> Tensor[]");
-    m.def("w4a16_mm_panels(Tensor x, Tensor[] qweight, Tensor[] scale, Tensor?[] zero_point, int group_size) "
+    m.def("w16a16_mm_panel_multi(Tensor x, Tensor[] w) -> Tensor[]");
+    m.def("w8a16_mm_panel_multi(Tensor x, Tensor[] w, Tensor[] ws) -> Tensor[]");
+    m.def("w4a16_mm_panel_multi(Tensor x, Tensor[] qweight, Tensor[] scale, Tensor?[] zero_point, int group_size) "
           "-> Tensor[]");
 }
 
@@ -551,7 +547,7 @@ TORCH_LIBRARY_IMPL(qcal, CPU, m) {
     m.impl("w8a16_group_mm_panel", &w8a16_group_mm_panel);
     m.impl("wf8a16_mm_panel", &wf8a16_mm_panel);
     m.impl("wfx_mm_panel", &wfx_mm_panel);
-    m.impl("w16a16_mm_panels", &w16a16_mm_panels);
-    m.impl("w8a16_mm_panels", &w8a16_mm_panels);
-    m.impl("w4a16_mm_panels", &w4a16_mm_panels);
+    m.impl("w16a16_mm_panel_multi", &w16a16_mm_panel_multi);
+    m.impl("w8a16_mm_panel_multi", &w8a16_mm_panel_multi);
+    m.impl("w4a16_mm_panel_multi", &w4a16_mm_panel_multi);
 }
