@@ -424,11 +424,7 @@ static std::vector<at::Tensor> w4a8_mm_multi(const at::Tensor &x, at::TensorList
         N[i] = w[i].size(0);
     }
     const at::Tensor xc = qcal::rows(op, x, K);
-    std::vector<at::Tensor> ys;
-    for (int i = 0; i < n; i++) {
-        ys.push_back(qcal::matmul_out(xc, w[i]));
-        yp[i] = qcal::out<uint16_t>(ys.back());
-    }
+    std::vector<at::Tensor> ys = qcal::multi_outputs(xc, w, yp);
     qcal::check_rc(op, w4a8_parts(qcal::in<uint16_t>(xc), n, wp, szp, planes, yp, N, xc.size(0), K, group_size,
                                   qcal::threads()));
     return ys;
