@@ -159,10 +159,12 @@ def _multi(mods: tuple[nn.Module, ...], rows: int) -> Callable[[torch.Tensor], l
         return lambda x: op(x, weights)
     impls = []
     for m in mods:
-        choose = getattr(getattr(m, "kernel", None), "choose", None)
-        if choose is None or not getattr(m, "frozen", False) or m._parameters.get("bias") is not None:
+        kernel = getattr(m, "kernel", None)
+        choose = getattr(kernel, "choose", None)
+        if choose is None or not getattr(m, "frozen", False) or m._parameters.get("bias") is not None \
+                or getattr(kernel, "compute_dtype", None) not in (None, torch.bfloat16):
             return None
-        impls.append(choose(torch.bfloat16, rows))
+        impls.append(choose(torch.bfloat16, rows))  # what the module call picks for bf16 rows
     first = impls[0]
     if first.multi is None or any(i is not first for i in impls) or not native.has(first.multi[0]):
         return None

@@ -2,8 +2,9 @@
    (panel_fits, w8a16_mm_panel, w4a16_mm_panel: panel_api.h's schemas and checks, the same numbers) and, in this
    build only, w16a16_mm_panel (a bf16 weight, the same product), w8a16_group_mm_panel (int8 in groups: each weight
    the dequantizer's fp32 value (q - z) s) and wf8a16_mm_panel (float8 e4m3fn: the codes' exact values, ws applied
-   to the sum as for int8) and wfx_mm_panel (fp6 / fp5 / fp4 bit planes: each weight its value times its group's
-   scale in fp32, looked up as in fpx_avx2.cpp).
+   to the sum as for int8), wfx_mm_panel (fp6 / fp5 / fp4 bit planes: each weight its value times its group's
+   scale in fp32, looked up as in fpx_avx2.cpp) and the *_multi forms of the bf16, int8 and int4 operators (several
+   weights on one input in one call).
 
    Without bf16 hardware PyTorch's bf16 GEMM is emulated, so these paths used to widen both operands to fp32 (an
    int4 / int8 weight dequantized to bf16 first) for MKL's fp32 GEMM: two or three passes over the weight per call,
