@@ -199,22 +199,22 @@ def test_several_weight_panels_refuse_bad_lists():
         ops.w4a16_mm_panel_multi(x, u, s, [None], 32)
     with pytest.raises(ValueError, match="w4a16_mm_panel_multi: between 1 and 64 weights, got 0"):
         ops.w4a16_mm_panel_multi(x, [], [], [], 32)
-    with pytest.raises(ValueError, match=r"w4a16_mm_panel_multi: qweight\[1\] must be \(N, 32\)"):
+    with pytest.raises(ValueError, match=r"w4a16_mm_panel_multi \(weight 1\): w must be \(N, 32\)"):
         ops.w4a16_mm_panel_multi(x, [u[0], torch.zeros(32, 16, dtype=torch.uint8)], s, [None, None], 32)
-    with pytest.raises(ValueError, match=r"unsupported shape of qweight\[1\]: N=24"):
+    with pytest.raises(ValueError, match=r"w4a16_mm_panel_multi \(weight 1\): unsupported shape N=24"):
         ops.w4a16_mm_panel_multi(x, [u[0], torch.zeros(24, 32, dtype=torch.uint8)], [s[0], torch.ones(24, 2)],
-                            [None, None], 32)
-    with pytest.raises(ValueError, match=r"w4a16_mm_panel_multi: zero_point\[1\] must be a contiguous \[32, 2\]"):
+                                 [None, None], 32)
+    with pytest.raises(ValueError, match=r"panel_multi \(weight 1\): zero_point must be a contiguous \[32, 2\]"):
         ops.w4a16_mm_panel_multi(x, u, s, [None, torch.ones(16, 2)], 32)
-    with pytest.raises(TypeError, match=r"w4a16_mm_panel_multi: scale\[0\] must be a Float"):
+    with pytest.raises(TypeError, match=r"w4a16_mm_panel_multi \(weight 0\): scale must be a Float"):
         ops.w4a16_mm_panel_multi(x, u, [s[0].double(), s[1]], [None, None], 32)
     with pytest.raises(ValueError, match=r"w4a16_mm_panel_multi: x must be \(M, 64\)"):
         ops.w4a16_mm_panel_multi(x[:, :32], u, s, [None, None], 32)
-    with pytest.raises(TypeError, match=r"w16a16_mm_panel_multi: w\[1\] must be a BFloat16"):
+    with pytest.raises(TypeError, match=r"w16a16_mm_panel_multi \(weight 1\): w must be a BFloat16"):
         ops.w16a16_mm_panel_multi(x, [torch.zeros(16, 64, dtype=torch.bfloat16), torch.zeros(16, 64)])
     with pytest.raises(ValueError, match=r"w8a16_mm_panel_multi: ws must hold one tensor per weight"):
         ops.w8a16_mm_panel_multi(x, [torch.zeros(16, 64, dtype=torch.int8)], [])
-    with pytest.raises(ValueError, match=r"w8a16_mm_panel_multi: ws\[0\] must be a contiguous \[16\]"):
+    with pytest.raises(ValueError, match=r"w8a16_mm_panel_multi \(weight 0\): ws must be a contiguous \[16\]"):
         ops.w8a16_mm_panel_multi(x, [torch.zeros(16, 64, dtype=torch.int8)], [torch.ones(32)])
     assert [tuple(y.shape) for y in ops.w4a16_mm_panel_multi(x[:0], u, s, [None, None], 32)] == [(0, 16), (0, 32)]
 

@@ -451,85 +451,83 @@ static at::Tensor wfx_mm_panel(const at::Tensor &x, const at::Tensor &w, const a
    its weight, bit for bit, in one call: the input widened once and the weights' blocks one pool of units for the
    threads (a 192-row weight alone is 12 blocks for 2 threads). */
 
-/* Weight i of a list: a contiguous 2-D tensor of `dtype`, (N, cols) with N rows the panels take with K, gs. */
-static void part_checked(const char *op, const char *name, size_t i, const at::Tensor &w, at::ScalarType dtype,
-                         int64_t cols, int64_t K, int64_t gs) {
-    const std::string what = std::string(name) + "[" + std::to_string(i) + "]";
-    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == cols, op, ": ", what, " must be (N, ", cols, "), got ", w.sizes());
-    TORCH_CHECK_VALUE(panel_fits(w.size(0), K, gs), op, ": unsupported shape of ", what, ": N=", w.size(0), " K=", K,
-                      " group_size=", gs, " (N % 16 == 0, K % 4 == 0; int4: groups of a multiple of 8 dividing K)");
-    qcal::check_tensor(op, what.c_str(), w, dtype, w.sizes());
+/* Weight i of a list, checked as the one-weight operator checks its weight (panel_checked), its errors under
+   "<op> (weight i)": (N, cols) of `dtype`, N and K a shape the panels take. */
+static std::string part_checked(const char *op, size_t i, const at::Tensor &xc, const at::Tensor &w,
+                                at::ScalarType dtype, int64_t cols, int64_t K, int64_t gs) {
+    std::string opi = qcal::weight_op(op, i);
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == cols, opi, ": w must be (N, ", cols, "), got ", w.sizes());
+    panel_checked(opi.c_str(), xc, w, dtype, K, gs);
+    return opi;
 }
 
-/* A side tensor of weight i (scales, zero-points): fp32, contiguous, of the given sizes. */
-static void side_checked(const char *op, const char *name, size_t i, const at::Tensor &t, at::IntArrayRef sizes) {
-    const std::string what = std::string(name) + "[" + std::to_string(i) + "]";
-    qcal::check_tensor(op, what.c_str(), t, at::kFloat, sizes);
-}
-
-/* Runs parts (their w, s, zp set) on xc into fresh outputs. */
-static std::vector<at::Tensor> run_parts(const char *op, int kind, const at::Tensor &xc, std::vector<panel_part> &parts,
-                                         int64_t K, int64_t gs) {
-    std::vector<at::Tensor> ys;
-    ys.reserve(parts.size());
-    for (auto &pt : parts) {
-        ys.push_back(at::empty({xc.size(0), pt.N}, xc.options()));
-        pt.y = qcal::out<uint16_t>(ys.back());
-    }
+/* Runs parts (their w, s, zp set) of the weights w on xc into fresh outputs. */
+static std::vector<at::Tensor> run_parts(const char *op, int kind, const at::Tensor &xc, at::TensorList w,
+                                         std::vector<panel_part> &parts, int64_t K, int64_t gs) {
+    uint16_t *y[QCAL_MAX_WEIGHTS];
+    std::vector<at::Tensor> ys = qcal::multi_outputs(xc, w, y);
+    for (size_t i = 0; i < parts.size(); i++) parts[i].y = y[i];
     qcal::check_rc(op, run_panel(kind, qcal::in<uint16_t>(xc), parts.data(), (int)parts.size(), xc.size(0), K, gs,
                                  qcal::threads()));
     return ys;
 }
 
+/* The input's columns (K) from weight 0: (N, K) for bf16 and int8, (N, K / 2) codes for int4. */
+static int64_t list_k(const char *op, const at::Tensor &w0, int64_t per_col) {
+    TORCH_CHECK_VALUE(w0.dim() == 2, op, ": weight 0 must be 2-D, got ", w0.sizes());
+    return per_col * w0.size(1);
+}
+
 static std::vector<at::Tensor> w16a16_mm_panel_multi(const at::Tensor &x, at::TensorList w) {
     const char *op = "qcal::w16a16_mm_panel_multi";
     qcal::multi_checked(op, w.size(), w.size(), "w");
-    TORCH_CHECK_VALUE(w[0].dim() == 2, op, ": w[0] must be (N, K), got ", w[0].sizes());
-    const int64_t K = w[0].size(1);
+    const int64_t K = list_k(op, w[0], 1);
+    const at::Tensor xc = qcal::rows(op, x, K);
     std::vector<panel_part> parts;
     for (size_t i = 0; i < w.size(); i++) {
-        part_checked(op, "w", i, w[i], at::kBFloat16, K, K, 0);
+        part_checked(op, i, xc, w[i], at::kBFloat16, K, K, 0);
         parts.push_back({w[i].const_data_ptr(), nullptr, nullptr, nullptr, w[i].size(0), 0});
     }
-    return run_parts(op, 0, qcal::rows(op, x, K), parts, K, 0);
+    return run_parts(op, 0, xc, w, parts, K, 0);
 }
 
 static std::vector<at::Tensor> w8a16_mm_panel_multi(const at::Tensor &x, at::TensorList w, at::TensorList ws) {
     const char *op = "qcal::w8a16_mm_panel_multi";
     qcal::multi_checked(op, w.size(), ws.size(), "ws");
-    TORCH_CHECK_VALUE(w[0].dim() == 2, op, ": w[0] must be (N, K), got ", w[0].sizes());
-    const int64_t K = w[0].size(1);
+    const int64_t K = list_k(op, w[0], 1);
+    const at::Tensor xc = qcal::rows(op, x, K);
     std::vector<panel_part> parts;
     for (size_t i = 0; i < w.size(); i++) {
-        part_checked(op, "w", i, w[i], at::kChar, K, K, 0);
-        side_checked(op, "ws", i, ws[i], {w[i].size(0)});
+        const std::string opi = part_checked(op, i, xc, w[i], at::kChar, K, K, 0);
+        qcal::check_tensor(opi.c_str(), "ws", ws[i], at::kFloat, {w[i].size(0)});
         parts.push_back({w[i].const_data_ptr(), qcal::in<float>(ws[i]), nullptr, nullptr, w[i].size(0), 0});
     }
-    return run_parts(op, 1, qcal::rows(op, x, K), parts, K, 0);
+    return run_parts(op, 1, xc, w, parts, K, 0);
 }
 
 static std::vector<at::Tensor> w4a16_mm_panel_multi(const at::Tensor &x, at::TensorList qweight, at::TensorList scale,
-                                               const c10::List<std::optional<at::Tensor>> &zero_point,
-                                               int64_t group_size) {
+                                                    const c10::List<std::optional<at::Tensor>> &zero_point,
+                                                    int64_t group_size) {
     const char *op = "qcal::w4a16_mm_panel_multi";
     qcal::multi_checked(op, qweight.size(), scale.size(), "scale");
     qcal::multi_checked(op, qweight.size(), zero_point.size(), "zero_point");
-    TORCH_CHECK_VALUE(qweight[0].dim() == 2 && group_size > 0, op,
-                      ": qweight[0] must be (N, K/2) and group_size > 0, got ", qweight[0].sizes(), ", ", group_size);
-    const int64_t K = 2 * qweight[0].size(1);
+    TORCH_CHECK_VALUE(group_size > 0, op, ": group_size must be > 0, got ", group_size);
+    const int64_t K = list_k(op, qweight[0], 2);
+    const at::Tensor xc = qcal::rows(op, x, K);
     std::vector<panel_part> parts;
     std::vector<at::Tensor> zps; /* the optional entries held while the kernel reads them */
     for (size_t i = 0; i < qweight.size(); i++) {
-        const int64_t N = qweight[i].dim() == 2 ? qweight[i].size(0) : 0;
-        part_checked(op, "qweight", i, qweight[i], at::kByte, K / 2, K, group_size);
-        side_checked(op, "scale", i, scale[i], {N, K / group_size});
+        const std::string opi = part_checked(op, i, xc, qweight[i], at::kByte, K / 2, K, group_size);
+        const int64_t N = qweight[i].size(0);
+        qcal::check_tensor(opi.c_str(), "scale", scale[i], at::kFloat, {N, K / group_size});
         const std::optional<at::Tensor> z = zero_point.get(i);
         zps.push_back(z.has_value() ? *z : at::Tensor());
-        if (zps.back().defined()) side_checked(op, "zero_point", i, zps.back(), {N, K / group_size});
+        if (zps.back().defined())
+            qcal::check_tensor(opi.c_str(), "zero_point", zps.back(), at::kFloat, {N, K / group_size});
         parts.push_back({qweight[i].const_data_ptr(), qcal::in<float>(scale[i]), qcal::in_opt<float>(zps.back()),
                          nullptr, N, 0});
     }
-    return run_parts(op, 2, qcal::rows(op, x, K), parts, K, group_size);
+    return run_parts(op, 2, xc, qweight, parts, K, group_size);
 }
 
 TORCH_LIBRARY_FRAGMENT(qcal, m) {
