@@ -428,3 +428,51 @@ def test_attention_refuses_bad_arguments():
         pre(x, _bf16(2, 10, 16, seed=0), _bf16(2, 20, 16, seed=0)[:, :10], 0, 0.25)
     with pytest.raises(TypeError, match="prefill_attention: q, k and v must be bf16"):
         pre(x.float(), _bf16(2, 10, 16, seed=0), _bf16(2, 10, 16, seed=0), 0, 0.25)
+
+
+def _hostile_logits(kind: int, m: int, v: int, g: torch.Generator) -> torch.Tensor:
+    """Rows torch.argmax has rules for: ties, NaNs of both signs, signed zeros, infinities, denormals."""
+    t = torch.randn(m, v, generator=g)
+    if kind == 1:
+        t = torch.randint(-3, 3, (m, v), generator=g).float()  # many ties of the largest
+    elif kind == 2:
+        t[t > 1.5] = float("nan")
+    elif kind == 3:
+        t[t > 1.5] = -float("nan")  # a negative NaN is still the argmax
+    elif kind == 4:
+        t = torch.full((m, v), -float("inf"))
+        t[:, 5::7] = 0.0
+        t[:, 3::7] = -0.0  # -0 == +0: the first zero wins
+    elif kind == 5:
+        t = torch.full((m, v), -float("inf"))
+    elif kind == 6:
+        t = t * 1e-39  # denormal
+        t[:, 4::9] = float("inf")
+    return t.to(BF16)
+
+
+@pytest.mark.native_ops("argmax_rows")
+@pytest.mark.parametrize("v", [1, 2, 15, 16, 17, 255, 49152])
+@pytest.mark.parametrize("kind", range(7))
+def test_argmax_rows_is_torch_argmax(v, kind):
+    from qcal.runtime.base import argmax_last
+
+    g = torch.Generator().manual_seed(1000 * kind + v)
+    x = _hostile_logits(kind, 3, v, g)
+    want = x.argmax(-1, keepdim=True)
+    got = torch.ops.qcal.argmax_rows(x)
+    assert got.dtype == torch.long and torch.equal(got, want)
+    assert torch.equal(argmax_last(x), want) and torch.equal(argmax_last(x.float()), want)  # fp32: PyTorch's
+
+
+@pytest.mark.native_ops("argmax_rows")
+def test_argmax_rows_refuses_bad_arguments():
+    x = _bf16(2, 64, seed=0)
+    with pytest.raises(TypeError, match="argmax_rows: x must be a bf16 CPU tensor"):
+        torch.ops.qcal.argmax_rows(x.float())
+    with pytest.raises(ValueError, match=r"argmax_rows: x must be a contiguous \(M, V\) with V >= 1"):
+        torch.ops.qcal.argmax_rows(x[0])
+    with pytest.raises(ValueError, match="V >= 1"):
+        torch.ops.qcal.argmax_rows(x[:, :0])
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.qcal.argmax_rows(x.t())

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime.base import TokenGenerator
+from ..runtime.base import TokenGenerator, argmax_last
 from ..runtime.family import forward_params
 from .perplexity import model_device
 
@@ -163,13 +163,13 @@ def time_generation(model: torch.nn.Module | TokenGenerator, prompt: torch.Tenso
     _sync(device)
     start = time.perf_counter()
     out = model(prompt, use_cache=True, **last_only)
-    token = out.logits[:, -1:].argmax(-1)
+    token = argmax_last(out.logits[:, -1])
     _sync(device)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(new_tokens):
         out = model(token, use_cache=True, **{cache_kw: _cache_of(out)})
-        token = out.logits[:, -1:].argmax(-1)
+        token = argmax_last(out.logits[:, -1])
     _sync(device)
     return prefill, time.perf_counter() - start
 

@@ -1,6 +1,7 @@
-/* The operators of the elementwise decode steps (add_rmsnorm, rope_store, silu_mul): schemas, argument checks and
-   registrations, shared by the AVX-512 (qcal/runtime/csrc/decode_ops.cpp) and AVX2 (csrc_avx2/decode_ops_avx2.cpp)
-   builds. Included after the kernels it calls: add_rmsnorm_rows, rope_rows, silu_mul_rows. */
+/* The operators of the elementwise decode steps (add_rmsnorm, rope_store, silu_mul) and of greedy sampling
+   (argmax_rows): schemas, argument checks and registrations, shared by the AVX-512
+   (qcal/runtime/csrc/decode_ops.cpp) and AVX2 (csrc_avx2/decode_ops_avx2.cpp) builds. Included after the kernels
+   it calls: add_rmsnorm_rows, rope_rows, silu_mul_rows. */
 #ifndef QCAL_DECODE_OPS_API_H
 #define QCAL_DECODE_OPS_API_H
 
@@ -126,13 +127,54 @@ static void silu_mul(at::Tensor &gate, const at::Tensor &up) {
     }));
 }
 
+// The index of the first largest of n >= 1 bf16 values, as torch.argmax picks it: the first NaN where there is one,
+// else the first value equal to the largest (as floats: -0 == +0). The largest is found on a key that orders the bf16
+// bit patterns as their values (negative ones: the magnitude bits flipped), a reduction the compiler vectorizes.
+static int64_t argmax_bf16(const uint16_t *x, int64_t n) {
+    int nan = 0;
+    int16_t top = INT16_MIN;
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t b = x[i];
+        const int16_t key = static_cast<int16_t>(b ^ (static_cast<uint16_t>(static_cast<int16_t>(b) >> 15) & 0x7fff));
+        nan |= (b & 0x7fff) > 0x7f80;
+        top = key > top ? key : top;
+    }
+    if (nan) {
+        for (int64_t i = 0; i < n; i++)
+            if ((x[i] & 0x7fff) > 0x7f80) return i;
+    }
+    const uint16_t t = static_cast<uint16_t>(top) ^ (top < 0 ? 0x7fff : 0); // the key's bit pattern
+    if ((t & 0x7fff) == 0) {                                                 // +-0: either zero
+        for (int64_t i = 0; i < n; i++)
+            if ((x[i] & 0x7fff) == 0) return i;
+    }
+    for (int64_t i = 0; i < n; i++)
+        if (x[i] == t) return i;
+    return 0; // not reached: t is one of the values
+}
+
+// x (M, V) bf16, contiguous, V >= 1: each row's argmax_bf16, (M, 1) int64 (torch.argmax(x, -1, keepdim=True)).
+static at::Tensor argmax_rows(const at::Tensor &x) {
+    const char *op = "qcal::argmax_rows";
+    bf16_cpu(op, "x", x);
+    TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) > 0 && x.is_contiguous(), op,
+                      ": x must be a contiguous (M, V) with V >= 1, got ", x.sizes());
+    at::Tensor out = at::empty({x.size(0), 1}, x.options().dtype(at::kLong));
+    const uint16_t *xp = qcal::in<uint16_t>(x);
+    int64_t *o = out.data_ptr<int64_t>();
+    for (int64_t m = 0; m < x.size(0); m++) o[m] = argmax_bf16(xp + m * x.size(1), x.size(1));
+    return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(qcal, m) {
+    m.def("argmax_rows(Tensor x) -> Tensor");
     m.def("add_rmsnorm(Tensor(a!) x, Tensor? delta, Tensor weight, Tensor(b!) out, float eps) -> ()");
     m.def("rope_store(Tensor src, Tensor(a!) dst, Tensor? cos, Tensor? sin) -> ()");
     m.def("silu_mul(Tensor(a!) gate, Tensor up) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(qcal, CPU, m) {
+    m.impl("argmax_rows", &argmax_rows);
     m.impl("add_rmsnorm", &add_rmsnorm);
     m.impl("rope_store", &rope_store);
     m.impl("silu_mul", &silu_mul);
