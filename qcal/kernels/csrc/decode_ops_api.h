@@ -127,30 +127,36 @@ static void silu_mul(at::Tensor &gate, const at::Tensor &up) {
     }));
 }
 
+// The first i < n with hit(x[i]) (n where none): 64 values a step tested as one vectorizable reduction, then the
+// step that holds it one by one.
+template <class Hit> static inline int64_t first_hit(const uint16_t *x, int64_t n, Hit hit) {
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        uint16_t any = 0;
+        for (int j = 0; j < 64; j++) any |= static_cast<uint16_t>(hit(x[i + j]));
+        if (any) break;
+    }
+    for (; i < n; i++)
+        if (hit(x[i])) return i;
+    return n;
+}
+
 // The index of the first largest of n >= 1 bf16 values, as torch.argmax picks it: the first NaN where there is one,
 // else the first value equal to the largest (as floats: -0 == +0). The largest is found on a key that orders the bf16
 // bit patterns as their values (negative ones: the magnitude bits flipped), a reduction the compiler vectorizes.
 static int64_t argmax_bf16(const uint16_t *x, int64_t n) {
-    int nan = 0;
+    uint16_t mag = 0; // the largest magnitude's bits: above 0x7f80 where a NaN is
     int16_t top = INT16_MIN;
     for (int64_t i = 0; i < n; i++) {
-        const uint16_t b = x[i];
+        const uint16_t b = x[i], m = b & 0x7fff;
         const int16_t key = static_cast<int16_t>(b ^ (static_cast<uint16_t>(static_cast<int16_t>(b) >> 15) & 0x7fff));
-        nan |= (b & 0x7fff) > 0x7f80;
+        mag = m > mag ? m : mag;
         top = key > top ? key : top;
     }
-    if (nan) {
-        for (int64_t i = 0; i < n; i++)
-            if ((x[i] & 0x7fff) > 0x7f80) return i;
-    }
+    if (mag > 0x7f80) return first_hit(x, n, [](uint16_t b) { return (b & 0x7fff) > 0x7f80; });
     const uint16_t t = static_cast<uint16_t>(top) ^ (top < 0 ? 0x7fff : 0); // the key's bit pattern
-    if ((t & 0x7fff) == 0) {                                                 // +-0: either zero
-        for (int64_t i = 0; i < n; i++)
-            if ((x[i] & 0x7fff) == 0) return i;
-    }
-    for (int64_t i = 0; i < n; i++)
-        if (x[i] == t) return i;
-    return 0; // not reached: t is one of the values
+    if ((t & 0x7fff) == 0) return first_hit(x, n, [](uint16_t b) { return (b & 0x7fff) == 0; }); // +-0: either
+    return first_hit(x, n, [t](uint16_t b) { return b == t; });
 }
 
 // x (M, V) bf16, contiguous, V >= 1: each row's argmax_bf16, (M, 1) int64 (torch.argmax(x, -1, keepdim=True)).
