@@ -1,7 +1,8 @@
 """The generation runtime's native operators (the AVX-512 library or its AVX2 build) against references written in
 PyTorch: the elementwise steps bit for bit (every bf16 rounding and fp32 operation of the kernels written out, in
 their order), attention against float64 within a bound derived from its roundings and against PyTorch's SDPA,
-grouped heads, odd lengths and head dimensions, masks, and the argument checks."""
+grouped heads, odd lengths and head dimensions, masks, and the argument checks; greedy sampling's argmax against
+torch.argmax on hostile rows."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Generation runtimes: greedy decoding of Hugging Face causal LMs through a KV cache, behind one interface.
 
 * :class:`TokenGenerator` (``base.py``): ``reset`` / ``prefill`` / ``decode``, with ``generate`` and
-  ``time_generation`` on top (what the eval harness times);
+  ``time_generation`` on top (what the eval harness times), each token chosen by :func:`argmax_last`;
 * :class:`LeanGenerator` (``lean.py``): a flat eager loop over a Llama-family model's own modules with a static
   bf16 KV cache and qcal's native elementwise and attention kernels (bf16, CPU); which models qualify is told by
   their structure (``family.py``, :func:`unsupported_reason`);
@@ -11,10 +11,10 @@
   :func:`resolve`, the rule for ``"auto"`` attention.
 """
 
-from .base import TokenGenerator, greedy_steps
+from .base import TokenGenerator, argmax_last, greedy_steps
 from .hf_attention import resolve, set_attention
 from .lean import LeanGenerator, unsupported_reason
 from .static_cache import StaticCacheGenerator
 
-__all__ = ["TokenGenerator", "greedy_steps", "LeanGenerator", "unsupported_reason", "StaticCacheGenerator",
-           "set_attention", "resolve"]
+__all__ = ["TokenGenerator", "argmax_last", "greedy_steps", "LeanGenerator", "unsupported_reason",
+           "StaticCacheGenerator", "set_attention", "resolve"]
