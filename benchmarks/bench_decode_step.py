@@ -1,6 +1,6 @@
 """The lean runtime's decode step three ways, interleaved in one process: the Python layer loop, the native step
 (``torch.classes.qcal.DecodeStep``) with an OpenMP region per parallel kernel, and the native step keeping one team
-of threads for the whole step (AVX2 build).
+of threads for the whole step.
 
     python benchmarks/bench_decode_step.py                       # bundled SmolLM2-135M, 2 threads
     python benchmarks/bench_decode_step.py --schemes 8da4w-64 --rounds 40 --prompt 512

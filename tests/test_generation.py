@@ -290,6 +290,31 @@ def test_native_decode_step_is_the_one_thread_loop_whatever_the_threads(scheme):
 
 @needs_native
 @pytest.mark.native_ops("decode_layers")
+@pytest.mark.parametrize("threads", [2, 4])
+def test_native_decode_step_team_is_the_kernels_own_regions_at_depth(threads):
+    """After a 150-token prompt (decode attention split into slices of positions for 4 threads asked, the team at
+    most one thread a processor): the step's logits with its one team of threads are those with every kernel
+    opening its own OpenMP region, bit for bit."""
+    model = apply_scheme(make_tiny_llama(hidden=128, layers=2, tie=False), "int4wo-64", quantize_lm_head=True)
+    tokens = torch.randint(0, 256, (1, 154), generator=torch.Generator().manual_seed(7))
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        torch.set_num_threads(threads)
+        for team in (True, False):
+            gen = LeanGenerator(model, 160)
+            assert gen._step is not None
+            gen._step.set_team(team)
+            with torch.no_grad():
+                gen.prefill(tokens[:, :150])
+                outs.append([gen.decode(tokens[:, t:t + 1]) for t in range(150, 154)])
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1], strict=True))
+
+
+@needs_native
+@pytest.mark.native_ops("decode_layers")
 def test_native_decode_step_checks_its_arguments_before_touching_the_stream():
     model = apply_scheme(make_tiny_llama(hidden=128, layers=2, tie=False), "int4wo-64")
     gen = LeanGenerator(model, 8)

@@ -20,6 +20,7 @@
 
 #include "bf16.h"
 #include "ops.h"
+#include "parallel.h"
 #include "rope.h"
 #include "vexp.h"
 
@@ -177,8 +178,37 @@ static inline __attribute__((always_inline)) void attend_slice(
     }
 }
 
+// A call's work items (KV heads x position slices) for the threads.
+template <class KR, class VR> struct attend_job {
+    const uint16_t *q;
+    const KR *k;
+    const VR *v;
+    const uint8_t *mask;
+    int64_t L, D, G, slices, items;
+    float scale;
+    float *ml, *accs;
+};
+
+// Thread t's items of T, a contiguous share as OpenMP's static schedule gives.
+template <class KR, class VR> static void attend_share(const void *arg, int t, int T) {
+    const attend_job<KR, VR> *a = (const attend_job<KR, VR> *)arg;
+    const int64_t G = a->G, D = a->D, L = a->L, slices = a->slices;
+    int64_t lo, hi;
+    qcal_share(a->items, t, T, &lo, &hi);
+    for (int64_t it = lo; it < hi; it++) {
+        const int64_t g = it / slices, c = it % slices;
+        const int64_t j0 = L * c / slices, j1 = L * (c + 1) / slices;
+        float *m = a->ml + it * G * 2, *l = m + G, *acc = a->accs + it * G * D;
+        if (D == 64)
+            attend_slice(a->q + g * G * D, a->k->at(g), a->v->at(g), a->mask, j0, j1, G, 64, a->scale, m, l, acc);
+        else
+            attend_slice(a->q + g * G * D, a->k->at(g), a->v->at(g), a->mask, j0, j1, G, D, a->scale, m, l, acc);
+    }
+}
+
 // q (hq, D) bf16 contiguous; k / v: row readers of the hkv heads; mask: L bytes (0 = masked) or NULL;
-// out (hq, D) bf16. Returns 0, or -1 on an unsupported shape, -2 on allocation failure.
+// out (hq, D) bf16. Returns 0, or -1 on an unsupported shape, -2 on allocation failure. The items run on the
+// calling thread's team where it leads one (the decode step), else in an OpenMP region.
 template <class KR, class VR>
 static int attend(const uint16_t *q, const KR &k, const VR &v, const uint8_t *mask, uint16_t *out,
                   int64_t hq, int64_t hkv, int64_t L, int64_t D, float scale, int nthreads) {
@@ -193,16 +223,9 @@ static int attend(const uint16_t *q, const KR &k, const VR &v, const uint8_t *ma
     float *ml = (float *)malloc(sizeof(float) * items * G * (2 + D));
     if (!ml) return -2;
     float *accs = ml + items * G * 2;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t it = 0; it < items; it++) {
-        const int64_t g = it / slices, c = it % slices;
-        const int64_t j0 = L * c / slices, j1 = L * (c + 1) / slices;
-        float *m = ml + it * G * 2, *l = m + G, *acc = accs + it * G * D;
-        if (D == 64)
-            attend_slice(q + g * G * D, k.at(g), v.at(g), mask, j0, j1, G, 64, scale, m, l, acc);
-        else
-            attend_slice(q + g * G * D, k.at(g), v.at(g), mask, j0, j1, G, D, scale, m, l, acc);
-    }
+    const attend_job<KR, VR> job = {q, &k, &v, mask, L, D, G, slices, items, scale, ml, accs};
+    if (nthreads > 1 && items > 1) qcal_parallel(nthreads, attend_share<KR, VR>, &job);
+    else attend_share<KR, VR>(&job, 0, 1);
     for (int64_t g = 0; g < hkv; g++) {
         for (int64_t r = 0; r < G; r++) {
             float mx = -INFINITY;

@@ -56,4 +56,7 @@ static int silu_mul_rows(uint16_t *g, const uint16_t *u, int64_t n) {
     return 0;
 }
 
+// the decode step keeps one team of threads: this build's step operators (the matmuls' qcal_run_units, decode
+// attention) post their parallel parts to it
+#define QCAL_STEP_TEAM 1
 #include "decode_ops_api.h"  // the operators (ISA-neutral): shared with the other instruction set's build
