@@ -19,6 +19,17 @@ static inline void qcal_share(int64_t n, int t, int T, int64_t *lo, int64_t *hi)
     *hi = n * (t + 1) / T;
 }
 
+/* Decode attention's work items (KV head g x slice c of L positions in `slices`) of thread t of T, a contiguous share
+   as OpenMP's static schedule gives: f(item, g, first position, end position) for each. */
+template <class F> static inline void qcal_slice_items(int64_t items, int64_t slices, int64_t L, int t, int T, F &&f) {
+    int64_t lo, hi;
+    qcal_share(items, t, T, &lo, &hi);
+    for (int64_t it = lo; it < hi; it++) {
+        const int64_t c = it % slices;
+        f(it, it / slices, L * c / slices, L * (c + 1) / slices);
+    }
+}
+
 /* A team of threads kept for a run of kernel calls (a decode step's ~240): its leader runs the calls, the other
    threads wait spinning on an atomic job counter inside one OpenMP region, so a call's parallel part costs two
    cache-line handoffs instead of an OpenMP region's start and end (each a futex system call). A thread leads at

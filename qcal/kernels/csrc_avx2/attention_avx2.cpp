@@ -292,15 +292,11 @@ typedef struct {
     float *ml, *accs;
 } attend_job;
 
-// Thread t's items (KV heads x position slices), a contiguous share as OpenMP's static schedule gives.
+// Thread t's items of T (qcal_slice_items: KV heads x position slices).
 static void attend_share(const void *arg, int t, int T) {
     const attend_job *a = (const attend_job *)arg;
-    const int64_t G = a->G, D = a->D, L = a->L, slices = a->slices;
-    int64_t lo, hi;
-    qcal_share(a->items, t, T, &lo, &hi);
-    for (int64_t it = lo; it < hi; it++) {
-        const int64_t g = it / slices, c = it % slices;
-        const int64_t j0 = L * c / slices, j1 = L * (c + 1) / slices;
+    const int64_t G = a->G, D = a->D;
+    qcal_slice_items(a->items, a->slices, a->L, t, T, [&](int64_t it, int64_t g, int64_t j0, int64_t j1) {
         float *m = a->ml + it * G * 2, *l = m + G, *acc = a->accs + it * G * D;
         const uint16_t *qg = a->q + g * G * D, *kg = a->k + g * a->khs, *vg = a->v + g * a->vhs;
         if (D == 64)
@@ -309,7 +305,7 @@ static void attend_share(const void *arg, int t, int T) {
             attend_slice<8>(qg, kg, a->krs, vg, a->vrs, a->mask, j0, j1, G, 128, a->scale, m, l, acc);
         else
             attend_slice<0>(qg, kg, a->krs, vg, a->vrs, a->mask, j0, j1, G, D, a->scale, m, l, acc);
-    }
+    });
 }
 
 // q (hq, D) bf16 contiguous; k / v: head h, position j at k + h khs + j krs (v likewise); mask: L bytes (0 = masked)

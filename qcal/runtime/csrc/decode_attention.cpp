@@ -189,21 +189,17 @@ template <class KR, class VR> struct attend_job {
     float *ml, *accs;
 };
 
-// Thread t's items of T, a contiguous share as OpenMP's static schedule gives.
+// Thread t's items of T (qcal_slice_items).
 template <class KR, class VR> static void attend_share(const void *arg, int t, int T) {
     const attend_job<KR, VR> *a = (const attend_job<KR, VR> *)arg;
-    const int64_t G = a->G, D = a->D, L = a->L, slices = a->slices;
-    int64_t lo, hi;
-    qcal_share(a->items, t, T, &lo, &hi);
-    for (int64_t it = lo; it < hi; it++) {
-        const int64_t g = it / slices, c = it % slices;
-        const int64_t j0 = L * c / slices, j1 = L * (c + 1) / slices;
+    const int64_t G = a->G, D = a->D;
+    qcal_slice_items(a->items, a->slices, a->L, t, T, [&](int64_t it, int64_t g, int64_t j0, int64_t j1) {
         float *m = a->ml + it * G * 2, *l = m + G, *acc = a->accs + it * G * D;
         if (D == 64)
             attend_slice(a->q + g * G * D, a->k->at(g), a->v->at(g), a->mask, j0, j1, G, 64, a->scale, m, l, acc);
         else
             attend_slice(a->q + g * G * D, a->k->at(g), a->v->at(g), a->mask, j0, j1, G, D, a->scale, m, l, acc);
-    }
+    });
 }
 
 // q (hq, D) bf16 contiguous; k / v: row readers of the hkv heads; mask: L bytes (0 = masked) or NULL;
