@@ -50,7 +50,7 @@ AI void tile(const uint16_t *x, int64_t K, const uint8_t *w, int64_t bstride, co
         for (int64_t o = g * opg; o < (g + 1) * opg; o++) {
             __m512i v[2];
             for (int b = 0; b < RB; b++)
-                _mm_prefetch((const char *)(w + b * bstride + o * 64 + QCAL_STREAM_AHEAD), _MM_HINT_T0);
+                prefetch_next_unit(w + b * bstride + o * 64, bstride);
             for (int b = 0; b < RB; b++) v[b] = _mm512_loadu_si512(w + b * bstride + o * 64);
             for (int q = 0; q < 4; q++) {
                 __m512bh xb[4];
@@ -164,7 +164,7 @@ AI void tile_vnni(const int8_t *xq, int64_t K, const uint8_t *w, int64_t bstride
         for (int64_t o = g * opg; o < (g + 1) * opg; o++) {
             __m512i lo[2], hi[2];
             for (int b = 0; b < RB; b++)
-                _mm_prefetch((const char *)(w + b * bstride + o * 64 + QCAL_STREAM_AHEAD), _MM_HINT_T0);
+                prefetch_next_unit(w + b * bstride + o * 64, bstride);
             for (int b = 0; b < RB; b++) {
                 const __m512i v = _mm512_loadu_si512(w + b * bstride + o * 64);
                 lo[b] = _mm512_and_si512(v, low);

@@ -52,15 +52,6 @@
 
 #define AI static inline __attribute__((always_inline))
 
-/* The line the int4 kernels prefetch as they read the one at p: the same offset in the next unit (a pair of 16-row
-   blocks, 2 bstride bytes on), the thread's next unit as it takes its share front to back. A unit of the model's
-   matrices is a few KiB, so a stream prefetched only a few lines ahead started each unit with DRAM misses: SmolLM2
-   int4wo decode 99 -> 118 tok/s (256 bytes ahead -> the next unit; 16 interleaved rounds, 2 threads), 8da4w and
-   4096 x 11008 weights equal. */
-AI void prefetch_next_unit(const uint8_t *p, int64_t bstride) {
-    _mm_prefetch((const char *)(p + 2 * bstride), _MM_HINT_T0);
-}
-
 /* ------------------------------------------------------------------ w4a16: bf16 activations */
 
 /* Keeps the compiler from re-deriving a shared value per use (it would expand one and + or into two pairs:
