@@ -15,12 +15,6 @@
 
 #define AI static inline __attribute__((always_inline))
 
-/* How far ahead (bytes) a weight row's stream is prefetched: with rows of a few KiB (a unit's 4 rows of SmolLM2 are
-   4.5-12 KiB) the 256 bytes of QCAL_STREAM_AHEAD left every row's start a DRAM miss. Decode step of the bf16 model,
-   2 threads, processes alternating: 256 -> 12.0 ms, 2048 11.4, 4096 9.5-9.7, 8192 9.1, 16384 9.4, 32768 10.0 (the
-   two builds' steps alternating in a busier hour: 13.6 -> 11.1 ms). */
-#define BF16_AHEAD 8192
-
 AI void tile_bf16(const uint16_t *x, int64_t K, const uint16_t *w, uint16_t *y, int64_t ldy, int RB, int MM) {
     __m512 acc[4][4];
     for (int r = 0; r < RB; r++)
@@ -30,7 +24,7 @@ AI void tile_bf16(const uint16_t *x, int64_t K, const uint16_t *w, uint16_t *y, 
         const __mmask32 live = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
         __m512bh wv[4];
         for (int r = 0; r < RB; r++) {
-            _mm_prefetch((const char *)(w + r * K + k) + BF16_AHEAD, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + r * K + k) + QCAL_STREAM_AHEAD, _MM_HINT_T0);
             wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(live, w + r * K + k);
         }
         for (int m = 0; m < MM; m++) {

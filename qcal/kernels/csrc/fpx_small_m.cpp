@@ -19,10 +19,6 @@
 
 #define AI static inline __attribute__((always_inline))
 
-/* How far ahead (bytes) each weight row's streams are prefetched (the int8 tiles' distance, int8_small_m.cpp; none
-   before: decode step, 2 threads, the two builds alternating: fp6wo 12.8 -> 7.9 ms, fp4wo-64 7.6 -> 5.7). */
-#define FPX_AHEAD 8192
-
 /* Codes k .. k + 31 of a row (k a multiple of 32) as 16-bit lanes: the nibbles interleaved, then (fp6, fp5) the
    high bits, hb a code and 8 / hb codes a byte: lane j takes byte j / (8 / hb) shifted right by hb * (j % (8 / hb)). */
 template <int BITS> AI __m512i fpx_codes32(const uint8_t *lo, const uint8_t *hi, int64_t k) {
@@ -83,9 +79,11 @@ template <int BITS> AI void fpx_tile(const fpx_ctx *a, int64_t m0, int64_t n0, i
             for (int r = 0; r < RB; r++) {
                 const uint8_t *row = a->w + (n0 + r) * a->row_bytes;
                 if (!(k & 127)) { /* a line of each stream ahead: the nibbles (64 codes), the high bits */
-                    _mm_prefetch((const char *)(row + k / 2) + FPX_AHEAD, _MM_HINT_T0);
-                    if (BITS > 4)
-                        _mm_prefetch((const char *)(row + K / 2 + k * (BITS - 4) / 8) + FPX_AHEAD, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(row + k / 2) + QCAL_STREAM_AHEAD, _MM_HINT_T0);
+                    if (BITS > 4) {
+                        const uint8_t *hi = row + K / 2 + k * (BITS - 4) / 8;
+                        _mm_prefetch((const char *)hi + QCAL_STREAM_AHEAD, _MM_HINT_T0);
+                    }
                 }
                 wv[r] = fpx_values32<BITS>(fpx_codes32<BITS>(row, row + K / 2, k), lut0, lut1);
             }

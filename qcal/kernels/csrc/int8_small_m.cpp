@@ -27,12 +27,6 @@
 #define AI static inline __attribute__((always_inline))
 
 
-/* How far ahead (bytes) the A8W8 and widening tiles prefetch each weight row (a unit's rows of SmolLM2 are 2-6 KiB:
-   a stream prefetched 256 bytes ahead started every row with DRAM misses). Decode step, 2 threads, processes
-   alternating: int8dq (no prefetch before) none 7.2 ms, 4096 6.4, 8192 6.0, and the two builds' steps in a busier
-   hour 8.4 -> 6.4; fp8wo (256 ahead before) 12.2 -> 7.1 ms. */
-#define ROW_AHEAD 8192
-
 /* RB weight rows (1..4) x MM input rows (1..4). */
 AI void tile8(const uint8_t *xq, int64_t K, const int8_t *w, const int32_t *wsum, const float *ws, const float *xs,
               uint16_t *y, int64_t ldy, int RB, int MM) {
@@ -42,7 +36,8 @@ AI void tile8(const uint8_t *xq, int64_t K, const int8_t *w, const int32_t *wsum
     for (int64_t k = 0; k < K; k += 64) {
         const __mmask64 live = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
         __m512i wv[4];
-        for (int r = 0; r < RB; r++) _mm_prefetch((const char *)(w + r * K + k) + ROW_AHEAD, _MM_HINT_T0);
+        for (int r = 0; r < RB; r++)
+            _mm_prefetch((const char *)(w + r * K + k) + QCAL_STREAM_AHEAD, _MM_HINT_T0);
         for (int r = 0; r < RB; r++) wv[r] = _mm512_maskz_loadu_epi8(live, w + r * K + k);
         for (int m = 0; m < MM; m++) {
             const __m512i xv = _mm512_maskz_loadu_epi8(live, xq + m * K + k);
@@ -114,7 +109,8 @@ AI void tile16(const uint16_t *x, int64_t K, const int8_t *w, const float *ws, u
         const __mmask16 lo_live = qcal_tail16(left), hi_live = qcal_tail16(left - 16 > 0 ? left - 16 : 0);
         __m512bh wv[4];
         if (!(k & 63))
-            for (int r = 0; r < RB; r++) _mm_prefetch((const char *)(w + r * K + k + ROW_AHEAD), _MM_HINT_T0);
+            for (int r = 0; r < RB; r++)
+                _mm_prefetch((const char *)(w + r * K + k + QCAL_STREAM_AHEAD), _MM_HINT_T0);
         const __mmask32 xlive = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
         for (int r = 0; r < RB; r++) {
             if (FP8) {

@@ -9,9 +9,14 @@
 #include <atomic>
 #include <exception>
 
-/* How far ahead (bytes) the small-M kernels prefetch each weight row or block they stream from DRAM. 256 made
-   int8 weight-only ~10% and int4 ~7% faster through DRAM (bench_kernels --cold); 1024 was slower than none. */
-#define QCAL_STREAM_AHEAD 256
+/* How far ahead (bytes) the AVX-512 small-M kernels that stream weight rows (bf16, the int8 A8W8 and widening
+   tiles, fp6 / fp5 / fp4) prefetch each row. A unit's rows of SmolLM2 are a few KiB, so a stream prefetched 256
+   bytes ahead (or not at all) started every row with DRAM misses. Decode step, 2 threads, processes alternating,
+   ms per token: bf16 256 bytes 12.0, 2048 11.4, 4096 9.5-9.7, 8192 9.1, 16384 9.4, 32768 10.0; int8dq none 7.2, 4096
+   6.4, 8192 6.0; the builds before and after alternating: bf16 13.6 -> 11.1, int8dq 8.4 -> 6.4, fp8wo (256 before)
+   12.2 -> 7.1, fp6wo (none) 12.8 -> 7.9, fp4wo-64 7.6 -> 5.7. (The int8 digit and group kernels keep their own
+   4096; the int4 kernels prefetch the next unit, int4_shape.h.) */
+#define QCAL_STREAM_AHEAD 8192
 
 /* Thread t's share of n units among T threads. */
 static inline void qcal_share(int64_t n, int t, int T, int64_t *lo, int64_t *hi) {
